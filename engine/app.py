@@ -1,0 +1,261 @@
+"""The HTTP app (RSGI, served by Granian): routing, body limits, tokens, problem+json.
+
+The vote path from here: `_vote` reads the bounded body, decodes it with a reused typed
+msgspec decoder, verifies the voter token, and hands (poll, voter, option) to
+`Node.vote`, which runs it on the owning shard (shards/owner.py) or forwards it there.
+Every VotesError becomes one problem+json answer in `_problem`; anything else is a bug,
+logged with its traceback and answered 500 without details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import re
+import time
+
+import msgspec
+
+from engine import tokens
+from engine.config import Config, config_from_parent
+from engine.errors import (
+    BadRequest,
+    BodyTooLarge,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    PollExists,
+    VotesError,
+)
+from engine.keys import load_keys
+from engine.logs import configure_logging
+from engine.metrics import REJECTED, REQUEST_SECONDS, REQUESTS, exposition
+from engine.node import Node
+from shards.records import PollCreated
+
+log = logging.getLogger("votes.app")
+
+IDENTIFIER = r"^[A-Za-z0-9_-]{1,64}$"
+IDENTIFIER_PATTERN = re.compile(IDENTIFIER)
+OPTIONS_MAX = 64
+
+JSON = [("content-type", "application/json")]
+PROBLEM_JSON = [("content-type", "application/problem+json")]
+
+
+class VoteBody(msgspec.Struct, forbid_unknown_fields=True):
+    option: str
+
+
+class PollBody(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    options: list[str]
+    opens_at: datetime.datetime | None = None
+    closes_at: datetime.datetime | None = None
+    embargo: bool = False
+
+
+_vote_decoder = msgspec.json.Decoder(VoteBody)
+_poll_decoder = msgspec.json.Decoder(PollBody)
+_json = msgspec.json.Encoder()
+
+# Rejections counted beside the results, by problem slug.
+_REJECTION_REASON = {
+    "already-voted": "duplicate",
+    "token-missing": "bad-token",
+    "token-invalid": "bad-token",
+    "token-expired": "bad-token",
+    "token-forbidden": "bad-token",
+    "poll-closed": "closed-poll",
+    "poll-not-open": "not-open",
+    "unknown-option": "unknown-option",
+}
+
+
+def _decode(decoder: msgspec.json.Decoder, body: bytes):
+    try:
+        return decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _epoch_ms(moment: datetime.datetime | None) -> int | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise BadRequest("times must carry a UTC offset (RFC 3339)")
+    return int(moment.timestamp() * 1000)
+
+
+def _iso(epoch_ms: int | None) -> str | None:
+    if epoch_ms is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(epoch_ms / 1000, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def poll_record(body: PollBody) -> PollCreated:
+    if not IDENTIFIER_PATTERN.match(body.id):
+        raise BadRequest("id must be 1-64 characters of A-Z a-z 0-9 _ -")
+    if not 1 <= len(body.options) <= OPTIONS_MAX:
+        raise BadRequest(f"options must hold 1 to {OPTIONS_MAX} entries")
+    if len(set(body.options)) != len(body.options):
+        raise BadRequest("options must be unique")
+    if not all(IDENTIFIER_PATTERN.match(option) for option in body.options):
+        raise BadRequest("each option must be 1-64 characters of A-Z a-z 0-9 _ -")
+    opens_at_ms, closes_at_ms = _epoch_ms(body.opens_at), _epoch_ms(body.closes_at)
+    if opens_at_ms is not None and closes_at_ms is not None and closes_at_ms <= opens_at_ms:
+        raise BadRequest("closes_at must be after opens_at")
+    return PollCreated(poll=body.id, options=list(body.options), opens_at_ms=opens_at_ms,
+                       closes_at_ms=closes_at_ms, embargo=body.embargo,
+                       created_ms=time.time_ns() // 1_000_000)
+
+
+def poll_body(record: PollCreated) -> dict:
+    return {"id": record.poll, "options": record.options, "opens_at": _iso(record.opens_at_ms),
+            "closes_at": _iso(record.closes_at_ms), "embargo": record.embargo}
+
+
+async def read_body(scope, proto, limit_bytes: int) -> bytes:
+    """The request body, refusing (413) anything over `limit_bytes` without buffering it."""
+    declared = scope.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("content-length is not a number")
+        if int(declared) > limit_bytes:
+            raise BodyTooLarge(f"the body is over {limit_bytes} bytes")
+        return await proto()
+    chunks = []
+    size = 0
+    async for chunk in proto:
+        size += len(chunk)
+        if size > limit_bytes:
+            raise BodyTooLarge(f"the body is over {limit_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class App:
+    """The RSGI application object Granian loads in each worker (`engine.app:app`)."""
+
+    def __init__(self) -> None:
+        self.config: Config | None = None
+        self.node: Node | None = None
+        self._start_task: asyncio.Task | None = None
+
+    def __rsgi_init__(self, loop) -> None:
+        self.config = config_from_parent()
+        configure_logging()
+        self.keyring = load_keys(self.config.data_path)
+        self.node = Node(self.config, self.keyring)
+        self._start_task = loop.create_task(self.node.start())
+
+    def __rsgi_del__(self, loop) -> None:
+        if self.node is not None:
+            loop.run_until_complete(self.node.stop())
+
+    async def __rsgi__(self, scope, proto) -> None:
+        if scope.proto != "http":
+            return
+        started = time.perf_counter()
+        route = "unmatched"
+        try:
+            route, status, headers, body = await self._route(scope, proto)
+        except VotesError as exc:
+            status, headers, body = self._problem(exc)
+            reason = _REJECTION_REASON.get(exc.problem)
+            if reason is not None:
+                REJECTED.labels(reason).inc()
+                poll = _poll_of(scope.path)
+                if poll is not None:
+                    self.node.count_rejection(poll, reason)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.method, scope.path)
+            status, headers, body = self._problem(VotesError("internal error"))
+        proto.response_bytes(status, headers, body)
+        REQUESTS.labels(route, str(status)).inc()
+        REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+
+    def _problem(self, exc: VotesError):
+        document = {"type": f"/problems/{exc.problem}", "title": exc.title,
+                    "status": exc.status, "detail": exc.detail, **exc.extra}
+        return exc.status, PROBLEM_JSON, _json.encode(document)
+
+    async def _route(self, scope, proto):
+        method = scope.method
+        parts = scope.path.strip("/").split("/")
+        if len(parts) == 4 and parts[0] == "v1" and parts[1] == "polls":
+            poll, action = parts[2], parts[3]
+            if action == "votes":
+                _require(method, "POST")
+                return ("vote",) + await self._vote(scope, proto, poll)
+            if action == "close":
+                _require(method, "POST")
+                return ("close",) + await self._close(scope, poll)
+            if action == "results":
+                _require(method, "GET")
+                return ("results", 200, JSON, _json.encode(await self._node().results(poll)))
+        elif parts == ["v1", "polls"]:
+            _require(method, "POST")
+            return ("create",) + await self._create(scope, proto)
+        elif len(parts) == 1 and parts[0] in ("healthz", "readyz", "metrics"):
+            _require(method, "GET")
+            return (parts[0],) + await self._operator(parts[0])
+        raise NotFound(f"no route for {scope.path}")
+
+    def _node(self) -> Node:
+        if self.node is None:
+            raise NotReady("the worker is starting")
+        return self.node
+
+    async def _vote(self, scope, proto, poll: str):
+        node = self._node()
+        body = await read_body(scope, proto, self.config.vote_body_bytes_max)
+        vote = _decode(_vote_decoder, body)
+        claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
+                                           int(time.time()), poll)
+        receipt = await node.vote(poll, claims.voter, vote.option)
+        return 201, JSON, _json.encode(receipt)
+
+    async def _create(self, scope, proto):
+        node = self._node()
+        body = await read_body(scope, proto, self.config.poll_body_bytes_max)
+        tokens.verify_admin_token(self.keyring, scope.headers.get("authorization"), int(time.time()))
+        record = poll_record(_decode(_poll_decoder, body))
+        if not await node.create_poll(record):
+            raise PollExists(f"poll {record.poll!r} already exists")
+        return 201, JSON, _json.encode(poll_body(record))
+
+    async def _close(self, scope, poll: str):
+        node = self._node()
+        tokens.verify_admin_token(self.keyring, scope.headers.get("authorization"), int(time.time()))
+        await node.close_poll(poll)
+        results = await node.results(poll)
+        return 200, JSON, _json.encode({"poll": poll, "closed": True, "final": results["final"]})
+
+    async def _operator(self, name: str):
+        if name == "healthz":
+            return 200, JSON, b'{"status":"ok"}'
+        if name == "metrics":
+            body, content_type = exposition()
+            return 200, [("content-type", content_type)], body
+        readiness = await self._node().readiness() if self.node else {
+            "ready": False, "durability": "embedded-fsync", "shards_total": self.config.shards,
+            "shards_ready": 0, "workers": self.config.workers}
+        return (200 if readiness["ready"] else 503), JSON, _json.encode(readiness)
+
+
+def _require(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise MethodNotAllowed(f"use {allowed}")
+
+
+def _poll_of(path: str) -> str | None:
+    parts = path.strip("/").split("/")
+    if len(parts) == 4 and parts[:2] == ["v1", "polls"]:
+        return parts[2]
+    return None
+
+
+app = App()

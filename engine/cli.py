@@ -1,0 +1,235 @@
+"""The `votes` command: serve the engine, issue tokens, verify receipts, run a demo.
+
+Errors a user can cause (bad flags, a data dir made with another shard count, a malformed
+receipt) end with a one-line message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import click
+
+from engine.config import CONFIG_ENV, Config, config_for_workers, load_config
+from engine.errors import VotesError
+
+CLUSTER_FILE = "cluster.json"
+
+
+def prepare_data_dir(config: Config) -> None:
+    """Create keys and fix the shard count once, before any worker starts."""
+    from engine.keys import ensure_keys
+
+    data_dir = config.data_path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_keys(data_dir)
+    cluster_path = data_dir / CLUSTER_FILE
+    if not cluster_path.exists():
+        temporary = cluster_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"format": 1, "shards": config.shards}) + "\n")
+        os.replace(temporary, cluster_path)
+    recorded = json.loads(cluster_path.read_text())
+    if recorded.get("shards") != config.shards:
+        raise VotesError(
+            f"{data_dir} was created with {recorded.get('shards')} shards; this start asks for "
+            f"{config.shards}. The shard count is fixed per deployment."
+        )
+
+
+def _fail(exc: Exception) -> None:
+    detail = exc.detail if isinstance(exc, VotesError) else str(exc)
+    raise click.ClickException(detail)
+
+
+@click.group()
+def main() -> None:
+    """Realtime vote-ingest engine."""
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where logs, snapshots and keys live.")
+@click.option("--port", type=int)
+@click.option("--host")
+@click.option("--workers", type=int, help="Worker processes (default 1).")
+@click.option("--shards", type=int, help="Shard count, fixed when the data dir is created.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+def serve(data_dir, port, host, workers, shards, config_file) -> None:
+    """Run the engine (Granian RSGI + uvloop) on the embedded durable log."""
+    try:
+        config = load_config(config_file, data_dir=data_dir, port=port, host=host,
+                             workers=workers, shards=shards)
+        prepare_data_dir(config)
+    except (VotesError, OSError) as exc:
+        _fail(exc)
+    metrics_dir = config.data_path / "run" / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    os.environ[CONFIG_ENV] = config_for_workers(config)
+
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    server = Granian(
+        "engine.app:app",
+        address=config.host,
+        port=config.port,
+        interface=Interfaces.RSGI,
+        workers=config.workers,
+        loop=Loops.uvloop,
+        log_access=False,
+        respawn_failed_workers=True,
+        respawn_interval=0.5,
+    )
+    server.serve()
+
+
+@main.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--voter", required=True, type=click.IntRange(0, 2**32 - 1), help="First voter id.")
+@click.option("--count", default=1, type=click.IntRange(1, 100_000_000))
+@click.option("--poll", default=None, help="Bind the tokens to this poll.")
+@click.option("--ttl-s", default=3600, type=click.IntRange(1, 366 * 86400))
+@click.option("--region", default="local")
+@click.option("--country", default="ZZ")
+def token(data_dir, voter, count, poll, ttl_s, region, country) -> None:
+    """Print signed voter tokens for voters VOTER..VOTER+COUNT-1, one per line."""
+    from engine.keys import load_keys
+    from engine.tokens import issue_voter_tokens
+
+    if voter + count > 2**32:
+        _fail(ValueError("voter ids must stay below 2**32"))
+    try:
+        keyring = load_keys(Path(data_dir))
+    except VotesError as exc:
+        _fail(exc)
+    write = sys.stdout.write
+    lines = []
+    for issued in issue_voter_tokens(keyring, voter, count, region=region, country=country,
+                                     ttl_s=ttl_s, poll=poll):
+        lines.append(issued)
+        if len(lines) >= 10_000:
+            write("\n".join(lines) + "\n")
+            lines.clear()
+    if lines:
+        write("\n".join(lines) + "\n")
+
+
+@main.command("admin-token")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--ttl-s", default=3600, type=click.IntRange(1, 366 * 86400))
+def admin_token(data_dir, ttl_s) -> None:
+    """Print an admin token."""
+    from engine.keys import load_keys
+    from engine.tokens import issue_admin_token
+
+    try:
+        click.echo(issue_admin_token(load_keys(Path(data_dir)), ttl_s=ttl_s))
+    except VotesError as exc:
+        _fail(exc)
+
+
+@main.group()
+def receipt() -> None:
+    """Work with vote receipts."""
+
+
+@receipt.command("verify")
+@click.argument("receipt_text")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="Where keys/receipt-public.json lives.")
+def receipt_verify(receipt_text, data_dir) -> None:
+    """Check a receipt offline against the engine's public key."""
+    from engine.keys import load_keys
+    from engine.receipts import decode_receipt, receipt_json, verify_receipt
+
+    try:
+        keyring = load_keys(Path(data_dir))
+        decoded = decode_receipt(receipt_text.strip())
+    except VotesError as exc:
+        _fail(exc)
+    public_key = keyring.receipt_public_keys.get(decoded.key_id)
+    if public_key is None or not verify_receipt(decoded, public_key):
+        click.echo("invalid: the receipt does not verify under this engine's public key", err=True)
+        sys.exit(1)
+    document = receipt_json(decoded)
+    click.echo(f"valid: poll={document['poll']} shard={document['shard']} "
+               f"batch_seq={document['batch_seq']} index={document['index']} "
+               f"offset={document['offset']}")
+
+
+def _http(method: str, url: str, token: str | None = None, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("content-type", "application/json")
+    if token:
+        request.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+@main.command()
+@click.option("--data-dir", default=".data", type=click.Path(file_okay=False))
+@click.option("--port", default=8000, type=int)
+@click.option("--workers", default=1, type=int)
+def demo(data_dir, port, workers) -> None:
+    """Start the engine, create a demo poll, cast a few votes, print curl lines; Ctrl-C stops."""
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", data_dir,
+                               "--port", str(port), "--workers", str(workers)])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _http("GET", base + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise click.ClickException("the engine did not become ready; see its log above")
+            time.sleep(0.2)
+        from engine.keys import load_keys
+        from engine.tokens import issue_admin_token, issue_voter_token
+
+        keyring = load_keys(Path(data_dir))
+        admin = issue_admin_token(keyring, ttl_s=86400)
+        status, _ = _http("POST", base + "/v1/polls", admin, {"id": "demo", "options": ["red", "green", "blue"]})
+        click.echo(f"create poll 'demo': HTTP {status}")
+        for voter, option in ((1, "red"), (2, "green"), (3, "red")):
+            status, body = _http("POST", base + "/v1/polls/demo/votes",
+                                 issue_voter_token(keyring, voter, ttl_s=86400), {"option": option})
+            click.echo(f"voter {voter} votes {option}: HTTP {status}")
+        click.echo(f"results: {json.dumps(_http('GET', base + '/v1/polls/demo/results')[1])}")
+        voter_token = issue_voter_token(keyring, 4, ttl_s=86400)
+        click.echo("\nTry it:\n"
+                   f"  curl -s -X POST {base}/v1/polls/demo/votes -H 'authorization: Bearer {voter_token}' "
+                   "-H 'content-type: application/json' -d '{\"option\":\"blue\"}'\n"
+                   f"  curl -s {base}/v1/polls/demo/results\n"
+                   f"  more voter tokens: votes token --data-dir {data_dir} --voter 5 --count 3\n"
+                   "Serving until Ctrl-C.")
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The engine's configuration: one typed, frozen object, loaded once and validated at start-up.
+
+Sources, later wins: defaults < TOML file (`--config`) < environment (`VOTES_<FIELD>`) <
+command-line flags. Every limit is explicit and named with its unit last. Worker processes
+receive the parent's resolved config through `VOTES_CONFIG_JSON`, so all workers of one
+server run with exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.errors import ConfigError
+
+CONFIG_ENV = "VOTES_CONFIG_JSON"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: str = ".data"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    # Fixed per deployment: shard = voter_id mod shards. Recorded in the data dir on first start.
+    shards: int = 8
+    # Group commit: a batch is written and fsynced when this many votes wait or after this long.
+    group_commit_ms: float = 1.0
+    batch_votes_max: int = 4096
+    # Votes waiting for one shard beyond this are shed with 503 `overloaded`.
+    shard_queue_votes_max: int = 65536
+    append_timeout_s: float = 5.0
+    vote_body_bytes_max: int = 4096
+    poll_body_bytes_max: int = 65536
+    segment_bytes_max: int = 64 * 1024 * 1024
+    snapshot_interval_s: float = 60.0
+    snapshot_votes_min: int = 100_000
+    snapshots_kept: int = 3
+    # Forwarding between workers of one host over private unix sockets.
+    forward_timeout_s: float = 5.0
+    forward_connections_max: int = 64
+    polls_max: int = 1024
+    voter_token_ttl_s_default: int = 3600
+    admin_token_ttl_s_default: int = 3600
+    region: str = "local"
+
+    def validate(self) -> "Config":
+        checks = [
+            (1 <= self.shards <= 4096, "shards must be in 1..4096"),
+            (1 <= self.workers <= self.shards, "workers must be in 1..shards"),
+            (0 < self.port < 65536, "port must be in 1..65535"),
+            (0 <= self.group_commit_ms <= 1000, "group_commit_ms must be in 0..1000"),
+            (1 <= self.batch_votes_max <= 65536, "batch_votes_max must be in 1..65536"),
+            (self.shard_queue_votes_max >= self.batch_votes_max,
+             "shard_queue_votes_max must be >= batch_votes_max"),
+            (self.append_timeout_s > 0, "append_timeout_s must be positive"),
+            (256 <= self.vote_body_bytes_max <= 1 << 20, "vote_body_bytes_max must be in 256..1MiB"),
+            (1024 <= self.poll_body_bytes_max <= 1 << 24, "poll_body_bytes_max must be in 1KiB..16MiB"),
+            (self.segment_bytes_max >= 1 << 16, "segment_bytes_max must be >= 64 KiB"),
+            (self.snapshots_kept >= 1, "snapshots_kept must be >= 1"),
+            (self.forward_timeout_s > 0, "forward_timeout_s must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+_FIELD_TYPES = {name: type(getattr(Config(), name)) for name in Config.__struct_fields__}
+
+
+def _from_environment() -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, kind in _FIELD_TYPES.items():
+        raw = os.environ.get("VOTES_" + name.upper())
+        if raw is None:
+            continue
+        try:
+            values[name] = kind(raw)
+        except ValueError as exc:
+            raise ConfigError(f"VOTES_{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+    return values
+
+
+def load_config(config_file: str | None = None, **overrides: Any) -> Config:
+    """Resolve defaults, file, environment and flags (flags given as non-None overrides)."""
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as handle:
+                values.update(tomllib.load(handle))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    values.update(_from_environment())
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        config = msgspec.convert(values, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    return config.validate()
+
+
+def config_for_workers(config: Config) -> str:
+    return msgspec.json.encode(config).decode()
+
+
+def config_from_parent() -> Config:
+    raw = os.environ.get(CONFIG_ENV)
+    if raw is None:
+        raise ConfigError(f"{CONFIG_ENV} is not set: start workers through `votes serve`")
+    return msgspec.json.decode(raw, type=Config).validate()

@@ -1,0 +1,263 @@
+"""One worker process: the shards it owns, and the way to every other shard of this host.
+
+A worker claims a slot (an flock on `<data>/run/slot-<i>.lock`, first free of 0..workers-1;
+a respawned worker takes the slot its dead predecessor freed) and owns the shards
+`s` with `s mod workers == slot`. Each owned shard is fenced by its own log lock, so even a
+stale process still holding a slot could not append. Requests for other shards go to their
+owner over the private forwarding socket; results and poll changes fan out to all slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import fcntl
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from engine import receipts
+from engine.config import Config
+from engine.errors import NotReady, PollNotFound, VotesError
+from engine.forwarding import ForwardServer, PeerClient, socket_path
+from engine.keys import KeyRing
+from engine.metrics import SHARDS_READY, OwnerMetrics
+from shards.owner import ShardOwner
+from shards.records import PollCreated
+from shards.segment_log import SegmentLog
+from shards.snapshots import DirectorySnapshotStore
+from shards.wal import EmbeddedWal
+
+log = logging.getLogger("votes.node")
+
+SLOT_RETRY_S = 0.2
+# Per-poll rejection counters are kept only for polls that exist, so garbage poll ids in
+# rejected requests cannot grow memory.
+REJECTION_REASONS = ("duplicate", "bad-token", "closed-poll", "not-open", "unknown-option")
+
+
+def shard_directory(data_dir: Path, shard: int) -> Path:
+    return data_dir / "shards" / f"shard-{shard:04d}"
+
+
+class Node:
+    def __init__(self, config: Config, keyring: KeyRing) -> None:
+        self.config = config
+        self.keyring = keyring
+        self.data_dir = config.data_path
+        self.hasher = receipts.VoterHasher(keyring.voter_hash_secret)
+        self.slot: int | None = None
+        self.owners: dict[int, ShardOwner] = {}
+        self.peers: dict[int, PeerClient] = {}
+        self.rejected: dict[str, Counter] = {}
+        self._slot_descriptor: int | None = None
+        self._server: ForwardServer | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # Start-up --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.slot = await self._claim_slot()
+        workers = self.config.workers
+        for peer in range(workers):
+            if peer != self.slot:
+                self.peers[peer] = PeerClient(socket_path(self.data_dir, peer),
+                                              self.config.forward_timeout_s,
+                                              self.config.forward_connections_max)
+        self._server = ForwardServer(socket_path(self.data_dir, self.slot), {
+            "vote": self._local_vote,
+            "create": self._local_create,
+            "close": self._local_close,
+            "summary": self._local_summary,
+            "ready": self._local_ready,
+        })
+        await self._server.start()
+        metrics = OwnerMetrics()
+        for shard in range(self.slot, self.config.shards, workers):
+            directory = shard_directory(self.data_dir, shard)
+            wal = EmbeddedWal(SegmentLog(directory / "wal", self.config.segment_bytes_max))
+            store = DirectorySnapshotStore(directory / "snapshots", shard, self.config.snapshots_kept)
+            self.owners[shard] = ShardOwner(shard, self.config, wal, store, self.keyring,
+                                            self.hasher, metrics)
+        for owner in self.owners.values():
+            self._tasks.append(asyncio.create_task(self._start_owner(owner)))
+
+    async def _start_owner(self, owner: ShardOwner) -> None:
+        try:
+            await owner.start()
+        except VotesError:
+            return  # the owner recorded why; /readyz reports it
+        SHARDS_READY.inc()
+        log.info("shard %d ready (log offset %d)", owner.shard, owner.state.wal_offset_next)
+
+    async def _claim_slot(self) -> int:
+        run_dir = self.data_dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            for slot in range(self.config.workers):
+                descriptor = os.open(run_dir / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(descriptor)
+                    continue
+                self._slot_descriptor = descriptor
+                return slot
+            await asyncio.sleep(SLOT_RETRY_S)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for owner in self.owners.values():
+            await owner.stop()
+        if self._server is not None:
+            await self._server.stop()
+        for peer in self.peers.values():
+            await peer.close()
+
+    # Routing to owners -----------------------------------------------------------------------
+
+    def _slot_of(self, shard: int) -> int:
+        return shard % self.config.workers
+
+    async def vote(self, poll: str, voter_id: int, option: str) -> dict:
+        shard = voter_id % self.config.shards
+        slot = self._slot_of(shard)
+        if slot == self.slot:
+            return await self._local_vote(poll, voter_id, option)
+        if self.slot is None:
+            raise NotReady("this worker is still starting")
+        return await self.peers[slot].call("vote", poll, voter_id, option, unknown_on_timeout=True)
+
+    async def _everywhere(self, operation: str, *arguments: Any) -> list[Any]:
+        """Run an operation on every slot (this one locally); the first error wins."""
+        if self.slot is None:
+            raise NotReady("this worker is still starting")
+        local = {"create": self._local_create, "close": self._local_close,
+                 "summary": self._local_summary, "ready": self._local_ready}[operation]
+        calls = [local(*arguments)]
+        calls += [peer.call(operation, *arguments) for peer in self.peers.values()]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    # Operations on this worker's own shards ------------------------------------------------
+
+    async def _local_vote(self, poll: str, voter_id: int, option: str) -> dict:
+        owner = self.owners.get(voter_id % self.config.shards)
+        if owner is None:
+            raise NotReady("this worker does not own the voter's shard")
+        return await owner.submit_vote(poll, voter_id, option)
+
+    async def _local_create(self, definition: list) -> bool:
+        record = PollCreated(*definition)
+        results = await asyncio.gather(*(owner.create_poll(record) for owner in self.owners.values()),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return any(results)
+
+    async def _local_close(self, poll: str) -> None:
+        if not self.knows_poll(poll):
+            raise PollNotFound(f"poll {poll!r} does not exist")
+        results = await asyncio.gather(*(owner.close_poll(poll) for owner in self.owners.values()
+                                         if owner.state and poll in owner.state.polls),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _local_summary(self, poll: str) -> dict | None:
+        """This worker's part of a poll's results: summed tallies, closed shard count."""
+        definition = None
+        tallies: list[int] = []
+        closed_shards = 0
+        for owner in self.owners.values():
+            summary = owner.poll_summary(poll)
+            if summary is None:
+                continue
+            shard_definition, shard_tallies, closed = summary
+            if definition is None:
+                definition, tallies = shard_definition, [0] * len(shard_tallies)
+            tallies = [total + count for total, count in zip(tallies, shard_tallies)]
+            closed_shards += closed
+        if definition is None:
+            return None
+        return {"definition": _fields(definition),
+                "tallies": tallies, "closed_shards": closed_shards,
+                "rejected": dict(self.rejected.get(poll, {}))}
+
+    async def _local_ready(self) -> list:
+        ready = sum(owner.ready for owner in self.owners.values())
+        failures = [owner.failure for owner in self.owners.values() if owner.failure]
+        return [ready, len(self.owners), failures]
+
+    def knows_poll(self, poll: str) -> bool:
+        return any(owner.state is not None and poll in owner.state.polls
+                   for owner in self.owners.values())
+
+    # Fleet-wide views ----------------------------------------------------------------------
+
+    async def create_poll(self, record: PollCreated) -> bool:
+        return any(await self._everywhere("create", _fields(record)))
+
+    async def close_poll(self, poll: str) -> bool:
+        await self._everywhere("close", poll)
+        return True
+
+    async def results(self, poll: str) -> dict:
+        parts = [part for part in await self._everywhere("summary", poll) if part is not None]
+        if not parts:
+            raise PollNotFound(f"poll {poll!r} does not exist")
+        definition = PollCreated(*parts[0]["definition"])
+        tallies = [0] * len(definition.options)
+        rejected: Counter = Counter()
+        closed_shards = 0
+        for part in parts:
+            tallies = [total + count for total, count in zip(tallies, part["tallies"])]
+            closed_shards += part["closed_shards"]
+            rejected.update(part["rejected"])
+        final = closed_shards == self.config.shards
+        embargoed = definition.embargo and not final
+        counts = {} if embargoed else dict(zip(definition.options, tallies))
+        return {
+            "poll": poll,
+            "counts": counts,
+            "total": sum(counts.values()),
+            "final": final,
+            "embargoed": embargoed,
+            "rejected": {reason: rejected.get(reason, 0) for reason in REJECTION_REASONS},
+            "as_of": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+
+    async def readiness(self) -> dict:
+        ready = total = 0
+        failures: list[str] = []
+        if self.slot is not None:
+            try:
+                for part_ready, part_total, part_failures in await self._everywhere("ready"):
+                    ready += part_ready
+                    total += part_total
+                    failures += part_failures
+            except VotesError as exc:
+                failures.append(exc.detail)
+        return {
+            "ready": ready == self.config.shards and not failures,
+            "durability": EmbeddedWal.durability,
+            "shards_total": self.config.shards,
+            "shards_ready": ready,
+            "workers": self.config.workers,
+        }
+
+    def count_rejection(self, poll: str, reason: str) -> None:
+        if self.knows_poll(poll):
+            self.rejected.setdefault(poll, Counter())[reason] += 1
+
+
+def _fields(record: PollCreated) -> list:
+    return [getattr(record, name) for name in record.__struct_fields__]

@@ -1,0 +1,475 @@
+"""Vote receipts: one Ed25519 signature per group-commit batch, over a Merkle root of its votes.
+
+Each voter gets the path from their leaf to the root, so anyone holding the public key
+(keys/receipt-public.json) checks a receipt offline, without the log or the engine.
+
+What a verified receipt proves: the key `key_id` signed batch `batch_seq` of `shard`, made at
+`time_ms` and holding `leaf_count` votes, and leaf `index` of that batch is the vote
+(poll, shard, voter_hash, option).
+
+- Signed (in batch_message): shard, batch_seq, time_ms, leaf_count, root; through the root,
+  every leaf and therefore poll, voter_hash, option and index.
+- Not signed: `offset`, the log position of the batch record. A batch is signed before it is
+  appended (so the signature can travel inside the record and receipts can be rebuilt on
+  replay), and the log assigns the offset only afterwards. The offset is a locator; the
+  signed position of a vote is (shard, batch_seq, index). An auditor holding the log checks
+  that the record at `offset` is batch `batch_seq` of `shard`.
+- `key_id` is a lookup hint for the public key; the signature does not depend on it.
+
+Hashes (SHA-256, domain-separated so a leaf can never pass for an interior node):
+- leaf = H(0x00 || u16 len || poll utf-8 || u32 shard || u8 len || voter_hash
+           || u16 len || option utf-8), all integers big-endian.
+- node = H(0x01 || left || right).
+- Tree shape: pair nodes left to right, level by level; the odd last node of a level is
+  promoted unchanged to the next level (never duplicated, so no two leaf lists share a root).
+  The path of a leaf lists sibling hashes bottom-up, skipping levels where it was promoted;
+  whether each sibling sits left or right follows from (index, leaf_count).
+
+The voter hash is keyed per poll: poll_key = HMAC-SHA256(secret, b"poll:" + poll), and
+voter_hash = HMAC-SHA256(poll_key, voter as 8 bytes big-endian)[:16], so receipts and exports
+of one poll can't be joined with another's, nor reversed by hashing the whole id space.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import struct
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from engine.errors import VotesError
+from engine.keys import KEY_ID_PATTERN, KeyRing
+
+RECEIPT_PREFIX = "r1."
+RECEIPT_CHARS_MAX = 16 * 1024
+HASH_BYTES = 32
+VOTER_HASH_BYTES = 16
+SIGNATURE_BYTES = 64
+POLL_ID_BYTES_MAX = 0xFFFF
+OPTION_ID_BYTES_MAX = 0xFFFF
+SHARD_END = 2**32
+# msgspec bounds must fit an int64, so 64-bit fields stop at 2**63 - 1.
+INT64_MAX = 2**63 - 1
+PATH_LENGTH_MAX = 64
+VOTER_HASHER_POLLS_MAX = 4096
+
+_LEAF_DOMAIN = b"\x00"
+_NODE_DOMAIN = b"\x01"
+_BATCH_DOMAIN = b"votes/receipt-batch/v1\x00"
+# shard, batch_seq, time_ms, leaf_count, root
+_BATCH_LAYOUT = struct.Struct(">IQQI32s")
+_U16 = struct.Struct(">H")
+_XOR_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_XOR_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+_U32 = struct.Struct(">I")
+
+
+class ReceiptInvalid(VotesError):
+    status = 400
+    problem = "receipt-invalid"
+    title = "The receipt is malformed"
+
+
+_Hash = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES)]
+_UInt32 = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
+_NonNegative64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+
+
+class Receipt(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True,
+              gc=False):
+    poll: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    shard: _UInt32
+    offset: _NonNegative64
+    batch_seq: _NonNegative64
+    index: _UInt32
+    leaf_count: Annotated[int, msgspec.Meta(ge=1, lt=2**32)]
+    voter_hash: Annotated[bytes, msgspec.Meta(min_length=VOTER_HASH_BYTES,
+                                              max_length=VOTER_HASH_BYTES)]
+    option: Annotated[str, msgspec.Meta(max_length=1024)]
+    time_ms: _NonNegative64
+    root: _Hash
+    path: Annotated[list[_Hash], msgspec.Meta(max_length=PATH_LENGTH_MAX)]
+    signature: Annotated[bytes, msgspec.Meta(min_length=SIGNATURE_BYTES,
+                                             max_length=SIGNATURE_BYTES)]
+    key_id: Annotated[str, msgspec.Meta(pattern=f"^{KEY_ID_PATTERN.pattern}$")]
+
+
+_receipt_encoder = msgspec.msgpack.Encoder()
+_receipt_decoder = msgspec.msgpack.Decoder(Receipt)
+# Swapping the alphabets (and turning "=" into "!") makes "+", "/" and explicit padding invalid
+# for the strict decoder, so only canonical unpadded base64url is accepted.
+_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/-_!")
+
+
+def voter_hash(voter_hash_secret: bytes, poll: str, voter: int) -> bytes:
+    poll_key = hmac.digest(voter_hash_secret, b"poll:" + poll.encode(), "sha256")
+    return hmac.digest(poll_key, voter.to_bytes(8, "big"), "sha256")[:VOTER_HASH_BYTES]
+
+
+class VoterHasher:
+    """voter_hash with per-poll state cached (at most `polls_max` polls, oldest out).
+
+    HMAC is computed from SHA-256 states pre-fed with the padded poll key (RFC 2104's inner
+    and outer pads), which costs about half of `hmac.HMAC.copy()` per voter; the unit tests
+    check it against `voter_hash`.
+    """
+
+    __slots__ = ("_secret", "_poll_states", "_polls_max")
+
+    def __init__(self, voter_hash_secret: bytes, polls_max: int = VOTER_HASHER_POLLS_MAX):
+        if polls_max < 1:
+            raise ValueError("polls_max must be at least 1")
+        self._secret = voter_hash_secret
+        self._poll_states: dict[str, tuple[Any, Any]] = {}
+        self._polls_max = polls_max
+
+    def __call__(self, poll: str, voter: int) -> bytes:
+        states = self._poll_states.get(poll)
+        if states is None:
+            states = self._add_poll(poll)
+        inner = states[0].copy()
+        inner.update(voter.to_bytes(8, "big"))
+        outer = states[1].copy()
+        outer.update(inner.digest())
+        return outer.digest()[:VOTER_HASH_BYTES]
+
+    def _add_poll(self, poll: str) -> tuple[Any, Any]:
+        if len(self._poll_states) >= self._polls_max:
+            del self._poll_states[next(iter(self._poll_states))]
+        # A 32-byte poll key is shorter than SHA-256's 64-byte block, so it is zero-padded.
+        poll_key = hmac.digest(self._secret, b"poll:" + poll.encode(), "sha256").ljust(64, b"\0")
+        inner = hashlib.sha256(poll_key.translate(_XOR_INNER_PAD))
+        outer = hashlib.sha256(poll_key.translate(_XOR_OUTER_PAD))
+        states = self._poll_states[poll] = (inner, outer)
+        return states
+
+
+def leaf_hash(poll: str, shard: int, voter_hash: bytes, option: str) -> bytes:
+    preimage = _leaf_head(poll, shard, len(voter_hash)) + voter_hash + _leaf_tail(option)
+    return hashlib.sha256(preimage).digest()
+
+
+def leaf_hashes(shard: int, votes: Sequence[tuple[str, bytes, str]]) -> list[bytes]:
+    """leaf_hash of each (poll, voter_hash, option) of one shard's batch, encoding each
+    distinct poll and option once. Every voter hash must be VOTER_HASH_BYTES long."""
+    heads: dict[str, bytes] = {}
+    tails: dict[str, bytes] = {}
+    sha256 = hashlib.sha256
+    leaves = []
+    for poll, voter_hash_, option in votes:
+        if len(voter_hash_) != VOTER_HASH_BYTES:
+            raise ValueError(f"voter hash is {len(voter_hash_)} bytes, not {VOTER_HASH_BYTES}")
+        head = heads.get(poll)
+        if head is None:
+            head = heads[poll] = _leaf_head(poll, shard, VOTER_HASH_BYTES)
+        tail = tails.get(option)
+        if tail is None:
+            tail = tails[option] = _leaf_tail(option)
+        leaves.append(sha256(head + voter_hash_ + tail).digest())
+    return leaves
+
+
+def _leaf_head(poll: str, shard: int, voter_hash_bytes: int) -> bytes:
+    """The leaf preimage up to the voter hash: 0x00, u16 len, poll, u32 shard, u8 len."""
+    poll_bytes = poll.encode()
+    if len(poll_bytes) > POLL_ID_BYTES_MAX:
+        raise ValueError(f"poll id is longer than {POLL_ID_BYTES_MAX} bytes")
+    if not 0 <= shard < SHARD_END or voter_hash_bytes > 0xFF:
+        raise ValueError("shard or voter hash out of range for a receipt leaf")
+    return (_LEAF_DOMAIN + _U16.pack(len(poll_bytes)) + poll_bytes + _U32.pack(shard)
+            + bytes((voter_hash_bytes,)))
+
+
+def _leaf_tail(option: str) -> bytes:
+    """The leaf preimage after the voter hash: u16 len, option."""
+    option_bytes = option.encode()
+    if len(option_bytes) > OPTION_ID_BYTES_MAX:
+        raise ValueError(f"option id is longer than {OPTION_ID_BYTES_MAX} bytes")
+    return _U16.pack(len(option_bytes)) + option_bytes
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(_NODE_DOMAIN + left + right).digest()
+
+
+class MerkleTree:
+    """All levels of the tree over `leaves` (leaf hashes): O(n) to build, O(log n) per path."""
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        if not leaves:
+            raise ValueError("a Merkle tree needs at least one leaf")
+        level = list(leaves)
+        levels = [level]
+        sha256 = hashlib.sha256
+        while len(level) > 1:
+            parents = [sha256(_NODE_DOMAIN + left + right).digest()
+                       for left, right in zip(level[0::2], level[1::2])]
+            if len(level) & 1:
+                parents.append(level[-1])
+            levels.append(parents)
+            level = parents
+        self._levels = levels
+
+    @property
+    def root(self) -> bytes:
+        return self._levels[-1][0]
+
+    @property
+    def leaf_count(self) -> int:
+        return len(self._levels[0])
+
+    def path(self, index: int) -> list[bytes]:
+        """Sibling hashes from leaf `index` up to the root, skipping promoted levels."""
+        if not 0 <= index < len(self._levels[0]):
+            raise IndexError(f"leaf {index} is outside a tree of {self.leaf_count} leaves")
+        path = []
+        for level in self._levels[:-1]:
+            sibling = index ^ 1
+            if sibling < len(level):
+                path.append(level[sibling])
+            index >>= 1
+        return path
+
+    def paths(self) -> list[list[bytes]]:
+        """path(i) for every leaf, built top-down: a node's path is its sibling followed by
+        its parent's path, so each level costs one list per node (O(n log n) copying in C)."""
+        paths: list[list[bytes]] = [[]]
+        for level in reversed(self._levels[:-1]):
+            paired = len(level) & ~1
+            paths_below = [[level[p ^ 1]] + paths[p >> 1] for p in range(paired)]
+            if paired < len(level):
+                # The odd last node was promoted: it has no sibling here.
+                paths_below.append(list(paths[paired >> 1]))
+            paths = paths_below
+        return paths
+
+
+def path_length(index: int, leaf_count: int) -> int:
+    """How many siblings the path of leaf `index` holds in a tree of `leaf_count` leaves."""
+    length = 0
+    while leaf_count > 1:
+        if index ^ 1 < leaf_count:
+            length += 1
+        index >>= 1
+        leaf_count = (leaf_count + 1) >> 1
+    return length
+
+
+def verify_path(leaf: bytes, index: int, leaf_count: int, path: Sequence[bytes],
+                root: bytes) -> bool:
+    """True when `path` leads from `leaf` at `index` of `leaf_count` leaves to `root`."""
+    if not 0 <= index < leaf_count or len(path) > PATH_LENGTH_MAX:
+        return False
+    node = leaf
+    used = 0
+    while leaf_count > 1:
+        if index ^ 1 < leaf_count:
+            if used == len(path):
+                return False
+            sibling = path[used]
+            used += 1
+            if len(sibling) != HASH_BYTES:
+                return False
+            node = node_hash(sibling, node) if index & 1 else node_hash(node, sibling)
+        index >>= 1
+        leaf_count = (leaf_count + 1) >> 1
+    return used == len(path) and hmac.compare_digest(node, root)
+
+
+def batch_message(shard: int, batch_seq: int, time_ms: int, leaf_count: int,
+                  root: bytes) -> bytes:
+    """The exact bytes a batch signature covers: a domain tag and a fixed 56-byte layout."""
+    if len(root) != HASH_BYTES:
+        raise ValueError(f"root must be {HASH_BYTES} bytes")
+    try:
+        return _BATCH_DOMAIN + _BATCH_LAYOUT.pack(shard, batch_seq, time_ms, leaf_count, root)
+    except struct.error as exc:
+        raise ValueError(f"batch field out of range: {exc}") from None
+
+
+def sign_batch(keyring: KeyRing, shard: int, batch_seq: int, time_ms: int, leaf_count: int,
+               root: bytes) -> bytes:
+    message = batch_message(shard, batch_seq, time_ms, leaf_count, root)
+    return keyring.receipt_signing_key.sign(message)
+
+
+class SignedBatch:
+    """One signed group-commit batch, from which each vote's receipt is cut.
+
+    Build it before the append (the signature may travel in the log record); cut receipts
+    once the log has made the batch durable and assigned its offset.
+    """
+
+    __slots__ = ("shard", "batch_seq", "time_ms", "key_id", "signature", "tree", "votes")
+
+    def __init__(self, keyring: KeyRing, hasher: VoterHasher, *, shard: int, batch_seq: int,
+                 time_ms: int, votes: Sequence[tuple[str, int, str]]) -> None:
+        """`votes` holds (poll, voter, option) in batch order; leaf i is votes[i]."""
+        self._build(hasher, shard, batch_seq, time_ms, votes)
+        self.key_id = keyring.receipt_key_id
+        self.signature = sign_batch(keyring, shard, batch_seq, time_ms, len(self.votes),
+                                    self.tree.root)
+
+    @classmethod
+    def restore(cls, hasher: VoterHasher, *, shard: int, batch_seq: int, time_ms: int,
+                votes: Sequence[tuple[str, int, str]], root: bytes, key_id: str,
+                signature: bytes) -> SignedBatch:
+        """Rebuild a batch read back from the log, keeping the signature it was stored with.
+
+        The votes must be in their original order; a rebuilt root that differs from the stored
+        one means the log or the voter hash secret changed under us, and is not papered over.
+        """
+        signed = cls.__new__(cls)
+        signed._build(hasher, shard, batch_seq, time_ms, votes)
+        if signed.tree.root != root:
+            raise VotesError(f"batch {batch_seq} of shard {shard} rebuilds to another Merkle "
+                             "root than the one stored with it")
+        signed.key_id = key_id
+        signed.signature = signature
+        return signed
+
+    def _build(self, hasher: VoterHasher, shard: int, batch_seq: int, time_ms: int,
+               votes: Sequence[tuple[str, int, str]]) -> None:
+        self.shard = shard
+        self.batch_seq = batch_seq
+        self.time_ms = time_ms
+        # (poll, voter_hash, option) per leaf: the voter id itself never enters a receipt.
+        self.votes = [(poll, hasher(poll, voter), option) for poll, voter, option in votes]
+        self.tree = MerkleTree(leaf_hashes(shard, self.votes))
+
+    def index_of(self, poll: str, voter_hash_: bytes) -> int | None:
+        """The leaf index of this voter's vote in `poll`, or None when it is not in the batch."""
+        for index, (leaf_poll, leaf_voter_hash, _) in enumerate(self.votes):
+            if leaf_voter_hash == voter_hash_ and leaf_poll == poll:
+                return index
+        return None
+
+    def receipt(self, index: int, offset: int) -> Receipt:
+        poll, voter_hash_, option = self.votes[index]
+        return Receipt(
+            poll=poll, shard=self.shard, offset=offset, batch_seq=self.batch_seq, index=index,
+            leaf_count=len(self.votes), voter_hash=voter_hash_, option=option,
+            time_ms=self.time_ms, root=self.tree.root, path=self.tree.path(index),
+            signature=self.signature, key_id=self.key_id,
+        )
+
+    def receipts(self, offset: int) -> list[Receipt]:
+        """Every vote's receipt, in batch order (all paths built in one pass)."""
+        shard, batch_seq, time_ms, leaf_count = (self.shard, self.batch_seq, self.time_ms,
+                                                 len(self.votes))
+        root, signature, key_id = self.tree.root, self.signature, self.key_id
+        return [
+            Receipt(poll, shard, offset, batch_seq, index, leaf_count, voter_hash_, option,
+                    time_ms, root, path, signature, key_id)
+            for index, ((poll, voter_hash_, option), path)
+            in enumerate(zip(self.votes, self.tree.paths()))
+        ]
+
+
+def verify_receipt(receipt: Receipt, public_key_bytes: bytes) -> bool:
+    """True when the receipt's leaf, path and batch signature check out under the key."""
+    try:
+        leaf = leaf_hash(receipt.poll, receipt.shard, receipt.voter_hash, receipt.option)
+        if not verify_path(leaf, receipt.index, receipt.leaf_count, receipt.path, receipt.root):
+            return False
+        message = batch_message(receipt.shard, receipt.batch_seq, receipt.time_ms,
+                                receipt.leaf_count, receipt.root)
+        Ed25519PublicKey.from_public_bytes(public_key_bytes).verify(receipt.signature, message)
+    except (InvalidSignature, ValueError, TypeError, AttributeError, OverflowError):
+        # A receipt built in code rather than decoded may hold wrong types; it does not verify.
+        return False
+    return True
+
+
+def encode_receipt(receipt: Receipt) -> str:
+    """The compact form: "r1." + unpadded base64url of the msgpack array."""
+    packed = _receipt_encoder.encode(receipt)
+    return RECEIPT_PREFIX + _b64url_encode(packed).decode("ascii")
+
+
+def decode_receipt(text: str | bytes) -> Receipt:
+    """Parse the compact form; raises ReceiptInvalid, and only that, on any malformed input."""
+    if isinstance(text, str):
+        try:
+            raw = text.encode("ascii")
+        except UnicodeEncodeError:
+            raise ReceiptInvalid("receipt is not ASCII") from None
+    elif isinstance(text, bytes):
+        raw = text
+    else:
+        raise ReceiptInvalid("receipt is neither str nor bytes")
+    if len(raw) > RECEIPT_CHARS_MAX:
+        raise ReceiptInvalid(f"receipt is longer than {RECEIPT_CHARS_MAX} characters")
+    if not raw.startswith(RECEIPT_PREFIX.encode()):
+        raise ReceiptInvalid(f"receipt does not start with {RECEIPT_PREFIX!r}")
+    try:
+        receipt = _receipt_decoder.decode(_b64url_decode(raw[len(RECEIPT_PREFIX):]))
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise ReceiptInvalid(f"receipt is malformed: {exc}") from None
+    _check_receipt_shape(receipt)
+    return receipt
+
+
+def receipt_json(receipt: Receipt) -> dict[str, Any]:
+    """A readable JSON-able form (bytes as hex) for HTTP bodies and the CLI."""
+    return {
+        "poll": receipt.poll,
+        "shard": receipt.shard,
+        "offset": receipt.offset,
+        "batch_seq": receipt.batch_seq,
+        "index": receipt.index,
+        "leaf_count": receipt.leaf_count,
+        "voter_hash": receipt.voter_hash.hex(),
+        "option": receipt.option,
+        "time_ms": receipt.time_ms,
+        "root": receipt.root.hex(),
+        "path": [sibling.hex() for sibling in receipt.path],
+        "signature": receipt.signature.hex(),
+        "key_id": receipt.key_id,
+    }
+
+
+def receipt_from_json(document: object) -> Receipt:
+    """Inverse of receipt_json; raises ReceiptInvalid, and only that, on malformed input."""
+    try:
+        if not isinstance(document, dict):
+            raise ValueError("receipt JSON is not an object")
+        if set(document) != set(Receipt.__struct_fields__):
+            raise ValueError("receipt JSON does not have exactly the receipt's fields")
+        fields = dict(document)
+        for name in ("voter_hash", "root", "signature"):
+            fields[name] = bytes.fromhex(fields[name])
+        fields["path"] = [bytes.fromhex(sibling) for sibling in fields["path"]]
+        # Receipt is array_like, so it converts from its fields in declaration order.
+        receipt = msgspec.convert([fields[name] for name in Receipt.__struct_fields__], Receipt)
+    except (msgspec.ValidationError, ValueError, TypeError, KeyError) as exc:
+        raise ReceiptInvalid(f"receipt JSON is malformed: {exc!r}") from None
+    _check_receipt_shape(receipt)
+    return receipt
+
+
+def _check_receipt_shape(receipt: Receipt) -> None:
+    """Cross-field rules the per-field types can't express."""
+    if receipt.index >= receipt.leaf_count:
+        raise ReceiptInvalid("receipt index is not below its leaf count")
+    if len(receipt.path) != path_length(receipt.index, receipt.leaf_count):
+        raise ReceiptInvalid("receipt path length does not fit its index and leaf count")
+
+
+def _b64url_encode(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _b64url_decode(text: bytes) -> bytes:
+    """Strict unpadded base64url decode; raises binascii.Error (a ValueError) on bad input."""
+    padded = text.translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4)
+    return binascii.a2b_base64(padded, strict_mode=True)

@@ -1,0 +1,276 @@
+"""Signed bearer tokens for voters and admins: HMAC-SHA256 with key ids, so keys can rotate.
+
+Wire format (ASCII): `v1.<key_id>.<payload>.<signature>`, where `payload` is unpadded
+base64url of the msgpack claims (an array, see VoterClaims / AdminClaims) and `signature` is
+unpadded base64url of HMAC-SHA256(key, b"v1." + key_id + b"." + payload), i.e. of everything
+before the last dot.
+
+Invariants a caller can rely on:
+- Verification raises only TokenError subclasses, whatever it is given (any bytes, any str,
+  any object), and it checks the signature before it decodes anything the token says.
+- Voter and admin tokens are signed with disjoint key sets and carry a `typ` claim, so
+  neither kind ever verifies as the other.
+- A token is valid while `now_s < exp`; at `exp` it has expired.
+- A voter token bound to a poll (`poll` claim set) verifies only for that poll (else 403).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Annotated
+
+import msgspec
+
+from engine.errors import VotesError
+from engine.keys import KeyRing
+
+TOKEN_VERSION = b"v1"
+# The longest Authorization value looked at; a real token is about 100 bytes.
+AUTHORIZATION_BYTES_MAX = 1024
+VOTER_ID_END = 2**32
+REGION_CHARS_MAX = 32
+COUNTRY_CHARS_MAX = 8
+POLL_ID_CHARS_MAX = 128
+SUBJECT_CHARS_MAX = 128
+VOTER_TYP = "voter"
+ADMIN_TYP = "admin"
+
+
+class TokenError(VotesError):
+    status = 401
+    problem = "token-invalid"
+    title = "The token is not valid"
+
+
+class TokenMissing(TokenError):
+    problem = "token-missing"
+    title = "A bearer token is required"
+
+
+class TokenInvalid(TokenError):
+    problem = "token-invalid"
+    title = "The token is not valid"
+
+
+class TokenExpired(TokenError):
+    problem = "token-expired"
+    title = "The token has expired"
+
+
+class TokenForbidden(TokenError):
+    """A valid token used outside its scope, e.g. bound to another poll."""
+
+    status = 403
+    problem = "token-forbidden"
+    title = "The token does not grant access to this resource"
+
+
+class VoterClaims(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True,
+                  gc=False):
+    typ: str
+    voter: Annotated[int, msgspec.Meta(ge=0, lt=VOTER_ID_END)]
+    region: Annotated[str, msgspec.Meta(max_length=REGION_CHARS_MAX)]
+    country: Annotated[str, msgspec.Meta(max_length=COUNTRY_CHARS_MAX)]
+    exp: Annotated[int, msgspec.Meta(ge=0)]
+    poll: Annotated[str, msgspec.Meta(max_length=POLL_ID_CHARS_MAX)] | None = None
+
+
+class AdminClaims(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True,
+                  gc=False):
+    typ: str
+    sub: Annotated[str, msgspec.Meta(max_length=SUBJECT_CHARS_MAX)]
+    exp: Annotated[int, msgspec.Meta(ge=0)]
+
+
+_claims_encoder = msgspec.msgpack.Encoder()
+_voter_claims_decoder = msgspec.msgpack.Decoder(VoterClaims)
+_admin_claims_decoder = msgspec.msgpack.Decoder(AdminClaims)
+
+# Swapping the alphabets (and turning "=" into "!") makes "+", "/" and explicit padding invalid
+# for the strict decoder, so only canonical unpadded base64url is accepted.
+_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/-_!")
+
+
+def b64url_encode(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def b64url_decode(text: bytes) -> bytes:
+    """Strict unpadded base64url decode; raises binascii.Error (a ValueError) on bad input."""
+    padded = text.translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4)
+    return binascii.a2b_base64(padded, strict_mode=True)
+
+
+class _MacSet:
+    """HMAC states pre-fed with `v1.<key_id>.`, one per key id; `.copy()` one per token."""
+
+    __slots__ = ("by_key_id", "current")
+
+    def __init__(self, keys: dict[str, bytes], current_key_id: str) -> None:
+        self.by_key_id = {
+            key_id.encode("ascii"): hmac.new(key, _signed_prefix(key_id), hashlib.sha256)
+            for key_id, key in keys.items()
+        }
+        self.current = current_key_id.encode("ascii")
+
+
+class _TokenCodec:
+    __slots__ = ("voter", "admin", "__weakref__")
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.voter = _MacSet(keyring.voter_keys, keyring.voter_key_current)
+        self.admin = _MacSet(keyring.admin_keys, keyring.admin_key_current)
+
+
+_codecs: weakref.WeakKeyDictionary[KeyRing, _TokenCodec] = weakref.WeakKeyDictionary()
+
+
+def _codec(keyring: KeyRing) -> _TokenCodec:
+    codec = _codecs.get(keyring)
+    if codec is None:
+        codec = _codecs[keyring] = _TokenCodec(keyring)
+    return codec
+
+
+def _signed_prefix(key_id: str) -> bytes:
+    return TOKEN_VERSION + b"." + key_id.encode("ascii") + b"."
+
+
+def issue_voter_token(keyring: KeyRing, voter: int, *, region: str = "local",
+                      country: str = "ZZ", ttl_s: int, poll: str | None = None,
+                      now_s: int | None = None) -> str:
+    return next(issue_voter_tokens(keyring, voter, 1, region=region, country=country,
+                                   ttl_s=ttl_s, poll=poll, now_s=now_s))
+
+
+def issue_voter_tokens(keyring: KeyRing, first_voter: int, count: int, *,
+                       region: str = "local", country: str = "ZZ", ttl_s: int,
+                       poll: str | None = None, now_s: int | None = None) -> Iterator[str]:
+    """Tokens for voters first_voter .. first_voter+count-1, in order, all with one expiry."""
+    if not (0 <= first_voter and count >= 0 and first_voter + count <= VOTER_ID_END):
+        raise ValueError(f"voter ids {first_voter}+{count} leave [0, 2**32)")
+    _check_lengths(region=(region, REGION_CHARS_MAX), country=(country, COUNTRY_CHARS_MAX),
+                   poll=(poll or "", POLL_ID_CHARS_MAX))
+    exp = _expiry(ttl_s, now_s)
+    return _issue_voter_tokens(_codec(keyring).voter, first_voter, count, region, country,
+                               exp, poll)
+
+
+def _issue_voter_tokens(macs: _MacSet, first_voter: int, count: int, region: str,
+                        country: str, exp: int, poll: str | None) -> Iterator[str]:
+    base = macs.by_key_id[macs.current]
+    prefix = TOKEN_VERSION + b"." + macs.current + b"."
+    encode = _claims_encoder.encode
+    for voter in range(first_voter, first_voter + count):
+        # A tuple encodes to the same msgpack array as the array_like VoterClaims, faster.
+        payload = b64url_encode(encode((VOTER_TYP, voter, region, country, exp, poll)))
+        mac = base.copy()
+        mac.update(payload)
+        yield (prefix + payload + b"." + b64url_encode(mac.digest())).decode("ascii")
+
+
+def issue_admin_token(keyring: KeyRing, *, ttl_s: int, sub: str = "admin",
+                      now_s: int | None = None) -> str:
+    _check_lengths(sub=(sub, SUBJECT_CHARS_MAX))
+    claims = AdminClaims(typ=ADMIN_TYP, sub=sub, exp=_expiry(ttl_s, now_s))
+    return _sign(_codec(keyring).admin, _claims_encoder.encode(claims))
+
+
+def verify_voter_token(keyring: KeyRing, authorization_value: bytes | str | None, now_s: int,
+                       poll: str) -> VoterClaims:
+    """Claims of a valid voter token for `poll`; raises a TokenError subclass otherwise."""
+    payload = _verified_payload(_codec(keyring).voter, authorization_value)
+    try:
+        claims = _voter_claims_decoder.decode(payload)
+    except msgspec.DecodeError:
+        raise TokenInvalid("token claims are malformed") from None
+    if claims.typ != VOTER_TYP:
+        raise TokenInvalid("not a voter token")
+    if now_s >= claims.exp:
+        raise TokenExpired()
+    if claims.poll is not None and claims.poll != poll:
+        raise TokenForbidden("token is bound to another poll")
+    return claims
+
+
+def verify_admin_token(keyring: KeyRing, authorization_value: bytes | str | None,
+                       now_s: int) -> AdminClaims:
+    """Claims of a valid admin token; raises a TokenError subclass otherwise."""
+    payload = _verified_payload(_codec(keyring).admin, authorization_value)
+    try:
+        claims = _admin_claims_decoder.decode(payload)
+    except msgspec.DecodeError:
+        raise TokenInvalid("token claims are malformed") from None
+    if claims.typ != ADMIN_TYP:
+        raise TokenInvalid("not an admin token")
+    if now_s >= claims.exp:
+        raise TokenExpired()
+    return claims
+
+
+def _sign(macs: _MacSet, claims_msgpack: bytes) -> str:
+    payload = b64url_encode(claims_msgpack)
+    mac = macs.by_key_id[macs.current].copy()
+    mac.update(payload)
+    signature = b64url_encode(mac.digest())
+    return (TOKEN_VERSION + b"." + macs.current + b"." + payload + b"." + signature).decode()
+
+
+def _verified_payload(macs: _MacSet, authorization_value: object) -> bytes:
+    """The decoded claims bytes of a token whose signature checks out under `macs`."""
+    parts = _bearer_token(authorization_value).split(b".")
+    if len(parts) != 4 or parts[0] != TOKEN_VERSION:
+        raise TokenInvalid("token is malformed")
+    base = macs.by_key_id.get(parts[1])
+    if base is None:
+        raise TokenInvalid("token key id is unknown")
+    mac = base.copy()
+    mac.update(parts[2])
+    if not hmac.compare_digest(b64url_encode(mac.digest()), parts[3]):
+        raise TokenInvalid("token signature does not match")
+    try:
+        return b64url_decode(parts[2])
+    except ValueError:
+        raise TokenInvalid("token payload is not base64url") from None
+
+
+def _bearer_token(authorization_value: object) -> bytes:
+    """The token in a raw token or a `Bearer <token>` value, as ASCII bytes."""
+    if authorization_value is None:
+        raise TokenMissing()
+    if isinstance(authorization_value, str):
+        try:
+            value = authorization_value.encode("ascii")
+        except UnicodeEncodeError:
+            raise TokenInvalid("token is not ASCII") from None
+    elif isinstance(authorization_value, bytes):
+        value = authorization_value
+    else:
+        raise TokenInvalid("token is neither str nor bytes")
+    if len(value) > AUTHORIZATION_BYTES_MAX:
+        raise TokenInvalid(f"authorization value is longer than {AUTHORIZATION_BYTES_MAX} bytes")
+    value = value.strip()
+    scheme, _, rest = value.partition(b" ")
+    if scheme.lower() == b"bearer":
+        value = rest.strip()
+    if not value:
+        raise TokenMissing()
+    return value
+
+
+def _expiry(ttl_s: int, now_s: int | None) -> int:
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+    return (int(time.time()) if now_s is None else now_s) + ttl_s
+
+
+def _check_lengths(**fields: tuple[str, int]) -> None:
+    for name, (value, chars_max) in fields.items():
+        if len(value) > chars_max:
+            raise ValueError(f"{name} is longer than {chars_max} characters")

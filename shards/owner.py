@@ -1,0 +1,475 @@
+"""The live owner of one shard: fence, recover, then group-commit votes and acknowledge them.
+
+The vote path for one shard (DESIGN "The vote path", steps 3-6):
+- `submit_vote` checks the poll and the bitmap; a repeat gets AlreadyVoted with the original
+  receipt; a vote of a voter already in flight waits for that one's outcome and never
+  becomes a second vote; the queue is bounded (Overloaded beyond it).
+- The commit loop takes up to `batch_votes_max` queued items (after lingering
+  `group_commit_ms` for a batch to form), builds one signed VoteBatch per run of votes and
+  keeps control records (poll created / closed) in arrival order, appends them all in one
+  durable write, and only then applies them to the state and answers.
+- A failed append is settled by the WAL before it raises (WalUnavailable: nothing counted);
+  OutcomeUnknown keeps the voter's in-flight entry until the log decides.
+
+Until the fence is held and the log replayed to its end, every call raises NotReady.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+
+from engine import receipts
+from engine.config import Config
+from engine.errors import (
+    AlreadyVoted,
+    NotReady,
+    OutcomeUnknown,
+    Overloaded,
+    PollClosed,
+    PollExists,
+    PollNotFound,
+    PollNotOpen,
+    UnknownOption,
+    VotesError,
+    WalUnavailable,
+)
+from engine.keys import KeyRing
+from shards.records import PollClosed as PollClosedRecord
+from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
+from shards.snapshots import DirectorySnapshotStore, freeze
+from shards.state import COUNTED, PollState, ShardState
+
+log = logging.getLogger("votes.owner")
+
+SIGNED_BATCHES_CACHED = 64
+AUTO_CLOSE_CHECK_S = 0.5
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class PendingVote:
+    __slots__ = ("poll", "voter_id", "voter_index", "option", "option_index", "future")
+
+    def __init__(self, poll, voter_id, voter_index, option, option_index, future) -> None:
+        self.poll = poll
+        self.voter_id = voter_id
+        self.voter_index = voter_index
+        self.option = option
+        self.option_index = option_index
+        self.future = future
+
+
+class PendingControl:
+    __slots__ = ("record", "future")
+
+    def __init__(self, record: Record, future: asyncio.Future) -> None:
+        self.record = record
+        self.future = future
+
+
+def _mark_retrieved(future: asyncio.Future) -> None:
+    # An answer nobody waits for any more (the handler timed out) must not log a warning.
+    if not future.cancelled():
+        future.exception()
+
+
+class ShardOwner:
+    def __init__(self, shard: int, config: Config, wal, snapshot_store: DirectorySnapshotStore,
+                 keyring: KeyRing, hasher: receipts.VoterHasher, metrics=None) -> None:
+        self.shard = shard
+        self.config = config
+        self.wal = wal
+        self.snapshot_store = snapshot_store
+        self.keyring = keyring
+        self.hasher = hasher
+        self.metrics = metrics
+        self.state: ShardState | None = None
+        self.ready = False
+        self.failure: str | None = None
+        self._queue: deque[PendingVote | PendingControl] = deque()
+        self._queued_votes = 0
+        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
+        self._closing: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._batch_seq_next = 0
+        self._signed_batches: OrderedDict[int, receipts.SignedBatch] = OrderedDict()
+        self._snapshot_task: asyncio.Task | None = None
+        self._snapshot_votes_applied = 0
+        self._snapshot_time_s = time.monotonic()
+        self._tasks: list[asyncio.Task] = []
+
+    # Start-up: fence, recover, replay ------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.wal.acquire()
+            self.state = await asyncio.get_running_loop().run_in_executor(None, self._recover)
+        except VotesError as exc:
+            self.failure = f"shard {self.shard}: {exc.detail}"
+            log.error("shard %d cannot start: %s", self.shard, exc.detail)
+            raise
+        self._batch_seq_next = self.state.batch_seq_next
+        self._snapshot_votes_applied = self.state.votes_applied
+        self._tasks.append(asyncio.create_task(self._commit_loop(), name=f"commit-{self.shard}"))
+        self._tasks.append(asyncio.create_task(self._auto_close_loop(), name=f"close-{self.shard}"))
+        self.ready = True
+
+    def _recover(self) -> ShardState:
+        """Newest valid snapshot + replay of the log after it (runs off the event loop)."""
+        end_offset = self.wal.recover_blocking()
+        state = self.snapshot_store.load_newest() or ShardState(self.shard, self.config.shards)
+        if state.wal_offset_next > end_offset:
+            raise WalUnavailable(
+                f"snapshot covers the log up to {state.wal_offset_next} but the log ends at "
+                f"{end_offset}: the log lost acknowledged records"
+            )
+        for offset, next_offset, payload in self.wal.replay_from(state.wal_offset_next):
+            state.apply(offset, next_offset, decode_record(payload))
+        return state
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.ready = False
+
+    def _ready_state(self) -> ShardState:
+        if not self.ready or self.state is None:
+            raise NotReady(self.failure or f"shard {self.shard} is fencing or catching up")
+        return self.state
+
+    # The vote path ---------------------------------------------------------------------------
+
+    async def submit_vote(self, poll_id: str, voter_id: int, option: str) -> receipts.Receipt:
+        state = self._ready_state()
+        poll = state.polls.get(poll_id)
+        if poll is None:
+            raise PollNotFound(f"poll {poll_id!r} does not exist")
+        option_index = poll.option_index.get(option)
+        if option_index is None:
+            raise UnknownOption(f"poll {poll_id!r} has no option {option!r}")
+        self._check_open(poll)
+        voter_index = voter_id // self.config.shards
+        key = (poll_id, voter_index)
+        earlier = self._inflight.get(key)
+        if earlier is not None:
+            await self._outcome_of_earlier(earlier)
+        if voter_index in poll.voters:
+            raise AlreadyVoted("this voter's vote is already in the log",
+                               receipt=await self._receipt_for(poll, voter_index))
+        if self._queued_votes >= self.config.shard_queue_votes_max:
+            raise Overloaded(f"shard {self.shard} has {self._queued_votes} votes waiting")
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_mark_retrieved)
+        self._inflight[key] = future
+        self._queue.append(PendingVote(poll_id, voter_id, voter_index, option, option_index, future))
+        self._queued_votes += 1
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.config.append_timeout_s)
+        except TimeoutError:
+            raise OutcomeUnknown("the log did not confirm the vote in time; it counts at most once")
+        except AlreadyVoted as exc:
+            raise AlreadyVoted(exc.detail, receipt=await self._receipt_for(poll, voter_index))
+
+    def _check_open(self, poll: PollState) -> None:
+        definition = poll.definition
+        current_ms = now_ms()
+        if poll.closed or definition.poll in self._closing or (
+            definition.closes_at_ms is not None and current_ms >= definition.closes_at_ms
+        ):
+            raise PollClosed(f"poll {definition.poll!r} is closed")
+        if definition.opens_at_ms is not None and current_ms < definition.opens_at_ms:
+            raise PollNotOpen(f"poll {definition.poll!r} opens later")
+
+    async def _outcome_of_earlier(self, earlier: asyncio.Future) -> None:
+        """Wait for the same voter's vote in flight; raise what its outcome means for this one."""
+        try:
+            await asyncio.wait_for(asyncio.shield(earlier), self.config.append_timeout_s)
+        except TimeoutError:
+            raise OutcomeUnknown("an earlier vote of this voter is still undecided")
+        except (AlreadyVoted, PollClosed):
+            return  # fall through to the bitmap check, which decides
+        except VotesError as exc:
+            raise type(exc)(exc.detail)
+
+    async def _receipt_for(self, poll: PollState, voter_index: int) -> dict | None:
+        state = self.state
+        batch_seq = state.batch_of_voter(poll, voter_index)
+        if batch_seq is None:
+            return None
+        offset = state.batch_offsets[batch_seq]
+        signed = self._signed_batches.get(batch_seq)
+        if signed is None:
+            batch = decode_record(await self.wal.read_at(offset))
+            if not isinstance(batch, VoteBatch) or batch.batch_seq != batch_seq:
+                raise VotesError(f"record at offset {offset} is not batch {batch_seq}")
+            signed = self._rebuild_signed_batch(batch)
+        voter_id = state.voter_id(voter_index)
+        for index, (poll_id, voter_hash, _) in enumerate(signed.votes):
+            if poll_id == poll.definition.poll and voter_hash == self.hasher(poll_id, voter_id):
+                return receipt_body(signed.receipt(index, offset))
+        return None
+
+    def _rebuild_signed_batch(self, batch: VoteBatch) -> receipts.SignedBatch:
+        votes = []
+        for group in batch.groups:
+            options = self.state.polls[group.poll].definition.options
+            voters = array.array("I", group.voters)
+            for voter_index, option_index in zip(voters, array.array("H", group.options)):
+                votes.append((group.poll, self.state.voter_id(voter_index), options[option_index]))
+        signed = receipts.SignedBatch.__new__(receipts.SignedBatch)
+        signed.shard, signed.batch_seq, signed.time_ms = batch.shard, batch.batch_seq, batch.time_ms
+        signed.votes = [(poll, self.hasher(poll, voter), option) for poll, voter, option in votes]
+        signed.tree = receipts.MerkleTree([receipts.leaf_hash(poll, batch.shard, hashed, option)
+                                           for poll, hashed, option in signed.votes])
+        signed.key_id, signed.signature = batch.key_id, batch.signature
+        return signed
+
+    # Control records: polls created and closed ------------------------------------------------
+
+    async def create_poll(self, record: PollCreated) -> bool:
+        """Append the poll's creation to this shard's log; False if it already exists alike."""
+        state = self._ready_state()
+        existing = state.polls.get(record.poll)
+        if existing is not None:
+            if _same_definition(existing.definition, record):
+                return False
+            raise PollExists(f"poll {record.poll!r} exists with another definition")
+        if len(state.polls) >= self.config.polls_max:
+            raise Overloaded(f"shard {self.shard} already holds {len(state.polls)} polls")
+        await self._submit_control(record)
+        return True
+
+    async def close_poll(self, poll_id: str) -> None:
+        state = self._ready_state()
+        poll = state.polls.get(poll_id)
+        if poll is None:
+            raise PollNotFound(f"poll {poll_id!r} does not exist")
+        if poll.closed:
+            return
+        self._closing.add(poll_id)
+        try:
+            await self._submit_control(PollClosedRecord(poll=poll_id, closed_ms=now_ms()))
+        finally:
+            self._closing.discard(poll_id)
+
+    async def _submit_control(self, record: Record) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_mark_retrieved)
+        self._queue.append(PendingControl(record, future))
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.config.append_timeout_s)
+        except TimeoutError:
+            raise OutcomeUnknown("the log did not confirm the record in time")
+
+    async def _auto_close_loop(self) -> None:
+        while True:
+            await asyncio.sleep(AUTO_CLOSE_CHECK_S)
+            current_ms = now_ms()
+            for poll_id, poll in list(self.state.polls.items()):
+                closes_at_ms = poll.definition.closes_at_ms
+                if closes_at_ms is not None and current_ms >= closes_at_ms and not poll.closed \
+                        and poll_id not in self._closing:
+                    try:
+                        await self.close_poll(poll_id)
+                    except VotesError as exc:
+                        log.warning("auto-close of %s on shard %d failed: %s", poll_id, self.shard, exc)
+
+    # Group commit ----------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        linger_s = self.config.group_commit_ms / 1000
+        while True:
+            await self._wakeup.wait()
+            if linger_s and self._queued_votes < self.config.batch_votes_max:
+                await asyncio.sleep(linger_s)
+            self._wakeup.clear()
+            items = self._take_batch()
+            if items:
+                await self._commit(items)
+                self._maybe_snapshot()
+            if self._queue:
+                self._wakeup.set()
+
+    def _take_batch(self) -> list[PendingVote | PendingControl]:
+        items = []
+        votes = 0
+        queue = self._queue
+        while queue and votes < self.config.batch_votes_max:
+            item = queue.popleft()
+            if isinstance(item, PendingVote):
+                votes += 1
+            items.append(item)
+        self._queued_votes -= votes
+        return items
+
+    async def _commit(self, items: list[PendingVote | PendingControl]) -> None:
+        plan = self._plan_records(items)
+        payloads = [encode_record(record) for record, _, _ in plan]
+        started = time.perf_counter()
+        try:
+            positions = await self.wal.append(payloads)
+        except VotesError as exc:
+            self._fail_items(items, exc)
+            return
+        except Exception as exc:  # a bug or an unexpected client error: outcome unknown
+            log.exception("append on shard %d failed unexpectedly", self.shard)
+            self._fail_items(items, OutcomeUnknown(f"append failed unexpectedly: {exc}"))
+            return
+        if self.metrics is not None:
+            self.metrics.observe_commit(time.perf_counter() - started, len(items))
+        for (record, record_items, signed), (offset, next_offset) in zip(plan, positions):
+            outcomes = self.state.apply(offset, next_offset, record)
+            if signed is None:
+                record_items[0].future.set_result(None)
+                continue
+            self._remember_signed(signed)
+            self._answer_votes(record, record_items, signed, outcomes, offset)
+
+    def _plan_records(self, items):
+        """Cut the items into records in arrival order: a VoteBatch per run of votes."""
+        plan = []
+        run: list[PendingVote] = []
+        for item in items:
+            if isinstance(item, PendingVote):
+                run.append(item)
+                continue
+            if run:
+                plan.append(self._vote_batch(run))
+                run = []
+            plan.append((item.record, [item], None))
+        if run:
+            plan.append(self._vote_batch(run))
+        return plan
+
+    def _vote_batch(self, votes: list[PendingVote]):
+        by_poll: dict[str, list[PendingVote]] = {}
+        for vote in votes:
+            by_poll.setdefault(vote.poll, []).append(vote)
+        ordered = [vote for group in by_poll.values() for vote in group]
+        batch_seq = self._batch_seq_next
+        self._batch_seq_next += 1  # never reused, even if this append fails
+        time_ms = now_ms()
+        signed = receipts.SignedBatch(
+            self.keyring, self.hasher, shard=self.shard, batch_seq=batch_seq, time_ms=time_ms,
+            votes=[(vote.poll, vote.voter_id, vote.option) for vote in ordered],
+        )
+        groups = [
+            VoteGroup(
+                poll=poll,
+                voters=array.array("I", [vote.voter_index for vote in group]).tobytes(),
+                options=array.array("H", [vote.option_index for vote in group]).tobytes(),
+            )
+            for poll, group in by_poll.items()
+        ]
+        record = VoteBatch(shard=self.shard, batch_seq=batch_seq, time_ms=time_ms, groups=groups,
+                           root=signed.tree.root, signature=signed.signature, key_id=signed.key_id)
+        return record, ordered, signed
+
+    def _answer_votes(self, record, votes, signed, outcomes, offset) -> None:
+        leaf = 0
+        for group, flags in zip(record.groups, outcomes):
+            group_size = len(group.voters) // 4
+            for position in range(group_size):
+                vote = votes[leaf]
+                self._inflight.pop((vote.poll, vote.voter_index), None)
+                if flags is None:
+                    vote.future.set_exception(PollClosed(f"poll {vote.poll!r} closed before this vote"))
+                elif flags[position] == COUNTED:
+                    vote.future.set_result(receipt_body(signed.receipt(leaf, offset)))
+                else:
+                    vote.future.set_exception(AlreadyVoted("this voter's vote is already in the log"))
+                leaf += 1
+
+    def _fail_items(self, items, exc: VotesError) -> None:
+        keep_inflight = isinstance(exc, OutcomeUnknown)
+        for item in items:
+            if isinstance(item, PendingVote) and not keep_inflight:
+                self._inflight.pop((item.poll, item.voter_index), None)
+            item.future.set_exception(type(exc)(exc.detail))
+        if keep_inflight:
+            # The log decides on its next successful read: until the shard is recovered
+            # (restart or handover), these voters stay held and answer outcome-unknown.
+            held = asyncio.get_running_loop().create_future()
+            held.add_done_callback(_mark_retrieved)
+            held.set_exception(OutcomeUnknown("an earlier vote of this voter is undecided"))
+            for item in items:
+                if isinstance(item, PendingVote):
+                    self._inflight[(item.poll, item.voter_index)] = held
+
+    def _remember_signed(self, signed: receipts.SignedBatch) -> None:
+        self._signed_batches[signed.batch_seq] = signed
+        while len(self._signed_batches) > SIGNED_BATCHES_CACHED:
+            self._signed_batches.popitem(last=False)
+
+    # Snapshots -------------------------------------------------------------------------------
+
+    def _maybe_snapshot(self) -> None:
+        state = self.state
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return
+        new_votes = state.votes_applied - self._snapshot_votes_applied
+        elapsed_s = time.monotonic() - self._snapshot_time_s
+        if new_votes >= self.config.snapshot_votes_min or (
+            new_votes and elapsed_s >= self.config.snapshot_interval_s
+        ):
+            self.snapshot_now()
+
+    def snapshot_now(self) -> asyncio.Task:
+        """Freeze now (a batch boundary: no record is half applied) and write it off the loop."""
+        state = self.state
+        data = freeze(state)
+        self._snapshot_votes_applied = state.votes_applied
+        self._snapshot_time_s = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._snapshot_task = loop.create_task(self._write_snapshot(data, state.wal_offset_next))
+        return self._snapshot_task
+
+    async def _write_snapshot(self, data: bytes, wal_offset_next: int) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.snapshot_store.write, data, wal_offset_next
+            )
+        except OSError as exc:
+            log.warning("snapshot of shard %d failed: %s (the previous one stays in use)",
+                        self.shard, exc)
+
+    # Results ----------------------------------------------------------------------------------
+
+    def poll_summary(self, poll_id: str) -> tuple[PollCreated, list[int], bool] | None:
+        state = self._ready_state()
+        poll = state.polls.get(poll_id)
+        if poll is None:
+            return None
+        return poll.definition, poll.tallies.tolist(), poll.closed
+
+
+def _same_definition(left: PollCreated, right: PollCreated) -> bool:
+    return (left.options, left.opens_at_ms, left.closes_at_ms, left.embargo) == (
+        right.options, right.opens_at_ms, right.closes_at_ms, right.embargo)
+
+
+def receipt_body(receipt: receipts.Receipt) -> dict:
+    """The 201 body (and the `receipt` of a 409): the compact receipt plus where it sits."""
+    return {
+        "receipt": receipts.encode_receipt(receipt),
+        "poll": receipt.poll,
+        "shard": receipt.shard,
+        "offset": receipt.offset,
+        "index": receipt.index,
+        "batch_seq": receipt.batch_seq,
+        "voter_hash": receipt.voter_hash.hex(),
+        "time_ms": receipt.time_ms,
+    }

@@ -1,0 +1,225 @@
+"""The embedded write-ahead log: append-only, checksummed segments per shard, fsync'd.
+
+Layout: `<shard dir>/wal/<20-digit base offset>.log`, plus `<shard dir>/wal/LOCK`. Offsets are
+byte positions in the shard's whole log, so a segment's name is the offset of its first
+frame. Frames are `records.frame(...)`.
+
+Rules a caller can rely on:
+- Fencing: the owner holds an exclusive flock on LOCK for as long as it lives; a second
+  process cannot open the log for writing (`try_lock` returns False).
+- `append` returns only after the bytes are written and fsync'd. On any failure it truncates
+  the segment back to the last durable offset and fsyncs before raising `WalUnavailable`
+  (nothing of that append is in the log). If even that fails it raises `OutcomeUnknown`
+  and refuses further appends until a later truncation succeeds.
+- Recovery cuts a torn tail only: bad bytes in the last segment no longer than one append
+  (`write_bytes_max`). Anything else that does not check out raises `LogCorrupt` naming the
+  file and offset.
+- A new segment is created (and the directory fsync'd) when the active one would exceed
+  `segment_bytes_max`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from engine.errors import LogCorrupt, OutcomeUnknown, WalUnavailable
+from shards.records import FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_BYTES_MAX
+
+SEGMENT_SUFFIX = ".log"
+# One group commit writes at most this much; recovery treats up to this many bad trailing
+# bytes of the last segment as a torn write, and more as corruption.
+WRITE_BYTES_MAX = 32 * 1024 * 1024
+
+
+def segment_name(base_offset: int) -> str:
+    return f"{base_offset:020d}{SEGMENT_SUFFIX}"
+
+
+def fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def scan_frames(data: bytes | memoryview, start: int = 0) -> Iterator[tuple[int, int, memoryview]]:
+    """Yield (position, next position, payload) for each valid frame from `start`; stop at the
+    first frame that is incomplete or fails its checksum (the caller decides what that means)."""
+    view = memoryview(data)
+    position = start
+    end = len(view)
+    while position + FRAME_HEADER_BYTES <= end:
+        length, checksum = FRAME_HEADER.unpack_from(view, position)
+        payload_start = position + FRAME_HEADER_BYTES
+        payload_end = payload_start + length
+        if length > RECORD_BYTES_MAX or payload_end > end:
+            return
+        payload = view[payload_start:payload_end]
+        if zlib.crc32(payload) != checksum:
+            return
+        yield position, payload_end, payload
+        position = payload_end
+
+
+class SegmentLog:
+    durability = "embedded-fsync"
+
+    def __init__(self, directory: Path, segment_bytes_max: int) -> None:
+        self.directory = Path(directory)
+        self.segment_bytes_max = segment_bytes_max
+        self.end_offset = 0  # durable end: the offset the next append starts at
+        self._lock_descriptor: int | None = None
+        self._active_base = 0
+        self._active_descriptor: int | None = None
+        self._needs_truncate = False
+
+    # Ownership ---------------------------------------------------------------------------
+
+    def try_lock(self) -> bool:
+        """Take the fence without blocking; True when this process now owns the log."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return False
+        self._lock_descriptor = descriptor
+        return True
+
+    def close(self) -> None:
+        for name in ("_active_descriptor", "_lock_descriptor"):
+            descriptor = getattr(self, name)
+            if descriptor is not None:
+                os.close(descriptor)
+                setattr(self, name, None)
+
+    # Recovery ----------------------------------------------------------------------------
+
+    def segment_bases(self) -> list[int]:
+        bases = []
+        for path in self.directory.glob("*" + SEGMENT_SUFFIX):
+            stem = path.name[: -len(SEGMENT_SUFFIX)]
+            if stem.isdigit():
+                bases.append(int(stem))
+        return sorted(bases)
+
+    def recover(self) -> int:
+        """Find the durable end, cutting a torn tail of the last segment; open it for appends."""
+        bases = self.segment_bases() or [0]
+        last_base = bases[-1]
+        path = self.directory / segment_name(last_base)
+        data = path.read_bytes() if path.exists() else b""
+        valid_end = 0
+        for _, next_position, _ in scan_frames(data):
+            valid_end = next_position
+        if valid_end < len(data):
+            torn_bytes = len(data) - valid_end
+            if torn_bytes > WRITE_BYTES_MAX:
+                raise LogCorrupt(
+                    f"{path}: bad record at offset {last_base + valid_end} with "
+                    f"{torn_bytes} bytes after it (more than one write could tear)"
+                )
+            with open(path, "r+b") as handle:
+                handle.truncate(valid_end)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self._open_active(last_base)
+        self.end_offset = last_base + valid_end
+        return self.end_offset
+
+    def _open_active(self, base: int) -> None:
+        path = self.directory / segment_name(base)
+        created = not path.exists()
+        # Open the new segment before closing the old one, so a failure leaves a usable fd.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if self._active_descriptor is not None:
+            os.close(self._active_descriptor)
+        self._active_descriptor = descriptor
+        self._active_base = base
+        if created:
+            os.fsync(self._active_descriptor)
+            fsync_directory(self.directory)
+
+    # Reading -----------------------------------------------------------------------------
+
+    def read_from(self, offset: int) -> Iterator[tuple[int, int, memoryview]]:
+        """Yield (offset, next offset, payload) for every record from `offset` to the durable
+        end. A record that does not check out before the end is corruption."""
+        bases = self.segment_bases()
+        for position, base in enumerate(bases):
+            segment_end = bases[position + 1] if position + 1 < len(bases) else self.end_offset
+            if segment_end <= offset:
+                continue
+            path = self.directory / segment_name(base)
+            data = path.read_bytes()[: segment_end - base]
+            cursor = max(offset, base) - base
+            for frame_position, next_position, payload in scan_frames(data, cursor):
+                yield base + frame_position, base + next_position, payload
+                cursor = next_position
+            if base + cursor != segment_end:
+                raise LogCorrupt(f"{path}: bad record at offset {base + cursor}")
+
+    def read_at(self, offset: int) -> bytes:
+        """The payload of the record at `offset` (receipts for repeat votes, `prove`)."""
+        bases = [base for base in self.segment_bases() if base <= offset]
+        if not bases or offset >= self.end_offset:
+            raise LogCorrupt(f"no record at offset {offset} in {self.directory}")
+        path = self.directory / segment_name(bases[-1])
+        with open(path, "rb") as handle:
+            handle.seek(offset - bases[-1])
+            header = handle.read(FRAME_HEADER_BYTES)
+            length, checksum = FRAME_HEADER.unpack(header)
+            payload = handle.read(min(length, RECORD_BYTES_MAX))
+        if len(payload) != length or zlib.crc32(payload) != checksum:
+            raise LogCorrupt(f"{path}: bad record at offset {offset}")
+        return payload
+
+    # Appending ---------------------------------------------------------------------------
+
+    def append(self, data: bytes) -> int:
+        """Write framed records and fsync; return the offset of the first. Blocking: run it
+        off the event loop. See the module docstring for the failure contract."""
+        if len(data) > WRITE_BYTES_MAX:
+            raise ValueError(f"append of {len(data)} bytes exceeds {WRITE_BYTES_MAX}")
+        if self._needs_truncate:
+            try:
+                self._truncate_to_durable()
+            except OSError as exc:
+                raise WalUnavailable(f"log still not truncated after a failed append: {exc}") from exc
+        start = self.end_offset
+        try:
+            segment_used = start - self._active_base
+            if segment_used > 0 and segment_used + len(data) > self.segment_bytes_max:
+                self._open_active(start)
+            self._write_all(data)
+            os.fsync(self._active_descriptor)
+        except OSError as exc:
+            try:
+                self._truncate_to_durable()
+            except OSError as truncate_exc:
+                self._needs_truncate = True
+                raise OutcomeUnknown(f"append failed ({exc}) and truncation failed ({truncate_exc})") from exc
+            raise WalUnavailable(f"append failed and was rolled back: {exc}") from exc
+        self.end_offset = start + len(data)
+        return start
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._active_descriptor, view)
+            view = view[written:]
+
+    def _truncate_to_durable(self) -> None:
+        if self._active_descriptor is None or self._active_base > self.end_offset:
+            # Failed while creating a segment past the durable end: reopen the old one.
+            bases = [base for base in self.segment_bases() if base <= self.end_offset]
+            self._open_active(bases[-1] if bases else 0)
+        os.ftruncate(self._active_descriptor, self.end_offset - self._active_base)
+        os.fsync(self._active_descriptor)
+        self._needs_truncate = False

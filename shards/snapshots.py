@@ -1,0 +1,176 @@
+"""Shard snapshots: a frozen copy of bitmaps, tallies, locators and the WAL offset they cover.
+
+`freeze` runs synchronously on the event loop between two applied records (a batch
+boundary), so the copy is consistent; writing it out happens afterwards, off the loop.
+A store keeps, per shard, snapshot objects plus a manifest listing them newest first with
+their SHA-256; the object is written first and the manifest is replaced atomically after,
+so a crash or failure in between leaves the previous snapshot in use. Loading walks the
+manifest newest first and takes the first object whose checksum and decoding check out.
+
+`DirectorySnapshotStore` is the embedded default; an S3 store implements the same methods.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import msgspec
+from pyroaring import BitMap
+
+from shards.records import PollCreated
+from shards.segment_log import fsync_directory
+from shards.state import PollState, ShardState
+
+log = logging.getLogger("votes.snapshots")
+
+
+class PollSnapshot(msgspec.Struct, array_like=True, frozen=True):
+    definition: PollCreated
+    closed_ms: int | None
+    voters: bytes  # roaring portable serialization
+    tallies: list[int]
+    locator: bytes  # array('I') bytes
+
+
+class ShardSnapshot(msgspec.Struct, array_like=True, frozen=True):
+    shard: int
+    shards_total: int
+    wal_offset_next: int
+    batch_seq_next: int
+    batch_offsets: bytes  # array('Q') bytes
+    votes_applied: int
+    polls: list[PollSnapshot]
+
+
+class ManifestEntry(msgspec.Struct, frozen=True):
+    name: str
+    wal_offset_next: int
+    sha256: str
+    size_bytes: int
+    created_ms: int
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    shard: int
+    snapshots: list[ManifestEntry]  # newest first
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(ShardSnapshot)
+_manifest_decoder = msgspec.json.Decoder(Manifest)
+
+
+def freeze(state: ShardState) -> bytes:
+    """Serialize the whole shard state in one synchronous step (a batch boundary)."""
+    polls = [
+        PollSnapshot(
+            definition=poll.definition,
+            closed_ms=poll.closed_ms,
+            voters=poll.voters.serialize(),
+            tallies=poll.tallies.tolist(),
+            locator=poll.locator.tobytes(),
+        )
+        for poll in state.polls.values()
+    ]
+    snapshot = ShardSnapshot(
+        shard=state.shard,
+        shards_total=state.shards_total,
+        wal_offset_next=state.wal_offset_next,
+        batch_seq_next=state.batch_seq_next,
+        batch_offsets=state.batch_offsets.tobytes(),
+        votes_applied=state.votes_applied,
+        polls=polls,
+    )
+    return _snapshot_encoder.encode(snapshot)
+
+
+def thaw(data: bytes) -> ShardState:
+    snapshot = _snapshot_decoder.decode(data)
+    state = ShardState(snapshot.shard, snapshot.shards_total)
+    state.wal_offset_next = snapshot.wal_offset_next
+    state.batch_seq_next = snapshot.batch_seq_next
+    state.batch_offsets = array.array("Q", snapshot.batch_offsets)
+    state.votes_applied = snapshot.votes_applied
+    for poll_snapshot in snapshot.polls:
+        poll = PollState(poll_snapshot.definition)
+        poll.closed_ms = poll_snapshot.closed_ms
+        poll.voters = BitMap.deserialize(poll_snapshot.voters)
+        poll.tallies = array.array("Q", poll_snapshot.tallies)
+        poll.locator = array.array("I", poll_snapshot.locator)
+        state.polls[poll_snapshot.definition.poll] = poll
+    return state
+
+
+def snapshot_name(wal_offset_next: int) -> str:
+    return f"snapshot-{wal_offset_next:020d}.bin"
+
+
+class DirectorySnapshotStore:
+    """Snapshots of one shard in a local directory (the embedded default)."""
+
+    def __init__(self, directory: Path, shard: int, kept: int) -> None:
+        self.directory = Path(directory)
+        self.shard = shard
+        self.kept = kept
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "MANIFEST.json"
+
+    def read_manifest(self) -> Manifest:
+        try:
+            return _manifest_decoder.decode(self.manifest_path.read_bytes())
+        except FileNotFoundError:
+            return Manifest(shard=self.shard, snapshots=[])
+
+    def write(self, data: bytes, wal_offset_next: int) -> ManifestEntry:
+        """Object first, then the manifest by atomic rename; then prune what fell out."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = snapshot_name(wal_offset_next)
+        _write_atomically(self.directory / name, data)
+        entry = ManifestEntry(
+            name=name,
+            wal_offset_next=wal_offset_next,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+            created_ms=int(time.time() * 1000),
+        )
+        previous = [item for item in self.read_manifest().snapshots if item.name != name]
+        manifest = Manifest(shard=self.shard, snapshots=[entry, *previous][: self.kept])
+        _write_atomically(self.manifest_path, msgspec.json.encode(manifest))
+        kept_names = {item.name for item in manifest.snapshots}
+        for path in self.directory.glob("snapshot-*.bin"):
+            if path.name not in kept_names:
+                path.unlink(missing_ok=True)
+        return entry
+
+    def load_newest(self) -> ShardState | None:
+        for entry in self.read_manifest().snapshots:
+            try:
+                data = (self.directory / entry.name).read_bytes()
+            except OSError as exc:
+                log.warning("snapshot %s unreadable (%s); trying an older one", entry.name, exc)
+                continue
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                log.warning("snapshot %s fails its checksum; trying an older one", entry.name)
+                continue
+            try:
+                return thaw(data)
+            except (msgspec.DecodeError, ValueError) as exc:
+                log.warning("snapshot %s does not decode (%s); trying an older one", entry.name, exc)
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_directory(path.parent)

@@ -1,0 +1,106 @@
+"""A shard's state: per poll a roaring bitmap of who voted, the tallies and a receipt locator.
+
+The state changes only by applying WAL records in log order (`ShardState.apply`), on the live
+path after the log reports them durable and on replay alike; votes go through the same
+test-and-set (engine.fastpath.apply_group), so re-applying a record changes nothing.
+
+Voter ids map to shards as `shard = voter_id mod shards` and to bitmap positions as
+`voter_index = voter_id div shards`, which keeps each shard's bitmap dense.
+
+The receipt locator (array of uint32, indexed by voter_index, value = batch_seq + 1) lets a
+repeat vote get its original receipt back by reading one record; it costs 4 bytes per voter
+index up to the highest that voted in the poll. `batch_offsets` maps batch_seq to the
+record's log offset.
+"""
+
+from __future__ import annotations
+
+import array
+
+from pyroaring import BitMap
+
+from engine.fastpath import apply_group
+from shards.records import PollClosed, PollCreated, Record, VoteBatch
+
+# Outcome of one vote when its record is applied.
+COUNTED = 1
+DUPLICATE = 0
+NOT_OPEN = 2  # the poll was unknown or already closed at this point in the log
+
+
+class PollState:
+    __slots__ = ("definition", "option_index", "voters", "tallies", "locator", "closed_ms")
+
+    def __init__(self, definition: PollCreated) -> None:
+        self.definition = definition
+        self.option_index = {option: index for index, option in enumerate(definition.options)}
+        self.voters = BitMap()
+        self.tallies = array.array("Q", bytes(8 * len(definition.options)))
+        self.locator = array.array("I")
+        self.closed_ms: int | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_ms is not None
+
+    def counts(self) -> dict[str, int]:
+        return dict(zip(self.definition.options, self.tallies.tolist()))
+
+
+class ShardState:
+    def __init__(self, shard: int, shards_total: int) -> None:
+        self.shard = shard
+        self.shards_total = shards_total
+        self.polls: dict[str, PollState] = {}
+        self.wal_offset_next = 0  # the log offset just after the last applied record
+        self.batch_seq_next = 0
+        self.batch_offsets = array.array("Q")
+        self.votes_applied = 0
+
+    def voter_index(self, voter_id: int) -> int:
+        return voter_id // self.shards_total
+
+    def voter_id(self, voter_index: int) -> int:
+        return voter_index * self.shards_total + self.shard
+
+    def apply(self, offset: int, next_offset: int, record: Record) -> list[bytearray | None]:
+        """Apply one record that sits at `offset`. For a vote batch, returns one entry per
+        group: a flags bytearray (1 = counted) or None when the poll was not open."""
+        outcomes: list[bytearray | None] = []
+        if isinstance(record, VoteBatch):
+            outcomes = self._apply_votes(offset, record)
+        elif isinstance(record, PollCreated):
+            if record.poll not in self.polls:
+                self.polls[record.poll] = PollState(record)
+        elif isinstance(record, PollClosed):
+            poll = self.polls.get(record.poll)
+            if poll is not None and poll.closed_ms is None:
+                poll.closed_ms = record.closed_ms
+        self.wal_offset_next = max(self.wal_offset_next, next_offset)
+        return outcomes
+
+    def _apply_votes(self, offset: int, batch: VoteBatch) -> list[bytearray | None]:
+        sequence = batch.batch_seq
+        if sequence >= len(self.batch_offsets):
+            self.batch_offsets.frombytes(bytes(8 * (sequence + 1 - len(self.batch_offsets))))
+        self.batch_offsets[sequence] = offset
+        self.batch_seq_next = max(self.batch_seq_next, sequence + 1)
+        outcomes: list[bytearray | None] = []
+        for group in batch.groups:
+            poll = self.polls.get(group.poll)
+            if poll is None or poll.closed_ms is not None:
+                outcomes.append(None)
+                continue
+            counted, flags = apply_group(
+                poll.voters, poll.tallies, poll.locator, group.voters, group.options, sequence + 1
+            )
+            self.votes_applied += counted
+            outcomes.append(flags)
+        return outcomes
+
+    def batch_of_voter(self, poll: PollState, voter_index: int) -> int | None:
+        """The batch_seq holding this voter's counted vote, or None."""
+        if voter_index >= len(poll.locator):
+            return None
+        value = poll.locator[voter_index]
+        return value - 1 if value else None
