@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import re
 import time
@@ -174,13 +175,19 @@ class App:
             log.exception("unhandled error on %s %s", scope.method, scope.path)
             status, headers, body = self._problem(VotesError("internal error"))
         proto.response_bytes(status, headers, body)
-        REQUESTS.labels(route, str(status)).inc()
-        REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+        request_counter, request_seconds = _route_metrics(route, status)
+        request_counter.inc()
+        request_seconds.observe(time.perf_counter() - started)
 
     def _problem(self, exc: VotesError):
+        extra = dict(exc.extra)
+        headers = PROBLEM_JSON
+        allow = extra.pop("allow", None)
+        if allow is not None:  # RFC 9110: a 405 names the methods the resource offers
+            headers = PROBLEM_JSON + [("allow", allow)]
         document = {"type": f"/problems/{exc.problem}", "title": exc.title,
-                    "status": exc.status, "detail": exc.detail, **exc.extra}
-        return exc.status, PROBLEM_JSON, _json.encode(document)
+                    "status": exc.status, "detail": exc.detail, **extra}
+        return exc.status, headers, _json.encode(document)
 
     async def _route(self, scope, proto):
         method = scope.method
@@ -213,6 +220,8 @@ class App:
         node = self._node()
         body = await read_body(scope, proto, self.config.vote_body_bytes_max)
         vote = _decode(_vote_decoder, body)
+        if not IDENTIFIER_PATTERN.match(vote.option):
+            raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
         receipt = await node.vote(poll, claims.voter, vote.option)
@@ -246,9 +255,15 @@ class App:
         return (200 if readiness["ready"] else 503), JSON, _json.encode(readiness)
 
 
+@functools.cache
+def _route_metrics(route: str, status: int):
+    # labels() costs a lookup and a lock per call; children are cached once per pair.
+    return REQUESTS.labels(route, str(status)), REQUEST_SECONDS.labels(route)
+
+
 def _require(method: str, allowed: str) -> None:
     if method != allowed:
-        raise MethodNotAllowed(f"use {allowed}")
+        raise MethodNotAllowed(f"use {allowed}", allow=allowed)
 
 
 def _poll_of(path: str) -> str | None:

@@ -70,7 +70,9 @@ def serve(data_dir, port, host, workers, shards, config_file) -> None:
         prepare_data_dir(config)
     except (VotesError, OSError) as exc:
         _fail(exc)
-    metrics_dir = config.data_path / "run" / "metrics"
+    from engine.forwarding import runtime_directory
+
+    metrics_dir = runtime_directory(config.data_path) / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)

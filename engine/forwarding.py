@@ -50,17 +50,21 @@ _request_decoder = msgspec.msgpack.Decoder(Request)
 _response_decoder = msgspec.msgpack.Decoder(Response)
 
 
-def socket_directory(data_dir: Path) -> Path:
-    # Unix socket paths are limited to ~107 bytes, so sockets live in a short private
-    # directory named after the data dir rather than inside it.
+def runtime_directory(data_dir: Path) -> Path:
+    """A private directory for this data dir's sockets and metrics files, in memory.
+
+    Not inside the data dir: unix socket paths are limited to ~107 bytes, and
+    prometheus-client's mmap'd metrics files must not share a filesystem that can fill up
+    with the log (a write to a new page of an mmap on a full disk is a SIGBUS)."""
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
-    directory = Path(tempfile.gettempdir()) / f"votes-{digest}"
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    directory = base / f"votes-{digest}"
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory
 
 
 def socket_path(data_dir: Path, slot: int) -> Path:
-    return socket_directory(data_dir) / f"worker-{slot}.sock"
+    return runtime_directory(data_dir) / f"worker-{slot}.sock"
 
 
 def _problem_classes() -> dict[str, type[VotesError]]:

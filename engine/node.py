@@ -24,6 +24,7 @@ from engine.errors import NotReady, PollNotFound, VotesError
 from engine.forwarding import ForwardServer, PeerClient, socket_path
 from engine.keys import KeyRing
 from engine.metrics import SHARDS_READY, OwnerMetrics
+from shards.commit import GroupCommitter
 from shards.owner import ShardOwner
 from shards.records import PollCreated
 from shards.segment_log import SegmentLog
@@ -75,12 +76,14 @@ class Node:
         })
         await self._server.start()
         metrics = OwnerMetrics()
+        self.committer = GroupCommitter(self.config, self.keyring, self.hasher, metrics)
+        self._tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
         for shard in range(self.slot, self.config.shards, workers):
             directory = shard_directory(self.data_dir, shard)
             wal = EmbeddedWal(SegmentLog(directory / "wal", self.config.segment_bytes_max))
             store = DirectorySnapshotStore(directory / "snapshots", shard, self.config.snapshots_kept)
             self.owners[shard] = ShardOwner(shard, self.config, wal, store, self.keyring,
-                                            self.hasher, metrics)
+                                            self.hasher, metrics, self.committer)
         for owner in self.owners.values():
             self._tasks.append(asyncio.create_task(self._start_owner(owner)))
 

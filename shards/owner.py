@@ -4,10 +4,10 @@ The vote path for one shard (DESIGN "The vote path", steps 3-6):
 - `submit_vote` checks the poll and the bitmap; a repeat gets AlreadyVoted with the original
   receipt; a vote of a voter already in flight waits for that one's outcome and never
   becomes a second vote; the queue is bounded (Overloaded beyond it).
-- The commit loop takes up to `batch_votes_max` queued items (after lingering
-  `group_commit_ms` for a batch to form), builds one signed VoteBatch per run of votes and
-  keeps control records (poll created / closed) in arrival order, appends them all in one
-  durable write, and only then applies them to the state and answers.
+- Each commit cycle (shards/commit.py, one per worker) takes up to `batch_votes_max`
+  queued items, plans one VoteBatch per run of votes and keeps control records (poll
+  created / closed) in arrival order; the cycle signs all its batches at once, then each
+  shard appends its records in one durable write and only then applies them and answers.
 - A failed append is settled by the WAL before it raises (WalUnavailable: nothing counted);
   OutcomeUnknown keeps the voter's in-flight entry until the log decides.
 
@@ -40,6 +40,7 @@ from engine.errors import (
 from engine.keys import KeyRing
 from shards.records import PollClosed as PollClosedRecord
 from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
+from shards.commit import GroupCommitter
 from shards.snapshots import DirectorySnapshotStore, freeze
 from shards.state import COUNTED, PollState, ShardState
 
@@ -65,12 +66,48 @@ class PendingVote:
         self.future = future
 
 
+class PlannedRecord:
+    """One record of a commit cycle: a control record, or a vote batch to be signed."""
+
+    __slots__ = ("record", "items", "groups", "batch_seq", "signed")
+
+    def __init__(self, record: Record | None, items: list) -> None:
+        self.record = record
+        self.items = items
+        self.groups: list[VoteGroup] | None = None
+        self.batch_seq = 0
+        self.signed: receipts.SignedBatch | None = None
+
+    @property
+    def votes(self) -> list[PendingVote] | None:
+        return self.items if self.record is None else None
+
+    def finished_record(self, shard: int) -> Record:
+        if self.record is not None:
+            return self.record
+        signed = self.signed
+        return VoteBatch(shard=shard, batch_seq=self.batch_seq, time_ms=signed.time_ms,
+                         groups=self.groups, batch_position=signed.batch_position,
+                         batch_nodes=signed.batch_nodes, signature=signed.signature,
+                         key_id=signed.key_id)
+
+
 class PendingControl:
     __slots__ = ("record", "future")
 
     def __init__(self, record: Record, future: asyncio.Future) -> None:
         self.record = record
         self.future = future
+
+
+def _answer(future: asyncio.Future, result=None, exception: BaseException | None = None) -> None:
+    """Resolve a waiter unless it was already answered (outcome-unknown after a stall)."""
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
 
 
 def _mark_retrieved(future: asyncio.Future) -> None:
@@ -81,7 +118,8 @@ def _mark_retrieved(future: asyncio.Future) -> None:
 
 class ShardOwner:
     def __init__(self, shard: int, config: Config, wal, snapshot_store: DirectorySnapshotStore,
-                 keyring: KeyRing, hasher: receipts.VoterHasher, metrics=None) -> None:
+                 keyring: KeyRing, hasher: receipts.VoterHasher, metrics=None,
+                 committer: GroupCommitter | None = None) -> None:
         self.shard = shard
         self.config = config
         self.wal = wal
@@ -89,6 +127,7 @@ class ShardOwner:
         self.keyring = keyring
         self.hasher = hasher
         self.metrics = metrics
+        self.committer = committer
         self.state: ShardState | None = None
         self.ready = False
         self.failure: str | None = None
@@ -96,7 +135,7 @@ class ShardOwner:
         self._queued_votes = 0
         self._inflight: dict[tuple[str, int], asyncio.Future] = {}
         self._closing: set[str] = set()
-        self._wakeup = asyncio.Event()
+        self._stalled = False
         self._batch_seq_next = 0
         self._signed_batches: OrderedDict[int, receipts.SignedBatch] = OrderedDict()
         self._snapshot_task: asyncio.Task | None = None
@@ -116,7 +155,10 @@ class ShardOwner:
             raise
         self._batch_seq_next = self.state.batch_seq_next
         self._snapshot_votes_applied = self.state.votes_applied
-        self._tasks.append(asyncio.create_task(self._commit_loop(), name=f"commit-{self.shard}"))
+        if self.committer is None:  # a lone owner (tests, tools) commits for itself
+            self.committer = GroupCommitter(self.config, self.keyring, self.hasher, self.metrics)
+            self._tasks.append(asyncio.create_task(self.committer.run(), name=f"commit-{self.shard}"))
+        self.committer.add(self)
         self._tasks.append(asyncio.create_task(self._auto_close_loop(), name=f"close-{self.shard}"))
         self.ready = True
 
@@ -161,12 +203,13 @@ class ShardOwner:
         self._check_open(poll)
         voter_index = voter_id // self.config.shards
         key = (poll_id, voter_index)
-        earlier = self._inflight.get(key)
-        if earlier is not None:
+        while (earlier := self._inflight.get(key)) is not None:
             await self._outcome_of_earlier(earlier)
         if voter_index in poll.voters:
             raise AlreadyVoted("this voter's vote is already in the log",
                                receipt=await self._receipt_for(poll, voter_index))
+        if self._stalled:
+            raise WalUnavailable(f"shard {self.shard}'s log has not answered its last append")
         if self._queued_votes >= self.config.shard_queue_votes_max:
             raise Overloaded(f"shard {self.shard} has {self._queued_votes} votes waiting")
         future = asyncio.get_running_loop().create_future()
@@ -174,11 +217,11 @@ class ShardOwner:
         self._inflight[key] = future
         self._queue.append(PendingVote(poll_id, voter_id, voter_index, option, option_index, future))
         self._queued_votes += 1
-        self._wakeup.set()
+        self.committer.notify()
+        # No per-vote timer: the commit resolves every future, and an append that outlives
+        # append_timeout_s is answered outcome-unknown there (see append_and_apply).
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.config.append_timeout_s)
-        except TimeoutError:
-            raise OutcomeUnknown("the log did not confirm the vote in time; it counts at most once")
+            return await future
         except AlreadyVoted as exc:
             raise AlreadyVoted(exc.detail, receipt=await self._receipt_for(poll, voter_index))
 
@@ -215,11 +258,9 @@ class ShardOwner:
             if not isinstance(batch, VoteBatch) or batch.batch_seq != batch_seq:
                 raise VotesError(f"record at offset {offset} is not batch {batch_seq}")
             signed = self._rebuild_signed_batch(batch)
-        voter_id = state.voter_id(voter_index)
-        for index, (poll_id, voter_hash, _) in enumerate(signed.votes):
-            if poll_id == poll.definition.poll and voter_hash == self.hasher(poll_id, voter_id):
-                return receipt_body(signed.receipt(index, offset))
-        return None
+        poll_id = poll.definition.poll
+        index = signed.index_of(poll_id, self.hasher(poll_id, state.voter_id(voter_index)))
+        return None if index is None else receipt_body(signed.receipt(index, offset))
 
     def _rebuild_signed_batch(self, batch: VoteBatch) -> receipts.SignedBatch:
         votes = []
@@ -228,13 +269,11 @@ class ShardOwner:
             voters = array.array("I", group.voters)
             for voter_index, option_index in zip(voters, array.array("H", group.options)):
                 votes.append((group.poll, self.state.voter_id(voter_index), options[option_index]))
-        signed = receipts.SignedBatch.__new__(receipts.SignedBatch)
-        signed.shard, signed.batch_seq, signed.time_ms = batch.shard, batch.batch_seq, batch.time_ms
-        signed.votes = [(poll, self.hasher(poll, voter), option) for poll, voter, option in votes]
-        signed.tree = receipts.MerkleTree([receipts.leaf_hash(poll, batch.shard, hashed, option)
-                                           for poll, hashed, option in signed.votes])
-        signed.key_id, signed.signature = batch.key_id, batch.signature
-        return signed
+        return receipts.SignedBatch.restore(
+            self.hasher, shard=batch.shard, batch_seq=batch.batch_seq, time_ms=batch.time_ms,
+            votes=votes, batch_position=batch.batch_position, batch_nodes=batch.batch_nodes,
+            key_id=batch.key_id, signature=batch.signature,
+        )
 
     # Control records: polls created and closed ------------------------------------------------
 
@@ -268,7 +307,7 @@ class ShardOwner:
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_mark_retrieved)
         self._queue.append(PendingControl(record, future))
-        self._wakeup.set()
+        self.committer.notify()
         try:
             await asyncio.wait_for(asyncio.shield(future), self.config.append_timeout_s)
         except TimeoutError:
@@ -287,23 +326,17 @@ class ShardOwner:
                     except VotesError as exc:
                         log.warning("auto-close of %s on shard %d failed: %s", poll_id, self.shard, exc)
 
-    # Group commit ----------------------------------------------------------------------------
+    # Group commit (cycles are driven by the worker's GroupCommitter) -------------------------
 
-    async def _commit_loop(self) -> None:
-        linger_s = self.config.group_commit_ms / 1000
-        while True:
-            await self._wakeup.wait()
-            if linger_s and self._queued_votes < self.config.batch_votes_max:
-                await asyncio.sleep(linger_s)
-            self._wakeup.clear()
-            items = self._take_batch()
-            if items:
-                await self._commit(items)
-                self._maybe_snapshot()
-            if self._queue:
-                self._wakeup.set()
+    @property
+    def queued_votes(self) -> int:
+        return self._queued_votes
 
-    def _take_batch(self) -> list[PendingVote | PendingControl]:
+    def has_queued(self) -> bool:
+        return bool(self._queue)
+
+    def take_items(self) -> list[PendingVote | PendingControl]:
+        """Up to batch_votes_max queued votes, with control records in arrival order."""
         items = []
         votes = 0
         queue = self._queue
@@ -315,57 +348,27 @@ class ShardOwner:
         self._queued_votes -= votes
         return items
 
-    async def _commit(self, items: list[PendingVote | PendingControl]) -> None:
-        plan = self._plan_records(items)
-        payloads = [encode_record(record) for record, _, _ in plan]
-        started = time.perf_counter()
-        try:
-            positions = await self.wal.append(payloads)
-        except VotesError as exc:
-            self._fail_items(items, exc)
-            return
-        except Exception as exc:  # a bug or an unexpected client error: outcome unknown
-            log.exception("append on shard %d failed unexpectedly", self.shard)
-            self._fail_items(items, OutcomeUnknown(f"append failed unexpectedly: {exc}"))
-            return
-        if self.metrics is not None:
-            self.metrics.observe_commit(time.perf_counter() - started, len(items))
-        for (record, record_items, signed), (offset, next_offset) in zip(plan, positions):
-            outcomes = self.state.apply(offset, next_offset, record)
-            if signed is None:
-                record_items[0].future.set_result(None)
-                continue
-            self._remember_signed(signed)
-            self._answer_votes(record, record_items, signed, outcomes, offset)
-
-    def _plan_records(self, items):
-        """Cut the items into records in arrival order: a VoteBatch per run of votes."""
-        plan = []
+    def plan_records(self, items: list[PendingVote | PendingControl]) -> list[PlannedRecord]:
+        """Cut the items into records in arrival order: one vote batch per run of votes.
+        The committer signs every vote batch of the cycle at once before the append."""
+        plan: list[PlannedRecord] = []
         run: list[PendingVote] = []
         for item in items:
             if isinstance(item, PendingVote):
                 run.append(item)
                 continue
             if run:
-                plan.append(self._vote_batch(run))
+                plan.append(self._plan_vote_batch(run))
                 run = []
-            plan.append((item.record, [item], None))
+            plan.append(PlannedRecord(item.record, [item]))
         if run:
-            plan.append(self._vote_batch(run))
+            plan.append(self._plan_vote_batch(run))
         return plan
 
-    def _vote_batch(self, votes: list[PendingVote]):
+    def _plan_vote_batch(self, votes: list[PendingVote]) -> PlannedRecord:
         by_poll: dict[str, list[PendingVote]] = {}
         for vote in votes:
             by_poll.setdefault(vote.poll, []).append(vote)
-        ordered = [vote for group in by_poll.values() for vote in group]
-        batch_seq = self._batch_seq_next
-        self._batch_seq_next += 1  # never reused, even if this append fails
-        time_ms = now_ms()
-        signed = receipts.SignedBatch(
-            self.keyring, self.hasher, shard=self.shard, batch_seq=batch_seq, time_ms=time_ms,
-            votes=[(vote.poll, vote.voter_id, vote.option) for vote in ordered],
-        )
         groups = [
             VoteGroup(
                 poll=poll,
@@ -374,11 +377,74 @@ class ShardOwner:
             )
             for poll, group in by_poll.items()
         ]
-        record = VoteBatch(shard=self.shard, batch_seq=batch_seq, time_ms=time_ms, groups=groups,
-                           root=signed.tree.root, signature=signed.signature, key_id=signed.key_id)
-        return record, ordered, signed
+        planned = PlannedRecord(None, [vote for group in by_poll.values() for vote in group])
+        planned.groups = groups
+        planned.batch_seq = self._batch_seq_next
+        self._batch_seq_next += 1  # never reused, even if this append fails
+        return planned
+
+    async def append_and_apply(self, items, plan: list[PlannedRecord]) -> None:
+        """Make the planned records durable, then apply them and answer; never raises.
+
+        An append still running after append_timeout_s is answered outcome-unknown; its
+        voters stay held, and the shard takes no new votes, until the log answers it."""
+        records = [planned.finished_record(self.shard) for planned in plan]
+        append = asyncio.ensure_future(self.wal.append([encode_record(record) for record in records]))
+        done, _ = await asyncio.wait({append}, timeout=self.config.append_timeout_s)
+        if not done:
+            self._stall(append, items, plan, records)
+            return
+        self._settle(append, items, plan, records)
+
+    def _settle(self, append: asyncio.Future, items, plan, records) -> None:
+        try:
+            positions = append.result()
+        except VotesError as exc:
+            self._fail_items(items, exc)
+            return
+        except Exception as exc:  # a bug or an unexpected client error: outcome unknown
+            log.error("append on shard %d failed unexpectedly: %r", self.shard, exc)
+            self._fail_items(items, OutcomeUnknown(f"append failed unexpectedly: {exc}"))
+            return
+        for planned, record, (offset, next_offset) in zip(plan, records, positions):
+            outcomes = self.state.apply(offset, next_offset, record)
+            if planned.signed is None:
+                _answer(planned.items[0].future)
+                continue
+            self._remember_signed(planned.signed)
+            self._answer_votes(record, planned.items, planned.signed, outcomes, offset)
+        self._maybe_snapshot()
+
+    def _stall(self, append: asyncio.Future, items, plan, records) -> None:
+        log.warning("shard %d: append unanswered after %.1f s; holding its voters",
+                    self.shard, self.config.append_timeout_s)
+        self._stalled = True
+        for item in items:
+            _answer(item.future, exception=OutcomeUnknown("the log did not confirm in time; "
+                                                          "this counts at most once"))
+        # The held futures stay in _inflight until the append ends: a repeat of a held voter
+        # waits there and then meets the bitmap, which by then says what the log decided.
+        decision = asyncio.get_running_loop().create_future()
+        for item in items:
+            if isinstance(item, PendingVote):
+                self._inflight[(item.poll, item.voter_index)] = decision
+
+        def decided(_: asyncio.Future) -> None:
+            # Apply what the log decided; the waiters were answered already, so _answer
+            # leaves them alone.
+            self._settle(append, items, plan, records)
+            for item in items:
+                if isinstance(item, PendingVote) and self._inflight.get(
+                        (item.poll, item.voter_index)) is decision:
+                    del self._inflight[(item.poll, item.voter_index)]
+            decision.set_result(None)
+            self._stalled = False
+            log.warning("shard %d: the stalled append ended; shard resumes", self.shard)
+
+        append.add_done_callback(decided)
 
     def _answer_votes(self, record, votes, signed, outcomes, offset) -> None:
+        cut = signed.receipts(offset)  # every path in one pass over the tree
         leaf = 0
         for group, flags in zip(record.groups, outcomes):
             group_size = len(group.voters) // 4
@@ -386,19 +452,22 @@ class ShardOwner:
                 vote = votes[leaf]
                 self._inflight.pop((vote.poll, vote.voter_index), None)
                 if flags is None:
-                    vote.future.set_exception(PollClosed(f"poll {vote.poll!r} closed before this vote"))
+                    _answer(vote.future, exception=PollClosed(f"poll {vote.poll!r} closed before this vote"))
                 elif flags[position] == COUNTED:
-                    vote.future.set_result(receipt_body(signed.receipt(leaf, offset)))
+                    _answer(vote.future, receipt_body(cut[leaf]))
                 else:
-                    vote.future.set_exception(AlreadyVoted("this voter's vote is already in the log"))
+                    _answer(vote.future, exception=AlreadyVoted("this voter's vote is already in the log"))
                 leaf += 1
+
+    def fail_unwritten(self, items, exc: VotesError) -> None:
+        self._fail_items(items, exc)
 
     def _fail_items(self, items, exc: VotesError) -> None:
         keep_inflight = isinstance(exc, OutcomeUnknown)
         for item in items:
             if isinstance(item, PendingVote) and not keep_inflight:
                 self._inflight.pop((item.poll, item.voter_index), None)
-            item.future.set_exception(type(exc)(exc.detail))
+            _answer(item.future, exception=type(exc)(exc.detail))
         if keep_inflight:
             # The log decides on its next successful read: until the shard is recovered
             # (restart or handover), these voters stay held and answer outcome-unknown.

@@ -45,15 +45,18 @@ class VoteGroup(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 
 class VoteBatch(msgspec.Struct, tag="v", array_like=True, frozen=True):
-    """One group commit. `root` is the Merkle root over the votes' receipt leaves, in group
-    order then vote order, and `signature` is Ed25519 over (shard, batch_seq, time_ms,
-    leaf count, root) with the receipt key `key_id`."""
+    """One shard's part of a group commit. Its votes' receipt leaves (group order, then vote
+    order) form a Merkle tree whose root, bound to (shard, batch_seq, leaf count), is this
+    batch's node; `batch_nodes` lists the nodes of every shard batch signed in the same
+    commit cycle (this one at `batch_position`), and `signature` is Ed25519 by `key_id`
+    over (time_ms, batch count, root of those nodes). See engine/receipts.py."""
 
     shard: int
     batch_seq: int
     time_ms: int
     groups: list[VoteGroup]
-    root: bytes
+    batch_position: int
+    batch_nodes: list[bytes]
     signature: bytes
     key_id: str
 

@@ -1,0 +1,214 @@
+-- wrk script: cast votes, each from a distinct voter, and count responses by status.
+--
+-- Every request is `POST /v1/polls/<poll>/votes` with body `{"option":"<opt>"}` and
+-- `Authorization: Bearer <token>`. Tokens come from a file, one per line, and each is
+-- used once: wrk thread i (0-based) of T takes lines i+1, i+1+T, i+1+2T, ... so no two
+-- threads share a voter. When a thread runs out of tokens it stops itself instead of
+-- reusing any (a repeated voter would measure the duplicate path, not the vote path);
+-- the summary then says `"exhausted":true` and the run must not be reported as a rate.
+--
+-- Configuration, from the environment (read in each thread's init):
+--   VOTES_TOKENS_FILE  path of the token file (required)
+--   VOTES_WRK_THREADS  the same number as wrk's -t (required: it sets the line stride)
+--   VOTES_POLL         poll id (default "bench")
+--   VOTES_OPTIONS      comma-separated options, used in turn (default "a")
+--
+-- Each thread writes `VOTES_WRK_THREAD_READY <index> <tokens>` to stderr once its tokens
+-- are loaded. At the end, done() prints one line for machines to read:
+--   VOTES_WRK_SUMMARY {"statuses":{"201":n,...},"latency_us":{...},...}
+
+local summary_tag = "VOTES_WRK_SUMMARY "
+
+-- Per-thread state. The main Lua state (where setup and done run, and where wrk checks
+-- one request at start-up) never calls init, so request() must work without it.
+tokens = nil
+token_count = 0
+token_next = 1
+option_prefixes = nil
+option_bodies = nil
+option_next = 1
+counts = {}
+sent = 0
+sent_after_exhaustion = 0
+exhausted = false
+
+local threads = {}
+
+function setup(thread)
+   thread:set("thread_index", #threads)
+   table.insert(threads, thread)
+end
+
+local function split_commas(text)
+   local parts = {}
+   for part in string.gmatch(text, "[^,]+") do
+      table.insert(parts, part)
+   end
+   return parts
+end
+
+local function load_tokens(path, thread_index, thread_count)
+   local file, err = io.open(path, "r")
+   if not file then
+      error("VOTES_TOKENS_FILE: " .. tostring(err))
+   end
+   local loaded = {}
+   local line_index = 0
+   for line in file:lines() do
+      if line_index % thread_count == thread_index and #line > 0 then
+         loaded[#loaded + 1] = line
+      end
+      line_index = line_index + 1
+   end
+   file:close()
+   return loaded
+end
+
+function init(args)
+   local path = os.getenv("VOTES_TOKENS_FILE")
+   local thread_count = tonumber(os.getenv("VOTES_WRK_THREADS") or "")
+   if not path or not thread_count then
+      error("set VOTES_TOKENS_FILE and VOTES_WRK_THREADS (equal to wrk -t)")
+   end
+   local poll = os.getenv("VOTES_POLL") or "bench"
+   local options = split_commas(os.getenv("VOTES_OPTIONS") or "a")
+
+   tokens = load_tokens(path, thread_index, thread_count)
+   token_count = #tokens
+
+   -- Requests are built by concatenation around the token: wrk.format copies the header
+   -- table on every call, which would charge the generator for work the server never sees.
+   option_prefixes = {}
+   option_bodies = {}
+   for i, option in ipairs(options) do
+      local body = '{"option":"' .. option .. '"}'
+      option_bodies[i] = body
+      option_prefixes[i] = "POST /v1/polls/" .. poll .. "/votes HTTP/1.1\r\n"
+         .. "Host: " .. wrk.headers["Host"] .. "\r\n"
+         .. "Content-Type: application/json\r\n"
+         .. "Content-Length: " .. #body .. "\r\n"
+         .. "Authorization: Bearer "
+   end
+   -- Unbuffered, so the harness can start sampling CPU only once loading is over.
+   io.stderr:write("VOTES_WRK_THREAD_READY " .. thread_index .. " " .. token_count .. "\n")
+end
+
+local function not_a_vote()
+   return "GET /readyz HTTP/1.1\r\nHost: " .. (wrk.headers["Host"] or "localhost") .. "\r\n\r\n"
+end
+
+function request()
+   if tokens == nil then
+      return not_a_vote()
+   end
+   if token_next > token_count then
+      -- Out of voters: stop this thread. Connections already asking for a request in this
+      -- event-loop turn get a harmless non-vote, counted apart.
+      if not exhausted then
+         exhausted = true
+         wrk.thread:stop()
+      end
+      sent_after_exhaustion = sent_after_exhaustion + 1
+      return not_a_vote()
+   end
+   local token = tokens[token_next]
+   token_next = token_next + 1
+   local i = option_next
+   option_next = (i % #option_bodies) + 1
+   sent = sent + 1
+   return option_prefixes[i] .. token .. "\r\n\r\n" .. option_bodies[i]
+end
+
+-- The first body seen for each status other than 201, to say why votes were refused.
+samples = {}
+
+function response(status, headers, body)
+   counts[status] = (counts[status] or 0) + 1
+   if status ~= 201 and samples[status] == nil then
+      samples[status] = string.sub(body, 1, 300)
+   end
+end
+
+local function json_string(text)
+   local escaped = string.gsub(text, '[%c"\\]', function(c)
+      return string.format("\\u%04x", string.byte(c))
+   end)
+   return '"' .. escaped .. '"'
+end
+
+local function json_object(pairs_list)
+   local parts = {}
+   for _, kv in ipairs(pairs_list) do
+      parts[#parts + 1] = '"' .. kv[1] .. '":' .. kv[2]
+   end
+   return "{" .. table.concat(parts, ",") .. "}"
+end
+
+local function integer(value)
+   return string.format("%d", value)
+end
+
+function done(summary, latency, requests)
+   local statuses = {}
+   local sample_parts = {}
+   local sampled = {}
+   local sent_total, tokens_total, after_total = 0, 0, 0
+   local exhausted_threads = 0
+   for _, thread in ipairs(threads) do
+      for status, n in pairs(thread:get("counts")) do
+         local key = integer(status)
+         statuses[key] = (statuses[key] or 0) + n
+      end
+      for status, body in pairs(thread:get("samples")) do
+         local key = integer(status)
+         if not sampled[key] then
+            sampled[key] = true
+            sample_parts[#sample_parts + 1] = '"' .. key .. '":' .. json_string(body)
+         end
+      end
+      sent_total = sent_total + thread:get("sent")
+      tokens_total = tokens_total + thread:get("token_count")
+      after_total = after_total + thread:get("sent_after_exhaustion")
+      if thread:get("exhausted") then
+         exhausted_threads = exhausted_threads + 1
+      end
+   end
+
+   local status_parts = {}
+   for key, n in pairs(statuses) do
+      status_parts[#status_parts + 1] = '"' .. key .. '":' .. integer(n)
+   end
+
+   local latency_pairs = {}
+   for _, p in ipairs({ 50, 75, 90, 99, 99.9, 99.99 }) do
+      latency_pairs[#latency_pairs + 1] = { "p" .. p, integer(latency:percentile(p)) }
+   end
+   latency_pairs[#latency_pairs + 1] = { "min", integer(latency.min) }
+   latency_pairs[#latency_pairs + 1] = { "mean", string.format("%.1f", latency.mean) }
+   latency_pairs[#latency_pairs + 1] = { "max", integer(latency.max) }
+
+   local errors = summary.errors
+   local line = json_object({
+      { "statuses", "{" .. table.concat(status_parts, ",") .. "}" },
+      { "samples", "{" .. table.concat(sample_parts, ",") .. "}" },
+      { "latency_us", json_object(latency_pairs) },
+      { "duration_us", integer(summary.duration) },
+      { "requests", integer(summary.requests) },
+      { "bytes", integer(summary.bytes) },
+      { "errors", json_object({
+         { "connect", integer(errors.connect) },
+         { "read", integer(errors.read) },
+         { "write", integer(errors.write) },
+         { "status", integer(errors.status) },
+         { "timeout", integer(errors.timeout) },
+      }) },
+      { "threads", integer(#threads) },
+      { "threads_expected", os.getenv("VOTES_WRK_THREADS") or "null" },
+      { "tokens_loaded", integer(tokens_total) },
+      { "votes_sent", integer(sent_total) },
+      { "sent_after_exhaustion", integer(after_total) },
+      { "threads_exhausted", integer(exhausted_threads) },
+      { "exhausted", exhausted_threads > 0 and "true" or "false" },
+   })
+   io.write(summary_tag .. line .. "\n")
+end
