@@ -7,7 +7,7 @@ DATA_DIR ?= .data
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run serve test test-fast bench lint clean
+.PHONY: setup run serve test bench lint cluster-up cluster-down cluster-status clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,21 @@ test: setup
 bench: setup
 	$(BIN)/python perf/bench_vote_vs_ceiling.py
 	$(BIN)/python perf/bench_fastpath.py
+
+# The real local stack (3 Kafka KRaft brokers, SeaweedFS S3, Redis) on 127.0.0.1; see
+# deploy/local/README.md. STACK_ARGS passes e.g. --base-port 19100 for a second stack.
+cluster-up: setup
+	$(BIN)/python deploy/local/stack.py up $(STACK_ARGS)
+
+cluster-down: setup
+	$(BIN)/python deploy/local/stack.py down $(STACK_ARGS)
+
+cluster-status: setup
+	$(BIN)/python deploy/local/stack.py status $(STACK_ARGS)
+
+lint: setup
+	$(BIN)/pip install -q 'ruff>=0.6,<1'
+	$(BIN)/ruff check engine shards replay perf tests deploy
 
 clean:
 	rm -rf $(VENV) build *.egg-info engine/_fastpath.c engine/_fastpath*.so

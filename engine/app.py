@@ -33,6 +33,7 @@ from engine.keys import load_keys
 from engine.logs import configure_logging
 from engine.metrics import REJECTED, REQUEST_SECONDS, REQUESTS, exposition
 from engine.node import Node
+from shards.backends import durability
 from shards.records import PollCreated
 
 log = logging.getLogger("votes.app")
@@ -250,7 +251,7 @@ class App:
             body, content_type = exposition()
             return 200, [("content-type", content_type)], body
         readiness = await self._node().readiness() if self.node else {
-            "ready": False, "durability": "embedded-fsync", "shards_total": self.config.shards,
+            "ready": False, "durability": durability(self.config), "shards_total": self.config.shards,
             "shards_ready": 0, "workers": self.config.workers}
         return (200 if readiness["ready"] else 503), JSON, _json.encode(readiness)
 

@@ -46,6 +46,20 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     voter_token_ttl_s_default: int = 3600
     admin_token_ttl_s_default: int = 3600
     region: str = "local"
+    # Kafka write-ahead log: used when bootstrap servers are given, else the embedded log.
+    kafka_bootstrap_servers: str = ""
+    wal_topic: str = "votes-wal"
+    kafka_linger_ms: float = 1.0
+    kafka_batch_bytes_max: int = 1024 * 1024
+    kafka_transaction_timeout_s: float = 10.0
+    kafka_request_timeout_s: float = 10.0
+    # S3 snapshots: used when an endpoint or bucket is given, else snapshots stay in data_dir.
+    s3_endpoint_url: str = ""
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_prefix: str = "snapshots"
 
     def validate(self) -> "Config":
         checks = [
@@ -71,6 +85,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def uses_kafka(self) -> bool:
+        return bool(self.kafka_bootstrap_servers)
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.s3_bucket)
 
 
 _FIELD_TYPES = {name: type(getattr(Config(), name)) for name in Config.__struct_fields__}

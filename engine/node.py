@@ -15,7 +15,6 @@ import fcntl
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from engine import receipts
@@ -27,9 +26,7 @@ from engine.metrics import SHARDS_READY, OwnerMetrics
 from shards.commit import GroupCommitter
 from shards.owner import ShardOwner
 from shards.records import PollCreated
-from shards.segment_log import SegmentLog
-from shards.snapshots import DirectorySnapshotStore
-from shards.wal import EmbeddedWal
+from shards.backends import durability, make_snapshot_store, make_wal
 
 log = logging.getLogger("votes.node")
 
@@ -37,10 +34,6 @@ SLOT_RETRY_S = 0.2
 # Per-poll rejection counters are kept only for polls that exist, so garbage poll ids in
 # rejected requests cannot grow memory.
 REJECTION_REASONS = ("duplicate", "bad-token", "closed-poll", "not-open", "unknown-option")
-
-
-def shard_directory(data_dir: Path, shard: int) -> Path:
-    return data_dir / "shards" / f"shard-{shard:04d}"
 
 
 class Node:
@@ -79,9 +72,8 @@ class Node:
         self.committer = GroupCommitter(self.config, self.keyring, self.hasher, metrics)
         self._tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
         for shard in range(self.slot, self.config.shards, workers):
-            directory = shard_directory(self.data_dir, shard)
-            wal = EmbeddedWal(SegmentLog(directory / "wal", self.config.segment_bytes_max))
-            store = DirectorySnapshotStore(directory / "snapshots", shard, self.config.snapshots_kept)
+            wal = make_wal(self.config, shard)
+            store = make_snapshot_store(self.config, shard)
             self.owners[shard] = ShardOwner(shard, self.config, wal, store, self.keyring,
                                             self.hasher, metrics, self.committer)
         for owner in self.owners.values():
@@ -251,7 +243,7 @@ class Node:
                 failures.append(exc.detail)
         return {
             "ready": ready == self.config.shards and not failures,
-            "durability": EmbeddedWal.durability,
+            "durability": durability(self.config),
             "shards_total": self.config.shards,
             "shards_ready": ready,
             "workers": self.config.workers,

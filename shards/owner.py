@@ -148,7 +148,7 @@ class ShardOwner:
     async def start(self) -> None:
         try:
             await self.wal.acquire()
-            self.state = await asyncio.get_running_loop().run_in_executor(None, self._recover)
+            self.state = await self._recover()
         except VotesError as exc:
             self.failure = f"shard {self.shard}: {exc.detail}"
             log.error("shard %d cannot start: %s", self.shard, exc.detail)
@@ -162,17 +162,20 @@ class ShardOwner:
         self._tasks.append(asyncio.create_task(self._auto_close_loop(), name=f"close-{self.shard}"))
         self.ready = True
 
-    def _recover(self) -> ShardState:
-        """Newest valid snapshot + replay of the log after it (runs off the event loop)."""
-        end_offset = self.wal.recover_blocking()
-        state = self.snapshot_store.load_newest() or ShardState(self.shard, self.config.shards)
-        if state.wal_offset_next > end_offset:
+    async def _recover(self) -> ShardState:
+        """Newest valid snapshot + replay of the log after it, through the live apply."""
+        state = await self.snapshot_store.load() or ShardState(self.shard, self.config.shards)
+        snapshot_offset = state.wal_offset_next
+
+        def apply(offset: int, next_offset: int, payload: bytes | memoryview) -> None:
+            state.apply(offset, next_offset, decode_record(payload))
+
+        end_offset = await self.wal.replay(snapshot_offset, apply)
+        if snapshot_offset > end_offset:
             raise WalUnavailable(
-                f"snapshot covers the log up to {state.wal_offset_next} but the log ends at "
+                f"snapshot covers the log up to {snapshot_offset} but the log ends at "
                 f"{end_offset}: the log lost acknowledged records"
             )
-        for offset, next_offset, payload in self.wal.replay_from(state.wal_offset_next):
-            state.apply(offset, next_offset, decode_record(payload))
         return state
 
     async def stop(self) -> None:
@@ -184,6 +187,7 @@ class ShardOwner:
             except asyncio.CancelledError:
                 pass
         self.ready = False
+        await self.wal.close()
 
     def _ready_state(self) -> ShardState:
         if not self.ready or self.state is None:
@@ -508,9 +512,7 @@ class ShardOwner:
 
     async def _write_snapshot(self, data: bytes, wal_offset_next: int) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, self.snapshot_store.write, data, wal_offset_next
-            )
+            await self.snapshot_store.save(data, wal_offset_next)
         except OSError as exc:
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)",
                         self.shard, exc)

@@ -7,12 +7,14 @@ their SHA-256; the object is written first and the manifest is replaced atomical
 so a crash or failure in between leaves the previous snapshot in use. Loading walks the
 manifest newest first and takes the first object whose checksum and decoding check out.
 
-`DirectorySnapshotStore` is the embedded default; an S3 store implements the same methods.
+`DirectorySnapshotStore` is the embedded default; an S3 store implements the same async
+methods (`save`, `load`) that the shard owner uses.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import hashlib
 import logging
 import os
@@ -148,6 +150,12 @@ class DirectorySnapshotStore:
             if path.name not in kept_names:
                 path.unlink(missing_ok=True)
         return entry
+
+    async def save(self, data: bytes, wal_offset_next: int) -> ManifestEntry:
+        return await asyncio.to_thread(self.write, data, wal_offset_next)
+
+    async def load(self) -> ShardState | None:
+        return await asyncio.to_thread(self.load_newest)
 
     def load_newest(self) -> ShardState | None:
         for entry in self.read_manifest().snapshots:

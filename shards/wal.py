@@ -1,16 +1,19 @@
 """The asynchronous face of a shard's write-ahead log, as the shard owner uses it.
 
 Every WAL implementation (the embedded segment log here; Kafka in its own module) offers:
-`acquire()` take the fence (waits while another owner holds it), `recover_blocking()` find
-the durable end (called off the loop), `replay_from(offset)` iterate (offset, next offset, payload) up to that end
-(blocking; called off the loop), `append(payloads)` make records durable and return their
-(offset, next offset) pairs or raise WalUnavailable / OutcomeUnknown, `read_at(offset)`.
+- `acquire()`: take the fence; waits while another owner holds it.
+- `replay(from_offset, apply)`: find the durable end (cutting a torn tail where that is the
+  log's rule), call `apply(offset, next_offset, payload)` for every record from
+  `from_offset` to that end, in order, and return the end offset.
+- `append(payloads)`: make the records durable and return their (offset, next offset)
+  pairs, or raise WalUnavailable (settled: nothing written) / OutcomeUnknown.
+- `read_at(offset)`: the payload of one record (receipts of repeat votes).
+- `close()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from shards.records import frame
@@ -32,11 +35,15 @@ class EmbeddedWal:
         while not self.log.try_lock():
             await asyncio.sleep(LOCK_RETRY_S)
 
-    def recover_blocking(self) -> int:
-        return self.log.recover()
+    async def replay(self, from_offset: int, apply) -> int:
+        def run() -> int:
+            end_offset = self.log.recover()
+            if from_offset <= end_offset:
+                for offset, next_offset, payload in self.log.read_from(from_offset):
+                    apply(offset, next_offset, payload)
+            return end_offset
 
-    def replay_from(self, offset: int) -> Iterator[tuple[int, int, memoryview]]:
-        return self.log.read_from(offset)
+        return await self._run(run)
 
     async def append(self, payloads: list[bytes]) -> list[tuple[int, int]]:
         frames = [frame(payload) for payload in payloads]
@@ -53,6 +60,6 @@ class EmbeddedWal:
     async def _run(self, function, *arguments):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *arguments)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self.log.close()
+    async def close(self) -> None:
+        await self._run(self.log.close)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,45 @@
+"""Which write-ahead log and snapshot store a shard uses, chosen once from the config.
+
+The embedded default (segment log + snapshots in the data dir) needs no services; Kafka and
+S3 are used when the config names them. Imports of the client libraries stay inside the
+branches, so the embedded default does not load them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.config import Config
+from shards.segment_log import SegmentLog
+from shards.snapshots import DirectorySnapshotStore
+from shards.wal import EmbeddedWal
+
+
+def shard_directory(data_dir: Path, shard: int) -> Path:
+    return data_dir / "shards" / f"shard-{shard:04d}"
+
+
+def durability(config: Config) -> str:
+    if config.uses_kafka:
+        from shards.kafka_wal import KafkaWal
+
+        return KafkaWal.durability
+    return EmbeddedWal.durability
+
+
+def make_wal(config: Config, shard: int):
+    if config.uses_kafka:
+        from shards.kafka_wal import KafkaWal
+
+        return KafkaWal(config, shard)
+    directory = shard_directory(config.data_path, shard)
+    return EmbeddedWal(SegmentLog(directory / "wal", config.segment_bytes_max))
+
+
+def make_snapshot_store(config: Config, shard: int):
+    if config.uses_s3:
+        from shards.s3_snapshots import S3SnapshotStore
+
+        return S3SnapshotStore(config, shard)
+    directory = shard_directory(config.data_path, shard)
+    return DirectorySnapshotStore(directory / "snapshots", shard, config.snapshots_kept)
