@@ -1,0 +1,430 @@
+"""Proves that shard snapshots in S3 (shards/s3_snapshots.py, against the stack's SeaweedFS)
+thaw to exactly the state they froze (polls, bitmaps, tallies, locators, a closed poll), that
+the store keeps exactly `snapshots_kept` objects, that a corrupted or missing newest object
+makes loading fall back to the previous snapshot, that a failure between the object upload
+and the manifest PUT leaves the previous snapshot in use with exact counts, that a shard
+without a manifest loads as None, that an unreachable S3 raises an OSError (which the shard
+owner's snapshot writer logs) after a bounded number of attempts, and that a silent one is cut
+off at the store's deadline.
+
+The engine-level test, once per WAL kind (embedded log, Kafka), seeds one shard's WAL with
+1,000,000 distinct voters through the engine's own record encoder (perf/bench_shard_recovery.py,
+which this file imports), saves a snapshot to S3 at 900,000 voters, kills the owner, and times
+a fresh ShardOwner until it serves: the counts must come back exactly, the replay must start at
+the snapshot's offset, and a new vote must be accepted. Each test uses its own S3 prefix.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from engine.config import Config
+from engine.keys import ensure_keys, load_keys
+from shards import s3_snapshots
+from shards.owner import ShardOwner
+from shards.records import PollClosed, PollCreated, VoteBatch, VoteGroup
+from shards.s3_snapshots import S3SnapshotStore, SnapshotStoreUnavailable
+from shards.snapshots import Manifest, freeze, snapshot_name
+from shards.state import ShardState
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARD = 5
+SHARDS_TOTAL = 8
+KEPT = 2
+RECOVERY_VOTERS = 1_000_000
+
+
+def load_bench():
+    name = "bench_shard_recovery"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO_ROOT / "perf" / "bench_shard_recovery.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def s3_prefix(local_stack, tmp_path: Path):
+    """A prefix of this test's own in the stack's bucket, emptied afterwards."""
+    prefix = f"test-s3-snapshots/{uuid.uuid4().hex}"
+    yield prefix
+    asyncio.run(load_bench().delete_prefix(s3_config(local_stack, tmp_path, prefix)))
+
+
+def s3_config(local_stack, tmp_path: Path, prefix: str, **extra) -> Config:
+    s3 = local_stack.endpoints()["s3"]
+    values = {
+        "data_dir": str(tmp_path), "shards": SHARDS_TOTAL, "snapshots_kept": KEPT,
+        "s3_endpoint_url": s3["endpoint_url"], "s3_bucket": s3["bucket"], "s3_region": s3["region"],
+        "s3_access_key_id": s3["access_key_id"], "s3_secret_access_key": s3["secret_access_key"],
+        "s3_prefix": prefix,
+    }
+    values.update(extra)
+    return Config(**values).validate()
+
+
+@contextlib.asynccontextmanager
+async def raw_client(config: Config):
+    async with get_session().create_client(
+        "s3", endpoint_url=config.s3_endpoint_url, region_name=config.s3_region,
+        aws_access_key_id=config.s3_access_key_id,
+        aws_secret_access_key=config.s3_secret_access_key,
+        config=AioConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+    ) as client:
+        yield client
+
+
+async def object_names(config: Config, store: S3SnapshotStore) -> list[str]:
+    async with raw_client(config) as client:
+        page = await client.list_objects_v2(Bucket=config.s3_bucket, Prefix=store.prefix)
+    return sorted(item["Key"][len(store.prefix):] for item in page.get("Contents", []))
+
+
+async def read_object(config: Config, key: str) -> bytes:
+    async with raw_client(config) as client:
+        response = await client.get_object(Bucket=config.s3_bucket, Key=key)
+        async with response["Body"] as stream:
+            return await stream.read()
+
+
+def run_with_store(config: Config, scenario) -> None:
+    async def main() -> None:
+        store = S3SnapshotStore(config, SHARD)
+        try:
+            await scenario(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+# A small shard state with every feature a snapshot must carry -------------------------------
+
+
+def poll_created(poll: str, options: list[str]) -> PollCreated:
+    return PollCreated(poll=poll, options=options, opens_at_ms=None, closes_at_ms=None,
+                       embargo=False, created_ms=1_700_000_000_000)
+
+
+def vote_batch(batch_seq: int, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
+    return VoteBatch(
+        shard=SHARD, batch_seq=batch_seq, time_ms=1_700_000_000_000 + batch_seq,
+        groups=[VoteGroup(poll=poll,
+                          voters=array.array("I", [voter for voter, _ in votes]).tobytes(),
+                          options=array.array("H", [option for _, option in votes]).tobytes())
+                for poll, votes in groups.items()],
+        batch_position=0, batch_nodes=[bytes(32)], signature=bytes(64), key_id="test",
+    )
+
+
+class Log:
+    """Applies records to a state at made-up, increasing offsets, as the owner would."""
+
+    def __init__(self, state: ShardState) -> None:
+        self.state = state
+        self.offset = state.wal_offset_next
+        self.batch_seq = state.batch_seq_next
+
+    def apply(self, record) -> None:
+        next_offset = self.offset + 100
+        self.state.apply(self.offset, next_offset, record)
+        self.offset = next_offset
+
+    def votes(self, groups: dict[str, list[tuple[int, int]]]) -> None:
+        self.apply(vote_batch(self.batch_seq, groups))
+        self.batch_seq += 1
+
+
+def fingerprint(state: ShardState) -> dict:
+    return {
+        "shard": (state.shard, state.shards_total),
+        "offsets": (state.wal_offset_next, state.batch_seq_next, state.batch_offsets.tolist(),
+                    state.votes_applied),
+        "polls": {
+            name: (poll.definition, poll.closed_ms, list(poll.voters), poll.tallies.tolist(),
+                   poll.locator.tobytes(), poll.option_index)
+            for name, poll in state.polls.items()
+        },
+    }
+
+
+def busy_state() -> ShardState:
+    state = ShardState(SHARD, SHARDS_TOTAL)
+    log = Log(state)
+    log.apply(poll_created("song", ["a", "b", "c"]))
+    log.apply(poll_created("quiz", ["yes", "no"]))
+    log.votes({"song": [(1, 0), (2, 2), (1, 1), (70_000, 2)], "quiz": [(5, 1)]})
+    log.apply(PollClosed(poll="quiz", closed_ms=1_700_000_000_500))
+    log.votes({"song": [(3, 1), (2, 0)], "quiz": [(6, 0)]})  # repeat of 2; quiz is closed
+    return state
+
+
+def more_votes(state: ShardState, first_voter: int, count: int) -> None:
+    """Votes for `count` new voters of 'song', so each snapshot differs from the last."""
+    Log(state).votes({"song": [(first_voter + index, index % 3) for index in range(count)]})
+
+
+# The store against S3 --------------------------------------------------------------------------
+
+
+def test_roundtrip_through_s3_keeps_everything(local_stack, tmp_path: Path, s3_prefix: str) -> None:
+    config = s3_config(local_stack, tmp_path, s3_prefix)
+    state = busy_state()
+
+    async def scenario(store: S3SnapshotStore) -> None:
+        entry = await store.save(freeze(state), state.wal_offset_next)
+        assert entry.name == snapshot_name(state.wal_offset_next)
+        loaded = await store.load()
+        assert loaded is not None
+        assert fingerprint(loaded) == fingerprint(state)
+        assert loaded.polls["quiz"].closed
+        assert loaded.polls["song"].counts() == {"a": 1, "b": 1, "c": 2}
+        assert loaded.polls["quiz"].counts() == {"yes": 0, "no": 1}
+        # The manifest is the directory store's JSON, at the documented key.
+        manifest = msgspec.json.decode(
+            await read_object(config, f"{config.s3_prefix}/shard-{SHARD:04d}/MANIFEST.json"),
+            type=Manifest)
+        assert manifest == Manifest(shard=SHARD, snapshots=[entry])
+        assert await object_names(config, store) == ["MANIFEST.json", entry.name]
+
+    run_with_store(config, scenario)
+
+
+def test_retention_keeps_exactly_the_newest(local_stack, tmp_path: Path, s3_prefix: str) -> None:
+    config = s3_config(local_stack, tmp_path, s3_prefix)
+    state = busy_state()
+
+    async def scenario(store: S3SnapshotStore) -> None:
+        names = []
+        for round_number in range(KEPT + 3):
+            more_votes(state, 1000 * (round_number + 1), 10)
+            names.append((await store.save(freeze(state), state.wal_offset_next)).name)
+        newest_first = names[::-1][:KEPT]
+        manifest = await store.read_manifest()
+        assert [entry.name for entry in manifest.snapshots] == newest_first
+        assert await object_names(config, store) == sorted(["MANIFEST.json", *newest_first])
+        assert fingerprint(await store.load()) == fingerprint(state)
+
+    run_with_store(config, scenario)
+
+
+@pytest.mark.parametrize("damage", ["flipped-bytes", "deleted"])
+def test_damaged_newest_object_falls_back_to_previous(local_stack, tmp_path: Path, s3_prefix: str,
+                                                      damage: str) -> None:
+    config = s3_config(local_stack, tmp_path, s3_prefix)
+    state = busy_state()
+
+    async def scenario(store: S3SnapshotStore) -> None:
+        await store.save(freeze(state), state.wal_offset_next)
+        previous = fingerprint(state)
+        more_votes(state, 5000, 50)
+        newest = await store.save(freeze(state), state.wal_offset_next)
+        key = store.object_key(newest.name)
+        async with raw_client(config) as client:
+            if damage == "deleted":
+                await client.delete_object(Bucket=config.s3_bucket, Key=key)
+            else:
+                data = await read_object(config, key)
+                flipped = bytes(byte ^ 0xFF for byte in data)
+                await client.put_object(Bucket=config.s3_bucket, Key=key, Body=flipped)
+        loaded = await store.load()
+        assert loaded is not None
+        assert fingerprint(loaded) == previous
+        assert loaded.polls["song"].counts() == {"a": 1, "b": 1, "c": 2}
+
+    run_with_store(config, scenario)
+
+
+def test_failure_between_upload_and_manifest_keeps_previous(local_stack, tmp_path: Path,
+                                                            s3_prefix: str, monkeypatch) -> None:
+    config = s3_config(local_stack, tmp_path, s3_prefix)
+    state = busy_state()
+
+    async def scenario(store: S3SnapshotStore) -> None:
+        first = await store.save(freeze(state), state.wal_offset_next)
+        previous = fingerprint(state)
+        more_votes(state, 9000, 100)
+
+        async def manifest_put_fails(manifest) -> None:
+            raise SnapshotStoreUnavailable("injected: the manifest PUT did not happen")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "write_manifest", manifest_put_fails)
+            with pytest.raises(OSError):
+                await store.save(freeze(state), state.wal_offset_next)
+        orphan = snapshot_name(state.wal_offset_next)
+        # The object was uploaded, the manifest still names only the first snapshot.
+        assert await object_names(config, store) == sorted(["MANIFEST.json", first.name, orphan])
+        assert [entry.name for entry in (await store.read_manifest()).snapshots] == [first.name]
+        loaded = await store.load()
+        assert fingerprint(loaded) == previous
+        assert loaded.polls["song"].counts() == {"a": 1, "b": 1, "c": 2}
+        assert loaded.votes_applied == 5
+
+        # The next save takes over and removes the orphan, which is older than it.
+        more_votes(state, 20_000, 10)
+        latest = await store.save(freeze(state), state.wal_offset_next)
+        assert await object_names(config, store) == sorted(["MANIFEST.json", first.name,
+                                                            latest.name])
+        assert fingerprint(await store.load()) == fingerprint(state)
+
+    run_with_store(config, scenario)
+
+
+def test_missing_manifest_loads_none(local_stack, tmp_path: Path, s3_prefix: str) -> None:
+    config = s3_config(local_stack, tmp_path, s3_prefix)
+
+    async def scenario(store: S3SnapshotStore) -> None:
+        assert await store.load() is None
+        assert (await store.read_manifest()).snapshots == []
+
+    run_with_store(config, scenario)
+
+
+def test_unreachable_s3_raises_an_oserror_in_time(local_stack, tmp_path: Path, caplog,
+                                                  monkeypatch) -> None:
+    # Two attempts instead of three keep the retries' back-off (seconds each) short here.
+    monkeypatch.setattr(s3_snapshots, "S3_ATTEMPTS_MAX", 2)
+    with socket.socket() as probe:  # a port nobody listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = s3_config(local_stack, tmp_path, "test-s3-snapshots/unreachable",
+                       s3_endpoint_url=f"http://127.0.0.1:{port}")
+    state = busy_state()
+
+    async def scenario(store: S3SnapshotStore) -> None:
+        started = time.monotonic()
+        with pytest.raises(SnapshotStoreUnavailable) as raised:
+            await store.save(freeze(state), state.wal_offset_next)
+        assert isinstance(raised.value, OSError)
+        with pytest.raises(SnapshotStoreUnavailable):
+            await store.load()  # unknown is not "no snapshot": start-up must not guess
+        assert time.monotonic() - started < 20
+        # The owner's snapshot writer logs the failure and goes on.
+        owner = ShardOwner(SHARD, config, wal=None, snapshot_store=store, keyring=None,
+                           hasher=None)
+        owner.state = state
+        with caplog.at_level(logging.WARNING, logger="votes.owner"):
+            await owner.snapshot_now()
+        assert f"snapshot of shard {SHARD} failed" in caplog.text
+
+    run_with_store(config, scenario)
+
+
+def test_silent_s3_hits_the_call_deadline(local_stack, tmp_path: Path, monkeypatch) -> None:
+    """A server that accepts and never answers: the call ends at the store's deadline."""
+    monkeypatch.setattr(s3_snapshots, "S3_CALL_DEADLINE_S", 1.0)
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+        await writer.wait_closed()
+
+    async def main() -> None:
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = s3_config(local_stack, tmp_path, "test-s3-snapshots/unreachable",
+                       s3_endpoint_url=f"http://127.0.0.1:{port}")
+        store = S3SnapshotStore(config, SHARD)
+        try:
+            started = time.monotonic()
+            with pytest.raises(SnapshotStoreUnavailable, match="took longer than"):
+                await store.load()
+            elapsed_s = time.monotonic() - started
+            assert 1.0 <= elapsed_s < 5, elapsed_s
+        finally:
+            await store.close()
+            server.close()
+            for writer in connections:
+                writer.close()
+            await server.wait_closed()
+            await asyncio.sleep(0)  # let the handlers see their connections closed
+
+    asyncio.run(main())
+
+
+# Recovery of a shard holding a million voters --------------------------------------------------
+
+
+@pytest.mark.parametrize("wal_kind", ["embedded", "kafka"])
+def test_fresh_owner_recovers_a_million_voters_from_s3_and_wal(
+        local_stack, tmp_path: Path, s3_prefix: str, wal_kind: str) -> None:
+    bench = load_bench()
+    run_id = uuid.uuid4().hex[:8]
+    # Kafka: a fresh topic made like the stack's WAL topic and deleted afterwards, so the run
+    # starts from an empty partition and the shared topic does not grow with every run. The
+    # transactional id wal-<shard> is still shared with any other user of that shard number:
+    # the last one is used, which other tests are unlikely to use.
+    topic = f"test-s3-recovery-{run_id}"
+    config = bench.stack_config(local_stack, tmp_path, wal_kind, s3_prefix, topic,
+                                shards=SHARDS_TOTAL)
+    shard = config.shards - 1
+    plan = bench.Plan(voters=RECOVERY_VOTERS, shard=shard, poll=f"recovery-{run_id}")
+    ensure_keys(tmp_path)
+    keyring = load_keys(tmp_path)
+
+    async def recover() -> None:
+        store = bench.make_snapshot_store(config, shard)
+        try:
+            seeded = await bench.seed_shard(config, plan, store)
+        finally:
+            await store.close()
+        # The owner is dead and its memory gone; a fresh one gets its own S3 client.
+        store = bench.make_snapshot_store(config, shard)
+        try:
+            owner, recovery = await bench.start_owner(config, shard, store, keyring)
+            try:
+                print(f"\n{wal_kind} WAL + S3 snapshot, {plan.voters:,} voters "
+                      f"({seeded.records} records, {seeded.payload_bytes:,} bytes, snapshot "
+                      f"{seeded.snapshot_bytes:,} bytes): ready in {recovery.ready_s:.3f} s "
+                      f"(S3 load {recovery.load_s:.3f} s, replay {recovery.replay_s:.3f} s of "
+                      f"{recovery.records_replayed} records from offset "
+                      f"{recovery.replay_from_offset:,})")
+                bench.check_recovery(plan, seeded, recovery, expect_snapshot=True)
+                assert recovery.counts[plan.poll] == seeded.expected[plan.poll]
+                assert sum(recovery.counts[plan.poll]) == plan.voters
+                assert 0 < recovery.replay_from_offset == seeded.snapshot_offset
+                assert recovery.replay_from_offset < recovery.replay_end_offset
+                # It serves: a new voter of this shard gets a receipt, and counts once.
+                voter_id = plan.voters * config.shards + shard
+                receipt = await owner.submit_vote(plan.poll, voter_id, "a")
+                assert receipt["shard"] == shard
+                tallies = owner.poll_summary(plan.poll)[1]
+                expected = list(seeded.expected[plan.poll])
+                expected[0] += 1
+                assert tallies == expected
+            finally:
+                await owner.stop()
+        finally:
+            await store.close()
+
+    async def scenario() -> None:
+        if wal_kind == "kafka":
+            async with bench.fresh_wal_topic(local_stack, topic):
+                await recover()
+        else:
+            await recover()
+
+    asyncio.run(scenario())
