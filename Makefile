@@ -7,7 +7,7 @@ DATA_DIR ?= .data
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run serve test bench lint cluster-up cluster-down cluster-status clean
+.PHONY: setup run serve test bench lint cluster-up cluster-run cluster-down cluster-status clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: setup
 # deploy/local/README.md. STACK_ARGS passes e.g. --base-port 19100 for a second stack.
 cluster-up: setup
 	$(BIN)/python deploy/local/stack.py up $(STACK_ARGS)
+
+# The engine on the real stack: Kafka WAL (acks=all, transactional) and S3 snapshots.
+cluster-run: cluster-up
+	$(BIN)/python deploy/local/stack.py engine-config $(STACK_ARGS) > $(DATA_DIR)-cluster.toml
+	$(BIN)/votes serve --data-dir $(DATA_DIR)-cluster --port $(PORT) --config $(DATA_DIR)-cluster.toml
 
 cluster-down: setup
 	$(BIN)/python deploy/local/stack.py down $(STACK_ARGS)

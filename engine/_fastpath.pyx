@@ -10,8 +10,9 @@ both on the same inputs.
 Why it is fast: votes arrive as packed little-endian uint32 voters and uint16 options. The
 common case (a live batch: no voter twice, none already voted) is detected with bulk
 roaring operations on a sorted copy (building a roaring bitmap from sorted ids is ~5x
-cheaper than from random ones; a radix sort makes the sorted copy in linear time), then the tallies and the receipt locator are updated in C
-loops. Only mixed groups (replay overlap, duplicates) take the per-vote path.
+cheaper than from random ones; a radix sort makes the sorted copy in linear time),
+then the tallies and the receipt locator are updated in C loops. Only mixed groups
+(replay overlap, duplicates) take the per-vote path.
 """
 
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
@@ -49,23 +50,26 @@ cdef void _radix_sort_uint32(uint32_t* values, uint32_t* scratch, Py_ssize_t cou
 
 
 def grow_locator(locator, Py_ssize_t size_needed):
-    """Grow the receipt locator (array('I')) to hold index size_needed - 1, amortised."""
+    """Grow the receipt locator (array('Q')) to hold index size_needed - 1, amortised."""
     cdef Py_ssize_t current = len(locator)
     if current >= size_needed:
         return
     cdef Py_ssize_t target = max(size_needed, current + current // 2, 1024)
-    locator.frombytes(bytes(4 * (target - current)))
+    locator.frombytes(bytes(8 * (target - current)))
 
 
 def apply_group(voters_bitmap, tallies, locator, voters_bytes, options_bytes,
-                uint32_t locator_value):
+                uint64_t locator_value):
     """Apply one group; return (counted, flags) where flags[i] == 1 iff vote i counted.
 
     voters_bitmap: pyroaring BitMap of voter indexes that already voted in this poll.
-    tallies: array('Q') with one counter per option; locator: array('I') indexed by voter.
+    tallies: array('Q') with one counter per option; locator: array('Q') indexed by voter,
+    set to locator_value for every vote that counts (the engine stores record offset + 1).
     voters_bytes / options_bytes: packed little-endian uint32 / uint16, same length n.
     An option index outside the tallies marks the vote as not counted.
     """
+    if len(voters_bytes) % 4 or len(options_bytes) % 2:
+        raise ValueError("voters and options must be whole uint32 / uint16 arrays")
     cdef const uint32_t[::1] voters = memoryview(voters_bytes).cast("B").cast("I")
     cdef const uint16_t[::1] options = memoryview(options_bytes).cast("B").cast("H")
     cdef Py_ssize_t count = voters.shape[0]
@@ -88,7 +92,7 @@ def apply_group(voters_bitmap, tallies, locator, voters_bytes, options_bytes,
             options_valid = False
     grow_locator(locator, <Py_ssize_t>voter_max + 1)
     cdef uint64_t[::1] tally_view = tallies
-    cdef uint32_t[::1] locator_view = locator
+    cdef uint64_t[::1] locator_view = locator
 
     # Four passes leave the sorted result back in sorted_voters.
     sorted_voters = array.array("I", voters_bytes)
@@ -116,10 +120,10 @@ def apply_group(voters_bitmap, tallies, locator, voters_bytes, options_bytes,
                        flag_view, option_count, locator_value), flags
 
 
-cdef Py_ssize_t _apply_each(voters_bitmap, uint64_t[::1] tally_view, uint32_t[::1] locator_view,
+cdef Py_ssize_t _apply_each(voters_bitmap, uint64_t[::1] tally_view, uint64_t[::1] locator_view,
                             const uint32_t[::1] voters, const uint16_t[::1] options,
                             unsigned char[::1] flag_view, Py_ssize_t option_count,
-                            uint32_t locator_value):
+                            uint64_t locator_value):
     """Per-vote test-and-set, in log order: the slow path for mixed groups."""
     cdef Py_ssize_t index, counted = 0
     cdef uint32_t voter

@@ -16,7 +16,7 @@ def grow_locator(locator: array.array, size_needed: int) -> None:
     if current >= size_needed:
         return
     target = max(size_needed, current + current // 2, 1024)
-    locator.frombytes(bytes(4 * (target - current)))
+    locator.frombytes(bytes(8 * (target - current)))
 
 
 def apply_group(

@@ -11,9 +11,10 @@ Rules a caller can rely on:
   the segment back to the last durable offset and fsyncs before raising `WalUnavailable`
   (nothing of that append is in the log). If even that fails it raises `OutcomeUnknown`
   and refuses further appends until a later truncation succeeds.
-- Recovery cuts a torn tail only: bad bytes in the last segment no longer than one append
-  (`write_bytes_max`). Anything else that does not check out raises `LogCorrupt` naming the
-  file and offset.
+- Recovery cuts a torn last record only: at the end of the last segment, a header cut
+  short, a record whose declared length runs to or past the end of the file, or a tail of
+  zeros. A bad record with more data after it is corruption: `LogCorrupt` names the file
+  and offset, and the shard does not start.
 - A new segment is created (and the directory fsync'd) when the active one would exceed
   `segment_bytes_max`.
 """
@@ -30,8 +31,7 @@ from engine.errors import LogCorrupt, OutcomeUnknown, WalUnavailable
 from shards.records import FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_BYTES_MAX
 
 SEGMENT_SUFFIX = ".log"
-# One group commit writes at most this much; recovery treats up to this many bad trailing
-# bytes of the last segment as a torn write, and more as corruption.
+# One group commit writes at most this much to one shard's log.
 WRITE_BYTES_MAX = 32 * 1024 * 1024
 
 
@@ -57,13 +57,26 @@ def scan_frames(data: bytes | memoryview, start: int = 0) -> Iterator[tuple[int,
         length, checksum = FRAME_HEADER.unpack_from(view, position)
         payload_start = position + FRAME_HEADER_BYTES
         payload_end = payload_start + length
-        if length > RECORD_BYTES_MAX or payload_end > end:
+        # A zero length is never written (every record encodes to some bytes), and a header of
+        # zeros would otherwise pass its checksum.
+        if length == 0 or length > RECORD_BYTES_MAX or payload_end > end:
             return
         payload = view[payload_start:payload_end]
         if zlib.crc32(payload) != checksum:
             return
         yield position, payload_end, payload
         position = payload_end
+
+
+def _is_torn_tail(rest: memoryview) -> bool:
+    """True when the bytes after the last valid frame can only be the last write torn by a
+    crash: too short for a header, a record running to or past the end, or zeros."""
+    if len(rest) < FRAME_HEADER_BYTES:
+        return True
+    length, _ = FRAME_HEADER.unpack_from(rest, 0)
+    if 0 < length <= RECORD_BYTES_MAX and FRAME_HEADER_BYTES + length >= len(rest):
+        return True
+    return not any(rest)
 
 
 class SegmentLog:
@@ -119,11 +132,10 @@ class SegmentLog:
         for _, next_position, _ in scan_frames(data):
             valid_end = next_position
         if valid_end < len(data):
-            torn_bytes = len(data) - valid_end
-            if torn_bytes > WRITE_BYTES_MAX:
+            if not _is_torn_tail(memoryview(data)[valid_end:]):
                 raise LogCorrupt(
-                    f"{path}: bad record at offset {last_base + valid_end} with "
-                    f"{torn_bytes} bytes after it (more than one write could tear)"
+                    f"{path}: bad record at offset {last_base + valid_end} with more data after "
+                    "it: only a torn last record may be cut"
                 )
             with open(path, "r+b") as handle:
                 handle.truncate(valid_end)
@@ -174,6 +186,8 @@ class SegmentLog:
         with open(path, "rb") as handle:
             handle.seek(offset - bases[-1])
             header = handle.read(FRAME_HEADER_BYTES)
+            if len(header) != FRAME_HEADER_BYTES:
+                raise LogCorrupt(f"{path}: no record at offset {offset}")
             length, checksum = FRAME_HEADER.unpack(header)
             payload = handle.read(min(length, RECORD_BYTES_MAX))
         if len(payload) != length or zlib.crc32(payload) != checksum:

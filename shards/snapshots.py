@@ -36,7 +36,7 @@ class PollSnapshot(msgspec.Struct, array_like=True, frozen=True):
     closed_ms: int | None
     voters: bytes  # roaring portable serialization
     tallies: list[int]
-    locator: bytes  # array('I') bytes
+    locator: bytes  # array('Q') bytes, trimmed after the highest voter that voted
 
 
 class ShardSnapshot(msgspec.Struct, array_like=True, frozen=True):
@@ -44,7 +44,6 @@ class ShardSnapshot(msgspec.Struct, array_like=True, frozen=True):
     shards_total: int
     wal_offset_next: int
     batch_seq_next: int
-    batch_offsets: bytes  # array('Q') bytes
     votes_applied: int
     polls: list[PollSnapshot]
 
@@ -75,7 +74,7 @@ def freeze(state: ShardState) -> bytes:
             closed_ms=poll.closed_ms,
             voters=poll.voters.serialize(),
             tallies=poll.tallies.tolist(),
-            locator=poll.locator.tobytes(),
+            locator=poll.locator[: poll.voters.max() + 1 if poll.voters else 0].tobytes(),
         )
         for poll in state.polls.values()
     ]
@@ -84,7 +83,6 @@ def freeze(state: ShardState) -> bytes:
         shards_total=state.shards_total,
         wal_offset_next=state.wal_offset_next,
         batch_seq_next=state.batch_seq_next,
-        batch_offsets=state.batch_offsets.tobytes(),
         votes_applied=state.votes_applied,
         polls=polls,
     )
@@ -96,14 +94,13 @@ def thaw(data: bytes) -> ShardState:
     state = ShardState(snapshot.shard, snapshot.shards_total)
     state.wal_offset_next = snapshot.wal_offset_next
     state.batch_seq_next = snapshot.batch_seq_next
-    state.batch_offsets = array.array("Q", snapshot.batch_offsets)
     state.votes_applied = snapshot.votes_applied
     for poll_snapshot in snapshot.polls:
         poll = PollState(poll_snapshot.definition)
         poll.closed_ms = poll_snapshot.closed_ms
         poll.voters = BitMap.deserialize(poll_snapshot.voters)
         poll.tallies = array.array("Q", poll_snapshot.tallies)
-        poll.locator = array.array("I", poll_snapshot.locator)
+        poll.locator = array.array("Q", poll_snapshot.locator)
         state.polls[poll_snapshot.definition.poll] = poll
     return state
 

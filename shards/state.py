@@ -7,10 +7,10 @@ test-and-set (engine.fastpath.apply_group), so re-applying a record changes noth
 Voter ids map to shards as `shard = voter_id mod shards` and to bitmap positions as
 `voter_index = voter_id div shards`, which keeps each shard's bitmap dense.
 
-The receipt locator (array of uint32, indexed by voter_index, value = batch_seq + 1) lets a
-repeat vote get its original receipt back by reading one record; it costs 4 bytes per voter
-index up to the highest that voted in the poll. `batch_offsets` maps batch_seq to the
-record's log offset.
+The receipt locator (array of uint64, indexed by voter_index, value = log offset of the
+record that counted the vote + 1) lets a repeat vote get its original receipt back by reading
+one record; it costs 8 bytes per voter index up to the highest that voted in the poll,
+whatever the number of batches.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class PollState:
         self.option_index = {option: index for index, option in enumerate(definition.options)}
         self.voters = BitMap()
         self.tallies = array.array("Q", bytes(8 * len(definition.options)))
-        self.locator = array.array("I")
+        self.locator = array.array("Q")
         self.closed_ms: int | None = None
 
     @property
@@ -54,7 +54,6 @@ class ShardState:
         self.polls: dict[str, PollState] = {}
         self.wal_offset_next = 0  # the log offset just after the last applied record
         self.batch_seq_next = 0
-        self.batch_offsets = array.array("Q")
         self.votes_applied = 0
 
     def voter_index(self, voter_id: int) -> int:
@@ -66,6 +65,10 @@ class ShardState:
     def apply(self, offset: int, next_offset: int, record: Record) -> list[bytearray | None]:
         """Apply one record that sits at `offset`. For a vote batch, returns one entry per
         group: a flags bytearray (1 = counted) or None when the poll was not open."""
+        if next_offset <= self.wal_offset_next:
+            # Already applied (a replay overlapping what the state holds): changes nothing,
+            # even for a vote whose poll was created later in the log.
+            return [None] * len(record.groups) if isinstance(record, VoteBatch) else []
         outcomes: list[bytearray | None] = []
         if isinstance(record, VoteBatch):
             outcomes = self._apply_votes(offset, record)
@@ -80,11 +83,7 @@ class ShardState:
         return outcomes
 
     def _apply_votes(self, offset: int, batch: VoteBatch) -> list[bytearray | None]:
-        sequence = batch.batch_seq
-        if sequence >= len(self.batch_offsets):
-            self.batch_offsets.frombytes(bytes(8 * (sequence + 1 - len(self.batch_offsets))))
-        self.batch_offsets[sequence] = offset
-        self.batch_seq_next = max(self.batch_seq_next, sequence + 1)
+        self.batch_seq_next = max(self.batch_seq_next, batch.batch_seq + 1)
         outcomes: list[bytearray | None] = []
         for group in batch.groups:
             poll = self.polls.get(group.poll)
@@ -92,14 +91,14 @@ class ShardState:
                 outcomes.append(None)
                 continue
             counted, flags = apply_group(
-                poll.voters, poll.tallies, poll.locator, group.voters, group.options, sequence + 1
+                poll.voters, poll.tallies, poll.locator, group.voters, group.options, offset + 1
             )
             self.votes_applied += counted
             outcomes.append(flags)
         return outcomes
 
-    def batch_of_voter(self, poll: PollState, voter_index: int) -> int | None:
-        """The batch_seq holding this voter's counted vote, or None."""
+    def record_of_voter(self, poll: PollState, voter_index: int) -> int | None:
+        """The log offset of the record holding this voter's counted vote, or None."""
         if voter_index >= len(poll.locator):
             return None
         value = poll.locator[voter_index]

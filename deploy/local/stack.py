@@ -1330,6 +1330,22 @@ def _maybe_reexec_in_venv() -> None:
             os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
+def engine_config_toml(endpoints: dict) -> str:
+    """The engine's config for this stack: Kafka WAL, S3 snapshots, shards = partitions."""
+    kafka, s3 = endpoints["kafka"], endpoints["s3"]
+    values = {
+        "shards": kafka["partitions"],
+        "kafka_bootstrap_servers": kafka["bootstrap_servers"],
+        "wal_topic": kafka["wal_topic"],
+        "s3_endpoint_url": s3["endpoint_url"],
+        "s3_bucket": s3["bucket"],
+        "s3_region": s3["region"],
+        "s3_access_key_id": s3["access_key_id"],
+        "s3_secret_access_key": s3["secret_access_key"],
+    }
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stack.py", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -1348,6 +1364,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", parents=[common], help="show what runs")
     p.add_argument("--json", action="store_true")
     sub.add_parser("endpoints", parents=[common], help="print stack.json")
+    sub.add_parser("engine-config", parents=[common],
+                   help="print a `votes serve --config` TOML for this stack")
     for name in ("kill-broker", "stop-broker", "start-broker"):
         p = sub.add_parser(name, parents=[common])
         p.add_argument("n", type=int, help="node 1..3")
@@ -1388,6 +1406,10 @@ def main(argv: list[str] | None = None) -> int:
             if not stack.endpoints_file.exists():
                 raise StackError(f"no {stack.endpoints_file}: run up first")
             print(stack.endpoints_file.read_text(), end="")
+        elif args.cmd == "engine-config":
+            if not stack.endpoints_file.exists():
+                raise StackError(f"no {stack.endpoints_file}: run up first")
+            print(engine_config_toml(json.loads(stack.endpoints_file.read_text())), end="")
         elif args.cmd == "kill-broker":
             stack.kill_broker(args.n)
         elif args.cmd == "stop-broker":

@@ -157,11 +157,11 @@ class Log:
 def fingerprint(state: ShardState) -> dict:
     return {
         "shard": (state.shard, state.shards_total),
-        "offsets": (state.wal_offset_next, state.batch_seq_next, state.batch_offsets.tolist(),
-                    state.votes_applied),
+        "offsets": (state.wal_offset_next, state.batch_seq_next, state.votes_applied),
+        # The locator by meaning: its length is a growth policy (freeze trims it), not state.
         "polls": {
             name: (poll.definition, poll.closed_ms, list(poll.voters), poll.tallies.tolist(),
-                   poll.locator.tobytes(), poll.option_index)
+                   [(voter, poll.locator[voter]) for voter in poll.voters], poll.option_index)
             for name, poll in state.polls.items()
         },
     }

@@ -1,0 +1,181 @@
+"""Proves that a shard snapshot (shards/snapshots.py) thaws to the same state it froze (polls,
+bitmaps, tallies, locators, a closed poll, offsets), that the directory store keeps exactly the
+`kept` newest snapshots and deletes the rest from disk, that a damaged newest object makes
+loading fall back to the previous snapshot, and that a failure between writing the object and
+the manifest leaves the previous snapshot in use.
+"""
+
+from __future__ import annotations
+
+import array
+import typing
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from shards import snapshots
+from shards.records import PollClosed, PollCreated, VoteBatch, VoteGroup
+from shards.snapshots import DirectorySnapshotStore, freeze, snapshot_name, thaw
+from shards.state import ShardState
+
+SHARD = 3
+SHARDS_TOTAL = 8
+
+
+def poll_created(poll: str, options: list[str]) -> PollCreated:
+    return PollCreated(poll=poll, options=options, opens_at_ms=None, closes_at_ms=None,
+                       embargo=False, created_ms=1_700_000_000_000)
+
+
+def vote_batch(batch_seq: int, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
+    """A batch as the owner encodes it; the signature fields stay empty, since applying a
+    record does not check them (their shape is left to the records module)."""
+    values = {
+        "shard": SHARD, "batch_seq": batch_seq, "time_ms": 1_700_000_000_000 + batch_seq,
+        "groups": [
+            VoteGroup(poll=poll,
+                      voters=array.array("I", [voter for voter, _ in votes]).tobytes(),
+                      options=array.array("H", [option for _, option in votes]).tobytes())
+            for poll, votes in groups.items()
+        ],
+    }
+    for field in msgspec.structs.fields(VoteBatch):
+        if field.name not in values:
+            values[field.name] = (typing.get_origin(field.type) or field.type)()
+    return VoteBatch(**values)
+
+
+class Log:
+    """Applies records to a state at made-up, increasing offsets, as the owner would."""
+
+    def __init__(self, state: ShardState) -> None:
+        self.state = state
+        self.offset = state.wal_offset_next
+
+    def apply(self, record) -> None:
+        next_offset = self.offset + 100
+        self.state.apply(self.offset, next_offset, record)
+        self.offset = next_offset
+
+
+def fingerprint(state: ShardState) -> dict:
+    return {
+        "shard": (state.shard, state.shards_total),
+        "offsets": (state.wal_offset_next, state.batch_seq_next, state.votes_applied),
+        # The locator by meaning: its length is a growth policy (freeze trims it), not state.
+        "polls": {
+            name: (poll.definition, poll.closed_ms, list(poll.voters), poll.tallies.tolist(),
+                   [(voter, poll.locator[voter]) for voter in poll.voters],
+                   poll.option_index)
+            for name, poll in state.polls.items()
+        },
+    }
+
+
+def busy_state() -> ShardState:
+    state = ShardState(SHARD, SHARDS_TOTAL)
+    log = Log(state)
+    log.apply(poll_created("song", ["a", "b", "c"]))
+    log.apply(poll_created("quiz", ["yes", "no"]))
+    log.apply(vote_batch(0, {"song": [(1, 0), (2, 2), (1, 1), (70_000, 2)], "quiz": [(5, 1)]}))
+    log.apply(vote_batch(1, {"quiz": [(6, 0), (5, 0)]}))
+    log.apply(PollClosed(poll="quiz", closed_ms=1_700_000_000_500))
+    log.apply(vote_batch(2, {"quiz": [(7, 0)], "song": [(3, 1)]}))
+    return state
+
+
+def test_thaw_restores_what_freeze_captured() -> None:
+    state = busy_state()
+    assert state.polls["song"].counts() == {"a": 1, "b": 1, "c": 2}
+    assert state.polls["quiz"].counts() == {"yes": 1, "no": 1}
+    assert state.polls["quiz"].closed
+    restored = thaw(freeze(state))
+    assert fingerprint(restored) == fingerprint(state)
+    # The restored state keeps working: the same test-and-set, the same closed poll.
+    Log(restored).apply(vote_batch(3, {"song": [(2, 0), (4, 0)], "quiz": [(8, 0)]}))
+    assert restored.polls["song"].counts() == {"a": 2, "b": 1, "c": 2}
+    assert restored.polls["quiz"].counts() == {"yes": 1, "no": 1}
+    assert restored.votes_applied == state.votes_applied + 1
+    # Locators hold the offset of the record that counted the vote: batch 3 went in at 600,
+    # batch 0 at 200 (the Log helper spaces records 100 apart).
+    assert restored.record_of_voter(restored.polls["song"], 4) == 600
+    assert restored.record_of_voter(restored.polls["song"], 70_000) == 200
+
+
+def test_an_empty_state_round_trips() -> None:
+    state = ShardState(SHARD, SHARDS_TOTAL)
+    assert fingerprint(thaw(freeze(state))) == fingerprint(state)
+
+
+def advance(state: ShardState, batch_seq: int) -> None:
+    Log(state).apply(vote_batch(batch_seq, {"song": [(100 + batch_seq, batch_seq % 3)]}))
+
+
+def test_the_store_keeps_the_newest_and_deletes_the_rest(tmp_path: Path) -> None:
+    store = DirectorySnapshotStore(tmp_path / "snapshots", SHARD, kept=3)
+    state = busy_state()
+    written = []
+    for batch_seq in range(3, 9):
+        advance(state, batch_seq)
+        store.write(freeze(state), state.wal_offset_next)
+        written.append((state.wal_offset_next, fingerprint(state)))
+    newest_three = [offset for offset, _ in reversed(written[-3:])]
+    assert [entry.wal_offset_next for entry in store.read_manifest().snapshots] == newest_three
+    on_disk = sorted(path.name for path in store.directory.iterdir())
+    assert on_disk == sorted(["MANIFEST.json", *(snapshot_name(o) for o in newest_three)])
+    assert fingerprint(store.load_newest()) == written[-1][1]
+
+
+def test_an_empty_store_loads_nothing(tmp_path: Path) -> None:
+    assert DirectorySnapshotStore(tmp_path / "none", SHARD, kept=2).load_newest() is None
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "truncate", "delete"])
+def test_a_damaged_newest_snapshot_falls_back_to_the_previous(tmp_path: Path, damage: str) -> None:
+    store = DirectorySnapshotStore(tmp_path / "snapshots", SHARD, kept=3)
+    state = busy_state()
+    store.write(freeze(state), state.wal_offset_next)
+    previous = fingerprint(state)
+    advance(state, 3)
+    newest = store.write(freeze(state), state.wal_offset_next)
+    path = store.directory / newest.name
+    data = bytearray(path.read_bytes())
+    if damage == "flip-byte":
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-1]))
+    else:
+        path.unlink()
+    assert fingerprint(store.load_newest()) == previous
+
+
+def test_a_failure_between_object_and_manifest_keeps_the_previous_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DirectorySnapshotStore(tmp_path / "snapshots", SHARD, kept=2)
+    state = busy_state()
+    store.write(freeze(state), state.wal_offset_next)
+    previous = fingerprint(state)
+    manifest_before = store.manifest_path.read_bytes()
+    write_atomically = snapshots._write_atomically
+
+    def fail_on_manifest(path: Path, data: bytes) -> None:
+        if path == store.manifest_path:
+            raise OSError(28, "No space left on device")
+        write_atomically(path, data)
+
+    monkeypatch.setattr(snapshots, "_write_atomically", fail_on_manifest)
+    advance(state, 3)
+    with pytest.raises(OSError):
+        store.write(freeze(state), state.wal_offset_next)
+    assert store.manifest_path.read_bytes() == manifest_before
+    assert fingerprint(store.load_newest()) == previous
+
+    # The next successful write takes over and removes the orphaned object.
+    monkeypatch.setattr(snapshots, "_write_atomically", write_atomically)
+    advance(state, 4)
+    store.write(freeze(state), state.wal_offset_next)
+    assert fingerprint(store.load_newest()) == fingerprint(state)
+    assert len(list(store.directory.glob("snapshot-*.bin"))) == 2
