@@ -77,6 +77,18 @@ def serve(data_dir, port, host, workers, shards, config_file) -> None:
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     os.environ[CONFIG_ENV] = config_for_workers(config)
+    if config.uses_kafka:  # refuse to start on a WAL topic without the durability settings
+        import asyncio
+
+        from engine.errors import ConfigError
+        from shards.kafka_wal import validate_wal_topic
+
+        try:
+            asyncio.run(validate_wal_topic(config))
+        except ConfigError as exc:
+            _fail(exc)
+        except VotesError as exc:  # Kafka unreachable: every shard checks again before serving
+            click.echo(f"warning: {exc.detail}", err=True)
 
     from granian import Granian
     from granian.constants import Interfaces, Loops
@@ -219,7 +231,8 @@ def demo(data_dir, port, workers) -> None:
                    f"  curl -s -X POST {base}/v1/polls/demo/votes -H 'authorization: Bearer {voter_token}' "
                    "-H 'content-type: application/json' -d '{\"option\":\"blue\"}'\n"
                    f"  curl -s {base}/v1/polls/demo/results\n"
-                   f"  more voter tokens: votes token --data-dir {data_dir} --voter 5 --count 3\n"
+                   f"  more voter tokens: {Path(sys.executable).parent / 'votes'} token "
+                   f"--data-dir {data_dir} --voter 5 --count 3\n"
                    "Serving until Ctrl-C.")
         server.wait()
     except KeyboardInterrupt:

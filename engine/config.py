@@ -53,6 +53,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kafka_batch_bytes_max: int = 1024 * 1024
     kafka_transaction_timeout_s: float = 10.0
     kafka_request_timeout_s: float = 10.0
+    # One append's send + commit must finish within this; then it is aborted (settled) or,
+    # if its commit was already requested, decided by taking the fence again and reading the
+    # partition. Keep kafka_append_timeout_s + kafka_abort_timeout_s below append_timeout_s.
+    kafka_append_timeout_s: float = 3.0
+    kafka_abort_timeout_s: float = 1.0
+    # Replay and reads fail with wal-unavailable after this long without progress.
+    kafka_read_stall_s: float = 30.0
+    # Retries of the fence (start-up and after a lost producer) back off up to this.
+    kafka_retry_backoff_s_max: float = 5.0
     # S3 snapshots: used when an endpoint or bucket is given, else snapshots stay in data_dir.
     s3_endpoint_url: str = ""
     s3_bucket: str = ""

@@ -252,15 +252,14 @@ class ShardOwner:
 
     async def _receipt_for(self, poll: PollState, voter_index: int) -> dict | None:
         state = self.state
-        batch_seq = state.batch_of_voter(poll, voter_index)
-        if batch_seq is None:
+        offset = state.record_of_voter(poll, voter_index)
+        if offset is None:
             return None
-        offset = state.batch_offsets[batch_seq]
-        signed = self._signed_batches.get(batch_seq)
+        signed = self._signed_batches.get(offset)
         if signed is None:
             batch = decode_record(await self.wal.read_at(offset))
-            if not isinstance(batch, VoteBatch) or batch.batch_seq != batch_seq:
-                raise VotesError(f"record at offset {offset} is not batch {batch_seq}")
+            if not isinstance(batch, VoteBatch) or batch.shard != self.shard:
+                raise VotesError(f"record at offset {offset} is not a vote batch of this shard")
             signed = self._rebuild_signed_batch(batch)
         poll_id = poll.definition.poll
         index = signed.index_of(poll_id, self.hasher(poll_id, state.voter_id(voter_index)))
@@ -404,6 +403,9 @@ class ShardOwner:
         try:
             positions = append.result()
         except VotesError as exc:
+            if isinstance(exc, NotReady):  # the log fenced this owner out: stop serving
+                self.ready = False
+                self.failure = f"shard {self.shard}: {exc.detail}"
             self._fail_items(items, exc)
             return
         except Exception as exc:  # a bug or an unexpected client error: outcome unknown
@@ -415,7 +417,7 @@ class ShardOwner:
             if planned.signed is None:
                 _answer(planned.items[0].future)
                 continue
-            self._remember_signed(planned.signed)
+            self._remember_signed(offset, planned.signed)
             self._answer_votes(record, planned.items, planned.signed, outcomes, offset)
         self._maybe_snapshot()
 
@@ -482,8 +484,9 @@ class ShardOwner:
                 if isinstance(item, PendingVote):
                     self._inflight[(item.poll, item.voter_index)] = held
 
-    def _remember_signed(self, signed: receipts.SignedBatch) -> None:
-        self._signed_batches[signed.batch_seq] = signed
+    def _remember_signed(self, offset: int, signed: receipts.SignedBatch) -> None:
+        """Keep recent batches' trees by record offset: repeats come soon after the vote."""
+        self._signed_batches[offset] = signed
         while len(self._signed_batches) > SIGNED_BATCHES_CACHED:
             self._signed_batches.popitem(last=False)
 
