@@ -85,6 +85,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (self.segment_bytes_max >= 1 << 16, "segment_bytes_max must be >= 64 KiB"),
             (self.snapshots_kept >= 1, "snapshots_kept must be >= 1"),
             (self.forward_timeout_s > 0, "forward_timeout_s must be positive"),
+            (not self.uses_kafka
+             or self.kafka_append_timeout_s + self.kafka_abort_timeout_s < self.append_timeout_s,
+             "kafka_append_timeout_s + kafka_abort_timeout_s must stay below append_timeout_s"),
         ]
         for ok, message in checks:
             if not ok:
