@@ -33,6 +33,7 @@ from engine.keys import load_keys
 from engine.logs import configure_logging
 from engine.metrics import REJECTED, REQUEST_SECONDS, REQUESTS, exposition
 from engine.node import Node
+from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from shards.backends import durability
 from shards.records import PollCreated
 
@@ -204,6 +205,9 @@ class App:
             if action == "results":
                 _require(method, "GET")
                 return ("results", 200, JSON, _json.encode(await self._node().results(poll)))
+        elif len(parts) == 5 and parts[:3] == ["internal", "v1", "polls"] and parts[4] == "summary":
+            _require(method, "GET")
+            return ("internal-summary",) + await self._internal_summary(scope, parts[3])
         elif parts == ["v1", "polls"]:
             _require(method, "POST")
             return ("create",) + await self._create(scope, proto)
@@ -225,7 +229,10 @@ class App:
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
-        receipt = await node.vote(poll, claims.voter, vote.option)
+        try:
+            receipt = await node.vote(poll, claims.voter, vote.option, _forwarded(scope, body))
+        except Relayed as relayed:  # the shard's owner on another node answered
+            return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, _json.encode(receipt)
 
     async def _create(self, scope, proto):
@@ -233,16 +240,29 @@ class App:
         body = await read_body(scope, proto, self.config.poll_body_bytes_max)
         tokens.verify_admin_token(self.keyring, scope.headers.get("authorization"), int(time.time()))
         record = poll_record(_decode(_poll_decoder, body))
-        if not await node.create_poll(record):
-            raise PollExists(f"poll {record.poll!r} already exists")
+        try:
+            if not await node.create_poll(record, _forwarded(scope, body)):
+                raise PollExists(f"poll {record.poll!r} already exists")
+        except Relayed as relayed:
+            return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, _json.encode(poll_body(record))
 
     async def _close(self, scope, poll: str):
         node = self._node()
         tokens.verify_admin_token(self.keyring, scope.headers.get("authorization"), int(time.time()))
-        await node.close_poll(poll)
+        try:
+            await node.close_poll(poll, _forwarded(scope, b""))
+        except Relayed as relayed:
+            return relayed.status, [("content-type", relayed.content_type)], relayed.body
         results = await node.results(poll)
         return 200, JSON, _json.encode({"poll": poll, "closed": True, "final": results["final"]})
+
+    async def _internal_summary(self, scope, poll: str):
+        """This node's per-shard parts of a poll, for the node that sums results (cluster
+        mode). Admin-only: under an embargo the parts hold counts nobody may see yet."""
+        node = self._node()
+        tokens.verify_admin_token(self.keyring, scope.headers.get("authorization"), int(time.time()))
+        return 200, JSON, _json.encode(await node.cluster_summary(poll))
 
     async def _operator(self, name: str):
         if name == "healthz":
@@ -260,6 +280,11 @@ class App:
 def _route_metrics(route: str, status: int):
     # labels() costs a lookup and a lock per call; children are cached once per pair.
     return REQUESTS.labels(route, str(status)), REQUEST_SECONDS.labels(route)
+
+
+def _forwarded(scope, body: bytes) -> ForwardedRequest:
+    return ForwardedRequest(scope.headers.get("authorization"), body,
+                            scope.headers.get(FORWARDED_HEADER) is not None)
 
 
 def _require(method: str, allowed: str) -> None:

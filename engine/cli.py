@@ -181,6 +181,98 @@ def receipt_verify(receipt_text, data_dir) -> None:
                f"offset={document['offset']}")
 
 
+@main.group()
+def shard() -> None:
+    """Shard ownership across hosts (Kafka WAL + Redis leases)."""
+
+
+def _cluster_config(config_file: str | None) -> Config:
+    try:
+        config = load_config(config_file)
+    except VotesError as exc:
+        _fail(exc)
+    if not config.redis_url:
+        raise click.ClickException("no redis_url configured (set it in --config or VOTES_REDIS_URL)")
+    return config
+
+
+def _redis(config: Config):
+    import redis
+
+    return redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5,
+                                decode_responses=True)
+
+
+@shard.command("status")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+def shard_status(config_file) -> None:
+    """Print each shard's lease holder, pending move and pin."""
+    from redis.exceptions import RedisError
+
+    from engine.config import parse_shard_map
+    from engine.ownership import lease_key, move_key, parse_lease, pin_key
+
+    config = _cluster_config(config_file)
+    shards = range(config.shards)
+    try:
+        client = _redis(config)
+        leases = client.mget([lease_key(config, shard) for shard in shards])
+        moves = client.mget([move_key(config, shard) for shard in shards])
+        pins = client.mget([pin_key(config, shard) for shard in shards])
+    except RedisError as exc:
+        raise click.ClickException(f"cannot read the leases from {config.redis_url}: {exc}") from None
+    preferred = parse_shard_map(config.shard_map, config.shards)
+    click.echo(f"{'shard':>5}  {'holder':<20} {'url':<28} {'preferred':<12} {'pin':<12} move")
+    for shard_number, lease, move, pin in zip(shards, leases, moves, pins):
+        holder = parse_lease(lease) or ("-", "-")
+        click.echo(f"{shard_number:>5}  {holder[0]:<20} {holder[1]:<28} "
+                   f"{preferred.get(shard_number, '-'):<12} {pin or '-':<12} {move or '-'}")
+
+
+@shard.command("move")
+@click.argument("shard_number", metavar="SHARD", type=int)
+@click.option("--to", "target", required=True, help="Node id that should own the shard.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--timeout-s", default=30.0, type=click.FloatRange(1, 3600), show_default=True)
+def shard_move(shard_number, target, config_file, timeout_s) -> None:
+    """Hand SHARD to node --to through the fence, and wait until it serves there."""
+    from redis.exceptions import RedisError
+
+    from engine.ownership import lease_key, move_key, node_key, parse_lease
+
+    config = _cluster_config(config_file)
+    if not 0 <= shard_number < config.shards:
+        raise click.ClickException(f"unknown shard {shard_number}: shards are 0..{config.shards - 1}")
+    started = time.monotonic()
+    try:
+        client = _redis(config)
+        if client.get(node_key(config, target)) is None:
+            raise click.ClickException(f"node {target!r} is not alive (no live node key in Redis)")
+        before = parse_lease(client.get(lease_key(config, shard_number)))
+        client.set(move_key(config, shard_number), target, px=int(timeout_s * 1000))
+        holder = before
+        while time.monotonic() - started < timeout_s:
+            holder = parse_lease(client.get(lease_key(config, shard_number)))
+            moved = client.get(move_key(config, shard_number)) is None
+            if holder is not None and holder[0] == target and moved and _ready(holder[1]):
+                click.echo(f"shard {shard_number}: {before[0] if before else 'nobody'} -> {target} "
+                           f"({holder[1]}), serving after {time.monotonic() - started:.1f} s")
+                return
+            time.sleep(0.1)
+    except RedisError as exc:
+        raise click.ClickException(f"Redis at {config.redis_url}: {exc}") from None
+    raise click.ClickException(
+        f"shard {shard_number} did not move to {target} within {timeout_s} s "
+        f"(holder now: {holder[0] if holder else 'nobody'}); the move request expires by itself")
+
+
+def _ready(base_url: str) -> bool:
+    try:
+        return _http("GET", base_url + "/readyz")[0] == 200
+    except (OSError, ValueError):
+        return False
+
+
 def _http(method: str, url: str, token: str | None = None, body: dict | None = None):
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)

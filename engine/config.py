@@ -69,6 +69,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     s3_access_key_id: str = ""
     s3_secret_access_key: str = ""
     s3_prefix: str = "snapshots"
+    # Shard ownership across hosts (engine/ownership.py), used when Kafka and Redis are both
+    # configured. node_id defaults to "host:port", advertise_url to "http://host:port".
+    # shard_map ("node-a=0-3,node-b=4-7") names the shards each node prefers; empty: any
+    # node takes any free shard. Leases say who should own a shard; Kafka fences.
+    node_id: str = ""
+    advertise_url: str = ""
+    redis_url: str = ""
+    shard_map: str = ""
+    lease_ttl_s: float = 3.0
+    lease_renew_s: float = 1.0
 
     def validate(self) -> "Config":
         checks = [
@@ -88,11 +98,29 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (not self.uses_kafka
              or self.kafka_append_timeout_s + self.kafka_abort_timeout_s < self.append_timeout_s,
              "kafka_append_timeout_s + kafka_abort_timeout_s must stay below append_timeout_s"),
+            (self.lease_renew_s > 0, "lease_renew_s must be positive"),
+            (self.lease_ttl_s >= 2 * self.lease_renew_s,
+             "lease_ttl_s must be at least twice lease_renew_s (one missed renewal is tolerated)"),
+            (" " not in self.node_name and self.node_name, "node_id must be non-empty without spaces"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_shard_map(self.shard_map, self.shards)
         return self
+
+    @property
+    def uses_cluster(self) -> bool:
+        """Shard ownership by Redis leases across hosts (else: slots within one host)."""
+        return self.uses_kafka and bool(self.redis_url)
+
+    @property
+    def node_name(self) -> str:
+        return self.node_id or f"{self.host}:{self.port}"
+
+    @property
+    def advertised_url(self) -> str:
+        return (self.advertise_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def data_path(self) -> Path:
@@ -105,6 +133,33 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def uses_s3(self) -> bool:
         return bool(self.s3_bucket)
+
+
+def parse_shard_map(text: str, shards: int) -> dict[int, str]:
+    """`"node-a=0-3,node-b=4-7"` -> {shard: node id}; one range (N or N-M) per entry, and a
+    node may have several entries. Empty text -> {} (no preferences). A non-empty map must
+    name every shard 0..shards-1 exactly once."""
+    if not text.strip():
+        return {}
+    preferred: dict[int, str] = {}
+    for entry in text.split(","):
+        node, _, shard_range = entry.strip().partition("=")
+        node, shard_range = node.strip(), shard_range.strip()
+        first, _, last = shard_range.partition("-")
+        if not node or " " in node or not first.isdigit() or (last and not last.isdigit()):
+            raise ConfigError(f"shard_map entry {entry.strip()!r} is not NODE=N or NODE=N-M")
+        low, high = int(first), int(last or first)
+        if low > high or high >= shards:
+            raise ConfigError(f"shard_map range {shard_range!r} is not inside 0..{shards - 1}")
+        for shard in range(low, high + 1):
+            if shard in preferred:
+                raise ConfigError(f"shard_map names shard {shard} twice "
+                                  f"({preferred[shard]!r} and {node!r})")
+            preferred[shard] = node
+    missing = [shard for shard in range(shards) if shard not in preferred]
+    if missing:
+        raise ConfigError(f"shard_map does not name shards {missing}: every shard needs one node")
+    return preferred
 
 
 _FIELD_TYPES = {name: type(getattr(Config(), name)) for name in Config.__struct_fields__}

@@ -17,6 +17,9 @@ import random
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+# The shared helpers assert too: their failures get pytest's detailed messages like a test's.
+pytest.register_assert_rewrite("tests.support")
+
 settings.register_profile(
     "ci",
     max_examples=200,

@@ -17,7 +17,6 @@ Runs with one worker and with two (votes forwarded between workers). The seed is
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections import Counter
@@ -26,7 +25,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import ServerProcess, votes_cli
+
+from tests.support.engine_process import EngineProcess
+from tests.support.vote_client import (
+    ACKED,
+    NOT_COUNTED,
+    UNEXPECTED,
+    UNKNOWN,
+    Answer,
+    RequestProgress,
+    by_kind,
+    check_resent_votes,
+    on_the_wire,
+    open_poll,
+    post_vote,
+    resend_all,
+    seeded_rng,
+)
 
 POLL = "crash"
 OPTIONS = ["red", "green", "blue"]
@@ -48,51 +63,17 @@ REFUSED_BACKOFF_S = 0.2
 ON_THE_WIRE_WAIT_S = 5.0
 CAMPAIGN_S_MAX = 90.0
 
-ACKED = "acked"
-UNKNOWN = "unknown"
-NOT_COUNTED = "not-counted"  # wal-unavailable, not-ready, connection refused
-UNEXPECTED = "unexpected"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def problem_type(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("type", ""))
-    except ValueError:
-        return ""
-
-
-@dataclass
-class Answer:
-    kind: str
-    option: str
-    detail: str
-    receipt: str | None = None
-
-
-class RequestProgress:
-    """An httpcore trace hook: `sent` once the whole request was written to the socket."""
-
-    __slots__ = ("sent",)
-
-    def __init__(self) -> None:
-        self.sent = False
-
-    async def __call__(self, event: str, info: dict) -> None:
-        if event == "http11.send_request_body.complete":
-            self.sent = True
+# A 503 with one of these problem types stored nothing (a refused connection neither).
+NOT_COUNTED_PROBLEMS = ("/problems/wal-unavailable", "/problems/not-ready")
 
 
 @dataclass
 class Campaign:
-    server: ServerProcess
+    server: EngineProcess
     tokens: list[str]
     rng: random.Random
     answers: dict[int, Answer] = field(default_factory=dict)
-    in_flight: set[RequestProgress] = field(default_factory=set)
+    in_flight: dict[int, RequestProgress] = field(default_factory=dict)
     acked_total: int = 0
     stopping: bool = False
     next_index: int = 0
@@ -122,23 +103,12 @@ class Campaign:
                 await asyncio.sleep(BACKOFF_S)
 
     async def send(self, client: httpx.AsyncClient, voter: int, option: str) -> Answer:
-        progress = RequestProgress()
-        self.in_flight.add(progress)
-        try:
-            response = await client.post(f"/v1/polls/{POLL}/votes", json={"option": option},
-                                         headers=bearer(self.tokens[voter - FIRST_VOTER]),
-                                         extensions={"trace": progress})
-        except httpx.ConnectError as error:
-            # connect() failed: not one byte of the request reached the server.
-            return Answer(NOT_COUNTED, option, f"refused: {type(error).__name__}")
-        except httpx.TransportError as error:
-            return Answer(UNKNOWN, option, f"transport: {type(error).__name__}")
-        finally:
-            self.in_flight.discard(progress)
-        return classify(response, option)
+        return await post_vote(client, f"/v1/polls/{POLL}/votes",
+                               self.tokens[voter - FIRST_VOTER], option, voter=voter,
+                               in_flight=self.in_flight, not_counted_problems=NOT_COUNTED_PROBLEMS)
 
     def on_the_wire(self) -> int:
-        return sum(progress.sent for progress in self.in_flight)
+        return on_the_wire(self.in_flight)
 
     async def kill_with_requests_on_the_wire(self) -> None:
         deadline = time.monotonic() + ON_THE_WIRE_WAIT_S
@@ -164,8 +134,7 @@ class Campaign:
     async def run(self) -> None:
         limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
         async with httpx.AsyncClient(base_url=self.server.base_url, limits=limits,
-                                     timeout=REQUEST_TIMEOUT_S) as client, \
-                httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as probe:
+                                     timeout=REQUEST_TIMEOUT_S) as client:
             senders = [asyncio.create_task(self.sender(client)) for _ in range(SENDERS)]
             try:
                 for _ in range(KILLS):
@@ -173,7 +142,7 @@ class Campaign:
                     await asyncio.sleep(self.rng.uniform(*KILL_DELAY_S))
                     await self.kill_with_requests_on_the_wire()
                     self.server.start()
-                    self.ready_after_kill_s.append(await self.server.wait_ready_async(probe))
+                    self.ready_after_kill_s.append(await self.server.wait_ready_async())
                 # The recovered server keeps taking votes before the checks.
                 await self.wait_for_acks(ACKS_BEFORE_KILL)
             finally:
@@ -181,55 +150,16 @@ class Campaign:
                 await asyncio.gather(*senders)
 
 
-def classify(response: httpx.Response, option: str) -> Answer:
-    kind_of_problem = problem_type(response)
-    detail = f"{response.status_code} {kind_of_problem}".strip()
-    if response.status_code == 201:
-        return Answer(ACKED, option, detail, receipt=response.json()["receipt"])
-    if response.status_code == 503 and kind_of_problem in ("/problems/wal-unavailable",
-                                                           "/problems/not-ready"):
-        return Answer(NOT_COUNTED, option, detail)
-    if response.status_code == 503 and kind_of_problem == "/problems/outcome-unknown":
-        return Answer(UNKNOWN, option, detail)
-    return Answer(UNEXPECTED, option, f"{detail} {response.text[:300]}")
-
-
-async def resend_all(base_url: str, tokens: list[str],
-                     votes: dict[int, str]) -> dict[int, httpx.Response]:
-    """Send each voter's vote once more (same option), SENDERS at a time."""
-    slots = asyncio.Semaphore(SENDERS)
-    responses: dict[int, httpx.Response] = {}
-    limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits,
-                                 timeout=REQUEST_TIMEOUT_S) as client:
-
-        async def resend(voter: int, option: str) -> None:
-            async with slots:
-                responses[voter] = await client.post(
-                    f"/v1/polls/{POLL}/votes", json={"option": option},
-                    headers=bearer(tokens[voter - FIRST_VOTER]))
-
-        await asyncio.gather(*(resend(voter, option) for voter, option in votes.items()))
-    return responses
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_acknowledged_votes_survive_sigkill_and_none_counts_twice(tmp_path: Path,
                                                                   workers: int) -> None:
-    seed = int(os.environ.get("VOTES_TEST_SEED", random.randrange(2**32)))
-    print(f"\n[crash-recovery workers={workers}] seed={seed} (set VOTES_TEST_SEED to repeat)")
-    rng = random.Random(seed)
-    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", workers=workers)
+    rng = seeded_rng(f"[crash-recovery workers={workers}]")
+    server = EngineProcess(tmp_path / "data", tmp_path / "server.log", workers=workers)
     try:
         server.start()
         server.wait_ready()
-        admin = votes_cli("admin-token", "--data-dir", str(server.data_dir)).strip()
-        created = httpx.post(server.base_url + "/v1/polls", headers=bearer(admin),
-                             json={"id": POLL, "options": OPTIONS}, timeout=REQUEST_TIMEOUT_S)
-        assert created.status_code == 201, created.text
-        tokens = votes_cli("token", "--data-dir", str(server.data_dir), "--voter", str(FIRST_VOTER),
-                           "--count", str(VOTERS)).split()
-        assert len(tokens) == VOTERS
+        tokens = open_poll(server, POLL, OPTIONS, first_voter=FIRST_VOTER, voters=VOTERS,
+                           timeout_s=REQUEST_TIMEOUT_S)
 
         campaign = Campaign(server, tokens, rng)
         started = time.monotonic()
@@ -242,21 +172,18 @@ def test_acknowledged_votes_survive_sigkill_and_none_counts_twice(tmp_path: Path
         server.kill()
 
 
-def check_outcomes(server: ServerProcess, tokens: list[str], campaign: Campaign, workers: int,
+def check_outcomes(server: EngineProcess, tokens: list[str], campaign: Campaign, workers: int,
                    campaign_s: float) -> None:
     label = f"[crash-recovery workers={workers}]"
-    by_kind: dict[str, dict[int, Answer]] = {kind: {} for kind in
-                                             (ACKED, UNKNOWN, NOT_COUNTED, UNEXPECTED)}
-    for voter, answer in campaign.answers.items():
-        by_kind[answer.kind][voter] = answer
-    acked, unknown, not_counted = by_kind[ACKED], by_kind[UNKNOWN], by_kind[NOT_COUNTED]
+    kinds = by_kind(campaign.answers)
+    acked, unknown, not_counted = kinds[ACKED], kinds[UNKNOWN], kinds[NOT_COUNTED]
     print(f"{label} {campaign_s:.1f} s, kills={len(campaign.in_flight_at_kill)}, in flight at "
           f"each kill={campaign.in_flight_at_kill} (written to the socket: "
           f"{campaign.on_the_wire_at_kill}), ready after kill (s)="
           f"{[round(s, 2) for s in campaign.ready_after_kill_s]}, sent={len(campaign.answers)}, "
           f"acked={len(acked)}, unknown={len(unknown)}, not counted={len(not_counted)}; "
           f"answers: {dict(Counter(answer.detail for answer in campaign.answers.values()))}")
-    assert not by_kind[UNEXPECTED], f"unexpected answers: {list(by_kind[UNEXPECTED].items())[:10]}"
+    assert not kinds[UNEXPECTED], f"unexpected answers: {list(kinds[UNEXPECTED].items())[:10]}"
     assert len(campaign.in_flight_at_kill) >= 3
     assert all(count > 0 for count in campaign.on_the_wire_at_kill), campaign.on_the_wire_at_kill
 
@@ -267,40 +194,12 @@ def check_outcomes(server: ServerProcess, tokens: list[str], campaign: Campaign,
 
     def resend(answers: dict[int, Answer]) -> dict[int, httpx.Response]:
         votes = {voter: answer.option for voter, answer in answers.items()}
-        return asyncio.run(resend_all(server.base_url, tokens, votes))
+        return asyncio.run(resend_all(server.base_url, POLL, tokens, votes,
+                                      first_voter=FIRST_VOTER, concurrency=SENDERS,
+                                      timeout_s=REQUEST_TIMEOUT_S))
 
     before = results()
-
-    # Each acknowledged vote is in the log once: a repeat gets the original receipt back.
-    wrong = {voter: (response.status_code, response.text[:300])
-             for voter, response in resend(acked).items()
-             if response.status_code != 409
-             or problem_type(response) != "/problems/already-voted"
-             or response.json()["receipt"]["receipt"] != acked[voter].receipt}
-    assert not wrong, (f"{len(wrong)} acknowledged voters did not answer 409 with their "
-                       f"original receipt: {list(wrong.items())[:5]}")
-
-    # The log has decided every unknown outcome: a repeat says which way.
-    unknown_again = resend(unknown)
-    held = {voter for voter, response in unknown_again.items() if response.status_code == 409}
-    undecided = {voter: (response.status_code, response.text[:300])
-                 for voter, response in unknown_again.items()
-                 if response.status_code not in (201, 409)}
-    assert not undecided, f"unknown outcomes still undecided: {list(undecided.items())[:5]}"
-    print(f"{label} results total={before['total']}: acked {len(acked)} + {len(held)} of "
-          f"{len(unknown)} unknown held by the log")
-    assert 0 <= len(held) <= len(unknown)
-    assert before["total"] == len(acked) + len(held)
-    expected = Counter(answer.option for answer in acked.values())
-    expected.update(unknown[voter].option for voter in held)
-    assert before["counts"] == {option: expected[option] for option in OPTIONS}
-
-    # Voters told that nothing was counted really were not: their repeat is a new vote.
-    counted_anyway = {voter: (response.status_code, response.text[:200], not_counted[voter].detail)
-                      for voter, response in resend(not_counted).items()
-                      if response.status_code != 201}
-    assert not counted_anyway, (f"{len(counted_anyway)} voters told 'not counted' were counted: "
-                                f"{list(counted_anyway.items())[:5]}")
+    held = check_resent_votes(before, kinds, resend, OPTIONS, label)
 
     accepted_now = len(not_counted) + len(unknown) - len(held)
     assert results()["total"] == before["total"] + accepted_now

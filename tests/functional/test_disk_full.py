@@ -24,7 +24,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import ServerProcess, votes_cli
+
+from tests.support.engine_process import EngineProcess
+from tests.support.vote_client import bearer, open_poll, problem_type
 
 POLL = "full"
 OPTIONS = ["yes", "no"]
@@ -40,17 +42,6 @@ CONCURRENCY = 8
 # still fit where a record is smaller than the one refused (records differ in size).
 REFUSED_SHARE_MIN = 0.75
 FILL_CHUNKS = (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def problem_type(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("type", ""))
-    except ValueError:
-        return ""
 
 
 @pytest.fixture
@@ -109,7 +100,7 @@ def send_votes(client: httpx.Client, tokens: dict[int, str],
 class Ledger:
     """What the client was told, per voter, and what the results must therefore say."""
 
-    def __init__(self, server: ServerProcess, tokens: dict[int, str], shards: int) -> None:
+    def __init__(self, server: EngineProcess, tokens: dict[int, str], shards: int) -> None:
         self.server = server
         self.tokens = tokens
         self.shards = shards
@@ -171,20 +162,16 @@ class Ledger:
 
 def test_full_disk_refuses_votes_cleanly_and_recovers_without_restart(
         small_filesystem: Path, tmp_path: Path) -> None:
-    server = ServerProcess(small_filesystem / "data", tmp_path / "server.log")
+    server = EngineProcess(small_filesystem / "data", tmp_path / "server.log", workers=1)
     with ExitStack() as stack:
         stack.callback(server.kill)
         server.start()
         server.wait_ready()
         readiness = httpx.get(server.base_url + "/readyz", timeout=REQUEST_TIMEOUT_S).json()
         shards = readiness["shards_total"]
-        admin = votes_cli("admin-token", "--data-dir", str(server.data_dir)).strip()
-        created = httpx.post(server.base_url + "/v1/polls", headers=bearer(admin),
-                             json={"id": POLL, "options": OPTIONS}, timeout=REQUEST_TIMEOUT_S)
-        assert created.status_code == 201, created.text
-        issued = votes_cli("token", "--data-dir", str(server.data_dir), "--voter", "0",
-                           "--count", str(VOTERS))
-        tokens = dict(enumerate(issued.split()))
+        issued = open_poll(server, POLL, OPTIONS, first_voter=0, voters=VOTERS,
+                           timeout_s=REQUEST_TIMEOUT_S)
+        tokens = dict(enumerate(issued))
         ledger = Ledger(server, tokens, shards)
         stack.callback(lambda: ledger.client.close())
         # Votes on every shard before the disk fills: each shard's segment file exists.

@@ -20,13 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.support.vote_client import bearer
+
 
 _poll_numbers = itertools.count()
 FINAL_WAIT_S = 5.0
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def new_poll_id(prefix: str) -> str:

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.support.vote_client import bearer
+
 WORKERS = 3
 VOTERS = 200
 THREADS = 32
@@ -26,10 +28,6 @@ RESULT_READS = 30
 OPTIONS = ["a", "b", "c"]
 
 _poll_numbers = itertools.count()
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 # A fresh connection per request lets the kernel hand each one to any of the workers.

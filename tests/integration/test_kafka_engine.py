@@ -35,7 +35,24 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from .engineproc import EngineProcess, kafka_env, votes_cli
+from tests.support import vote_client
+from tests.support.engine_process import KAFKA_READINESS, EngineProcess, kafka_env
+from tests.support.vote_client import (
+    ACKED,
+    NOT_COUNTED,
+    UNEXPECTED,
+    UNKNOWN,
+    Answer,
+    RequestProgress,
+    check_resent_votes,
+    held_by_the_log,
+    on_the_wire,
+    post_vote,
+    resend_all,
+    seeded_rng,
+    wrong_receipts,
+)
+
 from .test_kafka_wal import create_topic, delete_topics
 
 pytestmark = pytest.mark.integration
@@ -47,55 +64,8 @@ SENDING_AFTER_KILL_S = 5.0
 ACKS_AFTER_KILL = 50
 REQUEST_TIMEOUT_S = 20.0
 BACKOFF_S = 0.05
-ACKED = "acked"
-UNKNOWN = "unknown"
-NOT_COUNTED = "not-counted"  # wal-unavailable, not-ready, overloaded, connection refused
-UNEXPECTED = "unexpected"
+# A 503 with one of these problem types stored nothing (a refused connection neither).
 NOT_COUNTED_PROBLEMS = ("/problems/wal-unavailable", "/problems/not-ready", "/problems/overloaded")
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def problem_type(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("type", ""))
-    except ValueError:
-        return ""
-
-
-@dataclass
-class Answer:
-    kind: str
-    option: str
-    detail: str
-    receipt: str | None = None
-
-
-def classify(response: httpx.Response, option: str) -> Answer:
-    problem = problem_type(response)
-    detail = f"{response.status_code} {problem}".strip()
-    if response.status_code == 201:
-        return Answer(ACKED, option, detail, receipt=response.json()["receipt"])
-    if response.status_code == 503 and problem in NOT_COUNTED_PROBLEMS:
-        return Answer(NOT_COUNTED, option, detail)
-    if response.status_code == 503 and problem == "/problems/outcome-unknown":
-        return Answer(UNKNOWN, option, detail)
-    return Answer(UNEXPECTED, option, f"{detail} {response.text[:300]}")
-
-
-class RequestProgress:
-    """An httpcore trace hook: `sent` once the whole request was written to the socket."""
-
-    __slots__ = ("sent",)
-
-    def __init__(self) -> None:
-        self.sent = False
-
-    async def __call__(self, event: str, info: dict) -> None:
-        if event == "http11.send_request_body.complete":
-            self.sent = True
 
 
 @dataclass
@@ -126,23 +96,12 @@ class Campaign:
         return sum(answer.kind == ACKED for answer in self.answers.values())
 
     def on_the_wire(self) -> int:
-        return sum(progress.sent for progress in self.in_flight.values())
+        return on_the_wire(self.in_flight)
 
     async def send(self, client: httpx.AsyncClient, voter: int, option: str) -> Answer:
-        progress = RequestProgress()
-        self.in_flight[voter] = progress
-        try:
-            response = await client.post(f"{self.base_url}/v1/polls/{self.poll}/votes",
-                                         json={"option": option},
-                                         headers=bearer(self.tokens[voter - 1]),
-                                         extensions={"trace": progress})
-        except httpx.ConnectError as error:
-            return Answer(NOT_COUNTED, option, f"refused: {type(error).__name__}")
-        except httpx.TransportError as error:
-            return Answer(UNKNOWN, option, f"transport: {type(error).__name__}")
-        finally:
-            del self.in_flight[voter]
-        return classify(response, option)
+        return await post_vote(client, f"{self.base_url}/v1/polls/{self.poll}/votes",
+                               self.tokens[voter - 1], option, voter=voter,
+                               in_flight=self.in_flight, not_counted_problems=NOT_COUNTED_PROBLEMS)
 
     async def sender(self, client: httpx.AsyncClient) -> None:
         while not self.stopping and (voter := self.take_voter()) is not None:
@@ -177,39 +136,23 @@ class Campaign:
             await asyncio.sleep(0.001)
 
     def by_kind(self, voters=None) -> dict[str, dict[int, Answer]]:
-        kinds: dict[str, dict[int, Answer]] = {kind: {} for kind in
-                                               (ACKED, UNKNOWN, NOT_COUNTED, UNEXPECTED)}
-        for voter, answer in self.answers.items():
-            if voters is None or voter in voters:
-                kinds[answer.kind][voter] = answer
-        return kinds
+        return vote_client.by_kind(self.answers, voters)
 
     def summary(self) -> dict[str, int]:
         return dict(Counter(answer.detail for answer in self.answers.values()))
 
 
-async def resend_all(base_url: str, poll: str, tokens: list[str],
-                     votes: dict[int, str]) -> dict[int, httpx.Response]:
+async def resend_votes(base_url: str, poll: str, tokens: list[str],
+                       votes: dict[int, str]) -> dict[int, httpx.Response]:
     """Send each voter's vote once more (same option), SENDERS at a time."""
-    slots = asyncio.Semaphore(SENDERS)
-    responses: dict[int, httpx.Response] = {}
-    limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
-    async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
-
-        async def resend(voter: int, option: str) -> None:
-            async with slots:
-                responses[voter] = await client.post(
-                    f"{base_url}/v1/polls/{poll}/votes", json={"option": option},
-                    headers=bearer(tokens[voter - 1]))
-
-        await asyncio.gather(*(resend(voter, option) for voter, option in votes.items()))
-    return responses
+    return await resend_all(base_url, poll, tokens, votes, first_voter=1, concurrency=SENDERS,
+                            timeout_s=REQUEST_TIMEOUT_S)
 
 
 def resend(engine: EngineProcess, campaign: Campaign,
            answers: dict[int, Answer]) -> dict[int, httpx.Response]:
     votes = {voter: answer.option for voter, answer in answers.items()}
-    return asyncio.run(resend_all(engine.base_url, campaign.poll, campaign.tokens, votes))
+    return asyncio.run(resend_votes(engine.base_url, campaign.poll, campaign.tokens, votes))
 
 
 def results(engine: EngineProcess, poll: str) -> dict:
@@ -218,47 +161,29 @@ def results(engine: EngineProcess, poll: str) -> dict:
     return answer.json()
 
 
-def wrong_receipts(responses: dict[int, httpx.Response], acked: dict[int, Answer]) -> dict:
-    return {voter: (response.status_code, response.text[:300])
-            for voter, response in responses.items()
-            if response.status_code != 409
-            or problem_type(response) != "/problems/already-voted"
-            or response.json()["receipt"]["receipt"] != acked[voter].receipt}
-
-
-def check_counts(engine: EngineProcess, campaign: Campaign, label: str) -> None:
-    """The fresh engine counts every acked voter once, no voter told 'not counted', and
-    between 0 and all of the unknown outcomes."""
-    kinds = campaign.by_kind()
-    acked, unknown, not_counted = kinds[ACKED], kinds[UNKNOWN], kinds[NOT_COUNTED]
-    assert not kinds[UNEXPECTED], f"unexpected answers: {list(kinds[UNEXPECTED].items())[:10]}"
-    before = results(engine, campaign.poll)
-    wrong = wrong_receipts(resend(engine, campaign, acked), acked)
-    assert not wrong, (f"{len(wrong)} of {len(acked)} acknowledged voters did not answer 409 "
-                       f"with their original receipt: {list(wrong.items())[:5]}")
-    unknown_again = resend(engine, campaign, unknown)
-    held = {voter for voter, response in unknown_again.items() if response.status_code == 409}
-    undecided = {voter: (response.status_code, response.text[:200])
-                 for voter, response in unknown_again.items()
-                 if response.status_code not in (201, 409)}
-    assert not undecided, f"unknown outcomes still undecided: {list(undecided.items())[:5]}"
-    print(f"{label} fresh engine: total={before['total']} = acked {len(acked)} + {len(held)} of "
-          f"{len(unknown)} unknown kept by the log; not counted: {len(not_counted)}")
-    assert 0 <= len(held) <= len(unknown)
-    assert before["total"] == len(acked) + len(held)
-    expected = Counter(answer.option for answer in acked.values())
-    expected.update(unknown[voter].option for voter in held)
-    assert before["counts"] == {option: expected[option] for option in OPTIONS}
-    counted_anyway = {voter: (response.status_code, not_counted[voter].detail)
-                      for voter, response in resend(engine, campaign, not_counted).items()
-                      if response.status_code != 201}
-    assert not counted_anyway, (f"{len(counted_anyway)} voters told 'not counted' were "
-                                f"counted: {list(counted_anyway.items())[:5]}")
+def check_counts_at_fresh_engine(first: EngineProcess, tmp_path: Path, env: dict[str, str],
+                                 campaign: Campaign, label: str) -> None:
+    """SIGKILL `first` and start a fresh engine on its keys (new data dir: it takes every
+    shard's fence and replays the log). The fresh engine counts every acked voter once, no
+    voter told 'not counted', and between 0 and all of the unknown outcomes; neither engine
+    logged a traceback."""
+    first.kill()
+    fresh = start_engine(tmp_path, "b", env, keys_from=first.data_dir)
+    try:
+        kinds = campaign.by_kind()
+        assert not kinds[UNEXPECTED], f"unexpected answers: {list(kinds[UNEXPECTED].items())[:10]}"
+        before = results(fresh, campaign.poll)
+        check_resent_votes(before, kinds, lambda answers: resend(fresh, campaign, answers),
+                           OPTIONS, f"{label} fresh engine:")
+        assert_no_traceback(first, fresh)
+    finally:
+        fresh.kill()
 
 
 def start_engine(tmp_path: Path, name: str, env: dict[str, str],
                  keys_from: Path | None = None) -> EngineProcess:
-    engine = EngineProcess(tmp_path / name, tmp_path / f"{name}.log", env, keys_from=keys_from)
+    engine = EngineProcess(tmp_path / name, tmp_path / f"{name}.log", env, keys_from=keys_from,
+                           **KAFKA_READINESS)
     engine.start()
     took = engine.wait_ready()
     print(f"engine {name} ready in {took:.1f} s (port {engine.port})")
@@ -268,20 +193,8 @@ def start_engine(tmp_path: Path, name: str, env: dict[str, str],
 def open_poll(engine: EngineProcess, voters: int) -> tuple[str, list[str]]:
     """A fresh poll (the topic is shared by every test) and tokens for voters 1..voters."""
     poll = f"kafka-{uuid.uuid4().hex[:12]}"
-    admin = votes_cli("admin-token", "--data-dir", str(engine.data_dir)).strip()
-    created = httpx.post(engine.base_url + "/v1/polls", headers=bearer(admin),
-                         json={"id": poll, "options": OPTIONS}, timeout=REQUEST_TIMEOUT_S)
-    assert created.status_code == 201, created.text
-    tokens = votes_cli("token", "--data-dir", str(engine.data_dir), "--voter", "1",
-                       "--count", str(voters)).split()
-    assert len(tokens) == voters
-    return poll, tokens
-
-
-def seeded_rng(label: str) -> random.Random:
-    seed = int(os.environ.get("VOTES_TEST_SEED", random.randrange(2**32)))
-    print(f"\n{label} seed={seed} (set VOTES_TEST_SEED to repeat)")
-    return random.Random(seed)
+    return poll, vote_client.open_poll(engine, poll, OPTIONS, first_voter=1, voters=voters,
+                                       timeout_s=REQUEST_TIMEOUT_S)
 
 
 async def leaders_of_wal(local_stack) -> tuple[Counter, dict[int, set[int]]]:
@@ -297,6 +210,14 @@ async def leaders_of_wal(local_stack) -> tuple[Counter, dict[int, set[int]]]:
     for partition in description["partitions"]:
         led_by.setdefault(partition["leader"], set()).add(partition["partition"])
     return Counter({leader: len(led) for leader, led in led_by.items()}), led_by
+
+
+def restart_brokers(local_stack, nodes) -> None:
+    """Start the brokers `nodes` again; if any, wait until every partition is fully replicated."""
+    for node in nodes:
+        local_stack.start_broker(node)
+    if nodes:
+        local_stack.wait_fully_replicated(None, 90)
 
 
 def assert_no_traceback(*engines: EngineProcess) -> None:
@@ -319,7 +240,6 @@ def test_broker_kill_under_load_loses_no_acknowledged_vote(local_stack, tmp_path
     rng = seeded_rng(label)
     env = kafka_env(local_stack)
     first = start_engine(tmp_path, "a", env)
-    fresh = None
     victim = None
     paused: dict[int, int] = {}
     try:
@@ -370,21 +290,14 @@ def test_broker_kill_under_load_loses_no_acknowledged_vote(local_stack, tmp_path
               f"{campaign.summary()}")
         assert stats["in_flight"] > 0 and stats["on_the_wire"] > 0, stats
         assert not kinds[UNEXPECTED], list(kinds[UNEXPECTED].items())[:10]
-        local_stack.start_broker(victim)
-        local_stack.wait_fully_replicated(None, 90)
+        restart_brokers(local_stack, [victim])
         victim = None
-        first.stop()
-        fresh = start_engine(tmp_path, "b", env, keys_from=first.data_dir)
-        check_counts(fresh, campaign, label)
-        assert_no_traceback(first, fresh)
+        check_counts_at_fresh_engine(first, tmp_path, env, campaign, label)
     finally:
-        first.stop()
-        if fresh is not None:
-            fresh.stop()
+        first.kill()
         resume_brokers(paused)
         if victim is not None:
-            local_stack.start_broker(victim)
-            local_stack.wait_fully_replicated(None, 90)
+            restart_brokers(local_stack, [victim])
 
 
 def resume_brokers(paused: dict[int, int]) -> None:
@@ -403,7 +316,6 @@ def test_kafka_down_refuses_votes_then_recovers_without_restart(local_stack, tmp
     env = kafka_env(local_stack)
     shards = local_stack.partitions
     first = start_engine(tmp_path, "a", env)
-    fresh = None
     victims = [2, 3]
     down = []
     try:
@@ -443,18 +355,10 @@ def test_kafka_down_refuses_votes_then_recovers_without_restart(local_stack, tmp
               f"{Counter(a.detail for v, a in campaign.answers.items() if v >= back_from)}")
         assert first.alive()
         local_stack.wait_fully_replicated(None, 90)
-        first.stop()
-        fresh = start_engine(tmp_path, "b", env, keys_from=first.data_dir)
-        check_counts(fresh, campaign, label)
-        assert_no_traceback(first, fresh)
+        check_counts_at_fresh_engine(first, tmp_path, env, campaign, label)
     finally:
-        first.stop()
-        if fresh is not None:
-            fresh.stop()
-        for victim in down:
-            local_stack.start_broker(victim)
-        if down:
-            local_stack.wait_fully_replicated(None, 90)
+        first.kill()
+        restart_brokers(local_stack, down)
 
 
 def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
@@ -483,7 +387,7 @@ def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
             nonlocal successor
             successor = await asyncio.to_thread(start_engine, tmp_path, "b", env, zombie.data_dir)
             acked_before = snapshot["acked"]
-            wrong = wrong_receipts(await resend_all(
+            wrong = wrong_receipts(await resend_votes(
                 successor.base_url, poll, tokens,
                 {voter: answer.option for voter, answer in acked_before.items()}), acked_before)
             assert not wrong, (f"{len(wrong)} of {len(acked_before)} votes acknowledged by A "
@@ -524,7 +428,7 @@ def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
         wrong = wrong_receipts(resend(successor, campaign, pending_acked), pending_acked)
         assert not wrong, f"A acknowledged after SIGCONT but B disagrees: {wrong}"
         unknown_again = resend(successor, campaign, pending_kinds[UNKNOWN])
-        held = {voter for voter, response in unknown_again.items() if response.status_code == 409}
+        held = held_by_the_log(unknown_again)
         # A's refusals, and everything sent to A after SIGCONT, are not in the log.
         not_counted = {**pending_kinds[NOT_COUNTED], **late.answers}
         counted_anyway = {voter: response.status_code for voter, response in
@@ -538,9 +442,9 @@ def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
         assert before["total"] == len(acked_before) + len(pending_acked) + len(held)
         assert_no_traceback(zombie, successor)
     finally:
-        zombie.stop()
+        zombie.kill()
         if successor is not None:
-            successor.stop()
+            successor.kill()
 
 
 def test_serve_refuses_a_wal_topic_without_replication(local_stack, tmp_path):
@@ -555,7 +459,7 @@ def test_serve_refuses_a_wal_topic_without_replication(local_stack, tmp_path):
         try:
             code = engine.wait_exit(60)
         finally:
-            engine.stop()
+            engine.kill()
         output = engine.log_text()
         print(f"votes serve exited {code}: {output.strip().splitlines()[-1]}")
         assert code != 0

@@ -16,7 +16,6 @@ the snapshot's offset, and a new vote must be accepted. Each test uses its own S
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import importlib.util
@@ -36,10 +35,11 @@ from engine.config import Config
 from engine.keys import ensure_keys, load_keys
 from shards import s3_snapshots
 from shards.owner import ShardOwner
-from shards.records import PollClosed, PollCreated, VoteBatch, VoteGroup
+from shards.records import PollClosed
 from shards.s3_snapshots import S3SnapshotStore, SnapshotStoreUnavailable
 from shards.snapshots import Manifest, freeze, snapshot_name
 from shards.state import ShardState
+from tests.support.records import Log, fingerprint, poll_created
 
 pytestmark = pytest.mark.integration
 
@@ -120,56 +120,14 @@ def run_with_store(config: Config, scenario) -> None:
 # A small shard state with every feature a snapshot must carry -------------------------------
 
 
-def poll_created(poll: str, options: list[str]) -> PollCreated:
-    return PollCreated(poll=poll, options=options, opens_at_ms=None, closes_at_ms=None,
-                       embargo=False, created_ms=1_700_000_000_000)
-
-
-def vote_batch(batch_seq: int, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
-    return VoteBatch(
-        shard=SHARD, batch_seq=batch_seq, time_ms=1_700_000_000_000 + batch_seq,
-        groups=[VoteGroup(poll=poll,
-                          voters=array.array("I", [voter for voter, _ in votes]).tobytes(),
-                          options=array.array("H", [option for _, option in votes]).tobytes())
-                for poll, votes in groups.items()],
-        batch_position=0, batch_nodes=[bytes(32)], signature=bytes(64), key_id="test",
-    )
-
-
-class Log:
-    """Applies records to a state at made-up, increasing offsets, as the owner would."""
-
-    def __init__(self, state: ShardState) -> None:
-        self.state = state
-        self.offset = state.wal_offset_next
-        self.batch_seq = state.batch_seq_next
-
-    def apply(self, record) -> None:
-        next_offset = self.offset + 100
-        self.state.apply(self.offset, next_offset, record)
-        self.offset = next_offset
-
-    def votes(self, groups: dict[str, list[tuple[int, int]]]) -> None:
-        self.apply(vote_batch(self.batch_seq, groups))
-        self.batch_seq += 1
-
-
-def fingerprint(state: ShardState) -> dict:
-    return {
-        "shard": (state.shard, state.shards_total),
-        "offsets": (state.wal_offset_next, state.batch_seq_next, state.votes_applied),
-        # The locator by meaning: its length is a growth policy (freeze trims it), not state.
-        "polls": {
-            name: (poll.definition, poll.closed_ms, list(poll.voters), poll.tallies.tolist(),
-                   [(voter, poll.locator[voter]) for voter in poll.voters], poll.option_index)
-            for name, poll in state.polls.items()
-        },
-    }
+# Vote batches here carry signature fields of the right shape (applying does not check them).
+SIGNATURE_FIELDS = {"batch_position": 0, "batch_nodes": [bytes(32)], "signature": bytes(64),
+                    "key_id": "test"}
 
 
 def busy_state() -> ShardState:
     state = ShardState(SHARD, SHARDS_TOTAL)
-    log = Log(state)
+    log = Log(state, **SIGNATURE_FIELDS)
     log.apply(poll_created("song", ["a", "b", "c"]))
     log.apply(poll_created("quiz", ["yes", "no"]))
     log.votes({"song": [(1, 0), (2, 2), (1, 1), (70_000, 2)], "quiz": [(5, 1)]})
@@ -180,7 +138,8 @@ def busy_state() -> ShardState:
 
 def more_votes(state: ShardState, first_voter: int, count: int) -> None:
     """Votes for `count` new voters of 'song', so each snapshot differs from the last."""
-    Log(state).votes({"song": [(first_voter + index, index % 3) for index in range(count)]})
+    Log(state, **SIGNATURE_FIELDS).votes(
+        {"song": [(first_voter + index, index % 3) for index in range(count)]})
 
 
 # The store against S3 --------------------------------------------------------------------------

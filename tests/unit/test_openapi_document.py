@@ -4,19 +4,13 @@ and tests/contract.py both accepts bodies that follow it and rejects bodies that
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
-TESTS_DIR = str(Path(__file__).resolve().parents[1])
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
-
-import contract  # noqa: E402
+from tests import contract
 
 RECEIPT = {
     "receipt": "r1.eyJwIjoicG9sbCJ9.c2lnbmF0dXJl",

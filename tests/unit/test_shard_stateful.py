@@ -28,10 +28,8 @@ import asyncio
 import os
 import shutil
 import tempfile
-import typing
 from pathlib import Path
 
-import msgspec
 import pytest
 import uvloop
 from hypothesis import event, settings
@@ -44,11 +42,12 @@ from engine.errors import AlreadyVoted, PollClosed
 from engine.keys import ensure_keys, load_keys
 from shards.owner import ShardOwner
 from shards.records import PollClosed as PollClosedRecord
-from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, frame_record
+from shards.records import PollCreated, Record, VoteBatch, decode_record, frame_record
 from shards.segment_log import SegmentLog, segment_name
 from shards.snapshots import DirectorySnapshotStore, freeze
 from shards.state import COUNTED, ShardState
 from shards.wal import EmbeddedWal
+from tests.support.records import poll_created, vote_batch
 
 SHARD = 1
 SHARDS_TOTAL = 4
@@ -63,28 +62,9 @@ GHOST_POLL = "ghost"  # never created: its votes must never count
 SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
-def unsigned_vote_batch(batch_seq: int, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
-    """A VoteBatch as ShardOwner encodes it (one group per poll, packed uint32 voter indexes and
-    uint16 option indexes). Signature fields stay empty: applying a record does not check them."""
-    values: dict[str, object] = {
-        "shard": SHARD, "batch_seq": batch_seq, "time_ms": 1_700_000_000_000 + batch_seq,
-        "groups": [
-            VoteGroup(poll=poll,
-                      voters=array.array("I", [voter for voter, _ in votes]).tobytes(),
-                      options=array.array("H", [option for _, option in votes]).tobytes())
-            for poll, votes in groups.items()
-        ],
-    }
-    for field in msgspec.structs.fields(VoteBatch):
-        if field.name not in values:
-            values[field.name] = (typing.get_origin(field.type) or field.type)()
-    return VoteBatch(**values)
-
-
-def poll_created(poll: str, option_count: int) -> PollCreated:
-    return PollCreated(poll=poll, options=[f"option-{i}" for i in range(option_count)],
-                       opens_at_ms=None, closes_at_ms=None, embargo=False,
-                       created_ms=1_700_000_000_000)
+def numbered_poll(poll: str, option_count: int) -> PollCreated:
+    """A poll with options option-0..option-<option_count - 1>."""
+    return poll_created(poll, [f"option-{i}" for i in range(option_count)])
 
 
 class ModelPoll:
@@ -220,13 +200,13 @@ class ShardMachine(RuleBasedStateMachine):
         return outcomes
 
     def vote_batch(self, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
-        return unsigned_vote_batch(self.state.batch_seq_next, groups)
+        return vote_batch(SHARD, self.state.batch_seq_next, groups)
 
     # Rules ---------------------------------------------------------------------------------
 
     @rule(poll=st.sampled_from(POLLS), option_count=st.integers(1, 4))
     def create_poll(self, poll: str, option_count: int) -> None:
-        self.append([poll_created(poll, option_count)])
+        self.append([numbered_poll(poll, option_count)])
 
     @rule(data=st.data())
     def cast_votes(self, data: st.DataObject) -> None:
@@ -310,14 +290,14 @@ class ShardMachine(RuleBasedStateMachine):
             kind = data.draw(st.sampled_from(["create", "close", "votes"]))
             if kind == "create":
                 poll = data.draw(st.sampled_from(POLLS))
-                records.append(poll_created(poll, data.draw(st.integers(1, 4))))
+                records.append(numbered_poll(poll, data.draw(st.integers(1, 4))))
                 existing.add(poll)
             elif kind == "close" and existing:
                 poll = data.draw(st.sampled_from(sorted(existing)))
                 records.append(PollClosedRecord(poll=poll, closed_ms=1_700_000_001_000))
             else:
                 poll = data.draw(st.sampled_from([*sorted(existing), GHOST_POLL]))
-                records.append(unsigned_vote_batch(batch_seq, {poll: data.draw(vote_lists())}))
+                records.append(vote_batch(SHARD, batch_seq, {poll: data.draw(vote_lists())}))
                 batch_seq += 1
         return records
 
@@ -370,7 +350,7 @@ TestShardMachine.pytestmark = [pytest.mark.timeout(600)]
 
 def test_replaying_an_old_vote_for_a_poll_created_later_changes_nothing() -> None:
     state = ShardState(SHARD, SHARDS_TOTAL)
-    records = [unsigned_vote_batch(0, {"late": [(5, 0)]}), poll_created("late", 2)]
+    records = [vote_batch(SHARD, 0, {"late": [(5, 0)]}), numbered_poll("late", 2)]
     offset = 0
     for record in records:
         state.apply(offset, offset + 100, record)
@@ -384,7 +364,7 @@ def test_replaying_an_old_vote_for_a_poll_created_later_changes_nothing() -> Non
 # The live owner ----------------------------------------------------------------------------------
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-POLL = poll_created("final", 2)
+POLL = numbered_poll("final", 2)
 VOTER_ID = SHARDS_TOTAL * 1234 + SHARD  # voter_id mod shards == SHARD
 
 

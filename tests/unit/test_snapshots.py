@@ -7,70 +7,18 @@ the manifest leaves the previous snapshot in use.
 
 from __future__ import annotations
 
-import array
-import typing
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from shards import snapshots
-from shards.records import PollClosed, PollCreated, VoteBatch, VoteGroup
+from shards.records import PollClosed
 from shards.snapshots import DirectorySnapshotStore, freeze, snapshot_name, thaw
 from shards.state import ShardState
+from tests.support.records import Log, fingerprint, poll_created, vote_batch
 
 SHARD = 3
 SHARDS_TOTAL = 8
-
-
-def poll_created(poll: str, options: list[str]) -> PollCreated:
-    return PollCreated(poll=poll, options=options, opens_at_ms=None, closes_at_ms=None,
-                       embargo=False, created_ms=1_700_000_000_000)
-
-
-def vote_batch(batch_seq: int, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
-    """A batch as the owner encodes it; the signature fields stay empty, since applying a
-    record does not check them (their shape is left to the records module)."""
-    values = {
-        "shard": SHARD, "batch_seq": batch_seq, "time_ms": 1_700_000_000_000 + batch_seq,
-        "groups": [
-            VoteGroup(poll=poll,
-                      voters=array.array("I", [voter for voter, _ in votes]).tobytes(),
-                      options=array.array("H", [option for _, option in votes]).tobytes())
-            for poll, votes in groups.items()
-        ],
-    }
-    for field in msgspec.structs.fields(VoteBatch):
-        if field.name not in values:
-            values[field.name] = (typing.get_origin(field.type) or field.type)()
-    return VoteBatch(**values)
-
-
-class Log:
-    """Applies records to a state at made-up, increasing offsets, as the owner would."""
-
-    def __init__(self, state: ShardState) -> None:
-        self.state = state
-        self.offset = state.wal_offset_next
-
-    def apply(self, record) -> None:
-        next_offset = self.offset + 100
-        self.state.apply(self.offset, next_offset, record)
-        self.offset = next_offset
-
-
-def fingerprint(state: ShardState) -> dict:
-    return {
-        "shard": (state.shard, state.shards_total),
-        "offsets": (state.wal_offset_next, state.batch_seq_next, state.votes_applied),
-        # The locator by meaning: its length is a growth policy (freeze trims it), not state.
-        "polls": {
-            name: (poll.definition, poll.closed_ms, list(poll.voters), poll.tallies.tolist(),
-                   [(voter, poll.locator[voter]) for voter in poll.voters],
-                   poll.option_index)
-            for name, poll in state.polls.items()
-        },
-    }
 
 
 def busy_state() -> ShardState:
@@ -78,10 +26,11 @@ def busy_state() -> ShardState:
     log = Log(state)
     log.apply(poll_created("song", ["a", "b", "c"]))
     log.apply(poll_created("quiz", ["yes", "no"]))
-    log.apply(vote_batch(0, {"song": [(1, 0), (2, 2), (1, 1), (70_000, 2)], "quiz": [(5, 1)]}))
-    log.apply(vote_batch(1, {"quiz": [(6, 0), (5, 0)]}))
+    log.apply(vote_batch(SHARD, 0, {"song": [(1, 0), (2, 2), (1, 1), (70_000, 2)],
+                                    "quiz": [(5, 1)]}))
+    log.apply(vote_batch(SHARD, 1, {"quiz": [(6, 0), (5, 0)]}))
     log.apply(PollClosed(poll="quiz", closed_ms=1_700_000_000_500))
-    log.apply(vote_batch(2, {"quiz": [(7, 0)], "song": [(3, 1)]}))
+    log.apply(vote_batch(SHARD, 2, {"quiz": [(7, 0)], "song": [(3, 1)]}))
     return state
 
 
@@ -93,7 +42,7 @@ def test_thaw_restores_what_freeze_captured() -> None:
     restored = thaw(freeze(state))
     assert fingerprint(restored) == fingerprint(state)
     # The restored state keeps working: the same test-and-set, the same closed poll.
-    Log(restored).apply(vote_batch(3, {"song": [(2, 0), (4, 0)], "quiz": [(8, 0)]}))
+    Log(restored).apply(vote_batch(SHARD, 3, {"song": [(2, 0), (4, 0)], "quiz": [(8, 0)]}))
     assert restored.polls["song"].counts() == {"a": 2, "b": 1, "c": 2}
     assert restored.polls["quiz"].counts() == {"yes": 1, "no": 1}
     assert restored.votes_applied == state.votes_applied + 1
@@ -109,7 +58,7 @@ def test_an_empty_state_round_trips() -> None:
 
 
 def advance(state: ShardState, batch_seq: int) -> None:
-    Log(state).apply(vote_batch(batch_seq, {"song": [(100 + batch_seq, batch_seq % 3)]}))
+    Log(state).apply(vote_batch(SHARD, batch_seq, {"song": [(100 + batch_seq, batch_seq % 3)]}))
 
 
 def test_the_store_keeps_the_newest_and_deletes_the_rest(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""The test tree is a package, so every suite imports shared helpers as `tests.support...`."""

@@ -1,0 +1,305 @@
+"""Shard ownership across hosts: two `votes serve` processes ("hosts") on the real stack,
+Kafka WAL + Redis leases (engine/ownership.py).
+
+- static map: node A prefers shards 0-3, node B 4-7; both become ready holding exactly
+  those; votes for voters of every shard sent to A all get 201 (forwarded to B when B holds
+  the shard: the receipt names the voter's shard), and both nodes report exact counts;
+- `votes shard move 5 --to A`: B stops serving 5, A fences, replays and serves it; a voter
+  acknowledged on shard 5 before the move gets 409 with the identical receipt after it (at
+  A and through B); new votes on shard 5 get 201; counts are exact (nothing lost or doubled);
+- takeover: B's process group is SIGKILLed; within lease_ttl_s + a few seconds A holds all
+  shards and serves them; every vote B acknowledged is 409 at A with the identical receipt;
+  new votes for B's former shards get 201; counts are exact;
+- zombie: B is SIGSTOPped until A took (and fenced) its shards, then resumed: B finds its
+  leases lost and stops serving them; as their preferred owner it gets them back through
+  the fence (A hands them over); B's acknowledged votes are 409 with identical receipts,
+  new votes get 201; counts are exact.
+The WAL topic and transactional ids are shared by all tests: each test uses a fresh poll,
+fresh node ids, and clears this topic's lease keys in Redis before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from engine.keys import ensure_keys
+
+from .engineproc import EngineProcess, free_port, kafka_env, votes_cli
+
+pytestmark = pytest.mark.integration
+
+OPTIONS = ["red", "green", "blue"]
+LEASE_TTL_S = 3.0
+TAKEOVER_SLACK_S = 12.0  # fence + replay of four shards on top of the lease expiry
+REQUEST_TIMEOUT_S = 20.0
+VOTERS = 48  # six voters on each of the eight shards
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Cluster:
+    """Two engines sharing keys, node ids unique to one test, map A=first half, B=rest."""
+
+    def __init__(self, local_stack, tmp_path: Path) -> None:
+        self.stack = local_stack
+        self.shards = local_stack.partitions
+        suffix = uuid.uuid4().hex[:6]
+        self.a_id, self.b_id = f"a-{suffix}", f"b-{suffix}"
+        half = self.shards // 2
+        self.shard_map = f"{self.a_id}=0-{half - 1},{self.b_id}={half}-{self.shards - 1}"
+        template = tmp_path / "keys-template"
+        ensure_keys(template)
+        self.a = self._engine(tmp_path, "a", self.a_id, template)
+        self.b = self._engine(tmp_path, "b", self.b_id, template)
+        self.redis = redis.Redis.from_url(local_stack.redis_url, decode_responses=True)
+
+    def _engine(self, tmp_path: Path, name: str, node_id: str, template: Path) -> EngineProcess:
+        port = free_port()
+        env = self.env(VOTES_NODE_ID=node_id, VOTES_ADVERTISE_URL=f"http://127.0.0.1:{port}",
+                       VOTES_LEASE_TTL_S=str(LEASE_TTL_S))
+        return EngineProcess(tmp_path / name, tmp_path / f"{name}.log", env,
+                             keys_from=template, port=port)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return kafka_env(self.stack, VOTES_REDIS_URL=self.stack.redis_url,
+                         VOTES_SHARD_MAP=self.shard_map, **extra)
+
+    def clear_keys(self) -> None:
+        keys = list(self.redis.scan_iter(f"votes:{self.stack.wal_topic}:*"))
+        if keys:
+            self.redis.delete(*keys)
+
+    def holders(self) -> dict[int, str | None]:
+        values = self.redis.mget([f"votes:{self.stack.wal_topic}:lease:{shard}"
+                                  for shard in range(self.shards)])
+        return {shard: value.split(" ")[0] if value else None for shard, value in enumerate(values)}
+
+    def start(self) -> None:
+        self.a.start()
+        self.b.start()
+        took_a = self.a.wait_ready()
+        took_b = self.b.wait_ready()
+        print(f"ready: A {took_a:.1f} s, B {took_b:.1f} s")
+
+    def stop(self) -> None:
+        self.a.stop()
+        self.b.stop()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
+                              text=True, timeout=90, env={**os.environ, **self.env()}, check=False)
+
+    def open_poll(self) -> tuple[str, list[str]]:
+        poll = f"own-{uuid.uuid4().hex[:12]}"
+        admin = votes_cli("admin-token", "--data-dir", str(self.a.data_dir)).strip()
+        created = httpx.post(self.a.base_url + "/v1/polls", headers=bearer(admin),
+                             json={"id": poll, "options": OPTIONS}, timeout=REQUEST_TIMEOUT_S)
+        assert created.status_code == 201, created.text
+        tokens = votes_cli("token", "--data-dir", str(self.a.data_dir), "--voter", "1",
+                           "--count", str(VOTERS + 2 * self.shards)).split()
+        return poll, tokens
+
+
+@pytest.fixture
+def cluster(local_stack, tmp_path):
+    cluster = Cluster(local_stack, tmp_path)
+    cluster.clear_keys()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        cluster.clear_keys()
+        for engine in (cluster.a, cluster.b):
+            assert "Traceback" not in engine.log_text(), engine.log_tail()
+
+
+def option_of(voter: int) -> str:
+    return OPTIONS[voter % len(OPTIONS)]
+
+
+async def _send_all(base_url: str, poll: str, tokens: list[str], voters) -> dict[int, httpx.Response]:
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        async def send(voter: int) -> tuple[int, httpx.Response]:
+            return voter, await client.post(f"{base_url}/v1/polls/{poll}/votes",
+                                            json={"option": option_of(voter)},
+                                            headers=bearer(tokens[voter - 1]))
+
+        return dict(await asyncio.gather(*(send(voter) for voter in voters)))
+
+
+def send_all(engine: EngineProcess, poll: str, tokens: list[str], voters) -> dict[int, httpx.Response]:
+    return asyncio.run(_send_all(engine.base_url, poll, tokens, voters))
+
+
+def acked(responses: dict[int, httpx.Response], shards: int) -> dict[int, str]:
+    """voter -> receipt string; fails unless every answer is 201 on the voter's shard."""
+    bad = {voter: (answer.status_code, answer.text[:200]) for voter, answer in responses.items()
+           if answer.status_code != 201 or answer.json()["shard"] != voter % shards}
+    assert not bad, bad
+    return {voter: answer.json()["receipt"] for voter, answer in responses.items()}
+
+
+def assert_repeats(responses: dict[int, httpx.Response], receipts: dict[int, str]) -> None:
+    wrong = {voter: (answer.status_code, answer.text[:200]) for voter, answer in responses.items()
+             if answer.status_code != 409
+             or answer.json()["type"] != "/problems/already-voted"
+             or answer.json()["receipt"]["receipt"] != receipts[voter]}
+    assert not wrong, wrong
+
+
+def assert_counts(engine: EngineProcess, poll: str, voters) -> None:
+    expected = {option: 0 for option in OPTIONS}
+    for voter in voters:
+        expected[option_of(voter)] += 1
+    answer = httpx.get(f"{engine.base_url}/v1/polls/{poll}/results", timeout=REQUEST_TIMEOUT_S)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["counts"] == expected, (answer.json(), expected)
+
+
+def test_static_map_forwards_votes_to_the_shard_holder(cluster):
+    started = time.monotonic()
+    cluster.start()
+    half = cluster.shards // 2
+    assert cluster.holders() == {shard: cluster.a_id if shard < half else cluster.b_id
+                                 for shard in range(cluster.shards)}
+    readiness = httpx.get(cluster.b.base_url + "/readyz").json()
+    assert (readiness["node_id"], readiness["shards_held"]) == (cluster.b_id, cluster.shards - half)
+    poll, tokens = cluster.open_poll()
+    voters = range(1, VOTERS + 1)
+    receipts = acked(send_all(cluster.a, poll, tokens, voters), cluster.shards)
+    assert_counts(cluster.a, poll, voters)
+    assert_counts(cluster.b, poll, voters)
+    # A repeat through either node finds the original receipt at the holder.
+    assert_repeats(send_all(cluster.b, poll, tokens, voters), receipts)
+    print(f"static map test: {time.monotonic() - started:.1f} s")
+
+
+def test_shard_move_hands_over_through_the_fence(cluster):
+    started = time.monotonic()
+    cluster.start()
+    moved_shard = cluster.shards // 2 + 1  # one of B's shards (5 of 8)
+    poll, tokens = cluster.open_poll()
+    voters = list(range(1, VOTERS + 1))
+    receipts = acked(send_all(cluster.b, poll, tokens, voters), cluster.shards)
+    on_moved = [voter for voter in voters if voter % cluster.shards == moved_shard]
+
+    moving = time.monotonic()
+    completed = cluster.cli("shard", "move", str(moved_shard), "--to", cluster.a_id, "--timeout-s", "30")
+    assert completed.returncode == 0, completed.stderr + completed.stdout
+    print(f"move: {completed.stdout.strip()} (cli {time.monotonic() - moving:.1f} s)")
+    assert cluster.holders()[moved_shard] == cluster.a_id
+    assert f"shard {moved_shard} stopped" in cluster.b.log_text()
+    status = cluster.cli("shard", "status")
+    assert status.returncode == 0 and cluster.a_id in status.stdout, status.stderr
+
+    # Acknowledged before the move: 409 with the same receipt, asked at A or through B.
+    assert_repeats(send_all(cluster.a, poll, tokens, on_moved), receipts)
+    assert_repeats(send_all(cluster.b, poll, tokens, on_moved), receipts)
+    new_voters = [voter for voter in range(VOTERS + 1, VOTERS + 2 * cluster.shards + 1)
+                  if voter % cluster.shards == moved_shard]
+    new_receipts = acked(send_all(cluster.b, poll, tokens, new_voters), cluster.shards)
+    assert len(new_receipts) == 2
+    # A move does not bounce back: B (the map's choice) stays off the shard while A is alive.
+    time.sleep(2.5)
+    assert cluster.holders()[moved_shard] == cluster.a_id
+    assert_counts(cluster.a, poll, voters + new_voters)
+    assert_counts(cluster.b, poll, voters + new_voters)
+
+    bad = cluster.cli("shard", "move", str(cluster.shards), "--to", cluster.a_id)
+    assert bad.returncode != 0 and "unknown shard" in bad.stderr
+    bad = cluster.cli("shard", "move", "0", "--to", "no-such-node")
+    assert bad.returncode != 0 and "not alive" in bad.stderr
+    print(f"move test: {time.monotonic() - started:.1f} s")
+
+
+def wait_all_held_by(cluster: Cluster, engine: EngineProcess, node_id: str) -> float:
+    """Seconds until every lease names node_id and that node's /readyz says ready."""
+    started = time.monotonic()
+    while time.monotonic() - started < LEASE_TTL_S + TAKEOVER_SLACK_S:
+        if set(cluster.holders().values()) == {node_id}:
+            try:
+                if httpx.get(engine.base_url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+        time.sleep(0.1)
+    assert set(cluster.holders().values()) == {node_id}, cluster.holders()
+    return time.monotonic() - started
+
+
+def test_live_node_takes_over_a_dead_nodes_shards(cluster):
+    started = time.monotonic()
+    cluster.start()
+    poll, tokens = cluster.open_poll()
+    voters = list(range(1, VOTERS + 1))
+    receipts = acked(send_all(cluster.b, poll, tokens, voters), cluster.shards)
+
+    cluster.b.stop()  # SIGKILL of B's whole process group
+    killed = time.monotonic()
+    deadline = killed + LEASE_TTL_S + TAKEOVER_SLACK_S
+    while time.monotonic() < deadline:
+        if set(cluster.holders().values()) == {cluster.a_id}:
+            try:
+                if httpx.get(cluster.a.base_url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+        time.sleep(0.1)
+    took = time.monotonic() - killed
+    assert set(cluster.holders().values()) == {cluster.a_id}, cluster.holders()
+    readiness = httpx.get(cluster.a.base_url + "/readyz").json()
+    assert readiness["ready"] and readiness["shards_held"] == cluster.shards, readiness
+    print(f"takeover: A holds and serves all {cluster.shards} shards {took:.1f} s after the kill")
+
+    assert_repeats(send_all(cluster.a, poll, tokens, voters), receipts)
+    half = cluster.shards // 2
+    new_voters = [voter for voter in range(VOTERS + 1, VOTERS + 2 * cluster.shards + 1)
+                  if voter % cluster.shards >= half]
+    acked(send_all(cluster.a, poll, tokens, new_voters), cluster.shards)
+    assert_counts(cluster.a, poll, voters + new_voters)
+    print(f"takeover test: {time.monotonic() - started:.1f} s")
+
+
+def test_resumed_zombie_finds_its_leases_lost_and_forwards(cluster):
+    started = time.monotonic()
+    cluster.start()
+    poll, tokens = cluster.open_poll()
+    voters = list(range(1, VOTERS + 1))
+    receipts = acked(send_all(cluster.b, poll, tokens, voters), cluster.shards)
+
+    cluster.b.pause()
+    took = wait_all_held_by(cluster, cluster.a, cluster.a_id)
+    print(f"zombie: A took every shard {took:.1f} s after B was paused")
+    cluster.b.resume()
+    deadline = time.monotonic() + 10
+    while "lease lost" not in cluster.b.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "lease lost" in cluster.b.log_text(), cluster.b.log_tail()
+    # Alive again, B is its shards' preferred owner: A hands them back through the fence.
+    half = cluster.shards // 2
+    static = {shard: cluster.a_id if shard < half else cluster.b_id for shard in range(cluster.shards)}
+    deadline = time.monotonic() + LEASE_TTL_S + TAKEOVER_SLACK_S
+    while cluster.holders() != static and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.holders() == static
+    cluster.a.wait_ready(TAKEOVER_SLACK_S)
+    cluster.b.wait_ready(TAKEOVER_SLACK_S)
+    print(f"zombie: shards back on the static map {time.monotonic() - started:.1f} s into the test")
+
+    assert_repeats(send_all(cluster.b, poll, tokens, voters), receipts)
+    new_voters = list(range(VOTERS + 1, VOTERS + 2 * cluster.shards + 1))
+    acked(send_all(cluster.b, poll, tokens, new_voters), cluster.shards)
+    assert_counts(cluster.a, poll, voters + new_voters)
+    print(f"zombie test: {time.monotonic() - started:.1f} s")

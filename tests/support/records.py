@@ -1,0 +1,77 @@
+"""WAL records built by hand for shard tests, a log that applies them, and a state fingerprint.
+
+Vote batches are encoded as ShardOwner encodes them (one group per poll, packed uint32 voter
+indexes and uint16 option indexes). Their signature fields stay empty unless given: applying
+a record does not check them.
+"""
+
+from __future__ import annotations
+
+import array
+import typing
+
+import msgspec
+
+from shards.records import PollCreated, VoteBatch, VoteGroup
+from shards.state import ShardState
+
+CREATED_MS = 1_700_000_000_000
+
+
+def poll_created(poll: str, options: list[str]) -> PollCreated:
+    return PollCreated(poll=poll, options=options, opens_at_ms=None, closes_at_ms=None,
+                       embargo=False, created_ms=CREATED_MS)
+
+
+def vote_batch(shard: int, batch_seq: int, groups: dict[str, list[tuple[int, int]]],
+               **fields: object) -> VoteBatch:
+    """A batch of (voter index, option index) votes per poll; `fields` set other VoteBatch
+    fields (e.g. the signature's), every field not given is its type's empty value."""
+    values: dict[str, object] = {
+        "shard": shard, "batch_seq": batch_seq, "time_ms": CREATED_MS + batch_seq,
+        "groups": [
+            VoteGroup(poll=poll,
+                      voters=array.array("I", [voter for voter, _ in votes]).tobytes(),
+                      options=array.array("H", [option for _, option in votes]).tobytes())
+            for poll, votes in groups.items()
+        ],
+        **fields,
+    }
+    for field in msgspec.structs.fields(VoteBatch):
+        if field.name not in values:
+            values[field.name] = (typing.get_origin(field.type) or field.type)()
+    return VoteBatch(**values)
+
+
+class Log:
+    """Applies records to a state at made-up, increasing offsets (100 apart), as the owner
+    would; `votes` adds a vote batch with the next batch_seq (`batch_fields` go into each)."""
+
+    def __init__(self, state: ShardState, **batch_fields: object) -> None:
+        self.state = state
+        self.offset = state.wal_offset_next
+        self.batch_seq = state.batch_seq_next
+        self.batch_fields = batch_fields
+
+    def apply(self, record) -> None:
+        next_offset = self.offset + 100
+        self.state.apply(self.offset, next_offset, record)
+        self.offset = next_offset
+
+    def votes(self, groups: dict[str, list[tuple[int, int]]]) -> None:
+        self.apply(vote_batch(self.state.shard, self.batch_seq, groups, **self.batch_fields))
+        self.batch_seq += 1
+
+
+def fingerprint(state: ShardState) -> dict:
+    """Everything a snapshot must carry, in comparable form."""
+    return {
+        "shard": (state.shard, state.shards_total),
+        "offsets": (state.wal_offset_next, state.batch_seq_next, state.votes_applied),
+        # The locator by meaning: its length is a growth policy (freeze trims it), not state.
+        "polls": {
+            name: (poll.definition, poll.closed_ms, list(poll.voters), poll.tallies.tolist(),
+                   [(voter, poll.locator[voter]) for voter in poll.voters], poll.option_index)
+            for name, poll in state.polls.items()
+        },
+    }
