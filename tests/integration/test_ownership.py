@@ -34,7 +34,8 @@ import redis
 
 from engine.keys import ensure_keys
 
-from .engineproc import EngineProcess, free_port, kafka_env, votes_cli
+from tests.support.cli import votes_cli
+from tests.support.engine_process import KAFKA_READINESS, EngineProcess, free_port, kafka_env
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +71,7 @@ class Cluster:
         env = self.env(VOTES_NODE_ID=node_id, VOTES_ADVERTISE_URL=f"http://127.0.0.1:{port}",
                        VOTES_LEASE_TTL_S=str(LEASE_TTL_S))
         return EngineProcess(tmp_path / name, tmp_path / f"{name}.log", env,
-                             keys_from=template, port=port)
+                             keys_from=template, port=port, **KAFKA_READINESS)
 
     def env(self, **extra: str) -> dict[str, str]:
         return kafka_env(self.stack, VOTES_REDIS_URL=self.stack.redis_url,
@@ -94,8 +95,8 @@ class Cluster:
         print(f"ready: A {took_a:.1f} s, B {took_b:.1f} s")
 
     def stop(self) -> None:
-        self.a.stop()
-        self.b.stop()
+        self.a.kill()
+        self.b.kill()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
@@ -246,7 +247,7 @@ def test_live_node_takes_over_a_dead_nodes_shards(cluster):
     voters = list(range(1, VOTERS + 1))
     receipts = acked(send_all(cluster.b, poll, tokens, voters), cluster.shards)
 
-    cluster.b.stop()  # SIGKILL of B's whole process group
+    cluster.b.kill()  # SIGKILL of B's whole process group
     killed = time.monotonic()
     deadline = killed + LEASE_TTL_S + TAKEOVER_SLACK_S
     while time.monotonic() < deadline:
