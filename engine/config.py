@@ -29,6 +29,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shards: int = 8
     # Group commit: a batch is written and fsynced when this many votes wait or after this long.
     group_commit_ms: float = 1.0
+    # A commit cycle waits at most this long for its slowest shard before the next starts.
+    group_commit_wait_ms: float = 100.0
     batch_votes_max: int = 4096
     # Votes waiting for one shard beyond this are shed with 503 `overloaded`.
     shard_queue_votes_max: int = 65536
@@ -86,6 +88,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (1 <= self.workers <= self.shards, "workers must be in 1..shards"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (0 <= self.group_commit_ms <= 1000, "group_commit_ms must be in 0..1000"),
+            (0 <= self.group_commit_wait_ms <= 60_000, "group_commit_wait_ms must be in 0..60000"),
             (1 <= self.batch_votes_max <= 65536, "batch_votes_max must be in 1..65536"),
             (self.shard_queue_votes_max >= self.batch_votes_max,
              "shard_queue_votes_max must be >= batch_votes_max"),

@@ -1,20 +1,27 @@
 """Vote throughput of the engine as a fraction of the server stack's ceiling.
 
 In one run on one machine, with the same generator (wrk + perf/wrk/votes.lua) and the
-same settings, this measures
+same settings, this measures up to three peers:
 
-1. the ceiling: perf/ceiling.py, a bare Granian RSGI app answering a fixed 201;
-2. the engine: ``votes serve`` on a fresh data directory on a real disk, fed votes from
-   distinct voters (every token is used once; warm-up uses other voters),
+1. ceiling: perf/ceiling.py, a bare Granian RSGI app answering a fixed 201;
+2. embedded: ``votes serve`` on the embedded log, in a fresh data directory on a real
+   disk, fed votes from distinct voters (every token is used once; warm-up uses others);
+3. kafka (``--kafka``): ``votes serve --config`` on the Kafka WAL (3 brokers, acks=all,
+   one transactional producer per shard) and S3 snapshots of a private local stack
+   (deploy/local/stack.py on ``--stack-base-port``, brought up with ``--fresh`` and always
+   taken down with ``--wipe``, even on failure).
 
-and prints a table (201/s, latency percentiles, non-201 counts, CPU of server and
-generator) with the ratio engine/ceiling, then writes perf/results/vote_vs_ceiling.json.
-Only 201 responses count as throughput, and the engine's results endpoint is checked
-against them: 201s seen <= votes counted <= 201s seen + requests still in flight.
+Each engine peer gets a saturating run (every connection sends as soon as it is answered)
+and then a paced run at ``--pace-fraction`` (default half) of the rate it just reached.
+The bench prints a table per run kind and a result table (201/s, latency, paced latency,
+server CPU per 201, ratios to the ceiling and to the embedded engine), then writes
+perf/results/vote_vs_ceiling.json. Only 201 responses count as throughput, and the
+engine's results endpoint is checked against them: 201s seen <= votes counted <= 201s
+seen + requests still in flight.
 
 The generator runs on the same 2-core machine as the server, so absolute numbers move
-with everything else running; the ratio, measured side by side, is the figure to compare.
-See perf/README.md.
+with everything else running; the ratios, measured side by side, are the figures to
+compare. wrk is a closed loop even when paced. See perf/README.md.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PERF_DIR,
     BenchError,
+    PrivateStack,
     ServerProcess,
     WrkParameters,
     WrkResult,
@@ -58,14 +68,63 @@ CEILING_SCRIPT = PERF_DIR / "ceiling.py"
 VENV_BIN = Path(sys.executable).parent
 # The engine's command line; --votes-bin replaces it.
 VOTES_BIN = VENV_BIN / "votes"
+PEERS = ("ceiling", "embedded", "kafka")
 # Token-file sizing: at least this many times the rate the run could reach, so that a
-# thread never runs dry; the ceiling's own rate bounds the engine's.
+# thread never runs dry; the ceiling's own rate bounds the engines'.
 TOKEN_MARGIN = 2.0
 # Lines written for the ceiling's warm-up, per second of warm-up: above any rate one
 # generator thread reaches here, so the warm-up measures the rate that sizes the rest.
 CEILING_WARMUP_TOKENS_PER_S = 250_000
 # The least the ceiling's measured token file holds, per second of run.
 CEILING_TOKENS_PER_S_MIN = 100_000
+# A paced run that reaches less than this share of its target rate draws a warning.
+PACED_SHORTFALL_WARN = 0.9
+# The engine's group-commit histograms (engine/metrics.py), read from GET /metrics.
+COMMIT_SECONDS = "vote_wal_commit_duration_seconds"
+COMMIT_ITEMS = "vote_wal_commit_items"
+CLOSED_LOOP_NOTE = (
+    "wrk is a closed loop, paced or not: a connection sends its next request only after "
+    "the answer to the last one, and the latency clock starts when the request is "
+    "written. When the server stalls, requests that an open-loop client would have sent "
+    "then wait unsent, and that wait is in no percentile: latency is under-reported "
+    "(coordinated omission). Paced runs count the requests sent more than 1 ms after "
+    "their slot (late sends) and how late, and drop slots more than 1 s behind; a paced "
+    "rate below its target means the closed loop could not keep up."
+)
+KAFKA_NOTE = (
+    "kafka: the engine on the stack's WAL topic (3 brokers, replication 3, "
+    "min.insync.replicas 2, acks=all, one idempotent transactional producer per shard). "
+    "Each WAL commit of a shard is one Kafka transaction (begin, AddPartitionsToTxn, "
+    "produce, EndTxn), one at a time per shard, and a vote is answered only after its "
+    "transaction commits. So with C connections the rate is at most C / commit time: "
+    "when the server CPU is low, Kafka's commit latency bounds the rate, not the CPU. "
+    "The WAL-commit lines show how long commits took and how many were in flight."
+)
+
+
+@dataclass
+class EngineData:
+    """An engine data dir kept across runs, with the voters and the poll it has seen.
+
+    A Kafka peer keeps one for the life of its stack: the WAL topic outlives each engine
+    process, and the records in it were signed with the keys in this directory.
+    """
+
+    path: Path
+    voter_next: int = 1
+    poll_created: bool = False
+
+
+@dataclass
+class EnginePeer:
+    """One engine configuration to measure against the ceiling."""
+
+    name: str  # its key in the JSON: "embedded", "kafka", "kafka-2p", "kafka-c512"
+    connections: int
+    config_path: Path | None = None  # `votes serve --config`: the Kafka WAL and S3
+    stack: PrivateStack | None = None
+    data: EngineData | None = None  # None: a fresh data dir for every run
+    kafka_partitions: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,13 +132,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument(
+        "--peers",
+        default="ceiling,embedded",
+        help=f"comma-separated peers from {','.join(PEERS)}; the ceiling is always measured",
+    )
+    parser.add_argument("--kafka", action="store_true", help="add the kafka peer to --peers")
+    parser.add_argument("--ceiling-only", action="store_true", help="measure the ceiling only")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (-t)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (-c)")
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured run length")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="warm-up run length")
     parser.add_argument("--timeout-s", type=float, default=2.0, help="wrk --timeout")
+    parser.add_argument(
+        "--pace-fraction",
+        type=float,
+        default=0.5,
+        help="paced run of each engine peer at this fraction of its saturating rate; 0 = none",
+    )
+    parser.add_argument(
+        "--paced-duration-s", type=float, default=None, help="paced run length (--duration-s)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
-    parser.add_argument("--rounds", type=int, default=1, help="ceiling/engine pairs to run")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of all peers to run")
+    parser.add_argument(
+        "--stack-base-port",
+        type=int,
+        default=19800,
+        help="base port of the kafka peer's private stack (it uses base..base+99)",
+    )
+    parser.add_argument(
+        "--kafka-partitions",
+        type=int,
+        default=8,
+        help="partitions of the private stack's WAL topic = the kafka engine's shards",
+    )
+    parser.add_argument(
+        "--kafka-extra-connections",
+        type=int,
+        default=512,
+        help="after the rounds, one more kafka run with this many connections; 0 = none",
+    )
+    parser.add_argument(
+        "--kafka-extra-partitions",
+        type=int,
+        default=2,
+        help="then one more kafka run on a fresh stack with this many partitions; 0 = none",
+    )
     parser.add_argument("--poll", default="bench")
     parser.add_argument("--options", default="a,b,c", help="poll options, voted in turn")
     parser.add_argument(
@@ -101,12 +200,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout-s", type=float, default=60.0)
     parser.add_argument("--settle-timeout-s", type=float, default=15.0)
     parser.add_argument("--engine-extra-args", default="", help="appended to `votes serve`")
-    parser.add_argument("--ceiling-only", action="store_true", help="skip the engine")
     parser.add_argument(
         "--votes-bin", type=Path, default=VENV_BIN / "votes", help="the engine's `votes` command"
     )
     parser.add_argument("--out", type=Path, default=PERF_DIR / "results" / "vote_vs_ceiling.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    peers = {peer.strip() for peer in args.peers.split(",") if peer.strip()}
+    unknown = peers - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
+    if args.kafka:
+        peers.add("kafka")
+    if args.ceiling_only:
+        peers = set()
+    peers.add("ceiling")
+    args.peer_names = [peer for peer in PEERS if peer in peers]
+    if args.paced_duration_s is None:
+        args.paced_duration_s = args.duration_s
+    if not 0 <= args.pace_fraction < 1:
+        parser.error("--pace-fraction must be in [0, 1)")
+    return args
 
 
 # --- tokens -------------------------------------------------------------------------------
@@ -249,19 +362,67 @@ def settled_results(base_url: str, poll: str, admin_token: str, timeout_s: float
     return last
 
 
+def commit_counters(base_url: str) -> dict[str, float] | None:
+    """Sums and counts of the engine's group-commit histograms, or None if unreadable."""
+    try:
+        status, body = http_request("GET", f"{base_url}/metrics", timeout_s=5)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    wanted = {
+        f"{metric}_{part}" for metric in (COMMIT_SECONDS, COMMIT_ITEMS) for part in ("sum", "count")
+    }
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name_and_labels, value = line.rsplit(" ", 1)
+        name = name_and_labels.split("{", 1)[0]
+        if name in wanted:
+            totals[name] += float(value)
+    return totals
+
+
+def wal_commits(before: dict | None, after: dict | None, duration_s: float) -> dict | None:
+    """The engine's WAL commits between two readings of its vote_wal_commit_* histograms.
+
+    How many, how long each, how many votes each, and how many were in flight on average
+    (1 when a worker commits one cycle at a time; up to the shard count when each shard
+    commits on its own).
+    """
+    if before is None or after is None:
+        return None
+    commits = after[f"{COMMIT_SECONDS}_count"] - before[f"{COMMIT_SECONDS}_count"]
+    if commits <= 0:
+        return {"commits": 0}
+    seconds = after[f"{COMMIT_SECONDS}_sum"] - before[f"{COMMIT_SECONDS}_sum"]
+    items = after[f"{COMMIT_ITEMS}_sum"] - before[f"{COMMIT_ITEMS}_sum"]
+    return {
+        "commits": int(commits),
+        "commits_per_s": round(commits / duration_s, 1) if duration_s > 0 else None,
+        "commit_ms_mean": round(1000 * seconds / commits, 2),
+        "items_per_commit_mean": round(items / commits, 1),
+        "in_flight_mean": round(seconds / duration_s, 2) if duration_s > 0 else None,
+    }
+
+
 # --- phases -------------------------------------------------------------------------------
 
 
-def wrk_parameters(args, duration_s: float) -> WrkParameters:
-    return WrkParameters(args.threads, args.connections, duration_s, args.timeout_s)
+def wrk_parameters(args, duration_s: float, connections: int | None = None) -> WrkParameters:
+    return WrkParameters(args.threads, connections or args.connections, duration_s, args.timeout_s)
 
 
-def lua_env(tokens_path: Path, args) -> dict[str, str]:
-    return {
+def lua_env(tokens_path: Path, args, rate_per_s: float | None = None) -> dict[str, str]:
+    env = {
         "VOTES_TOKENS_FILE": str(tokens_path),
         "VOTES_POLL": args.poll,
         "VOTES_OPTIONS": args.options,
     }
+    if rate_per_s is not None:
+        env["VOTES_RATE_PER_S"] = f"{rate_per_s:.3f}"
+    return env
 
 
 def require_not_exhausted(result: WrkResult, what: str) -> None:
@@ -272,7 +433,7 @@ def require_not_exhausted(result: WrkResult, what: str) -> None:
         )
 
 
-def run_ceiling(args, run_dir: Path, wrk_path: str, token_len: int) -> dict:
+def run_ceiling(args, run_dir: Path, wrk_path: str, token_len: int, cpu_extra: dict) -> dict:
     port = free_port()
     server = ServerProcess(
         "ceiling",
@@ -299,7 +460,7 @@ def run_ceiling(args, run_dir: Path, wrk_path: str, token_len: int) -> dict:
             write_standin_tokens(measured_tokens, count, token_len)
             result = run_wrk(
                 base_url, VOTES_SCRIPT, wrk_parameters(args, args.duration_s),
-                lua_env(measured_tokens, args), cpu_roots={"server": server.pid},
+                lua_env(measured_tokens, args), cpu_roots={"server": server.pid, **cpu_extra},
                 wrk_path=wrk_path,
             )  # fmt: skip
             if not result.exhausted or count >= args.tokens_max:
@@ -315,6 +476,7 @@ def run_ceiling(args, run_dir: Path, wrk_path: str, token_len: int) -> dict:
                 path.unlink()
     return {
         "peer": "ceiling",
+        "connections": args.connections,
         "ready_s": round(ready_s, 3),
         "warmup_created_per_s": round(warmup.created_per_s, 1),
         "token_len": token_len,
@@ -324,12 +486,13 @@ def run_ceiling(args, run_dir: Path, wrk_path: str, token_len: int) -> dict:
 
 
 def start_engine(
-    args, run_dir: Path, data_dir: Path, log_name: str = "engine.log"
+    args, run_dir: Path, data_dir: Path, log_name: str = "engine.log", config_path=None
 ) -> tuple[ServerProcess, str, float]:
     port = free_port()
     argv = [
         str(VOTES_BIN), "serve", "--data-dir", str(data_dir),
         "--port", str(port), "--workers", str(args.workers),
+        *(["--config", str(config_path)] if config_path else []),
         *shlex.split(args.engine_extra_args),
     ]  # fmt: skip
     server = ServerProcess("engine", argv, run_dir / log_name)
@@ -372,122 +535,255 @@ def cross_check(result: WrkResult, before: dict, after: dict) -> dict:
     }
 
 
-def run_engine(args, run_dir: Path, wrk_path: str, ceiling_rate_per_s: float) -> dict:
-    # A fresh data dir per round: --keep-data leaves the earlier ones in place.
-    data_dir = Path(tempfile.mkdtemp(prefix="engine-data-", dir=run_dir))
-    server, base_url, ready_s = start_engine(args, run_dir, data_dir, f"{data_dir.name}.log")
+@dataclass
+class EngineRun:
+    """One engine process under test: where it answers and what it was given."""
+
+    server: ServerProcess
+    base_url: str
+    admin_token: str
+    cpu_roots: dict
+    wrk_path: str
+    connections: int
+    label: str
+
+
+def measure(run: EngineRun, args, tokens: Path, duration_s: float, rate_per_s=None) -> dict:
+    """One wrk run with CPU sampling, checked against the results endpoint."""
+    before = settled_results(run.base_url, args.poll, run.admin_token, args.settle_timeout_s)
+    counters_before = commit_counters(run.base_url)
+    result = run_wrk(
+        run.base_url, VOTES_SCRIPT, wrk_parameters(args, duration_s, run.connections),
+        lua_env(tokens, args, rate_per_s), cpu_roots={"server": run.server.pid, **run.cpu_roots},
+        wrk_path=run.wrk_path,
+    )  # fmt: skip
+    after = settled_results(run.base_url, args.poll, run.admin_token, args.settle_timeout_s)
+    require_not_exhausted(result, run.label)
+    if result.created == 0:
+        raise BenchError(
+            f"{run.label} answered no 201: statuses {result.statuses}, errors "
+            f"{result.errors}, first bodies {result.bodies_not_created}"
+        )
+    if run.server.proc.poll() is not None:
+        raise BenchError(
+            f"{run.label} exited during the run with code {run.server.proc.returncode}"
+        )
+    return {
+        "result": result,
+        "cross_check": cross_check(result, before, after),
+        "wal_commits": wal_commits(
+            counters_before, commit_counters(run.base_url), result.duration_s
+        ),
+    }
+
+
+def mint_ranges(
+    data: EngineData, counts: dict[str, int], run_dir: Path, args
+) -> tuple[dict, float]:
+    """Token files for consecutive voter ranges, one per purpose; (paths, seconds)."""
+    paths, mint_s = {}, 0.0
+    for purpose, count in counts.items():
+        path = run_dir / f"engine-{purpose}.tokens"
+        mint_s += mint_tokens(data.path, args.poll, data.voter_next, count, path, args)
+        data.voter_next += count
+        paths[purpose] = path
+    return paths, mint_s
+
+
+def run_engine(
+    args, run_dir: Path, wrk_path: str, rate_bound: float, peer: EnginePeer, tag: str,
+    cpu_extra: dict,
+) -> dict:  # fmt: skip
+    """Warm-up, saturating run and paced run of one engine peer on one engine process."""
+    # The embedded peer gets a fresh data dir per run: --keep-data leaves the earlier ones.
+    data = peer.data or EngineData(Path(tempfile.mkdtemp(prefix=f"{peer.name}-data-", dir=run_dir)))
     try:
-        admin_token = votes_cli("admin-token", "--data-dir", str(data_dir)).strip().splitlines()[-1]
-        create_poll(base_url, args, admin_token)
-
-        count = tokens_needed(
-            ceiling_rate_per_s, args.duration_s, args.connections, args.tokens_max
+        server, base_url, ready_s = start_engine(
+            args, run_dir, data.path, f"{peer.name}-{tag}.log", peer.config_path
         )
-        warmup_count = tokens_needed(
-            ceiling_rate_per_s, args.warmup_s, args.connections, args.tokens_max
+    except BaseException:
+        if peer.data is None and not args.keep_data:
+            shutil.rmtree(data.path, ignore_errors=True)
+        raise
+    try:
+        admin_token = (
+            votes_cli("admin-token", "--data-dir", str(data.path)).strip().splitlines()[-1]
         )
-        measured_tokens = run_dir / "engine.tokens"
-        warmup_tokens = run_dir / "engine-warmup.tokens"
-        print(f"  minting {count} + {warmup_count} voter tokens ...", flush=True)
-        mint_s = mint_tokens(data_dir, args.poll, 1, count, measured_tokens, args)
-        mint_s += mint_tokens(data_dir, args.poll, count + 1, warmup_count, warmup_tokens, args)
-        print(f"  minted in {mint_s:.1f}s", flush=True)
-        with open(measured_tokens) as tokens:
-            token_len = len(tokens.readline().strip())
-
-        warmup = run_wrk(
-            base_url, VOTES_SCRIPT, wrk_parameters(args, args.warmup_s),
-            lua_env(warmup_tokens, args), wrk_path=wrk_path,
-        )  # fmt: skip
-        before = settled_results(base_url, args.poll, admin_token, args.settle_timeout_s)
-        result = run_wrk(
-            base_url, VOTES_SCRIPT, wrk_parameters(args, args.duration_s),
-            lua_env(measured_tokens, args), cpu_roots={"server": server.pid}, wrk_path=wrk_path,
-        )  # fmt: skip
-        after = settled_results(base_url, args.poll, admin_token, args.settle_timeout_s)
-        require_not_exhausted(result, "engine")
-        if result.created == 0:
-            raise BenchError(
-                f"the engine answered no 201 in the measured run: statuses {result.statuses}, "
-                f"errors {result.errors}, first bodies {result.bodies_not_created}"
+        if not data.poll_created:
+            create_poll(base_url, args, admin_token)
+            data.poll_created = True
+        shards = json.loads((data.path / "cluster.json").read_text())["shards"]
+        connections = peer.connections
+        counts = {
+            "measured": tokens_needed(rate_bound, args.duration_s, connections, args.tokens_max),
+            "warmup": tokens_needed(rate_bound, args.warmup_s, connections, args.tokens_max),
+        }
+        if args.pace_fraction:
+            counts["paced"] = tokens_needed(
+                args.pace_fraction * rate_bound, args.paced_duration_s, connections, args.tokens_max
             )
-        if server.proc.poll() is not None:
-            raise BenchError(f"engine exited during the run with code {server.proc.returncode}")
+        print(
+            f"  minting {' + '.join(str(n) for n in counts.values())} voter tokens ...", flush=True
+        )
+        tokens, mint_s = mint_ranges(data, counts, run_dir, args)
+        print(f"  minted in {mint_s:.1f}s", flush=True)
+        with open(tokens["measured"]) as measured_tokens:
+            token_len = len(measured_tokens.readline().strip())
+        run = EngineRun(server, base_url, admin_token, cpu_extra, wrk_path, connections, peer.name)
+        warmup = run_wrk(
+            base_url, VOTES_SCRIPT, wrk_parameters(args, args.warmup_s, connections),
+            lua_env(tokens["warmup"], args), wrk_path=wrk_path,
+        )  # fmt: skip
+        saturating = measure(run, args, tokens["measured"], args.duration_s)
+        paced = None
+        if args.pace_fraction:
+            target = args.pace_fraction * saturating["result"].created_per_s
+            print(f"  paced run at {target:,.0f}/s ({args.pace_fraction:g} of the saturating rate)",
+                  flush=True)  # fmt: skip
+            paced = measure(run, args, tokens["paced"], args.paced_duration_s, rate_per_s=target)
+            paced["target_per_s"] = round(target, 1)
     except BenchError as error:
         raise BenchError(f"{error}\n{server.log_tail()}") from None
     finally:
         server.stop()
         if not args.keep_data:
-            for path in run_dir.glob("engine*.tokens"):
+            for path in run_dir.glob("engine-*.tokens"):
                 path.unlink()
-            shutil.rmtree(data_dir, ignore_errors=True)
+            if peer.data is None:
+                shutil.rmtree(data.path, ignore_errors=True)
     return {
-        "peer": "engine",
+        "peer": peer.name,
+        "wal": "kafka" if peer.config_path else "embedded",
+        "shards": shards,
+        "kafka_partitions": peer.kafka_partitions,
+        "connections": connections,
         "ready_s": round(ready_s, 3),
         "warmup_created_per_s": round(warmup.created_per_s, 1),
         "warmup_statuses": {str(k): v for k, v in sorted(warmup.statuses.items())},
         "token_len": token_len,
-        "tokens_file_lines": count,
+        "tokens_file_lines": counts,
         "mint_s": round(mint_s, 1),
-        "result": result,
-        "cross_check": cross_check(result, before, after),
+        **saturating,
+        "paced": paced,
     }
 
 
 # --- reporting ----------------------------------------------------------------------------
 
 
-def table_row(label: str, result: WrkResult) -> list[str]:
-    lat = result.latency_us
+def peer_label(phase: dict) -> str:
+    """A row label: the peer, its shards and, when not the default, its connections."""
+    if phase["peer"] == "ceiling":
+        return "ceiling"
+    label = f"{phase['wal']} {phase['shards']}sh"
+    return label if phase.get("connections_default") else f"{label} c{phase['connections']}"
+
+
+def cpu_cell(result: WrkResult, name: str) -> str:
+    cpu = result.cpu
+    if cpu is None or name not in cpu.cpu_percent:
+        return "-"
+    return f"{cpu.cpu_percent[name]:.0f}% (pk {cpu.cpu_percent_peak[name]:.0f})"
+
+
+def not_created_cell(result: WrkResult) -> str:
     not_created = " ".join(f"{s}:{n}" for s, n in result.not_created.items()) or "-"
     errors = " ".join(f"{k}:{v}" for k, v in result.errors.items() if v and k != "status")
+    return not_created + (f" ({errors})" if errors else "")
+
+
+def machine_cell(result: WrkResult) -> str:
     cpu = result.cpu
-    return [
-        label,
-        f"{result.created_per_s:,.0f}",
-        format_us(lat.get("p50")),
-        format_us(lat.get("p90")),
-        format_us(lat.get("p99")),
-        format_us(lat.get("p99.9")),
-        format_us(lat.get("max")),
-        not_created + (f" ({errors})" if errors else ""),
-        f"{cpu.cpu_percent['server']:.0f}% (pk {cpu.cpu_percent_peak['server']:.0f})",
-        f"{result.server_cpu_us_per_created:.1f}" if result.server_cpu_us_per_created else "-",
-        f"{cpu.cpu_percent['wrk']:.0f}% (pk {cpu.cpu_percent_peak['wrk']:.0f})",
-        f"{cpu.machine_busy_percent:.0f}/{cpu.machine_capacity_percent:.0f}%",
-    ]
+    return f"{cpu.machine_busy_percent:.0f}/{cpu.machine_capacity_percent:.0f}%" if cpu else "-"
 
 
-HEADERS = [
+SATURATING_HEADERS = [
     "peer", "201/s", "p50", "p90", "p99", "p99.9", "max", "non-201 (errors)",
-    "server CPU", "CPU us/201", "wrk CPU", "machine busy",
+    "server CPU", "CPU us/201", "stack CPU", "wrk CPU", "machine busy",
 ]  # fmt: skip
 
 
-def print_cross_check(check: dict) -> None:
+def saturating_row(label: str, result: WrkResult) -> list[str]:
+    lat = result.latency_us
+    cost = result.server_cpu_us_per_created
+    return [
+        label,
+        f"{result.created_per_s:,.0f}",
+        *(format_us(lat.get(p)) for p in ("p50", "p90", "p99", "p99.9", "max")),
+        not_created_cell(result),
+        cpu_cell(result, "server"),
+        f"{cost:.1f}" if cost else "-",
+        cpu_cell(result, "stack"),
+        cpu_cell(result, "wrk"),
+        machine_cell(result),
+    ]
+
+
+PACED_HEADERS = [
+    "peer", "target/s", "201/s", "p50", "p90", "p99", "p99.9", "max", "non-201 (errors)",
+    "late sends (mean, max)", "server CPU", "stack CPU", "machine busy",
+]  # fmt: skip
+
+
+def late_cell(result: WrkResult) -> str:
+    """Requests sent after their slot: the waits that wrk's latency leaves out."""
+    pacing = result.pacing
+    if not pacing or not pacing["sends"]:
+        return "-"
+    share = 100 * pacing["late_sends"] / pacing["sends"]
+    cell = f"{share:.1f}%"
+    if pacing["late_sends"]:
+        cell += f" ({pacing['late_ms_mean']:.0f}ms, {pacing['late_ms_max']:.0f}ms)"
+    if pacing["slots_dropped"]:
+        cell += f" +{pacing['slots_dropped']} dropped"
+    return cell
+
+
+def paced_row(label: str, paced: dict) -> list[str]:
+    result, lat = paced["result"], paced["result"].latency_us
+    return [
+        label,
+        f"{paced['target_per_s']:,.0f}",
+        f"{result.created_per_s:,.0f}",
+        *(format_us(lat.get(p)) for p in ("p50", "p90", "p99", "p99.9", "max")),
+        not_created_cell(result),
+        late_cell(result),
+        cpu_cell(result, "server"),
+        cpu_cell(result, "stack"),
+        machine_cell(result),
+    ]
+
+
+def cpu_us_per_created_with_stack(result: WrkResult) -> float | None:
+    """Server plus stack (brokers, S3, Redis) CPU per 201, in µs."""
+    cpu = result.cpu
+    if cpu is None or "stack" not in cpu.cpu_percent or not result.created:
+        return None
+    percent = cpu.cpu_percent["server"] + cpu.cpu_percent["stack"]
+    return percent / 100 * 1e6 / result.created_per_s
+
+
+def print_cross_check(label: str, check: dict) -> None:
     verdict = "ok" if check["lower_ok"] and check["upper_ok"] else "MISMATCH"
     print(
-        f"  cross-check ({verdict}): 201s seen {check['created_seen']} <= votes counted by "
-        f"results endpoint {check['votes_counted']} <= 201s + in flight at end "
-        f"({check['in_flight_at_end']}) + timeouts ({check['timeouts']}) = {check['upper_bound']}"
-    )
-    after = check["results_after"]
-    print(
-        f"  results after: total {after.get('total')} counts {after.get('counts')} "
-        f"rejected {after.get('rejected')} final {after.get('final')}"
+        f"  {label} cross-check ({verdict}): 201s seen {check['created_seen']} <= votes counted "
+        f"{check['votes_counted']} <= 201s + in flight at end ({check['in_flight_at_end']}) + "
+        f"timeouts ({check['timeouts']}) = {check['upper_bound']}"
     )
 
 
-def phase_warnings(label: str, result: WrkResult) -> list[str]:
-    """Conditions that make a row doubtful, printed under the table and kept in the JSON."""
-    warnings = []
-    responses = sum(result.statuses.values())
-    not_created = responses - result.created
-    if responses and not_created > 0.01 * responses:
-        warnings.append(f"{label}: {not_created} of {responses} responses were not 201")
-    errors = {k: v for k, v in result.errors.items() if v and k != "status"}
-    if errors:
-        warnings.append(f"{label}: wrk socket errors/timeouts {errors}")
+def print_commits(label: str, commits: dict | None) -> None:
+    if commits and commits.get("commits"):
+        print(
+            f"  {label} WAL commits: {commits['commits']} ({commits['commits_per_s']}/s), mean "
+            f"{commits['commit_ms_mean']} ms, {commits['items_per_commit_mean']} votes each, "
+            f"{commits['in_flight_mean']} in flight on average"
+        )
+
+
+def phase_warnings(label: str, result: WrkResult, stack_is_peer: bool) -> list[str]:
+    """Conditions that make a saturating row doubtful, printed and kept in the JSON."""
+    warnings = response_warnings(label, result)
     cpu = result.cpu
     if cpu is not None:
         if cpu.cpu_percent["wrk"] >= 90:
@@ -495,12 +791,18 @@ def phase_warnings(label: str, result: WrkResult) -> list[str]:
                 f"{label}: wrk used {cpu.cpu_percent['wrk']:.0f}% of a core: the generator "
                 "may be the bottleneck"
             )
-        others = cpu.machine_busy_percent - cpu.cpu_percent["server"] - cpu.cpu_percent["wrk"]
         if cpu.cpu_percent["server"] < 80:
             warnings.append(
                 f"{label}: the server used only {cpu.cpu_percent['server']:.0f}% of a core: "
-                "it waited (on disk, locks, the generator or the CPU), it did not saturate"
+                "it waited (on disk, the WAL, locks, the generator or the CPU), it did not "
+                "saturate"
             )
+        # An idle stack during another peer's run is interference; the kafka peer's
+        # brokers are part of what is measured.
+        stack = cpu.cpu_percent.get("stack", 0.0) if stack_is_peer else 0.0
+        others = (
+            cpu.machine_busy_percent - cpu.cpu_percent["server"] - cpu.cpu_percent["wrk"] - stack
+        )
         if others > 20:
             warnings.append(
                 f"{label}: other processes used {others:.0f}% of the machine's CPU during "
@@ -509,13 +811,54 @@ def phase_warnings(label: str, result: WrkResult) -> list[str]:
     return warnings
 
 
-def phase_json(phase: dict) -> dict:
-    document = {k: v for k, v in phase.items() if k != "result"}
-    document.update(phase["result"].to_json())
+def response_warnings(label: str, result: WrkResult) -> list[str]:
+    warnings = []
+    responses = sum(result.statuses.values())
+    not_created = responses - result.created
+    if responses and not_created > 0.01 * responses:
+        warnings.append(f"{label}: {not_created} of {responses} responses were not 201")
+    errors = {k: v for k, v in result.errors.items() if v and k != "status"}
+    if errors:
+        warnings.append(f"{label}: wrk socket errors/timeouts {errors}")
+    return warnings
+
+
+def paced_warnings(label: str, paced: dict) -> list[str]:
+    result = paced["result"]
+    warnings = response_warnings(f"{label} paced", result)
+    if result.created_per_s < PACED_SHORTFALL_WARN * paced["target_per_s"]:
+        warnings.append(
+            f"{label} paced: reached {result.created_per_s:,.0f}/s of a "
+            f"{paced['target_per_s']:,.0f}/s target: when answers take longer than "
+            "connections / rate, no connection is free when a slot comes (see late sends)"
+        )
+    return warnings
+
+
+def result_to_json(measured: dict, on_stack: bool) -> dict:
+    """A run's JSON; ``on_stack``: the stack is part of the peer, so its CPU is a cost."""
+    document = {k: v for k, v in measured.items() if k not in ("result", "paced")}
+    document.update(measured["result"].to_json())
+    with_stack = cpu_us_per_created_with_stack(measured["result"])
+    if on_stack and with_stack is not None:
+        document["server_and_stack_cpu_us_per_created"] = round(with_stack, 2)
     return document
 
 
-def run_phase(label: str, run) -> tuple[dict, WrkResult | None]:
+def phase_json(phase: dict, args) -> dict:
+    on_stack = phase.get("wal") == "kafka"
+    document = result_to_json(phase, on_stack)
+    document["connections_default"] = phase["connections"] == args.connections
+    label = peer_label(document)
+    document["label"] = label
+    document["warnings"] = phase_warnings(label, phase["result"], on_stack)
+    if phase.get("paced"):
+        document["paced"] = result_to_json(phase["paced"], on_stack)
+        document["paced"]["warnings"] = paced_warnings(label, phase["paced"])
+    return document
+
+
+def run_phase(label: str, run, args) -> tuple[dict, dict | None]:
     """Run one peer's phase; a failure becomes {"error": ...} instead of ending the run."""
     print(f"\n== {label}", flush=True)
     try:
@@ -523,66 +866,153 @@ def run_phase(label: str, run) -> tuple[dict, WrkResult | None]:
     except (BenchError, subprocess.TimeoutExpired, OSError) as error:
         print(f"!! {label} failed: {error}", flush=True)
         return {"error": str(error)}, None
-    document = phase_json(phase)
-    document["warnings"] = phase_warnings(phase["peer"], phase["result"])
-    return document, phase["result"]
+    return phase_json(phase, args), phase
 
 
-def run_round(index: int, args, run_dir: Path, wrk_path: str, token_len: int, engine: bool):
-    """One ceiling run then one engine run, printed side by side with their ratio."""
-    prefix = f"round {index + 1}/{args.rounds}"
-    round_doc: dict = {}
-    round_doc["ceiling"], ceiling = run_phase(
-        f"{prefix}: ceiling", lambda: run_ceiling(args, run_dir, wrk_path, token_len)
-    )
-    rows = [table_row("ceiling", ceiling)] if ceiling else []
-    if engine and ceiling is not None:
-        # The ceiling's rate bounds the engine's; its warm-up rate covers a slow patch.
-        rate_bound = max(ceiling.created_per_s, round_doc["ceiling"]["warmup_created_per_s"])
-        round_doc["engine"], result = run_phase(
-            f"{prefix}: engine",
-            lambda: run_engine(args, run_dir, wrk_path, rate_bound),
-        )
-        if result is not None:
-            rows.append(table_row("engine", result))
-            ratio = result.created_per_s / ceiling.created_per_s
-            round_doc["ratio"] = {"engine_over_ceiling": round(ratio, 4)}
-            if result.server_cpu_us_per_created and ceiling.server_cpu_us_per_created:
-                cost_ratio = ceiling.server_cpu_us_per_created / result.server_cpu_us_per_created
-                round_doc["ratio"]["cpu_cost_ceiling_over_engine"] = round(cost_ratio, 4)
-    print()
-    if rows:
-        print_table(HEADERS, rows)
-    if "ratio" in round_doc:
-        ratio = round_doc["ratio"]
-        print(f"  ratio engine/ceiling (201/s): {ratio['engine_over_ceiling']:.3f}")
-        if "cpu_cost_ceiling_over_engine" in ratio:
-            print(
-                "  ratio of server CPU per 201, ceiling/engine: "
-                f"{ratio['cpu_cost_ceiling_over_engine']:.3f}"
+def ratios_of(documents: dict, ceiling: dict, embedded: dict | None) -> dict:
+    """Rates and CPU per 201 of each engine peer against the ceiling and the embedded one."""
+    ratios = {}
+    for name, document in documents.items():
+        if "created_per_s" not in document or name == "ceiling":
+            continue
+        for base_name, base in (("ceiling", ceiling), ("embedded", embedded)):
+            if name == base_name or not base or "created_per_s" not in base:
+                continue
+            ratios[f"{name}/{base_name}"] = round(
+                document["created_per_s"] / base["created_per_s"], 4
             )
-        print_cross_check(round_doc["engine"]["cross_check"])
-        if round_doc["engine"]["token_len"] != token_len:
-            print(f"  note: engine tokens are {round_doc['engine']['token_len']} chars, the "
-                  f"ceiling's stand-ins {token_len}")  # fmt: skip
-    for peer in round_doc.values():
-        for warning in peer.get("warnings", []):
+            cost, base_cost = (
+                document.get("server_cpu_us_per_created"), base.get("server_cpu_us_per_created")
+            )  # fmt: skip
+            if cost and base_cost:
+                ratios[f"cpu_per_201 {base_name}/{name}"] = round(base_cost / cost, 4)
+    return ratios
+
+
+def print_phases(title: str, documents: dict, phases: dict, args) -> None:
+    """The saturating and paced tables of some peers, then their checks and warnings."""
+    labelled = [(documents[name]["label"], phases[name]) for name in phases]
+    print(
+        f"\n{title}: saturating runs (wrk -t{args.threads} -c{args.connections} unless the "
+        f"peer says c<N>, {args.duration_s:g} s; latency from wrk's histogram)"
+    )
+    print_table(SATURATING_HEADERS, [saturating_row(label, p["result"]) for label, p in labelled])
+    paced = [(label, p["paced"]) for label, p in labelled if p.get("paced")]
+    if paced:
+        print(f"\n{title}: paced runs (closed loop; see the note below)")
+        print_table(PACED_HEADERS, [paced_row(label, p) for label, p in paced])
+    for label, phase in labelled:
+        if "cross_check" in phase:
+            print_cross_check(label, phase["cross_check"])
+            print_commits(label, phase["wal_commits"])
+            if phase.get("paced"):
+                print_cross_check(f"{label} paced", phase["paced"]["cross_check"])
+                print_commits(f"{label} paced", phase["paced"]["wal_commits"])
+    for document in documents.values():
+        for warning in document.get("warnings", []) + document.get("paced", {}).get("warnings", []):
             print(f"  WARNING {warning}")
-    return round_doc
+
+
+def run_round(index: int, args, run_dir: Path, wrk_path: str, token_len: int, engines, cpu_extra):
+    """The ceiling, then each engine peer, printed side by side with their ratios."""
+    prefix = f"round {index + 1}/{args.rounds}"
+    documents: dict = {}
+    phases: dict = {}
+    documents["ceiling"], phases["ceiling"] = run_phase(
+        f"{prefix}: ceiling",
+        lambda: run_ceiling(args, run_dir, wrk_path, token_len, cpu_extra),
+        args,
+    )
+    ceiling = phases["ceiling"]
+    if ceiling is not None:
+        # The ceiling's rate bounds the engines'; its warm-up rate covers a slow patch.
+        rate_bound = max(ceiling["result"].created_per_s, ceiling["warmup_created_per_s"])
+        for peer in engines:
+            documents[peer.name], phases[peer.name] = run_phase(
+                f"{prefix}: {peer.name}",
+                lambda peer=peer: run_engine(
+                    args, run_dir, wrk_path, rate_bound, peer, f"r{index + 1}", cpu_extra
+                ),
+                args,
+            )
+    print_phases(prefix, documents, {k: v for k, v in phases.items() if v is not None}, args)
+    documents["ratios"] = ratios_of(documents, documents["ceiling"], documents.get("embedded"))
+    print_ratios(documents["ratios"])
+    return documents
+
+
+def print_ratios(ratios: dict) -> None:
+    for key, value in ratios.items():
+        if not key.startswith("cpu_per_201"):
+            print(f"  ratio {key} (201/s): {value:.4f}")
+    for key, value in ratios.items():
+        if key.startswith("cpu_per_201"):
+            print(f"  ratio of server CPU per 201, {key.split(' ', 1)[1]}: {value:.3f}")
+
+
+RESULT_HEADERS = [
+    "peer", "201/s", "p50", "p99", "paced 201/s (target)", "paced p50", "paced p99",
+    "CPU us/201", "+stack", "x ceiling", "x embedded",
+]  # fmt: skip
+
+
+def result_row(document: dict, ratios: dict, prefix: str = "") -> list[str]:
+    name = document["peer"]
+    paced = document.get("paced") or {}
+    paced_lat = paced.get("latency_us", {})
+    cost = document.get("server_cpu_us_per_created")
+    with_stack = document.get("server_and_stack_cpu_us_per_created")
+    return [
+        prefix + document["label"],
+        f"{document['created_per_s']:,.0f}",
+        format_us(document["latency_us"].get("p50")),
+        format_us(document["latency_us"].get("p99")),
+        f"{paced['created_per_s']:,.0f} ({paced['target_per_s']:,.0f})" if paced else "-",
+        format_us(paced_lat.get("p50")) if paced else "-",
+        format_us(paced_lat.get("p99")) if paced else "-",
+        f"{cost:.1f}" if cost else "-",
+        f"{with_stack:.1f}" if with_stack else "-",
+        f"{ratios[f'{name}/ceiling']:.4f}" if f"{name}/ceiling" in ratios else "-",
+        f"{ratios[f'{name}/embedded']:.4f}" if f"{name}/embedded" in ratios else "-",
+    ]
+
+
+def print_result(rounds: list[dict], extras: list[dict], kafka: bool) -> None:
+    rows = []
+    for index, documents in enumerate(rounds):
+        prefix = f"r{index + 1} " if len(rounds) > 1 else ""
+        for name, document in documents.items():
+            if name != "ratios" and "created_per_s" in document:
+                rows.append(result_row(document, documents["ratios"], prefix))
+    for document in extras:
+        if "created_per_s" in document:
+            rows.append(result_row(document, document["ratios"], "extra: "))
+    if rows:
+        print("\n== result (saturating, then paced; ratios of 201/s, measured in this run)")
+        print_table(RESULT_HEADERS, rows)
+        print(f"  {CLOSED_LOOP_NOTE}")
+        if kafka:
+            print(f"  {KAFKA_NOTE}")
+
+
+# --- the run ------------------------------------------------------------------------------
 
 
 def describe_run(args, run_dir: Path) -> tuple[dict, dict]:
     """(conditions, parameters): printed first and stored with the results."""
-    conditions = describe_machine(("votes-engine",))
+    conditions = describe_machine(("votes-engine", "aiokafka"))
     conditions["data_dir_filesystem"] = filesystem_of(run_dir)
     parameters = {
-        "generator": "wrk (closed loop) + perf/wrk/votes.lua",
+        "peers": ",".join(args.peer_names),
+        "generator": "wrk (closed loop, also when paced) + perf/wrk/votes.lua",
         "wrk_argv": " ".join(wrk_parameters(args, args.duration_s).argv()),
         "threads": args.threads,
         "connections": args.connections,
         "duration_s": args.duration_s,
         "warmup_s": args.warmup_s,
         "timeout_s": args.timeout_s,
+        "pace_fraction": args.pace_fraction,
+        "paced_duration_s": args.paced_duration_s,
         "server_workers": args.workers,
         "rounds": args.rounds,
         "poll": args.poll,
@@ -591,12 +1021,19 @@ def describe_run(args, run_dir: Path) -> tuple[dict, dict]:
         "engine_extra_args": args.engine_extra_args,
         "votes_bin": str(args.votes_bin),
     }
+    if "kafka" in args.peer_names:
+        parameters.update(
+            stack_base_port=args.stack_base_port,
+            kafka_partitions=args.kafka_partitions,
+            kafka_extra_connections=args.kafka_extra_connections,
+            kafka_extra_partitions=args.kafka_extra_partitions,
+        )
     return conditions, parameters
 
 
 def check_engine(args, run_dir: Path) -> tuple[str | None, int | None]:
     """(why the engine cannot be measured or None, length of its tokens if known)."""
-    if args.ceiling_only:
+    if args.peer_names == ["ceiling"]:
         return None, None
     problem = engine_available()
     if problem is None:
@@ -608,35 +1045,145 @@ def check_engine(args, run_dir: Path) -> tuple[str | None, int | None]:
     return problem, None
 
 
-def summarize(rounds: list[dict], args, engine_problem: str | None) -> dict:
-    ratios = [r["ratio"]["engine_over_ceiling"] for r in rounds if "ratio" in r]
-    cost_ratios = [
-        r["ratio"]["cpu_cost_ceiling_over_engine"]
-        for r in rounds
-        if "cpu_cost_ceiling_over_engine" in r.get("ratio", {})
-    ]
-    return {
-        "ceiling_created_per_s": [
-            r["ceiling"]["created_per_s"] for r in rounds if "created_per_s" in r["ceiling"]
-        ],
-        "engine_created_per_s": [
-            r["engine"]["created_per_s"] for r in rounds if "created_per_s" in r.get("engine", {})
-        ],
-        "ratio_engine_over_ceiling": ratios,
-        "ratio_median": round(statistics.median(ratios), 4) if ratios else None,
-        "cpu_cost_ratio_ceiling_over_engine": cost_ratios,
-        "cpu_cost_ratio_median": round(statistics.median(cost_ratios), 4) if cost_ratios else None,
-        "engine_skipped": bool(args.ceiling_only),
-        "engine_problem": engine_problem,
-        "failures": [r[peer]["error"] for r in rounds for peer in r if "error" in r[peer]],
-        "warnings": [w for r in rounds for peer in r for w in r[peer].get("warnings", [])],
+def start_stack(args, run_dir: Path, partitions: int, stack_doc: list) -> PrivateStack:
+    """A private stack with an empty WAL topic; its `up` is recorded in ``stack_doc``."""
+    stack = PrivateStack(args.stack_base_port, partitions, run_dir / "stack.log")
+    print(f"\n== private stack on base port {args.stack_base_port}, {partitions} partitions "
+          "(up --fresh)", flush=True)  # fmt: skip
+    stack_doc.append({"partitions": partitions})
+    try:
+        endpoints = stack.up()
+    except BaseException:
+        # A stack that failed half-way up may have brokers running: take it down now,
+        # since the caller never gets hold of it.
+        stop_stack(stack, stack_doc)
+        raise
+    stack_doc[-1].update(up_s=round(stack.up_s, 1), kafka_version=endpoints["kafka"].get("version"))
+    print(f"  up in {stack.up_s:.1f}s: Kafka {endpoints['kafka'].get('version')}, "
+          f"{endpoints['kafka']['bootstrap_servers']}", flush=True)  # fmt: skip
+    return stack
+
+
+def kafka_peer(name: str, stack: PrivateStack, run_dir: Path, connections: int, data=None):
+    config_path = stack.write_engine_config(run_dir / f"{name}-engine.toml")
+    if data is None:
+        path = run_dir / f"{name}-data"
+        path.mkdir()
+        data = EngineData(path)
+    return EnginePeer(name, connections, config_path, stack, data, stack.partitions)
+
+
+def stop_stack(stack: PrivateStack | None, stack_doc: list) -> None:
+    if stack is None or not stack.started:
+        return
+    try:
+        down_s = stack.down()
+        print(f"  private stack down and wiped in {down_s:.1f}s", flush=True)
+        if stack_doc:
+            stack_doc[-1]["down_wipe_s"] = round(down_s, 1)
+    except (BenchError, subprocess.TimeoutExpired, OSError) as error:
+        print(f"!! `stack.py down --wipe --base-port {stack.base_port}` failed: {error}")
+        if stack_doc:
+            stack_doc[-1]["down_error"] = str(error)
+
+
+def run_extras(args, run_dir, wrk_path, rounds, stack_holder, kafka, stack_doc, cpu_extra):
+    """Kafka runs beside the last round: more connections, then fewer partitions."""
+    extras = []
+    last = rounds[-1]
+    ceiling = last.get("ceiling", {})
+    if "created_per_s" not in ceiling:
+        return extras
+    rate_bound = max(ceiling["created_per_s"], ceiling["warmup_created_per_s"])
+
+    def one(peer: EnginePeer, cpu: dict) -> None:
+        document, phase = run_phase(
+            f"extra: {peer.name}",
+            lambda: run_engine(args, run_dir, wrk_path, rate_bound, peer, "extra", cpu),
+            args,
+        )
+        if phase is not None:
+            print_phases(f"extra {peer.name}", {peer.name: document}, {peer.name: phase}, args)
+            document["ratios"] = ratios_of({peer.name: document}, ceiling, last.get("embedded"))
+            print_ratios(document["ratios"])
+        extras.append({"name": peer.name, **document})
+
+    if args.kafka_extra_connections and kafka is not None:
+        connections = args.kafka_extra_connections
+        peer = EnginePeer(f"kafka-c{connections}", connections, kafka.config_path, kafka.stack,
+                          kafka.data, kafka.kafka_partitions)  # fmt: skip
+        one(peer, cpu_extra)
+    if args.kafka_extra_partitions and kafka is not None:
+        partitions = args.kafka_extra_partitions
+        stop_stack(stack_holder[0], stack_doc)
+        try:
+            stack_holder[0] = start_stack(args, run_dir, partitions, stack_doc)
+        except (BenchError, subprocess.TimeoutExpired, OSError) as error:
+            print(f"!! private stack with {partitions} partitions failed: {error}")
+            extras.append({"name": f"kafka-{partitions}p", "error": str(error)})
+            return extras
+        stack = stack_holder[0]
+        peer = kafka_peer(f"kafka-{partitions}p", stack, run_dir, args.connections)
+        one(peer, {**cpu_extra, "stack": stack.pids()})
+    return extras
+
+
+def summarize(rounds: list[dict], extras: list[dict], args, engine_problem: str | None) -> dict:
+    rates = {
+        name: [r[name]["created_per_s"] for r in rounds if "created_per_s" in r.get(name, {})]
+        for name in args.peer_names
     }
+    ratio_keys = sorted({key for r in rounds for key in r["ratios"]})
+    ratios = {key: [r["ratios"][key] for r in rounds if key in r["ratios"]] for key in ratio_keys}
+    paced = {
+        name: [
+            {
+                "target_per_s": r[name]["paced"]["target_per_s"],
+                "created_per_s": r[name]["paced"]["created_per_s"],
+                "p50_us": r[name]["paced"]["latency_us"]["p50"],
+                "p99_us": r[name]["paced"]["latency_us"]["p99"],
+                "pacing": r[name]["paced"]["pacing"],
+            }
+            for r in rounds
+            if r.get(name, {}).get("paced")
+        ]
+        for name in args.peer_names
+        if name != "ceiling"
+    }
+    documents = [r[peer] for r in rounds for peer in r if peer != "ratios"] + extras
+    return {
+        "created_per_s": rates,
+        "ratios": ratios,
+        "ratio_medians": {key: round(statistics.median(v), 4) for key, v in ratios.items() if v},
+        "paced": paced,
+        "extra": [
+            {"name": e["name"], "created_per_s": e.get("created_per_s"), "ratios": e.get("ratios")}
+            for e in extras
+        ],
+        "engine_problem": engine_problem,
+        "failures": [d["error"] for d in documents if "error" in d],
+        "warnings": [
+            w
+            for d in documents
+            for w in d.get("warnings", []) + (d.get("paced") or {}).get("warnings", [])
+        ],
+    }
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the finally blocks stop servers and the stack."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     global VOTES_BIN
     args = parse_args(argv)
     VOTES_BIN = args.votes_bin
+    raise_on_sigterm()
     wrk_path = ensure_wrk()
     run_dir = args.data_root / time.strftime("run-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -645,25 +1192,63 @@ def main(argv: list[str] | None = None) -> int:
     fs_type = conditions["data_dir_filesystem"]["fs_type"]
     if fs_type in ("tmpfs", "ramfs", "overlay"):
         print(f"  WARNING: {run_dir} is on {fs_type}, not a real disk: fsyncs cost nothing")
+    started = time.monotonic()
 
     engine_problem, engine_token_len = check_engine(args, run_dir)
-    engine_wanted = not args.ceiling_only and engine_problem is None
     token_len = args.token_len or engine_token_len or 160
     parameters["ceiling_token_len"] = token_len
     parameters["engine_token_len"] = engine_token_len
+    stack_holder: list[PrivateStack | None] = [None]
+    stack_doc: list[dict] = []
+    kafka_problem = None
+    try:
+        engines: list[EnginePeer] = []
+        cpu_extra: dict = {}
+        kafka = None
+        if engine_problem is None and "embedded" in args.peer_names:
+            engines.append(EnginePeer("embedded", args.connections))
+        if engine_problem is None and "kafka" in args.peer_names:
+            try:
+                stack_holder[0] = start_stack(args, run_dir, args.kafka_partitions, stack_doc)
+                kafka = kafka_peer("kafka", stack_holder[0], run_dir, args.connections)
+                engines.append(kafka)
+                # The stack runs through every peer's runs, so its CPU is shown for each.
+                cpu_extra = {"stack": stack_holder[0].pids()}
+                print(f"  {KAFKA_NOTE}")
+            except (BenchError, subprocess.TimeoutExpired, OSError) as error:
+                kafka_problem = f"the private stack did not come up: {error}"
+                print(f"!! {kafka_problem}\n   measuring without the kafka peer")
 
-    rounds = [
-        run_round(index, args, run_dir, wrk_path, token_len, engine_wanted)
-        for index in range(args.rounds)
-    ]
-    summary = summarize(rounds, args, engine_problem)
+        rounds = [
+            run_round(index, args, run_dir, wrk_path, token_len, engines, cpu_extra)
+            for index in range(args.rounds)
+        ]
+        extras = run_extras(
+            args, run_dir, wrk_path, rounds, stack_holder, kafka, stack_doc, cpu_extra
+        )
+        print_result(rounds, extras, kafka is not None)
+        stop_stack(stack_holder[0], stack_doc)
+    finally:
+        # Also on failure or SIGTERM: no stack is left up, whatever happened above.
+        stop_stack(stack_holder[0], stack_doc)
+        if not args.keep_data:
+            for path in run_dir.glob("kafka*-data"):
+                shutil.rmtree(path, ignore_errors=True)
+
+    summary = summarize(rounds, extras, args, engine_problem)
+    if kafka_problem:
+        summary["failures"].append(kafka_problem)
+    summary["run_s"] = round(time.monotonic() - started, 1)
     print("\n== summary")
     print(json.dumps(summary, indent=2))
     document = {
         "benchmark": "vote_vs_ceiling",
         "conditions": conditions,
         "parameters": parameters,
+        "notes": {"closed_loop": CLOSED_LOOP_NOTE, **({"kafka": KAFKA_NOTE} if stack_doc else {})},
+        "stack": stack_doc,
         "rounds": rounds,
+        "extra": extras,
         "summary": summary,
     }
     write_json(args.out, document)

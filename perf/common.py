@@ -109,8 +109,31 @@ def describe_machine(extra_packages: tuple[str, ...] = ()) -> dict:
         "python_implementation": platform.python_implementation(),
         "packages": {name: package_version(name) for name in packages},
         "wrk": wrk_version(),
+        "git": git_state(),
         "load_average_at_start": list(os.getloadavg()),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def git_state() -> dict:
+    """The commit and the changed files of the checkout being measured (read-only git)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                # No optional locks: never contend with a commit someone makes meanwhile.
+                ["git", "--no-optional-locks", "-C", str(REPO_DIR), *args],
+                check=False, capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": commit.strip() if commit else None,
+        "changed_files": [line[3:] for line in status.splitlines()] if status else [],
     }
 
 
@@ -262,6 +285,85 @@ class ServerProcess:
         return self.proc.returncode
 
 
+# --- a private local stack ----------------------------------------------------------------
+
+STACK_SCRIPT = REPO_DIR / "deploy" / "local" / "stack.py"
+STACK_UP_TIMEOUT_S = 900.0  # the first `up` on a machine fetches the Kafka jars
+STACK_DOWN_TIMEOUT_S = 120.0
+STACK_QUERY_TIMEOUT_S = 60.0
+
+
+class PrivateStack:
+    """The real local stack (deploy/local/stack.py) owned by one benchmark run.
+
+    It lives on its own base port, so it never touches a stack someone else is using.
+    ``up`` starts it with ``--fresh``, which first stops and wipes whatever an earlier run
+    left on that port, so the WAL topic starts empty; ``down`` stops it and wipes its
+    state. Call ``down`` in a ``finally``: a stack left up keeps three JVMs running.
+    Output of stack.py goes to ``log_path``.
+    """
+
+    def __init__(self, base_port: int, partitions: int, log_path: Path):
+        self.base_port = base_port
+        self.partitions = partitions
+        self.log_path = log_path
+        self.endpoints: dict = {}
+        self.up_s: float | None = None
+        self.started = False
+
+    def _run(self, *args: str, timeout_s: float, ok_codes: tuple[int, ...] = (0,)) -> str:
+        argv = [sys.executable, str(STACK_SCRIPT), *args, "--base-port", str(self.base_port)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"$ {' '.join(argv)}\n")
+            log.flush()
+            done = subprocess.run(
+                argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                text=True, timeout=timeout_s, cwd=REPO_DIR, check=False,
+            )  # fmt: skip
+        if done.returncode not in ok_codes:
+            with open(self.log_path, "rb") as log:
+                tail = b"".join(deque(log, maxlen=30)).decode(errors="replace")
+            raise BenchError(
+                f"`stack.py {args[0]}` exited {done.returncode}; last lines of "
+                f"{self.log_path}:\n{tail}"
+            )
+        return done.stdout
+
+    def up(self) -> dict:
+        """Start the stack with an empty WAL topic of ``partitions`` partitions."""
+        started = time.monotonic()
+        self.started = True  # from here on, down() has something to clean up
+        out = self._run(
+            "up", "--fresh", "--partitions", str(self.partitions), timeout_s=STACK_UP_TIMEOUT_S
+        )
+        self.up_s = time.monotonic() - started
+        self.endpoints = json.loads(out)
+        found = self.endpoints.get("kafka", {}).get("partitions")
+        if found != self.partitions:
+            raise BenchError(f"the stack came up with {found} partitions, not {self.partitions}")
+        return self.endpoints
+
+    def write_engine_config(self, path: Path) -> Path:
+        """The `votes serve --config` TOML for this stack (Kafka WAL, S3 snapshots)."""
+        path.write_text(self._run("engine-config", timeout_s=STACK_QUERY_TIMEOUT_S))
+        return path
+
+    def pids(self) -> list[int]:
+        """Pids of the stack's running services (brokers, S3, Redis), for CPU sampling."""
+        # `status` exits 3 when a service is not running; the caller sees fewer pids.
+        out = self._run("status", "--json", timeout_s=STACK_QUERY_TIMEOUT_S, ok_codes=(0, 3))
+        services = json.loads(out)["services"]
+        return [service["pid"] for service in services.values() if service["alive"]]
+
+    def down(self) -> float:
+        """Stop the stack and delete its state; returns the seconds it took."""
+        started = time.monotonic()
+        self._run("down", "--wipe", timeout_s=STACK_DOWN_TIMEOUT_S)
+        self.started = False
+        return time.monotonic() - started
+
+
 # --- CPU sampling -------------------------------------------------------------------------
 
 
@@ -276,8 +378,9 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[11]) + int(fields[12])
 
 
-def process_tree(root_pid: int) -> dict[int, int]:
-    """{pid: cpu ticks} for root_pid and all its descendants alive now."""
+def process_tree(root_pids: int | list[int]) -> dict[int, int]:
+    """{pid: cpu ticks} for the root pid(s) and all their descendants alive now."""
+    roots = {root_pids} if isinstance(root_pids, int) else set(root_pids)
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.scandir("/proc"):
@@ -286,9 +389,9 @@ def process_tree(root_pid: int) -> dict[int, int]:
         stat = _proc_stat(int(entry.name))
         if stat is not None:
             parents[int(entry.name)], ticks[int(entry.name)] = stat
-    if root_pid not in ticks:
+    tree = roots & ticks.keys()
+    if not tree:
         return {}
-    tree = {root_pid}
     grew = True
     while grew:
         grew = False
@@ -323,9 +426,10 @@ class CpuSampler:
     ``cpu_percent[name]`` is the CPU the tree used over the whole window, in percent of
     one core; ``cpu_percent_peak`` is the highest over any one sampling interval.
     Descendants are re-discovered at every sample, so workers spawned late still count.
+    A name may stand for several roots (a list of pids), such as the processes of a stack.
     """
 
-    def __init__(self, roots: dict[str, int], interval_s: float = 0.5):
+    def __init__(self, roots: dict[str, int | list[int]], interval_s: float = 0.5):
         self.roots = roots
         self.interval_s = interval_s
         self._stop = threading.Event()
@@ -443,6 +547,8 @@ class WrkResult:
     text_latency_us: dict[str, float]
     bodies_not_created: dict[str, str] = field(default_factory=dict)
     cpu: CpuUsage | None = None
+    # Paced runs only (VOTES_RATE_PER_S): sends, late sends and lateness, dropped slots.
+    pacing: dict | None = None
     output: str = ""
 
     @property
@@ -527,14 +633,14 @@ def run_wrk(
     script: Path,
     parameters: WrkParameters,
     env: dict[str, str],
-    cpu_roots: dict[str, int] | None = None,
+    cpu_roots: dict[str, int | list[int]] | None = None,
     wrk_path: str = "wrk",
     load_timeout_s: float = 300.0,
 ) -> WrkResult:
     """Run wrk once against ``url`` and return its parsed results.
 
     ``env`` is added to this process's environment for the Lua script. When
-    ``cpu_roots`` is given ({name: pid}), the CPU of those process trees and of wrk
+    ``cpu_roots`` is given ({name: pid or [pids]}), the CPU of those process trees and of wrk
     itself (under the name "wrk") is sampled while wrk sends load: sampling starts when
     every wrk thread has loaded its tokens, so loading is not charged to the generator.
     """
@@ -603,6 +709,7 @@ def run_wrk(
         text_latency_us=text_latency,
         bodies_not_created=summary.get("samples", {}),
         cpu=cpu,
+        pacing=summary.get("pacing"),
         output=output,
     )
 

@@ -12,12 +12,30 @@
 --   VOTES_WRK_THREADS  the same number as wrk's -t (required: it sets the line stride)
 --   VOTES_POLL         poll id (default "bench")
 --   VOTES_OPTIONS      comma-separated options, used in turn (default "a")
+--   VOTES_RATE_PER_S   optional: pace the whole run at this many requests per second
+--                      (all threads together); unset, every connection sends as fast
+--                      as it gets answers
+--
+-- Pacing uses wrk's delay() hook: before each request, a connection asks delay() how
+-- many milliseconds to wait. Each thread hands out send slots rate/threads apart, one
+-- per request, in order, and a connection waits until its slot. So the connections
+-- together send at the rate (each at about rate/connections), as long as enough of them
+-- are free. A connection that comes free after its slot has passed sends at once (it is
+-- "late"), so the schedule catches up after a slow patch, but by at most
+-- catch_up_ms_max of slots: older slots are dropped, not sent in one burst. It is still
+-- a closed loop: a connection waits for its answer before it asks for its next slot, and
+-- wrk starts the latency clock when the request is written, not at the slot, so latency
+-- percentiles leave out the time a late request waited for a free connection
+-- (coordinated omission). The summary counts late sends (by more than 1 ms), their
+-- lateness and the dropped slots, to show how much that hides. wrk's timers have 1 ms resolution.
 --
 -- Each thread writes `VOTES_WRK_THREAD_READY <index> <tokens>` to stderr once its tokens
 -- are loaded. At the end, done() prints one line for machines to read:
 --   VOTES_WRK_SUMMARY {"statuses":{"201":n,...},"latency_us":{...},...}
 
 local summary_tag = "VOTES_WRK_SUMMARY "
+
+local rate_per_s = tonumber(os.getenv("VOTES_RATE_PER_S") or "")
 
 -- Per-thread state. The main Lua state (where setup and done run, and where wrk checks
 -- one request at start-up) never calls init, so request() must work without it.
@@ -119,6 +137,63 @@ function request()
    return option_prefixes[i] .. token .. "\r\n\r\n" .. option_bodies[i]
 end
 
+if rate_per_s ~= nil then
+   if rate_per_s <= 0 then
+      error("VOTES_RATE_PER_S must be positive, got " .. os.getenv("VOTES_RATE_PER_S"))
+   end
+   -- A monotonic clock in milliseconds: plain Lua has none finer than a second, but wrk
+   -- runs LuaJIT, whose ffi reaches clock_gettime.
+   local ffi = require("ffi")
+   ffi.cdef([[
+      typedef struct { long tv_sec; long tv_nsec; } votes_timespec;
+      int clock_gettime(int clock_id, votes_timespec *spec);
+   ]])
+   local CLOCK_MONOTONIC = 1
+   local timespec = ffi.new("votes_timespec")
+   local function now_ms()
+      ffi.C.clock_gettime(CLOCK_MONOTONIC, timespec)
+      return tonumber(timespec.tv_sec) * 1000 + tonumber(timespec.tv_nsec) / 1e6
+   end
+
+   local catch_up_ms_max = 1000
+   slot_next_ms = nil
+   slot_interval_ms = nil
+   paced_sends = 0
+   late_sends = 0
+   late_ms_sum = 0
+   late_ms_max = 0
+   slots_dropped = 0
+
+   -- Defined only when pacing: wrk enables its delay path whenever a delay() exists.
+   function delay()
+      if slot_interval_ms == nil then
+         local threads = tonumber(os.getenv("VOTES_WRK_THREADS") or "") or 1
+         slot_interval_ms = 1000 * threads / rate_per_s
+      end
+      local now = now_ms()
+      if slot_next_ms == nil then
+         slot_next_ms = now
+      elseif slot_next_ms < now - catch_up_ms_max then
+         local dropped = math.floor((now - catch_up_ms_max - slot_next_ms) / slot_interval_ms)
+         slots_dropped = slots_dropped + dropped
+         slot_next_ms = slot_next_ms + dropped * slot_interval_ms
+      end
+      local wait_ms = slot_next_ms - now
+      slot_next_ms = slot_next_ms + slot_interval_ms
+      paced_sends = paced_sends + 1
+      if wait_ms < 0 then
+         -- Late by less than wrk's timer resolution is on time.
+         if wait_ms < -1 then
+            late_sends = late_sends + 1
+            late_ms_sum = late_ms_sum - wait_ms
+            late_ms_max = math.max(late_ms_max, -wait_ms)
+         end
+         return 0
+      end
+      return math.floor(wait_ms + 0.5)
+   end
+end
+
 -- The first body seen for each status other than 201, to say why votes were refused.
 samples = {}
 
@@ -154,7 +229,15 @@ function done(summary, latency, requests)
    local sampled = {}
    local sent_total, tokens_total, after_total = 0, 0, 0
    local exhausted_threads = 0
+   local pacing = { sends = 0, late = 0, late_ms_sum = 0, late_ms_max = 0, dropped = 0 }
    for _, thread in ipairs(threads) do
+      if rate_per_s ~= nil then
+         pacing.sends = pacing.sends + thread:get("paced_sends")
+         pacing.late = pacing.late + thread:get("late_sends")
+         pacing.late_ms_sum = pacing.late_ms_sum + thread:get("late_ms_sum")
+         pacing.late_ms_max = math.max(pacing.late_ms_max, thread:get("late_ms_max"))
+         pacing.dropped = pacing.dropped + thread:get("slots_dropped")
+      end
       for status, n in pairs(thread:get("counts")) do
          local key = integer(status)
          statuses[key] = (statuses[key] or 0) + n
@@ -209,6 +292,14 @@ function done(summary, latency, requests)
       { "sent_after_exhaustion", integer(after_total) },
       { "threads_exhausted", integer(exhausted_threads) },
       { "exhausted", exhausted_threads > 0 and "true" or "false" },
+      { "rate_per_s_target", rate_per_s and string.format("%.1f", rate_per_s) or "null" },
+      { "pacing", rate_per_s and json_object({
+         { "sends", integer(pacing.sends) },
+         { "late_sends", integer(pacing.late) },
+         { "late_ms_mean", string.format("%.2f", pacing.late_ms_sum / math.max(1, pacing.late)) },
+         { "late_ms_max", string.format("%.2f", pacing.late_ms_max) },
+         { "slots_dropped", integer(pacing.dropped) },
+      }) or "null" },
    })
    io.write(summary_tag .. line .. "\n")
 end
