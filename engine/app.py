@@ -229,8 +229,10 @@ class App:
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
+        # Only cluster mode can forward to another node; the embedded path builds nothing.
+        request = _forwarded(scope, body) if self.config.uses_cluster else None
         try:
-            receipt = await node.vote(poll, claims.voter, vote.option, _forwarded(scope, body))
+            receipt = await node.vote(poll, claims.voter, vote.option, request)
         except Relayed as relayed:  # the shard's owner on another node answered
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, _json.encode(receipt)
