@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -41,6 +42,8 @@ CONCURRENCY = 8
 # Once each shard has refused a vote, most further votes must be refused too; a few may
 # still fit where a record is smaller than the one refused (records differ in size).
 REFUSED_SHARE_MIN = 0.75
+UNMOUNT_WAIT_S = 10.0
+UNMOUNT_RETRY_S = 0.1
 FILL_CHUNKS = (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1)
 
 
@@ -56,11 +59,46 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mount_point
     finally:
+        unmount(mount_point)
+
+
+def holders_of(mount_point: Path) -> list[str]:
+    """Processes with a file, mapping or working directory under `mount_point` (diagnostics)."""
+    prefix = str(mount_point)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            links = [entry / "cwd", *(entry / "fd").iterdir()]
+            targets = [os.readlink(link) for link in links]
+            targets += [line.split(maxsplit=5)[-1] for line in
+                        (entry / "maps").read_text().splitlines() if prefix in line]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+        if any(target.startswith(prefix) for target in targets):
+            found.append(f"pid {entry.name}: {command}")
+    return found
+
+
+def unmount(mount_point: Path) -> None:
+    """Unmount, retrying while the kernel still finishes closing a killed server's files (a
+    SIGKILLed process's last file references may be dropped a moment after it is reaped on a
+    busy machine); fail, naming the holders, if it stays busy."""
+    deadline = time.monotonic() + UNMOUNT_WAIT_S
+    while True:
         unmounted = subprocess.run(["umount", str(mount_point)], capture_output=True, text=True,
                                    check=False)
-        if unmounted.returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], check=False)
-            pytest.fail(f"umount {mount_point} failed: {unmounted.stderr.strip()}")
+        if unmounted.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(UNMOUNT_RETRY_S)
+    holders = holders_of(mount_point)
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    pytest.fail(f"umount {mount_point} failed for {UNMOUNT_WAIT_S} s: "
+                f"{unmounted.stderr.strip()}; holders: {holders or 'none found'}")
 
 
 def fill_filesystem(path: Path) -> int:
