@@ -37,6 +37,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from engine import failpoints
 from engine.config import Config
 from engine.errors import VotesError
 from shards.snapshots import Manifest, ManifestEntry, snapshot_name, thaw
@@ -109,6 +110,8 @@ class S3SnapshotStore:
             "put_object", len(data), Key=self.object_key(name), Body=data,
             ChecksumSHA256=base64.b64encode(digest).decode(),
         )
+        # A test holds here to fail S3 between the upload and the manifest swap.
+        await failpoints.pause("s3-snapshot-before-manifest")
         entry = ManifestEntry(
             name=name,
             wal_offset_next=wal_offset_next,

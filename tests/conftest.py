@@ -53,3 +53,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"hypothesis: seed={config.option.hypothesis_seed} "
         f"(reproduce with --hypothesis-seed={config.option.hypothesis_seed})",
     ]
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    """The running LocalStack of deploy/local/stack.py, one per session (tests/support/stack.py)."""
+    from tests.support.stack import running_local_stack
+
+    yield from running_local_stack()
+
+
+@pytest.fixture(scope="session")
+def stack_endpoints(local_stack):
+    """The endpoints dict (same content as <state_dir>/stack.json)."""
+    return local_stack.endpoints()

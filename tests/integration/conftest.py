@@ -1,37 +1,13 @@
-"""Fixtures for tests against the real local stack (deploy/local/stack.py).
-
-`local_stack` (session scope) reuses a stack that is already up on the base port
-(env VOTES_STACK_BASE_PORT, default 19000) or brings one up itself and stops it at the end
-of the session. It never skips: if the stack cannot start, the tests fail with the reason.
-
-Every test collected under tests/integration/ gets the `integration` marker.
+"""Every test collected under tests/integration/ gets the `integration` marker; the
+`local_stack` and `stack_endpoints` fixtures (the real Kafka, S3 and Redis of
+deploy/local/stack.py, one per session) are in tests/conftest.py, shared with tests/chaos.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STACK_PY = REPO_ROOT / "deploy" / "local" / "stack.py"
-_MODULE_NAME = "votes_local_stack"
-
-
-def load_stack_module():
-    """Import deploy/local/stack.py (not a package) as module `votes_local_stack`."""
-    mod = sys.modules.get(_MODULE_NAME)
-    if mod is not None:
-        return mod
-    spec = importlib.util.spec_from_file_location(_MODULE_NAME, STACK_PY)
-    assert spec is not None and spec.loader is not None, f"cannot load {STACK_PY}"
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[_MODULE_NAME] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,51 +19,3 @@ def pytest_collection_modifyitems(config, items):
             continue
         if here in p.parents:
             item.add_marker(pytest.mark.integration)
-
-
-@pytest.fixture(scope="session")
-def local_stack():
-    """The running LocalStack (see deploy/local/stack.py for its API)."""
-    mod = load_stack_module()
-    base_port = int(os.environ.get("VOTES_STACK_BASE_PORT", mod.DEFAULT_BASE_PORT))
-    stack = mod.LocalStack(base_port=base_port)
-
-    if stack.is_up():
-        owned = False
-    elif any(s.alive() for s in stack.services()):
-        # Someone else's stack, partly down (e.g. a broker killed by hand): heal it, keep it.
-        owned = False
-        try:
-            stack.up()
-        except mod.StackError as e:
-            pytest.fail(f"local stack on base port {base_port} is partly up and did not heal:\n{e}",
-                        pytrace=False)
-    else:
-        owned = True
-        try:
-            stack.up(fresh=True)
-        except mod.StackError as e:
-            # Leave nothing half-started behind, then fail with the reason.
-            try:
-                stack.down()
-            except Exception as down_err:  # noqa: BLE001
-                print(f"stack down after failed up also failed: {down_err!r}", file=sys.stderr)
-            pytest.fail(f"local stack on base port {base_port} did not come up:\n{e}",
-                        pytrace=False)
-
-    yield stack
-
-    if owned:
-        stack.down()
-    else:
-        # Leave a reused stack as we found it: restart anything a fault test left dead.
-        try:
-            stack.up(quiet=True)
-        except mod.StackError as e:
-            print(f"could not heal the reused local stack: {e}", file=sys.stderr)
-
-
-@pytest.fixture(scope="session")
-def stack_endpoints(local_stack):
-    """The endpoints dict (same content as <state_dir>/stack.json)."""
-    return local_stack.endpoints()
