@@ -338,5 +338,15 @@ def demo(data_dir, port, workers) -> None:
                 server.kill()
 
 
+def _add_replay() -> None:
+    # Imported last: replay.cli imports from engine, and keeps its heavy imports in its verbs.
+    from replay.cli import main as replay_main
+
+    main.add_command(replay_main, "replay")
+
+
+_add_replay()
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,323 @@
+"""Rebuild shards from snapshot + WAL through the engine's own path, and write a snapshot.
+
+For each shard: start from a checkpoint of an interrupted rebuild (unless `restart`), else
+from the newest valid snapshot (unless `from_wal`), else from an empty state; read the log
+from that state's offset to its end with the engine's reader (shards/segment_log.py, or
+KafkaWal.replay), decode each record with shards.records.decode_record and apply it with
+ShardState.apply (the compiled apply_group); then freeze the state and save it in the
+shard's snapshot store (shards.backends.make_snapshot_store), and remove the checkpoint.
+
+Rules:
+- Embedded log: the rebuild takes every chosen shard's fence (the flock on wal/LOCK) before
+  it starts and holds it to the end, and refuses when an engine holds one: a rebuild never
+  runs beside an engine that appends. Holding the fence, it recovers the log as an owner
+  does at start-up (a torn last write is cut, exactly as the next engine start would).
+- Kafka: the tool never writes to the log, so it takes no fence; the snapshot it saves is
+  correct at its offset, and stores order snapshots by offset, so it may run beside an
+  engine.
+- A checkpoint is written every `checkpoint_records` records or `checkpoint_interval_s`
+  seconds, and when `records_max` stops a run early (`RebuildPaused`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from engine.config import Config
+from engine.errors import LogCorrupt
+from replay.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    checkpoint_path,
+    read_checkpoint,
+    remove_checkpoint,
+    write_checkpoint,
+)
+from replay.errors import BadInput, DataDamaged, ReplayError, Unavailable
+from replay.sources import wal_directory
+from shards.backends import make_snapshot_store
+from shards.records import VoteBatch, decode_record
+from shards.segment_log import SegmentLog
+from shards.snapshots import freeze, thaw
+from shards.state import ShardState
+
+SOURCE_SNAPSHOT = "snapshot"
+SOURCE_WAL = "wal"
+
+
+class RebuildPaused(ReplayError):
+    """`records_max` records were applied; the checkpoint holds the work done so far."""
+
+    exit_code = 3
+    title = "Rebuild paused"
+
+
+@dataclass
+class RebuildOptions:
+    from_wal: bool = False
+    restart: bool = False
+    checkpoint_records: int = 200_000
+    checkpoint_interval_s: float = 30.0
+    records_max: int | None = None
+
+
+@dataclass
+class RebuildResult:
+    shard: int
+    started_from: str  # how the state began: snapshot / empty / checkpoint
+    start_offset: int
+    end_offset: int
+    records: int  # applied by this run
+    votes: int  # votes in those records
+    records_earlier: int  # applied by earlier, interrupted runs (from the checkpoint)
+    votes_counted: int
+    seconds: float
+    snapshot_name: str
+    snapshot_bytes: int
+    polls: dict[str, dict[str, int]]
+
+    @property
+    def votes_per_s(self) -> float:
+        return self.votes / self.seconds if self.seconds > 0 else 0.0
+
+
+# The log, as the rebuild reads it -------------------------------------------------------------
+
+
+class EmbeddedRebuildLog:
+    def __init__(self, config: Config, shard: int) -> None:
+        self.directory = wal_directory(config, shard)
+        self.shard = shard
+        self.log = SegmentLog(self.directory, config.segment_bytes_max)
+        self.identity = f"embedded:{self.directory.resolve()}"
+        self.end_offset = 0
+
+    def fence(self) -> None:
+        if not self.directory.is_dir():
+            raise BadInput(f"shard {self.shard} has no write-ahead log at {self.directory}")
+        if not self.log.try_lock():
+            raise Unavailable(f"shard {self.shard}: an engine holds the log's lock "
+                              f"({self.directory / 'LOCK'}); stop it before rebuilding")
+        # As an owner at start-up: find the durable end, cutting only a torn last write.
+        self.end_offset = self.log.recover()
+
+    async def replay(self, from_offset: int, apply) -> int:
+        end_offset = self.end_offset
+        if from_offset <= end_offset:
+            for offset, next_offset, payload in self.log.read_from(from_offset):
+                apply(offset, next_offset, payload)
+        return end_offset
+
+    async def read_at(self, offset: int) -> bytes:
+        return self.log.read_at(offset)
+
+    async def close(self) -> None:
+        self.log.close()
+
+
+class KafkaRebuildLog:
+    def __init__(self, config: Config, shard: int) -> None:
+        from shards.kafka_wal import KafkaWal
+
+        self.wal = KafkaWal(config, shard)
+        self.identity = f"kafka:{config.wal_topic}"
+
+    def fence(self) -> None:
+        """Nothing to take: the rebuild only reads Kafka (see the module docstring)."""
+
+    async def replay(self, from_offset: int, apply) -> int:
+        return await self.wal.replay(from_offset, apply)
+
+    async def read_at(self, offset: int) -> bytes:
+        return await self.wal.read_at(offset)
+
+    async def close(self) -> None:
+        await self.wal.close()
+
+
+def open_rebuild_log(config: Config, shard: int):
+    return KafkaRebuildLog(config, shard) if config.uses_kafka else EmbeddedRebuildLog(config, shard)
+
+
+# One shard --------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised out of the apply callback to end a run at `records_max`."""
+
+
+class ShardRebuild:
+    """The state of one shard's rebuild while records stream through `apply`."""
+
+    def __init__(self, config: Config, shard: int, options: RebuildOptions, log,
+                 progress: Callable[[int], None]) -> None:
+        self.config = config
+        self.shard = shard
+        self.options = options
+        self.log = log
+        self.progress = progress
+        self.path = checkpoint_path(config.data_path, shard)
+        self.state: ShardState | None = None
+        self.source = SOURCE_WAL if options.from_wal else SOURCE_SNAPSHOT
+        self.started_offset = 0
+        self.records = self.votes = 0
+        self.records_before = self.votes_before = 0
+        self.elapsed_before_s = 0.0
+        self.run_started_s = time.monotonic()
+        # The last record applied: its offset, and its payload (hashed only when a checkpoint
+        # is written) or, right after a resume, the digest the checkpoint recorded.
+        self.last_record_offset = 0
+        self.last_record_sha256 = ""
+        self._last_payload: bytes | memoryview | None = None
+        self.records_since_checkpoint = 0
+        self.checkpoint_time_s = time.monotonic()
+
+    async def begin(self, store) -> str:
+        """Set the starting state; return how it began."""
+        checkpoint = None if self.options.restart else read_checkpoint(self.path)
+        if checkpoint is not None:
+            await self._resume(checkpoint)
+            return f"checkpoint at offset {self.state.wal_offset_next}"
+        if self.options.restart:
+            remove_checkpoint(self.path)
+        loaded = None if self.options.from_wal else await store.load()
+        if loaded is not None:
+            self._check_state(loaded, "the newest snapshot")
+            self.state = loaded
+            self.started_offset = loaded.wal_offset_next
+            return f"snapshot at offset {loaded.wal_offset_next}"
+        self.state = ShardState(self.shard, self.config.shards)
+        return "the start of the log" + ("" if self.options.from_wal else " (no snapshot)")
+
+    async def _resume(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.source != self.source or checkpoint.wal != self.log.identity:
+            raise BadInput(
+                f"{self.path} is a checkpoint of a rebuild from the {checkpoint.source} of "
+                f"{checkpoint.wal}; this run reads the {self.source} of {self.log.identity}: "
+                "run with the same options, or with --restart")
+        if checkpoint.last_record_sha256:
+            try:
+                payload = await self.log.read_at(checkpoint.last_record_offset)
+            except LogCorrupt:  # no record there any more
+                payload = b""
+            if hashlib.sha256(payload).hexdigest() != checkpoint.last_record_sha256:
+                raise DataDamaged(f"{self.path}: the log no longer holds the checkpoint's last "
+                                  f"record at offset {checkpoint.last_record_offset}; run with "
+                                  "--restart")
+            self.last_record_offset = checkpoint.last_record_offset
+            self.last_record_sha256 = checkpoint.last_record_sha256
+        state = thaw(checkpoint.state)
+        self._check_state(state, str(self.path))
+        self.state = state
+        self.started_offset = checkpoint.started_offset
+        self.records_before, self.votes_before = checkpoint.records, checkpoint.votes
+        self.elapsed_before_s = checkpoint.elapsed_s
+
+    def _check_state(self, state: ShardState, what: str) -> None:
+        if (state.shard, state.shards_total) != (self.shard, self.config.shards):
+            raise DataDamaged(f"{what} is of shard {state.shard} of {state.shards_total}, "
+                              f"not shard {self.shard} of {self.config.shards}")
+
+    def apply(self, offset: int, next_offset: int, payload) -> None:
+        try:
+            record = decode_record(payload)
+            self.state.apply(offset, next_offset, record)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            raise DataDamaged(f"shard {self.shard}: the record at offset {offset} does not "
+                              f"decode or apply: {exc}") from None
+        votes = sum(len(group.voters) // 4 for group in record.groups) \
+            if isinstance(record, VoteBatch) else 0
+        self.records += 1
+        self.votes += votes
+        self.records_since_checkpoint += 1
+        self.progress(votes)
+        self.last_record_offset = offset
+        self._last_payload = payload
+        if self.options.records_max is not None and self.records >= self.options.records_max:
+            self.checkpoint()
+            raise _Stop
+        if (self.records_since_checkpoint >= self.options.checkpoint_records
+                or time.monotonic() - self.checkpoint_time_s >= self.options.checkpoint_interval_s):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        if self._last_payload is not None:
+            self.last_record_sha256 = hashlib.sha256(self._last_payload).hexdigest()
+            self._last_payload = None
+        write_checkpoint(self.path, Checkpoint(
+            format=CHECKPOINT_FORMAT, shard=self.shard, shards_total=self.config.shards,
+            source=self.source, wal=self.log.identity, started_offset=self.started_offset,
+            wal_offset_next=self.state.wal_offset_next,
+            last_record_offset=self.last_record_offset,
+            last_record_sha256=self.last_record_sha256,
+            records=self.records_before + self.records, votes=self.votes_before + self.votes,
+            elapsed_s=self.elapsed_before_s + time.monotonic() - self.run_started_s,
+            state=freeze(self.state)))
+        self.records_since_checkpoint = 0
+        self.checkpoint_time_s = time.monotonic()
+
+
+async def rebuild_shard(config: Config, shard: int, options: RebuildOptions, log,
+                        progress: Callable[[int], None]) -> RebuildResult:
+    """Rebuild one shard whose log is fenced (`log.fence()` done); see the module docstring."""
+    store = make_snapshot_store(config, shard)
+    try:
+        rebuild = ShardRebuild(config, shard, options, log, progress)
+        started_from = await rebuild.begin(store)
+        start_offset = rebuild.state.wal_offset_next
+        counted_before = rebuild.state.votes_applied
+        started = time.perf_counter()
+        rebuild.run_started_s = time.monotonic()
+        try:
+            end_offset = await log.replay(start_offset, rebuild.apply)
+        except _Stop:
+            raise RebuildPaused(
+                f"shard {shard}: stopped after {rebuild.records} records (--records-max) at "
+                f"offset {rebuild.state.wal_offset_next}; run again to resume from "
+                f"{rebuild.path}") from None
+        seconds = time.perf_counter() - started
+        if start_offset > end_offset:
+            raise DataDamaged(f"shard {shard}: the starting state covers the log up to offset "
+                              f"{start_offset}, but the log ends at {end_offset}: the log lost "
+                              "records")
+        data = freeze(rebuild.state)
+        entry = await store.save(data, rebuild.state.wal_offset_next)
+        remove_checkpoint(rebuild.path)
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            await close()
+    state = rebuild.state
+    return RebuildResult(
+        shard=shard, started_from=started_from, start_offset=start_offset, end_offset=end_offset,
+        records=rebuild.records, votes=rebuild.votes, records_earlier=rebuild.records_before,
+        votes_counted=state.votes_applied - counted_before, seconds=seconds,
+        snapshot_name=entry.name, snapshot_bytes=entry.size_bytes,
+        polls={name: poll.counts() for name, poll in state.polls.items()})
+
+
+async def rebuild(config: Config, shards: list[int], options: RebuildOptions,
+                  progress_for: Callable[[int], Callable[[int], None]],
+                  report: Callable[[RebuildResult], None]) -> list[RebuildResult]:
+    """Fence every chosen shard first (refusing all when one is held), then rebuild them one
+    after the other; `progress_for(shard)` gives the per-record progress callback."""
+    logs = [open_rebuild_log(config, shard) for shard in shards]
+    fenced = []
+    try:
+        for log in logs:
+            log.fence()
+            fenced.append(log)
+        results = []
+        for shard, log in zip(shards, logs):
+            result = await rebuild_shard(config, shard, options, log, progress_for(shard))
+            report(result)
+            results.append(result)
+        return results
+    finally:
+        for log in fenced:
+            await log.close()

@@ -1,0 +1,344 @@
+"""`verify`: recount the raw WAL from its start and compare it with the snapshots and, when
+given the engine's URL, with the live results.
+
+- Snapshots: for each shard, the newest snapshot that checks out is compared with the
+  recount's state at that snapshot's `wal_offset_next`: the polls it holds, each option's
+  count, whether each poll is closed, and the bitmap of voters that counted.
+- Live: GET /v1/polls/{poll}/results of every poll the log creates (or the polls asked
+  for), compared with the recount's counts summed over the shards, and `final` with "closed
+  in every shard". An open poll's results move while the log is read, so the results are
+  fetched before and after a read of the log, and the read resumes where it stopped, until
+  two fetches agree (at most `live_attempts` times); results that never settle are reported
+  as moving, not compared. An embargoed open poll hides its counts: not compared. Live is
+  compared only when every shard is recounted (the endpoint sums them all).
+Every difference names the shard, the poll and the option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+from engine.config import Config
+from replay.context import snapshot_description, wal_description
+from replay.errors import BadInput
+from replay.live import fetch_results, live_view
+from replay.recount import (
+    RECOUNT_CONCURRENCY,
+    REJECTION_REASONS,
+    Recounter,
+    ShardRecount,
+    gather_all,
+)
+from replay.snapshot_view import ShardSnapshot, newest_snapshots
+from replay.sources import ReadEnd, ShardLog
+
+LIVE_ATTEMPTS_DEFAULT = 5
+LIVE_ATTEMPTS_MAX = 100
+VOTERS_LISTED_MAX = 5
+
+
+@dataclass
+class Difference:
+    kind: str  # "snapshot" or "live"
+    shard: int | None
+    poll: str | None
+    option: str | None
+    detail: str
+
+    def __str__(self) -> str:
+        where = [f"shard {self.shard}" if self.shard is not None else "",
+                 f"poll {self.poll!r}" if self.poll is not None else "",
+                 f"option {self.option!r}" if self.option is not None else ""]
+        return f"{self.kind}: " + " ".join(part for part in where if part) + f": {self.detail}"
+
+
+@dataclass
+class PollRow:
+    options: list[str]
+    wal: dict[str, int]
+    wal_at_snapshots: dict[str, int]
+    snapshots: dict[str, int]
+    live: dict[str, int] | None
+    closed_shards: int
+    rejected: dict[str, int]
+    live_status: str
+
+
+@dataclass
+class VerifyReport:
+    wal: str
+    snapshot_store: str
+    live_url: str | None
+    shards: list[dict]
+    polls: dict[str, PollRow]
+    differences: list[Difference]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    def as_json(self) -> dict:
+        return {"ok": self.ok, "wal": self.wal, "snapshot_store": self.snapshot_store,
+                "live_url": self.live_url, "shards": self.shards,
+                "polls": {name: asdict(row) for name, row in self.polls.items()},
+                "differences": [asdict(difference) for difference in self.differences],
+                "notes": self.notes}
+
+
+class _ShardReading:
+    """One shard's recount, fed incrementally (each read resumes where the last stopped)."""
+
+    def __init__(self, config: Config, shard: int, snapshot: ShardSnapshot) -> None:
+        self.shard = shard
+        self.snapshot = snapshot
+        captures = [] if snapshot.offset is None else [snapshot.offset]
+        self.recounter = Recounter(shard, config.shards, chain=False, capture_at=captures)
+        self.log = ShardLog(config, shard)
+        self.end = ReadEnd(0, None)
+
+    async def read(self) -> None:
+        self.end = await self.log.read(self.recounter.feed, from_offset=self.end.end_offset)
+
+    def result(self) -> ShardRecount:
+        return self.recounter.result(self.end.end_offset, self.end.torn_tail)
+
+
+async def _read_all(readings: list[_ShardReading]) -> None:
+    slots = asyncio.Semaphore(RECOUNT_CONCURRENCY)
+
+    async def one(reading: _ShardReading) -> None:
+        async with slots:
+            await reading.read()
+
+    await gather_all(one(reading) for reading in readings)
+
+
+async def verify(config: Config, shards: list[int], **options) -> VerifyReport:
+    """See the module docstring; `options` are polls, url and live_attempts."""
+    snapshots = await newest_snapshots(config, shards)
+    readings = [_ShardReading(config, shard, snapshot) for shard, snapshot in zip(shards, snapshots)]
+    try:
+        return await _verify(config, shards, readings, snapshots, **options)
+    finally:
+        for reading in readings:
+            await reading.log.close()
+
+
+async def _verify(config: Config, shards: list[int], readings: list[_ShardReading],
+                  snapshots: list[ShardSnapshot], *, polls: list[str] | None = None,
+                  url: str | None = None,
+                  live_attempts: int = LIVE_ATTEMPTS_DEFAULT) -> VerifyReport:
+    await _read_all(readings)
+    recounts = {reading.shard: reading.result() for reading in readings}
+    names = sorted({name for recount in recounts.values() for name in recount.polls})
+    if polls:
+        missing = [poll for poll in polls if poll not in names]
+        if missing:
+            raise BadInput(f"no poll {missing[0]!r} in the log of shards {shards}")
+        names = sorted(set(polls))
+    notes = [snapshot.note for snapshot in snapshots if snapshot.note]
+    notes += [recount.torn_tail for recount in recounts.values() if recount.torn_tail]
+    live: dict[str, dict | None] = {}
+    live_status = dict.fromkeys(names, "not asked")
+    if url is not None and shards != list(range(config.shards)):
+        notes.append("live results not compared: they sum every shard, and only some were "
+                     "recounted")
+    elif url is not None:
+        live, live_status = await _read_with_live(readings, names, url, live_attempts)
+        recounts = {reading.shard: reading.result() for reading in readings}
+    differences = []
+    for reading in readings:
+        differences += _snapshot_differences(reading.snapshot, recounts[reading.shard], names)
+    rows = {name: _row(name, recounts, snapshots, live.get(name), live_status[name],
+                       config.shards) for name in names}
+    for name, row in rows.items():
+        differences += _live_differences(name, row, live.get(name), config.shards)
+    for shard, recount in recounts.items():
+        for poll, votes in sorted(recount.unknown_polls.items()):
+            notes.append(f"shard {shard}: {votes} votes for poll {poll!r}, which its log never "
+                         "creates (not counted)")
+    return VerifyReport(
+        wal=wal_description(config), snapshot_store=snapshot_description(config),
+        live_url=url, shards=[_shard_line(recounts[reading.shard], reading.snapshot)
+                              for reading in readings],
+        polls=rows, differences=differences, notes=notes)
+
+
+async def _read_with_live(readings: list[_ShardReading], names: list[str], url: str,
+                          attempts: int) -> tuple[dict, dict]:
+    """Fetch, read on, fetch again, until two fetches agree (at most `attempts` rounds)."""
+    with httpx.Client() as client:
+        def fetch_all() -> dict[str, dict | None]:
+            return {name: fetch_results(client, url, name) for name in names}
+
+        for attempt in range(1, attempts + 1):
+            before = await asyncio.to_thread(fetch_all)
+            await _read_all(readings)
+            after = await asyncio.to_thread(fetch_all)
+            moving = [name for name in names if live_view(before[name]) != live_view(after[name])]
+            if not moving:
+                return after, dict.fromkeys(names, f"stable (attempt {attempt})")
+        status = {name: (f"moving: changed during each of {attempts} reads, not compared"
+                         if name in moving else f"stable (attempt {attempts})") for name in names}
+        return {name: document for name, document in after.items() if name not in moving}, status
+
+
+def _shard_line(recount: ShardRecount, snapshot: ShardSnapshot) -> dict:
+    return {"shard": recount.shard, "records": recount.records, "votes_seen": recount.votes_seen,
+            "end_offset": recount.end_offset, "torn_tail": recount.torn_tail,
+            "snapshot_offset": snapshot.offset, "snapshot_name": snapshot.name}
+
+
+def _row(name: str, recounts: dict[int, ShardRecount], snapshots: list[ShardSnapshot],
+         live: dict | None, live_status: str, shards_total: int) -> PollRow:
+    options: list[str] = []
+    wal: dict[str, int] = {}
+    at_snapshots: dict[str, int] = {}
+    in_snapshots: dict[str, int] = {}
+    rejected = dict.fromkeys(REJECTION_REASONS, 0)
+    closed_shards = 0
+    for snapshot in snapshots:
+        recount = recounts[snapshot.shard]
+        poll = recount.polls.get(name)
+        if poll is not None:
+            options += [option for option in poll.options if option not in options]
+            _add(wal, poll.counts)
+            for reason, count in poll.rejected.items():
+                rejected[reason] += count
+            closed_shards += poll.closed
+        capture = recount.captures.get(snapshot.offset) if snapshot.offset is not None else None
+        if capture is not None and capture.polls is not None and name in capture.polls:
+            _add(at_snapshots, capture.polls[name].counts)
+        if snapshot.state is not None and name in snapshot.state.polls:
+            _add(in_snapshots, snapshot.state.polls[name].counts())
+    live_counts = None
+    if live is not None and not (live.get("embargoed") and not live.get("final")):
+        live_counts = dict(live["counts"])
+    elif live is not None:
+        live_status = "embargoed: counts hidden until the poll closes, not compared"
+    elif live_status.startswith("stable"):
+        live_status = "unknown at the engine (404)"
+    return PollRow(options, wal, at_snapshots, in_snapshots, live_counts, closed_shards,
+                   rejected, live_status)
+
+
+def _add(total: dict[str, int], counts: dict[str, int]) -> None:
+    for option, count in counts.items():
+        total[option] = total.get(option, 0) + count
+
+
+def _snapshot_differences(snapshot: ShardSnapshot, recount: ShardRecount,
+                          names: list[str]) -> list[Difference]:
+    if snapshot.state is None:
+        return []
+    shard, offset = snapshot.shard, snapshot.offset
+    capture = recount.captures[offset]
+    if capture.polls is None:
+        return [Difference("snapshot", shard, None, None,
+                           f"snapshot {snapshot.name} cannot be matched with the log: "
+                           f"{capture.problem}")]
+    differences = []
+    snapshot_polls = snapshot.state.polls
+    for name in sorted(set(snapshot_polls) | set(capture.polls)):
+        if name not in names:
+            continue
+        at = f"at offset {offset}"
+        if name not in capture.polls:
+            differences.append(Difference("snapshot", shard, name, None,
+                                          f"the snapshot holds the poll, the log does not create "
+                                          f"it before offset {offset}"))
+            continue
+        if name not in snapshot_polls:
+            differences.append(Difference("snapshot", shard, name, None,
+                                          f"the log creates the poll before offset {offset}, "
+                                          "the snapshot does not hold it"))
+            continue
+        ours, theirs = capture.polls[name], snapshot_polls[name]
+        counts = theirs.counts()
+        for option in sorted(set(counts) | set(ours.counts)):
+            if counts.get(option, 0) != ours.counts.get(option, 0):
+                differences.append(Difference(
+                    "snapshot", shard, name, option,
+                    f"snapshot {snapshot.name} counts {counts.get(option, 0)}, the log "
+                    f"{ours.counts.get(option, 0)} {at}"))
+        if theirs.closed != ours.closed:
+            differences.append(Difference(
+                "snapshot", shard, name, None,
+                f"snapshot says {'closed' if theirs.closed else 'open'}, the log says "
+                f"{'closed' if ours.closed else 'open'} {at}"))
+        if theirs.voters != ours.voters:
+            only_snapshot = theirs.voters - ours.voters
+            only_log = ours.voters - theirs.voters
+            differences.append(Difference(
+                "snapshot", shard, name, None,
+                f"voters bitmap differs {at}: {len(only_snapshot)} voter indexes only in the "
+                f"snapshot {list(only_snapshot)[:VOTERS_LISTED_MAX]}, {len(only_log)} only in "
+                f"the log {list(only_log)[:VOTERS_LISTED_MAX]}"))
+    return differences
+
+
+def _live_differences(name: str, row: PollRow, live: dict | None,
+                      shards_total: int) -> list[Difference]:
+    if row.live_status.startswith("unknown"):
+        return [Difference("live", None, name, None,
+                           "the log creates the poll, the engine answers 404")]
+    if row.live is None:
+        return []
+    differences = [
+        Difference("live", None, name, option,
+                   f"live results say {row.live.get(option, 0)}, the log {row.wal.get(option, 0)}")
+        for option in sorted(set(row.live) | set(row.wal))
+        if row.live.get(option, 0) != row.wal.get(option, 0)
+    ]
+    final_in_log = row.closed_shards == shards_total
+    if live is not None and bool(live.get("final")) != final_in_log:
+        differences.append(Difference(
+            "live", None, name, None,
+            f"live results say final={live.get('final')}, the log closes the poll in "
+            f"{row.closed_shards} of {shards_total} shards"))
+    return differences
+
+
+# The text report -----------------------------------------------------------------------------
+
+
+def render(report: VerifyReport) -> str:
+    lines = [f"wal: {report.wal}", f"snapshots: {report.snapshot_store}",
+             f"live: {report.live_url or 'not asked (--url)'}", ""]
+    lines.append(f"{'shard':>5} {'records':>9} {'votes':>11} {'end offset':>14} "
+                 f"{'snapshot offset':>16}")
+    for shard in report.shards:
+        snapshot_offset = "-" if shard["snapshot_offset"] is None else shard["snapshot_offset"]
+        lines.append(f"{shard['shard']:>5} {shard['records']:>9,} {shard['votes_seen']:>11,} "
+                     f"{shard['end_offset']:>14,} {snapshot_offset:>16}")
+    lines.append("")
+    header = (f"{'poll':<20} {'option':<20} {'wal':>10} {'wal@snap':>10} {'snapshot':>10} "
+              f"{'live':>10}")
+    lines += [header, "-" * len(header)]
+    for name, row in report.polls.items():
+        for option in row.options:
+            live = "-" if row.live is None else f"{row.live.get(option, 0):,}"
+            lines.append(f"{name:<20} {option:<20} {row.wal.get(option, 0):>10,} "
+                         f"{row.wal_at_snapshots.get(option, 0):>10,} "
+                         f"{row.snapshots.get(option, 0):>10,} {live:>10}")
+        total_live = "-" if row.live is None else f"{sum(row.live.values()):,}"
+        lines.append(f"{name:<20} {'(total)':<20} {sum(row.wal.values()):>10,} "
+                     f"{sum(row.wal_at_snapshots.values()):>10,} "
+                     f"{sum(row.snapshots.values()):>10,} {total_live:>10}")
+        rejected = ", ".join(f"{reason} {count}" for reason, count in row.rejected.items())
+        shards_total = len(report.shards)
+        lines.append(f"{'':<20} closed in {row.closed_shards}/{shards_total} shards; "
+                     f"rejected in the log: {rejected}; live: {row.live_status}")
+    lines.append("")
+    lines += [f"note: {note}" for note in report.notes]
+    if report.ok:
+        lines.append("OK: the log, the snapshots and the live results agree" if report.live_url
+                     else "OK: the log and the snapshots agree")
+    else:
+        lines.append(f"DIFFERENCES ({len(report.differences)}):")
+        lines += [f"  {difference}" for difference in report.differences]
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Proves that replay's own reader of the embedded log (replay/rawlog.py) finds the same
+records at the same offsets as the engine's reader across several segments; that it treats
+what recovery treats as a torn last write (a header cut short, a record running past the end
+of the last segment, a tail of zeros) as ignorable and says so, and everything else (a bad
+record with data after it, a bad record in an earlier segment, a gap between segments, a
+payload that passes its checksum but is not a record) as damage naming the file and offset;
+and that reading changes no byte on disk and leaves the log's lock free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import zlib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from engine.config import Config
+from replay.errors import BadInput, DataDamaged
+from replay.rawlog import SegmentReader, decode_raw, segment_bases, segment_path
+from replay.recount import recount_shard
+from shards.backends import shard_directory
+from shards.records import PollClosed, frame
+from shards.segment_log import SegmentLog
+from tests.support.records import poll_created, vote_batch
+
+SEGMENT_BYTES_MAX = 65536
+SHARD = 0
+
+
+def wal_dir(data_dir: Path) -> Path:
+    return shard_directory(data_dir, SHARD) / "wal"
+
+
+def write_records(data_dir: Path, count: int) -> list[tuple[int, int]]:
+    """A poll and `count` vote batches of 500 voters (about 3 KB each), one append each."""
+    from shards.records import frame_record
+
+    log = SegmentLog(wal_dir(data_dir), SEGMENT_BYTES_MAX)
+    assert log.try_lock()
+    log.recover()
+    positions = []
+    try:
+        records = [poll_created("a", ["x", "y"])] + [
+            vote_batch(SHARD, seq, {"a": [(seq * 500 + voter, voter % 2) for voter in range(500)]})
+            for seq in range(count)]
+        for record in records:
+            framed = frame_record(record)
+            offset = log.append(framed)
+            positions.append((offset, offset + len(framed)))
+    finally:
+        log.close()
+    return positions
+
+
+def snapshot_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def read_all(directory: Path, from_offset: int = 0) -> tuple[list[tuple[int, int]], SegmentReader]:
+    reader = SegmentReader(directory)
+    return [(item.offset, item.next_offset) for item in reader.frames(from_offset)], reader
+
+
+def test_same_records_as_the_engine_across_segments_and_nothing_written(tmp_path):
+    positions = write_records(tmp_path, 60)
+    directory = wal_dir(tmp_path)
+    assert len(segment_bases(directory)) >= 3
+    before = snapshot_bytes(directory)
+    found, reader = read_all(directory)
+    engine_log = SegmentLog(directory, SEGMENT_BYTES_MAX)
+    engine_log.end_offset = positions[-1][1]
+    assert found == positions == [(offset, next_offset) for offset, next_offset, _
+                                  in engine_log.read_from(0)]
+    assert reader.end_offset == positions[-1][1] and reader.torn_tail is None
+    middle = positions[30][0]
+    assert read_all(directory, middle)[0] == positions[30:]
+    assert snapshot_bytes(directory) == before
+    probe = SegmentLog(directory, SEGMENT_BYTES_MAX)
+    assert probe.try_lock(), "reading must not hold the log's lock"
+    probe.close()
+
+
+@pytest.mark.parametrize("tail", [
+    b"\x07\x00",  # a header cut short
+    struct.pack("<II", 5000, 123) + b"partial payload",  # a record running past the end
+    bytes(40),  # zeros
+], ids=["short-header", "runs-past-end", "zeros"])
+def test_torn_last_write_is_reported_and_ignored(tmp_path, tail):
+    positions = write_records(tmp_path, 30)
+    directory = wal_dir(tmp_path)
+    last = segment_path(directory, segment_bases(directory)[-1])
+    with open(last, "ab") as handle:
+        handle.write(tail)
+    found, reader = read_all(directory)
+    assert found == positions
+    assert reader.end_offset == positions[-1][1]
+    assert f"at offset {positions[-1][1]}" in reader.torn_tail and str(last) in reader.torn_tail
+    result = asyncio.run(recount_shard(Config(data_dir=str(tmp_path), shards=1), SHARD))
+    assert result.polls["a"].counts == {"x": 7500, "y": 7500}
+    assert result.torn_tail == reader.torn_tail
+
+
+def flip_byte(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_bad_record_with_data_after_it_is_damage_naming_file_and_offset(tmp_path):
+    positions = write_records(tmp_path, 30)
+    directory = wal_dir(tmp_path)
+    base = segment_bases(directory)[-1]
+    last = segment_path(directory, base)
+    victim = next(offset for offset, _ in positions if offset > base)
+    flip_byte(last, victim - base + 20)
+    with pytest.raises(DataDamaged, match=f"{last}.*offset {victim} with more data after it"):
+        read_all(directory)
+
+
+def test_bad_record_in_an_earlier_segment_is_damage(tmp_path):
+    positions = write_records(tmp_path, 30)
+    directory = wal_dir(tmp_path)
+    first = segment_path(directory, 0)
+    victim = positions[3][0]
+    flip_byte(first, victim + 20)
+    with pytest.raises(DataDamaged, match=f"{first}.*offset {victim}.*not the last segment"):
+        read_all(directory)
+
+
+def test_gap_between_segments_is_damage(tmp_path):
+    write_records(tmp_path, 30)
+    directory = wal_dir(tmp_path)
+    bases = segment_bases(directory)
+    moved = segment_path(directory, bases[-1] + 8)
+    segment_path(directory, bases[-1]).rename(moved)
+    with pytest.raises(DataDamaged, match="starts at offset"):
+        read_all(directory)
+
+
+def test_valid_frame_that_is_not_a_record_is_damage(tmp_path):
+    positions = write_records(tmp_path, 2)
+    directory = wal_dir(tmp_path)
+    garbage = msgspec.msgpack.encode(["v", 0, "not an int", 0, [], 0, [], b"", ""])
+    with open(segment_path(directory, 0), "ab") as handle:
+        handle.write(frame(garbage))
+    with pytest.raises(DataDamaged, match=f"offset {positions[-1][1]}.*wrong type"):
+        asyncio.run(recount_shard(Config(data_dir=str(tmp_path), shards=1), SHARD))
+
+
+def test_decoding_into_lists_follows_the_struct_field_order():
+    from shards.records import encode_record
+
+    created = decode_raw(encode_record(poll_created("a", ["x"])), "here")
+    assert (created.poll, created.options, created.embargo) == ("a", ["x"], False)
+    closed = decode_raw(encode_record(PollClosed(poll="a", closed_ms=7)), "here")
+    assert (closed.poll, closed.closed_ms) == ("a", 7)
+    batch = decode_raw(encode_record(vote_batch(3, 9, {"a": [(5, 1)]}, key_id="k")), "here")
+    assert (batch.shard, batch.batch_seq, batch.key_id, batch.vote_count) == (3, 9, "k", 1)
+    assert batch.groups[0].voters == struct.pack("<I", 5)
+
+
+def test_read_at_needs_a_record_boundary(tmp_path):
+    positions = write_records(tmp_path, 3)
+    reader = SegmentReader(wal_dir(tmp_path))
+    offset, next_offset = positions[2]
+    payload = reader.read_at(offset)
+    assert len(payload) == next_offset - offset - 8
+    assert zlib.crc32(payload) == struct.unpack_from("<I", segment_path(
+        wal_dir(tmp_path), 0).read_bytes(), offset + 4)[0]
+    with pytest.raises(BadInput):
+        reader.read_at(offset + 1)
+    with pytest.raises(BadInput, match="no valid record starts"):
+        list(reader.frames(offset + 1))
