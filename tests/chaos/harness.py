@@ -68,11 +68,13 @@ def seeded_random(label: str) -> random.Random:
 
 def engine_config(data_dir: Path, env: dict[str, str] | None = None) -> Config:
     """The config an engine started with `env` (VOTES_* variables) on `data_dir` runs with,
-    for the replay tool's reader; the shard count comes from the data dir."""
+    for the replay tool's reader; the shard count comes from the data dir. VOTES_* variables
+    that are not config fields (VOTES_FAILPOINTS, VOTES_LOG_LEVEL) are not config: skipped."""
     overrides = {}
     for name, value in (env or {}).items():
-        if name.startswith("VOTES_"):
-            overrides[name[len("VOTES_"):].lower()] = value
+        field_name = name[len("VOTES_"):].lower()
+        if name.startswith("VOTES_") and field_name in Config.__struct_fields__:
+            overrides[field_name] = value
     overrides["data_dir"] = str(data_dir)
     return load_config(None, **{key: _typed(key, value) for key, value in overrides.items()})
 
@@ -126,6 +128,17 @@ class ChaosRun:
         self.load = LoadClient(targets, poll, options, tokens, concurrency=profile.concurrency,
                                rate_per_s=profile.rate_per_s, rng=rng)
         self.faults = FaultLog(self.load)
+        # The schedule's own expectations that failed (see `require`); part of the verdict.
+        self.problems: list[str] = []
+
+    def require(self, condition: bool, problem: str) -> bool:
+        """Note a schedule's own expectation (the server stayed up, 201s resumed after the
+        heal...): a false one is logged now and becomes a problem of the run's verdict, so the
+        run still ends with the full check and a row in the summary."""
+        if not condition:
+            self.problems.append(problem)
+            self.faults.note(f"PROBLEM: {problem}")
+        return condition
 
     async def between_faults(self, seconds: float | None = None) -> None:
         """Let the load run for a while (the profile's pause by default)."""
@@ -150,6 +163,7 @@ class ChaosRun:
         exit_code, output = verify if verify is not None else (None, "")
         verdict = check(self.schedule, self.load.ledger, self.faults, results, counted,
                         exit_code, output)
+        verdict.problems += self.problems
         VERDICTS.append(verdict)
         print(f"[chaos] {self.schedule}: {verdict.row()}", flush=True)
         for problem in verdict.problems:
