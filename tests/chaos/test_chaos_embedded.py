@@ -49,8 +49,8 @@ from tests.chaos.harness import (
     seeded_random,
 )
 from tests.chaos.load import ACKNOWLEDGED, DUPLICATE, FAILED, UNEXPECTED
-from tests.functional.test_disk_full import fill_filesystem, unmount
 from tests.support.engine_process import EngineProcess
+from tests.support.filesystem import fill_filesystem, unmount
 from tests.support.vote_client import open_poll
 
 PROFILE = profile_from_environment()
