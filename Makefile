@@ -7,7 +7,7 @@ DATA_DIR ?= .data
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run serve test bench lint cluster-up cluster-run cluster-down cluster-status clean
+.PHONY: setup run serve test chaos bench bench-quick bench-ceiling lint cluster-up cluster-run cluster-down cluster-status clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,39 @@ serve: setup
 test: setup
 	VOTES_REQUIRE_CYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: setup
-	$(BIN)/python perf/bench_vote_vs_ceiling.py
+# Faults under load, the long profile of every schedule in tests/chaos (embedded log, and the
+# Kafka/S3 ones on the local stack, which the suite starts itself); `make test` runs the short
+# profile. The summary table prints at the end and is written as JSON to CHAOS_SUMMARY.
+# VOTES_TEST_SEED=<seed> repeats a run's random choices.
+CHAOS_SUMMARY ?= build/chaos-summary.json
+chaos: setup
+	mkdir -p $(dir $(CHAOS_SUMMARY))
+	VOTES_REQUIRE_CYTHON=1 VOTES_CHAOS_PROFILE=long VOTES_CHAOS_SUMMARY=$(CHAOS_SUMMARY) \
+		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/chaos $(PYTEST_ARGS)
+
+# The perf harness (perf/README.md): micro-benchmarks, then the engine against the ceiling
+# and the peers (PostgreSQL and Redis installed and started by the harness's own scripts),
+# then the capacity model. JSON and PNG plots land in perf/results/. About 4-5 minutes;
+# bench-quick about 2. BENCH_ARGS passes more, e.g. BENCH_ARGS="--kafka --duration-scale 3".
+PERF_STAMP := $(VENV)/.installed-perf
+
+$(PERF_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[test,perf]'
+	touch $(PERF_STAMP)
+
+bench: setup $(PERF_STAMP)
+	$(BIN)/python perf/bench_micro.py
+	$(BIN)/python perf/bench_peers.py $(BENCH_ARGS)
+	$(BIN)/python perf/capacity.py
+
+bench-quick: setup $(PERF_STAMP)
+	$(BIN)/python perf/bench_micro.py --quick
+	$(BIN)/python perf/bench_peers.py --quick $(BENCH_ARGS)
+	$(BIN)/python perf/capacity.py
+
+# The earlier engine-vs-ceiling bench (wrk only; --kafka adds the private stack).
+bench-ceiling: setup
+	$(BIN)/python perf/bench_vote_vs_ceiling.py $(BENCH_ARGS)
 	$(BIN)/python perf/bench_fastpath.py
 
 # The real local stack (3 Kafka KRaft brokers, SeaweedFS S3, Redis) on 127.0.0.1; see
