@@ -27,9 +27,9 @@ from pyroaring import BitMap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import _fastpath as compiled  # noqa: E402
-from engine import fastpath_py as python_twin  # noqa: E402
-from shards.records import VoteBatch, VoteGroup, decode_record, encode_record  # noqa: E402
+from engine import _fastpath as compiled
+from engine import fastpath_py as python_twin
+from shards.records import VoteBatch, VoteGroup, decode_record, encode_record
 
 
 def make_wal_payloads(

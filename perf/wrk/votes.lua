@@ -11,7 +11,11 @@
 --   VOTES_TOKENS_FILE  path of the token file (required)
 --   VOTES_WRK_THREADS  the same number as wrk's -t (required: it sets the line stride)
 --   VOTES_POLL         poll id (default "bench")
+--   VOTES_POLLS        optional: comma-separated poll ids, used in turn (overrides
+--                      VOTES_POLL); request k goes to poll k mod P with option k mod O
 --   VOTES_OPTIONS      comma-separated options, used in turn (default "a")
+--   VOTES_SERIES       optional: "1" counts responses per second of the run by status
+--                      class (201 / other), in the summary's "series"
 --   VOTES_RATE_PER_S   optional: pace the whole run at this many requests per second
 --                      (all threads together); unset, every connection sends as fast
 --                      as it gets answers
@@ -36,6 +40,24 @@
 local summary_tag = "VOTES_WRK_SUMMARY "
 
 local rate_per_s = tonumber(os.getenv("VOTES_RATE_PER_S") or "")
+local series_on = os.getenv("VOTES_SERIES") == "1"
+
+-- A monotonic clock in milliseconds, for pacing and the per-second series: plain Lua has
+-- none finer than a second, but wrk runs LuaJIT, whose ffi reaches clock_gettime.
+local now_ms = nil
+if rate_per_s ~= nil or series_on then
+   local ffi = require("ffi")
+   ffi.cdef([[
+      typedef struct { long tv_sec; long tv_nsec; } votes_timespec;
+      int clock_gettime(int clock_id, votes_timespec *spec);
+   ]])
+   local CLOCK_MONOTONIC = 1
+   local timespec = ffi.new("votes_timespec")
+   now_ms = function()
+      ffi.C.clock_gettime(CLOCK_MONOTONIC, timespec)
+      return tonumber(timespec.tv_sec) * 1000 + tonumber(timespec.tv_nsec) / 1e6
+   end
+end
 
 -- Per-thread state. The main Lua state (where setup and done run, and where wrk checks
 -- one request at start-up) never calls init, so request() must work without it.
@@ -88,7 +110,7 @@ function init(args)
    if not path or not thread_count then
       error("set VOTES_TOKENS_FILE and VOTES_WRK_THREADS (equal to wrk -t)")
    end
-   local poll = os.getenv("VOTES_POLL") or "bench"
+   local polls = split_commas(os.getenv("VOTES_POLLS") or os.getenv("VOTES_POLL") or "bench")
    local options = split_commas(os.getenv("VOTES_OPTIONS") or "a")
 
    tokens = load_tokens(path, thread_index, thread_count)
@@ -96,9 +118,13 @@ function init(args)
 
    -- Requests are built by concatenation around the token: wrk.format copies the header
    -- table on every call, which would charge the generator for work the server never sees.
+   -- One prefix per (poll, option) pair, max(P, O) pairs: request k uses pair k mod n.
    option_prefixes = {}
    option_bodies = {}
-   for i, option in ipairs(options) do
+   local pairs_count = math.max(#polls, #options)
+   for i = 1, pairs_count do
+      local poll = polls[((i - 1) % #polls) + 1]
+      local option = options[((i - 1) % #options) + 1]
       local body = '{"option":"' .. option .. '"}'
       option_bodies[i] = body
       option_prefixes[i] = "POST /v1/polls/" .. poll .. "/votes HTTP/1.1\r\n"
@@ -141,20 +167,6 @@ if rate_per_s ~= nil then
    if rate_per_s <= 0 then
       error("VOTES_RATE_PER_S must be positive, got " .. os.getenv("VOTES_RATE_PER_S"))
    end
-   -- A monotonic clock in milliseconds: plain Lua has none finer than a second, but wrk
-   -- runs LuaJIT, whose ffi reaches clock_gettime.
-   local ffi = require("ffi")
-   ffi.cdef([[
-      typedef struct { long tv_sec; long tv_nsec; } votes_timespec;
-      int clock_gettime(int clock_id, votes_timespec *spec);
-   ]])
-   local CLOCK_MONOTONIC = 1
-   local timespec = ffi.new("votes_timespec")
-   local function now_ms()
-      ffi.C.clock_gettime(CLOCK_MONOTONIC, timespec)
-      return tonumber(timespec.tv_sec) * 1000 + tonumber(timespec.tv_nsec) / 1e6
-   end
-
    local catch_up_ms_max = 1000
    slot_next_ms = nil
    slot_interval_ms = nil
@@ -197,8 +209,21 @@ end
 -- The first body seen for each status other than 201, to say why votes were refused.
 samples = {}
 
+-- Per-second counts (VOTES_SERIES=1), keyed by whole seconds of the monotonic clock so
+-- that done() can line the threads up: series_created[second] and series_other[second].
+series_created = {}
+series_other = {}
+
 function response(status, headers, body)
    counts[status] = (counts[status] or 0) + 1
+   if series_on then
+      local second = math.floor(now_ms() / 1000)
+      if status == 201 then
+         series_created[second] = (series_created[second] or 0) + 1
+      else
+         series_other[second] = (series_other[second] or 0) + 1
+      end
+   end
    if status ~= 201 and samples[status] == nil then
       samples[status] = string.sub(body, 1, 300)
    end
@@ -257,6 +282,33 @@ function done(summary, latency, requests)
       end
    end
 
+   -- The per-second series, from the first second any thread saw to the last.
+   local merged_created, merged_other = {}, {}
+   local first_second, last_second = nil, nil
+   if series_on then
+      for _, thread in ipairs(threads) do
+         for _, pair in ipairs({ { "series_created", merged_created }, { "series_other", merged_other } }) do
+            for second, n in pairs(thread:get(pair[1])) do
+               pair[2][second] = (pair[2][second] or 0) + n
+               first_second = first_second and math.min(first_second, second) or second
+               last_second = last_second and math.max(last_second, second) or second
+            end
+         end
+      end
+   end
+   local series_json = "null"
+   if first_second ~= nil then
+      local created_parts, other_parts = {}, {}
+      for second = first_second, last_second do
+         created_parts[#created_parts + 1] = integer(merged_created[second] or 0)
+         other_parts[#other_parts + 1] = integer(merged_other[second] or 0)
+      end
+      series_json = json_object({
+         { "created", "[" .. table.concat(created_parts, ",") .. "]" },
+         { "other", "[" .. table.concat(other_parts, ",") .. "]" },
+      })
+   end
+
    local status_parts = {}
    for key, n in pairs(statuses) do
       status_parts[#status_parts + 1] = '"' .. key .. '":' .. integer(n)
@@ -292,6 +344,7 @@ function done(summary, latency, requests)
       { "sent_after_exhaustion", integer(after_total) },
       { "threads_exhausted", integer(exhausted_threads) },
       { "exhausted", exhausted_threads > 0 and "true" or "false" },
+      { "series", series_json },
       { "rate_per_s_target", rate_per_s and string.format("%.1f", rate_per_s) or "null" },
       { "pacing", rate_per_s and json_object({
          { "sends", integer(pacing.sends) },
