@@ -42,7 +42,7 @@ from collections import OrderedDict
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, ProducerClosed, ProducerFenced
+from aiokafka.errors import ConsumerStoppedError, KafkaError, ProducerClosed, ProducerFenced
 
 from engine.config import Config
 from engine.errors import (
@@ -333,7 +333,7 @@ class KafkaWal:
                 end = await self._stable_end(reader)
                 if from_offset < end:
                     await self._read_range(reader, from_offset, end, apply_record)
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except (KafkaError, OSError, TimeoutError, ConsumerStoppedError) as exc:
             raise WalUnavailable(f"{self!r}: replay failed: {exc!r}") from exc
         self._known_end = end
         return end
@@ -346,7 +346,9 @@ class KafkaWal:
         try:
             async with self._reader_lock:
                 value = await self._read_around(await self._reader_started(), offset)
-        except (KafkaError, OSError, TimeoutError) as exc:
+        # ConsumerStoppedError: close() stopped the reader meanwhile (the shard was handed
+        # over while a repeat vote read its receipt); it is not a KafkaError.
+        except (KafkaError, OSError, TimeoutError, ConsumerStoppedError) as exc:
             raise WalUnavailable(f"{self!r}: cannot read offset {offset}: {exc!r}") from exc
         if value is None:
             raise LogCorrupt(f"{self!r}: no committed record at offset {offset}")

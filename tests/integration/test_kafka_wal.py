@@ -160,6 +160,28 @@ def test_append_replay_read_at_roundtrip(local_stack, wal_topic):
     asyncio.run(scenario())
 
 
+def test_read_at_cut_short_by_close_answers_wal_unavailable(local_stack, wal_topic):
+    """A shard handed over while a repeat vote reads its receipt: close() stops the reader
+    mid-read. The read must end as WalUnavailable (a 503 the contract allows), never as
+    aiokafka's ConsumerStoppedError (which became a 500; found by the zombie-owner chaos
+    schedule)."""
+    config = wal_config(local_stack, wal_topic)
+
+    async def scenario() -> None:
+        wal, _ = await owned_wal(config, 1)
+        # The log's stable end, the first offset not written yet: the read keeps polling
+        # until it is stopped (or its stall deadline, longer than this test waits).
+        end = await wal._stable_end(await wal._reader_started())
+        reading = asyncio.create_task(wal.read_at(end))
+        await asyncio.sleep(1.5)
+        assert not reading.done(), "read_at of an unwritten offset ended on its own"
+        await wal.close()
+        with pytest.raises(WalUnavailable):
+            await asyncio.wait_for(reading, 10)
+
+    asyncio.run(scenario())
+
+
 def test_second_owner_fences_the_first(local_stack, wal_topic):
     config = wal_config(local_stack, wal_topic)
     tag = _uid().encode()
