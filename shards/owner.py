@@ -48,6 +48,8 @@ log = logging.getLogger("votes.owner")
 
 SIGNED_BATCHES_CACHED = 64
 AUTO_CLOSE_CHECK_S = 0.5
+# How long stopping a shard waits for a snapshot being written (the S3 store closes after).
+SNAPSHOT_FINISH_WAIT_S = 10.0
 
 
 def now_ms() -> int:
@@ -188,6 +190,13 @@ class ShardOwner:
                 pass
         self.ready = False
         await self.wal.close()
+        snapshot = self._snapshot_task
+        if snapshot is not None and not snapshot.done():
+            # Let a snapshot being written finish before its store closes (bounded: if it
+            # does not, its manifest is not replaced and the previous snapshot stays in use).
+            await asyncio.wait({snapshot}, timeout=SNAPSHOT_FINISH_WAIT_S)
+        # An S3 store holds a client session; a shard handed over must not leak it.
+        await self.snapshot_store.close()
 
     def _ready_state(self) -> ShardState:
         if not self.ready or self.state is None:

@@ -154,6 +154,9 @@ class DirectorySnapshotStore:
     async def load(self) -> ShardState | None:
         return await asyncio.to_thread(self.load_newest)
 
+    async def close(self) -> None:
+        """Nothing to release (an S3 store closes its client here)."""
+
     def load_newest(self) -> ShardState | None:
         for entry in self.read_manifest().snapshots:
             try:

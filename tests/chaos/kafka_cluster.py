@@ -360,6 +360,9 @@ def assert_no_traceback(engines: Sequence[EngineProcess]) -> None:
             print(f"[chaos] {engine.log_path.name}: known library races {dict(known)}", flush=True)
         assert not unknown, (f"{len(unknown)} tracebacks in {engine.log_path}, the first:\n"
                              f"{unknown[0][-4000:]}")
+        # A shard handed over or stopped closes its S3 client (ShardOwner.stop).
+        leaks = engine.log_text().count("Unclosed client session")
+        assert not leaks, f"{leaks} unclosed S3 client sessions in {engine.log_path}"
 
 
 def cleanup_s3(env: dict[str, str], data_dir: Path) -> None:

@@ -169,13 +169,15 @@ def test_read_at_cut_short_by_close_answers_wal_unavailable(local_stack, wal_top
 
     async def scenario() -> None:
         wal, _ = await owned_wal(config, 1)
-        # The log's stable end, the first offset not written yet: the read keeps polling
-        # until it is stopped (or its stall deadline, longer than this test waits).
-        end = await wal._stable_end(await wal._reader_started())
-        reading = asyncio.create_task(wal.read_at(end))
-        await asyncio.sleep(1.5)
-        assert not reading.done(), "read_at of an unwritten offset ended on its own"
-        await wal.close()
+        try:
+            # The log's stable end, the first offset not written yet: the read keeps polling
+            # until it is stopped (or its stall deadline, longer than this test waits).
+            end = await wal._stable_end(await wal._reader_started())
+            reading = asyncio.create_task(wal.read_at(end))
+            await asyncio.sleep(1.5)
+            assert not reading.done(), "read_at of an unwritten offset ended on its own"
+        finally:
+            await wal.close()
         with pytest.raises(WalUnavailable):
             await asyncio.wait_for(reading, 10)
 
