@@ -250,6 +250,9 @@ class TimedStore:
     async def save(self, data: bytes, wal_offset_next: int):
         return await self.store.save(data, wal_offset_next)
 
+    async def close(self) -> None:
+        await self.store.close()
+
 
 class TimedWal:
     """The owner's WAL, with `replay` timed and its starting offset and records counted."""

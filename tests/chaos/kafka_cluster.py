@@ -29,6 +29,7 @@ import msgspec
 import redis
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
 
 from engine.config import Config
 from engine.keys import ensure_keys
@@ -255,10 +256,21 @@ def wait_snapshots_advance(config: Config, timeout_s: float) -> float:
     (every shard saved one since); return the seconds it took. Blocking: run it in a thread."""
     async def wait() -> float:
         started = time.monotonic()
-        async with s3_client(config) as client:
-            before = await _newest_snapshots(config, client)
+        async def newest(client) -> dict[int, int]:
+            # S3 just restarted may answer InternalError for a moment: retry until the
+            # deadline, then let the error show.
             while True:
-                now = await _newest_snapshots(config, client)
+                try:
+                    return await _newest_snapshots(config, client)
+                except (ClientError, BotoCoreError, OSError):
+                    if time.monotonic() - started > timeout_s:
+                        raise
+                    await asyncio.sleep(LOG_POLL_S * 3)
+
+        async with s3_client(config) as client:
+            before = await newest(client)
+            while True:
+                now = await newest(client)
                 behind = sorted(shard for shard, offset in now.items() if offset <= before[shard])
                 if not behind:
                     return time.monotonic() - started

@@ -170,9 +170,16 @@ def test_read_at_cut_short_by_close_answers_wal_unavailable(local_stack, wal_top
     async def scenario() -> None:
         wal, _ = await owned_wal(config, 1)
         try:
-            # The log's stable end, the first offset not written yet: the read keeps polling
-            # until it is stopped (or its stall deadline, longer than this test waits).
-            end = await wal._stable_end(await wal._reader_started())
+            # The first offset not written yet: the read keeps polling until it is stopped
+            # (or its stall deadline, longer than this test waits). A commit's markers reach
+            # the partition just after the commit returns: wait until the stable end is past
+            # the record just appended, so `end` is not one of its offsets.
+            [(_, appended_end)] = await wal.append([b"before-the-end"])
+            reader = await wal._reader_started()
+            deadline_s = asyncio.get_running_loop().time() + 10
+            while (end := await wal._stable_end(reader)) < appended_end:
+                assert asyncio.get_running_loop().time() < deadline_s, "stable end stuck"
+                await asyncio.sleep(0.05)
             reading = asyncio.create_task(wal.read_at(end))
             await asyncio.sleep(1.5)
             assert not reading.done(), "read_at of an unwritten offset ended on its own"
