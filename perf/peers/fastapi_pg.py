@@ -24,82 +24,48 @@ import os
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import asyncpg
-from fastapi import Depends, FastAPI, Header, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, HTTPException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import shared
-
-OPTION_PATTERN = shared.IDENTIFIER.pattern
-
-
-class VoteIn(BaseModel):
-    option: str = Field(pattern=OPTION_PATTERN)
-
-
-class PollIn(BaseModel):
-    id: str = Field(pattern=OPTION_PATTERN)
-    options: list[str] = Field(min_length=1, max_length=shared.OPTIONS_MAX)
-
-
-class State:
-    pool: asyncpg.Pool
-    ring = None
-    polls: ClassVar[dict[str, list[str]]] = {}
-
-
-state = State()
+from fastapi_shared import (
+    PollIn,
+    VoteIn,
+    add_readiness,
+    admin,
+    checked_poll,
+    poll_options,
+    state,
+    voter,
+)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     state.ring = shared.keyring()
     size = shared.pool_size()
-    state.pool = await asyncpg.create_pool(os.environ[shared.DSN_ENV], min_size=size, max_size=size)
+    state.store = await asyncpg.create_pool(os.environ[shared.DSN_ENV], min_size=size, max_size=size)
     yield
-    await state.pool.close()
+    await state.store.close()
 
 
 app = FastAPI(lifespan=lifespan)
+add_readiness(app)
 
 
-def http_error(error: shared.PeerError) -> HTTPException:
-    return HTTPException(status_code=error.status, detail=error.problem)
-
-
-def voter(poll: str, authorization: Annotated[str | None, Header()] = None) -> int:
-    try:
-        return shared.voter_of(state.ring, authorization, poll)
-    except shared.PeerError as error:
-        raise http_error(error) from None
-
-
-def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-    try:
-        shared.check_admin(state.ring, authorization)
-    except shared.PeerError as error:
-        raise http_error(error) from None
-
-
-async def poll_options(poll: str) -> list[str]:
-    options = state.polls.get(poll)
-    if options is None:
-        options = await state.pool.fetchval("SELECT options FROM polls WHERE id = $1", poll)
-        if options is None:
-            raise HTTPException(status_code=404, detail="poll-not-found")
-        state.polls[poll] = options = list(options)
-    return options
+async def stored_options(poll: str) -> list[str] | None:
+    return await state.store.fetchval("SELECT options FROM polls WHERE id = $1", poll)
 
 
 @app.post("/v1/polls/{poll}/votes", status_code=201)
 async def cast_vote(poll: str, vote: VoteIn, voter_id: Annotated[int, Depends(voter)]) -> dict:
-    if vote.option not in await poll_options(poll):
+    if vote.option not in await poll_options(poll, stored_options):
         raise HTTPException(status_code=422, detail="unknown-option")
-    vote_id = await state.pool.fetchval(shared.PG_INSERT_VOTE, poll, voter_id, vote.option)
+    vote_id = await state.store.fetchval(shared.PG_INSERT_VOTE, poll, voter_id, vote.option)
     if vote_id is None:
         raise HTTPException(status_code=409, detail="already-voted")
     return {"receipt": str(vote_id)}
@@ -107,11 +73,8 @@ async def cast_vote(poll: str, vote: VoteIn, voter_id: Annotated[int, Depends(vo
 
 @app.post("/v1/polls", status_code=201, dependencies=[Depends(admin)])
 async def create_poll(body: PollIn) -> dict:
-    try:
-        poll, options = shared.check_poll_body(body.id, body.options)
-    except shared.PeerError as error:
-        raise http_error(error) from None
-    created = await state.pool.fetchval(
+    poll, options = checked_poll(body)
+    created = await state.store.fetchval(
         "INSERT INTO polls (id, options) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING id",
         poll, options)  # fmt: skip
     if created is None:
@@ -121,14 +84,9 @@ async def create_poll(body: PollIn) -> dict:
 
 @app.get("/v1/polls/{poll}/results")
 async def results(poll: str) -> dict:
-    options = await poll_options(poll)
-    counts = {row[0]: row[1] for row in await state.pool.fetch(shared.PG_COUNTS, poll)}
+    options = await poll_options(poll, stored_options)
+    counts = {row[0]: row[1] for row in await state.store.fetch(shared.PG_COUNTS, poll)}
     return shared.results_document(poll, counts, options)
-
-
-@app.get("/readyz")
-async def readyz() -> dict:
-    return {"ready": True}
 
 
 async def create_schema(dsn: str) -> None:

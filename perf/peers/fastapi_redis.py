@@ -22,35 +22,24 @@ import os
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import redis.asyncio as redis
-from fastapi import Depends, FastAPI, Header, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, HTTPException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import shared
-
-OPTION_PATTERN = shared.IDENTIFIER.pattern
-
-
-class VoteIn(BaseModel):
-    option: str = Field(pattern=OPTION_PATTERN)
-
-
-class PollIn(BaseModel):
-    id: str = Field(pattern=OPTION_PATTERN)
-    options: list[str] = Field(min_length=1, max_length=shared.OPTIONS_MAX)
-
-
-class State:
-    client: redis.Redis
-    ring = None
-    polls: ClassVar[dict[str, list[str]]] = {}
-
-
-state = State()
+from fastapi_shared import (
+    PollIn,
+    VoteIn,
+    add_readiness,
+    admin,
+    checked_poll,
+    poll_options,
+    state,
+    voter,
+)
 
 
 @asynccontextmanager
@@ -62,70 +51,44 @@ async def lifespan(app: FastAPI):
         os.environ[shared.REDIS_URL_ENV], max_connections=shared.pool_size(), timeout=10,
         decode_responses=True,
     )
-    state.client = redis.Redis(connection_pool=pool)
-    await state.client.ping()
+    state.store = redis.Redis(connection_pool=pool)
+    await state.store.ping()
     yield
-    await state.client.aclose()
+    await state.store.aclose()
 
 
 app = FastAPI(lifespan=lifespan)
+add_readiness(app)
 
 
-def voter(poll: str, authorization: Annotated[str | None, Header()] = None) -> int:
-    try:
-        return shared.voter_of(state.ring, authorization, poll)
-    except shared.PeerError as error:
-        raise HTTPException(status_code=error.status, detail=error.problem) from None
-
-
-def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-    try:
-        shared.check_admin(state.ring, authorization)
-    except shared.PeerError as error:
-        raise HTTPException(status_code=error.status, detail=error.problem) from None
-
-
-async def poll_options(poll: str) -> list[str]:
-    options = state.polls.get(poll)
-    if options is None:
-        stored = await state.client.hget(f"poll:{poll}", "options")
-        if stored is None:
-            raise HTTPException(status_code=404, detail="poll-not-found")
-        state.polls[poll] = options = stored.split(",")
-    return options
+async def stored_options(poll: str) -> list[str] | None:
+    stored = await state.store.hget(f"poll:{poll}", "options")
+    return None if stored is None else stored.split(",")
 
 
 @app.post("/v1/polls/{poll}/votes", status_code=201)
 async def cast_vote(poll: str, vote: VoteIn, voter_id: Annotated[int, Depends(voter)]) -> dict:
-    if vote.option not in await poll_options(poll):
+    if vote.option not in await poll_options(poll, stored_options):
         raise HTTPException(status_code=422, detail="unknown-option")
-    if not await state.client.sadd(f"voted:{poll}", voter_id):
+    if not await state.store.sadd(f"voted:{poll}", voter_id):
         raise HTTPException(status_code=409, detail="already-voted")
-    count = await state.client.hincrby(f"tally:{poll}", vote.option, 1)
+    count = await state.store.hincrby(f"tally:{poll}", vote.option, 1)
     return {"receipt": f"{poll}:{vote.option}:{count}"}
 
 
 @app.post("/v1/polls", status_code=201, dependencies=[Depends(admin)])
 async def create_poll(body: PollIn) -> dict:
-    try:
-        poll, options = shared.check_poll_body(body.id, body.options)
-    except shared.PeerError as error:
-        raise HTTPException(status_code=error.status, detail=error.problem) from None
-    if not await state.client.hsetnx(f"poll:{poll}", "options", ",".join(options)):
+    poll, options = checked_poll(body)
+    if not await state.store.hsetnx(f"poll:{poll}", "options", ",".join(options)):
         raise HTTPException(status_code=409, detail="poll-exists")
     return {"id": poll, "options": options}
 
 
 @app.get("/v1/polls/{poll}/results")
 async def results(poll: str) -> dict:
-    options = await poll_options(poll)
-    counts = {k: int(v) for k, v in (await state.client.hgetall(f"tally:{poll}")).items()}
+    options = await poll_options(poll, stored_options)
+    counts = {k: int(v) for k, v in (await state.store.hgetall(f"tally:{poll}")).items()}
     return shared.results_document(poll, counts, options)
-
-
-@app.get("/readyz")
-async def readyz() -> dict:
-    return {"ready": True}
 
 
 def main(argv: list[str] | None = None) -> None:
