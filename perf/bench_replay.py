@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import json
 import random
 import sys
 import tempfile
@@ -40,7 +39,7 @@ REPO_DIR = PERF_DIR.parent
 sys.path.insert(0, str(REPO_DIR))
 sys.path.insert(0, str(PERF_DIR))
 
-from common import describe_machine, print_conditions, write_json
+from common import describe_machine, merged_results, print_conditions, write_json
 
 from engine import fastpath
 from engine.config import Config
@@ -262,19 +261,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['verify_s']:.3f} s")
     case = {"conditions": conditions, "parameters": {key: str(value) for key, value
                                                      in vars(args).items()}, **result}
-    write_json(args.out, merged_results(args.out, f"{args.voters}-{args.batch_votes}", case))
+    write_json(args.out, merged_results(args.out, "replay", f"{args.voters}-{args.batch_votes}", case))
     print(f"wrote {args.out}")
     return 0
-
-
-def merged_results(path: Path, case_name: str, case: dict) -> dict:
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError):
-        document = {}
-    cases = document.get("cases") if isinstance(document.get("cases"), dict) else {}
-    cases[case_name] = case
-    return {"benchmark": "replay", "cases": dict(sorted(cases.items()))}
 
 
 if __name__ == "__main__":

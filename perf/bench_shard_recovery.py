@@ -33,7 +33,6 @@ import asyncio
 import collections
 import contextlib
 import importlib.util
-import json
 import os
 import random
 import sys
@@ -473,7 +472,13 @@ def check_recovery(plan: Plan, seeded: Seeded, recovery: Recovery, expect_snapsh
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(PERF_DIR))
-    from common import describe_machine, package_version, print_conditions, write_json
+    from common import (
+        describe_machine,
+        merged_results,
+        package_version,
+        print_conditions,
+        write_json,
+    )
 
     stack_module = load_stack_module()
     base_port = args.base_port or int(os.environ.get("VOTES_STACK_BASE_PORT",
@@ -512,20 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": {key: str(value) if isinstance(value, Path) else value
                            for key, value in vars(args).items()},
             **result}
-    write_json(args.out, merged_results(args.out, f"{args.wal}-{args.voters}", case))
+    write_json(args.out, merged_results(args.out, "shard_recovery", f"{args.wal}-{args.voters}",
+                                        case))
     print(f"wrote {args.out} (case {args.wal}-{args.voters})")
     return 0
-
-
-def merged_results(path: Path, case_name: str, case: dict) -> dict:
-    """The results file with this case replaced, so runs of other sizes stay beside it."""
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError):
-        document = {}
-    cases = document.get("cases") if isinstance(document.get("cases"), dict) else {}
-    cases[case_name] = case
-    return {"benchmark": "shard_recovery", "cases": dict(sorted(cases.items()))}
 
 
 if __name__ == "__main__":

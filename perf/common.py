@@ -164,6 +164,17 @@ def write_json(path: Path, document: dict) -> None:
     tmp.replace(path)
 
 
+def merged_results(path: Path, benchmark: str, case_name: str, case: dict) -> dict:
+    """The results file at `path` with this case replaced, so runs of other sizes stay beside it."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        document = {}
+    cases = document.get("cases") if isinstance(document.get("cases"), dict) else {}
+    cases[case_name] = case
+    return {"benchmark": benchmark, "cases": dict(sorted(cases.items()))}
+
+
 # --- network ------------------------------------------------------------------------------
 
 

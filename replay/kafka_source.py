@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from engine.config import Config
 from replay.errors import BadInput, Unavailable
 from replay.rawlog import Frame
-from shards.kafka_wal import is_owner_marker
+from shards.kafka_wal import committed_reader, is_owner_marker
 
 READ_POLL_MS = 200
 READ_RECORDS_MAX = 2000
@@ -43,16 +43,7 @@ class KafkaReader:
         if self._consumer is not None:
             return self._consumer
         config = self.config
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=config.kafka_bootstrap_servers,
-            client_id=f"votes-replay-{self.shard}",
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="none",
-            fetch_max_wait_ms=100,
-            request_timeout_ms=int(config.kafka_request_timeout_s * 1000),
-        )
+        consumer = committed_reader(config, f"votes-replay-{self.shard}")
         try:
             await asyncio.wait_for(consumer.start(), config.kafka_request_timeout_s)
         except (KafkaError, OSError, TimeoutError) as exc:

@@ -177,6 +177,22 @@ async def _close_producer(producer: AIOKafkaProducer) -> None:
         log.warning("closing a WAL producer: %r", exc)
 
 
+def committed_reader(config: Config, client_id: str) -> AIOKafkaConsumer:
+    """An unstarted consumer that sees only committed WAL records, has no group and commits
+    no offsets (the engine's replay and the replay tool both read this way)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=config.kafka_bootstrap_servers,
+        client_id=client_id,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        # A position outside the log is an error, never a silent jump.
+        auto_offset_reset="none",
+        fetch_max_wait_ms=100,
+        request_timeout_ms=int(config.kafka_request_timeout_s * 1000),
+    )
+
+
 class KafkaWal:
     """The WAL interface of shards/wal.py on one partition of the Kafka WAL topic."""
 
@@ -273,17 +289,7 @@ class KafkaWal:
     async def _reader_started(self) -> AIOKafkaConsumer:
         if self._reader is None:
             config = self.config
-            reader = AIOKafkaConsumer(
-                bootstrap_servers=config.kafka_bootstrap_servers,
-                client_id=f"votes-wal-reader-{self.shard}",
-                group_id=None,
-                enable_auto_commit=False,
-                isolation_level="read_committed",
-                # A position outside the log is an error, never a silent jump.
-                auto_offset_reset="none",
-                fetch_max_wait_ms=100,
-                request_timeout_ms=int(config.kafka_request_timeout_s * 1000),
-            )
+            reader = committed_reader(config, f"votes-wal-reader-{self.shard}")
             try:
                 await asyncio.wait_for(reader.start(), config.kafka_request_timeout_s)
             except BaseException:

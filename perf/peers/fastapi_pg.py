@@ -89,20 +89,12 @@ async def results(poll: str) -> dict:
     return shared.results_document(poll, counts, options)
 
 
-async def create_schema(dsn: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(shared.PG_SCHEMA)
-    finally:
-        await connection.close()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    asyncio.run(create_schema(os.environ[shared.DSN_ENV]))
+    asyncio.run(shared.create_pg_schema(os.environ[shared.DSN_ENV]))
     import uvicorn
 
     uvicorn.run("fastapi_pg:app", app_dir=str(Path(__file__).resolve().parent), host="127.0.0.1",

@@ -169,23 +169,12 @@ class App:
 app = App()
 
 
-async def create_schema(dsn: str) -> None:
-    import asyncpg
-
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(shared.PG_SCHEMA)
-    finally:
-        await connection.close()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    # Once, before any worker starts: workers racing on CREATE TABLE would conflict.
-    asyncio.run(create_schema(os.environ[shared.DSN_ENV]))
+    asyncio.run(shared.create_pg_schema(os.environ[shared.DSN_ENV]))
     from granian import Granian
 
     Granian(f"{Path(__file__).resolve()}:app", interface="rsgi", address="127.0.0.1",

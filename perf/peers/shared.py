@@ -131,3 +131,14 @@ def results_document(poll: str, counts: dict[str, int], options: list[str]) -> d
     full = {option: int(counts.get(option, 0)) for option in options}
     return {"poll": poll, "counts": full, "total": sum(full.values()), "final": False,
             "rejected": {}, "as_of": time.time()}
+
+
+async def create_pg_schema(dsn: str) -> None:
+    """Once, before any worker starts: workers racing on CREATE TABLE would conflict."""
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(PG_SCHEMA)
+    finally:
+        await connection.close()

@@ -17,6 +17,7 @@ Every wait here has a bound; a bound that runs out fails the test with what it l
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 import uuid
@@ -38,6 +39,7 @@ from shards.snapshots import Manifest
 from tests.chaos.checker import Verdict
 from tests.chaos.harness import (
     ChaosRun,
+    Profile,
     engine_config,
     recounted_voters,
     replay_verify,
@@ -106,6 +108,16 @@ def open_poll(engine: EngineProcess, schedule: str) -> str:
                          headers={"Authorization": f"Bearer {token}"}, timeout=POLL_TIMEOUT_S)
     assert created.status_code == 201, f"creating {poll}: {created.status_code} {created.text}"
     return poll
+
+
+def started_run(engines: Sequence[EngineProcess], schedule: str, profile: Profile,
+                rng: random.Random) -> ChaosRun:
+    """Start the engines, open a fresh poll on the first, mint its voters' tokens and return
+    the run with load aimed at every engine."""
+    start_all(engines, schedule)
+    poll = open_poll(engines[0], schedule)
+    return ChaosRun(schedule, profile, [engine.base_url for engine in engines], poll, OPTIONS,
+                    tokens_for(engines[0], poll, profile.voters), rng)
 
 
 def tokens_for(engine: EngineProcess, poll: str, voters: int) -> dict[int, str]:

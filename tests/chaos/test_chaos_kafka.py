@@ -101,10 +101,7 @@ def test_broker_restart(local_stack, tmp_path: Path) -> None:
     engine = cluster.new_engine(tmp_path, "engine", env, cluster.shared_keys(tmp_path))
     first_victim = rng.choice(BROKERS)
     try:
-        cluster.start_all([engine], schedule_name)
-        poll = cluster.open_poll(engine, schedule_name)
-        run = ChaosRun(schedule_name, PROFILE, [engine.base_url], poll, cluster.OPTIONS,
-                       cluster.tokens_for(engine, poll, PROFILE.voters), rng)
+        run = cluster.started_run([engine], schedule_name, PROFILE, rng)
 
         async def schedule(run: ChaosRun) -> None:
             for round_index in range(PROFILE.rounds):
@@ -149,10 +146,7 @@ def test_two_brokers_down(local_stack, tmp_path: Path) -> None:
     down_s = max(TWO_DOWN_S_MIN, 4 * PROFILE.load_s_between_faults)
     windows: list[tuple[float, float]] = []
     try:
-        cluster.start_all([engine], schedule_name)
-        poll = cluster.open_poll(engine, schedule_name)
-        run = ChaosRun(schedule_name, PROFILE, [engine.base_url], poll, cluster.OPTIONS,
-                       cluster.tokens_for(engine, poll, PROFILE.voters), rng)
+        run = cluster.started_run([engine], schedule_name, PROFILE, rng)
 
         async def schedule(run: ChaosRun) -> None:
             for _ in range(rounds_of(PROFILE, short_rounds=1)):
@@ -266,11 +260,7 @@ def test_zombie_owner(local_stack, tmp_path: Path) -> None:
     nodes = TwoNodes(local_stack, tmp_path, schedule_name)
     nodes.leases.clear()
     try:
-        cluster.start_all(nodes.both(), schedule_name)
-        poll = cluster.open_poll(nodes.engines["a"], schedule_name)
-        run = ChaosRun(schedule_name, PROFILE, [engine.base_url for engine in nodes.both()],
-                       poll, cluster.OPTIONS,
-                       cluster.tokens_for(nodes.engines["a"], poll, PROFILE.voters), rng)
+        run = cluster.started_run(nodes.both(), schedule_name, PROFILE, rng)
         # Requests to the paused node stay open; with the default timeout every sender would
         # soon wait on it and the live node would get no load while it takes over.
         run.load.request_timeout_s = ZOMBIE_REQUEST_TIMEOUT_S
@@ -285,7 +275,7 @@ def test_zombie_owner(local_stack, tmp_path: Path) -> None:
         verdict = cluster.check_recovered(run, nodes.both(), nodes.envs["a"])
         assert verdict.ok, verdict.problems
         cluster.assert_no_traceback(nodes.both())
-        at_a, at_b = (results_of(engine.base_url, poll) for engine in nodes.both())
+        at_a, at_b = (results_of(engine.base_url, run.poll) for engine in nodes.both())
         assert (at_a["counts"], at_a["total"]) == (at_b["counts"], at_b["total"]), (at_a, at_b)
         cluster.cleanup_s3(nodes.envs["a"], nodes.engines["a"].data_dir)
     finally:
@@ -335,10 +325,7 @@ def test_s3_before_manifest(local_stack, tmp_path: Path) -> None:
     s3_down_s = FAILPOINT_PAUSE_S + PROFILE.load_s_between_faults
     config = engine_config(engine.data_dir, env)
     try:
-        cluster.start_all([engine], schedule_name)
-        poll = cluster.open_poll(engine, schedule_name)
-        run = ChaosRun(schedule_name, PROFILE, [engine.base_url], poll, cluster.OPTIONS,
-                       cluster.tokens_for(engine, poll, PROFILE.voters), rng)
+        run = cluster.started_run([engine], schedule_name, PROFILE, rng)
 
         async def schedule(run: ChaosRun) -> None:
             for _ in range(PROFILE.rounds):
