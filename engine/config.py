@@ -27,7 +27,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: int = 1
     # Fixed per deployment: shard = voter_id mod shards. Recorded in the data dir on first start.
     shards: int = 8
-    # Group commit: a batch is written and fsynced when this many votes wait or after this long.
+    # Group commit: a commit cycle starts when votes wait, but at most every group_commit_ms
+    # (sooner when batch_votes_max votes wait); the log's writer fsyncs what cycles queued.
     group_commit_ms: float = 1.0
     # A commit cycle waits at most this long for its slowest shard before the next starts.
     group_commit_wait_ms: float = 100.0

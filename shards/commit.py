@@ -1,16 +1,19 @@
-"""Group commit across the shards of one worker: one cycle, one signature, parallel appends.
+"""Group commit across the shards of one worker: one cycle, one signature, pipelined appends.
 
 Why per worker and not per shard: an Ed25519 signature costs ~50 us, and with many shards
 per worker each shard's own batches would be tiny, so signing per shard batch would cost
-more CPU than everything else on the vote path. A cycle lingers `group_commit_ms` (unless
-`batch_votes_max` votes already wait), takes the queued items of each shard that has no
-append in flight, signs all their vote batches at once (receipts.sign_commit: a Merkle tree
-per shard batch under one tree per cycle), then starts every shard's append concurrently
-(each shard's log on its own thread, so fsyncs overlap; one Kafka transaction per shard)
-and lets each shard apply and answer its own. The next cycle starts when they are all done,
-or after `group_commit_wait_ms` at most, so one slow shard (a partition without a leader)
-does not hold up the others; at most one append per shard is in flight, which keeps each
-log in order.
+more CPU than everything else on the vote path. A cycle starts when votes wait, but at most
+every `group_commit_ms` (sooner if `batch_votes_max` votes wait), takes the queued items of
+each shard that may start another append, signs all their vote batches at once (receipts.sign_commit: a Merkle tree
+per shard batch under one tree per cycle), then begins every shard's append; each shard
+applies and answers its own when its log answers, in the order its appends began.
+
+How many appends a shard may have begun and not seen end is its log's
+`appends_in_flight_max`, and at most COMMIT_CYCLES_IN_FLIGHT_MAX cycles are in flight. The
+embedded log pipelines (shards/log_writer.py): while one cycle's round fsyncs, the next
+cycle is signed and queued behind it, so the event loop does not idle waiting for the disk. A Kafka shard has one transaction at a time: there the cycle waits for its
+appends, but at most `group_commit_wait_ms`, so batches stay large while one slow shard (a
+partition without a leader) does not hold up the others.
 
 A failure of one shard's append fails that shard's items only.
 """
@@ -26,12 +29,28 @@ from engine.config import Config
 from engine.errors import WalUnavailable
 from engine.keys import KeyRing
 
-
 log = logging.getLogger("votes.commit")
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+# Commit cycles begun and not yet ended (every append settled, or answered outcome-unknown).
+COMMIT_CYCLES_IN_FLIGHT_MAX = 2
+
+
+class _Cycle:
+    __slots__ = ("committer", "appends_left")
+
+    def __init__(self, committer: GroupCommitter, appends: int) -> None:
+        self.committer = committer
+        self.appends_left = appends
+
+    def one_ended(self, _: asyncio.Future) -> None:
+        self.appends_left -= 1
+        if self.appends_left == 0:
+            self.committer._cycle_ended()
 
 
 class GroupCommitter:
@@ -43,8 +62,7 @@ class GroupCommitter:
         self.metrics = metrics
         self.owners: list = []
         self._wakeup = asyncio.Event()
-        self._appending: set = set()  # owners with an append in flight
-        self._append_tasks: set[asyncio.Task] = set()
+        self._cycles_in_flight = 0
 
     def add(self, owner) -> None:
         self.owners.append(owner)
@@ -56,26 +74,40 @@ class GroupCommitter:
         return sum(owner.queued_votes for owner in self.owners)
 
     async def run(self) -> None:
-        linger_s = self.config.group_commit_ms / 1000
+        loop = asyncio.get_running_loop()
+        interval_s = self.config.group_commit_ms / 1000
+        cycle_started_s = float("-inf")
         while True:
             await self._wakeup.wait()
-            if linger_s and self._queued_votes() < self.config.batch_votes_max:
-                await asyncio.sleep(linger_s)
+            if self._cycles_in_flight >= COMMIT_CYCLES_IN_FLIGHT_MAX:
+                # One cycle at the disk and one queued behind it: a third would only join
+                # the second's round, so let its votes join the next cycle instead (bigger
+                # batches, less work per vote). A cycle ending sets the wakeup again.
+                self._wakeup.clear()
+                continue
+            # Cycles start at most every group_commit_ms (unless batch_votes_max votes wait):
+            # a vote after a quiet spell goes at once, and under load each cycle carries
+            # what came in since the last one began.
+            wait_s = cycle_started_s + interval_s - loop.time()
+            if wait_s > 0 and self._queued_votes() < self.config.batch_votes_max:
+                await asyncio.sleep(wait_s)
             self._wakeup.clear()
+            cycle_started_s = loop.time()
             work = []
             for owner in self.owners:
-                # One append in flight per shard keeps each log in order; a shard whose
-                # append is still running is left for a later cycle, the others go on.
-                if owner not in self._appending and owner.has_queued():
+                # A shard at its log's limit of appends in flight is left for a later cycle
+                # (append_ended wakes the committer); the others go on.
+                if owner.has_queued() and owner.appends_in_flight < owner.wal.appends_in_flight_max:
                     items = owner.take_items()
                     work.append((owner, items, owner.plan_records(items)))
             if work:
-                started = self._start_commit(work)
-                if started:
-                    # Wait for this cycle's appends, so the next cycle carries what queued
-                    # meanwhile (bigger batches: fewer signatures, fsyncs, transactions); but
-                    # only so long, so one slow shard does not hold up the others.
-                    await asyncio.wait(started, timeout=self.config.group_commit_wait_ms / 1000)
+                waits = self._start_commit(work)
+                if waits:
+                    # Logs with one append at a time: wait for this cycle's, so the next
+                    # cycle carries what queued meanwhile (fewer signatures and
+                    # transactions); but only so long, so one slow shard does not hold up
+                    # the others.
+                    await asyncio.wait(waits, timeout=self.config.group_commit_wait_ms / 1000)
 
     def _sign(self, work) -> None:
         vote_batches = [(owner, planned) for owner, _, plan in work for planned in plan
@@ -91,7 +123,8 @@ class GroupCommitter:
         for (_, planned), signed in zip(vote_batches, signed_batches):
             planned.signed = signed
 
-    def _start_commit(self, work) -> list[asyncio.Task]:
+    def _start_commit(self, work) -> list[asyncio.Future]:
+        """Sign the cycle and begin its appends; the futures of those to wait for."""
         try:
             self._sign(work)
         except Exception as exc:  # a bug: nothing was written, so nothing was counted
@@ -99,22 +132,24 @@ class GroupCommitter:
             for owner, items, _ in work:
                 owner.fail_unwritten(items, WalUnavailable(f"the commit could not be signed: {exc}"))
             return []
-        started = []
+        waits = []
+        cycle = _Cycle(self, len(work))
+        self._cycles_in_flight += 1
         for owner, items, plan in work:
-            self._appending.add(owner)
-            task = asyncio.create_task(self._append(owner, items, plan))
-            self._append_tasks.add(task)
-            task.add_done_callback(self._append_tasks.discard)
-            started.append(task)
-        return started
+            ended = owner.begin_append(items, plan)
+            ended.add_done_callback(cycle.one_ended)
+            if owner.wal.appends_in_flight_max == 1:
+                waits.append(ended)
+        return waits
 
-    async def _append(self, owner, items, plan) -> None:
-        started = time.perf_counter()
-        try:
-            await owner.append_and_apply(items, plan)
-        finally:
-            self._appending.discard(owner)
-            if self.metrics is not None:
-                self.metrics.observe_commit(time.perf_counter() - started, len(items))
-            if owner.has_queued():
-                self._wakeup.set()
+    def _cycle_ended(self) -> None:
+        self._cycles_in_flight -= 1
+        if any(owner.has_queued() for owner in self.owners):
+            self._wakeup.set()
+
+    def append_ended(self, owner, started_s: float, items: int) -> None:
+        """Called by a shard when an append it began is settled."""
+        if self.metrics is not None:
+            self.metrics.observe_commit(time.perf_counter() - started_s, items)
+        if owner.has_queued():
+            self._wakeup.set()

@@ -197,6 +197,8 @@ class KafkaWal:
     """The WAL interface of shards/wal.py on one partition of the Kafka WAL topic."""
 
     durability = "kafka-acks-all"
+    # One transaction at a time per fenced producer: an append starts when the last one ended.
+    appends_in_flight_max = 1
 
     def __init__(self, config: Config, shard: int) -> None:
         self.config = config

@@ -7,7 +7,9 @@ The vote path for one shard (DESIGN "The vote path", steps 3-6):
 - Each commit cycle (shards/commit.py, one per worker) takes up to `batch_votes_max`
   queued items, plans one VoteBatch per run of votes and keeps control records (poll
   created / closed) in arrival order; the cycle signs all its batches at once, then each
-  shard appends its records in one durable write and only then applies them and answers.
+  shard begins the append of its records (`begin_append`) and, once the log has made them
+  durable, applies them and answers. A shard may have several appends in flight (the
+  embedded log pipelines them); they are applied in the order they began.
 - A failed append is settled by the WAL before it raises (WalUnavailable: nothing counted);
   OutcomeUnknown keeps the voter's in-flight entry until the log decides.
 
@@ -38,9 +40,9 @@ from engine.errors import (
     WalUnavailable,
 )
 from engine.keys import KeyRing
+from shards.commit import GroupCommitter
 from shards.records import PollClosed as PollClosedRecord
 from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
-from shards.commit import GroupCommitter
 from shards.snapshots import DirectorySnapshotStore, freeze
 from shards.state import COUNTED, PollState, ShardState
 
@@ -94,6 +96,23 @@ class PlannedRecord:
                          key_id=signed.key_id)
 
 
+class _AppendInFlight:
+    """One append begun and not yet settled (ShardOwner.begin_append)."""
+
+    __slots__ = ("items", "plan", "records", "append", "ended", "timer", "decision", "started_s")
+
+    def __init__(self, items, plan, records, append: asyncio.Future, ended: asyncio.Future) -> None:
+        self.items = items
+        self.plan = plan
+        self.records = records
+        self.append = append
+        self.ended = ended
+        self.timer: asyncio.TimerHandle | None = None
+        # Set when the append outlived append_timeout_s: its voters are held until it ends.
+        self.decision: asyncio.Future | None = None
+        self.started_s = time.perf_counter()
+
+
 class PendingControl:
     __slots__ = ("record", "future")
 
@@ -138,16 +157,21 @@ class ShardOwner:
         self._inflight: dict[tuple[str, int], asyncio.Future] = {}
         self._closing: set[str] = set()
         self._stalled = False
+        self._appends: deque[_AppendInFlight] = deque()
         self._batch_seq_next = 0
         self._signed_batches: OrderedDict[int, receipts.SignedBatch] = OrderedDict()
         self._snapshot_task: asyncio.Task | None = None
         self._snapshot_votes_applied = 0
         self._snapshot_time_s = time.monotonic()
         self._tasks: list[asyncio.Task] = []
+        # asyncio.get_running_loop() costs a getpid() system call each time (its fork check):
+        # on the vote path that was a tenth of the event loop's time, so the loop is kept.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # Start-up: fence, recover, replay ------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
             await self.wal.acquire()
             self.state = await self._recover()
@@ -225,7 +249,7 @@ class ShardOwner:
             raise WalUnavailable(f"shard {self.shard}'s log has not answered its last append")
         if self._queued_votes >= self.config.shard_queue_votes_max:
             raise Overloaded(f"shard {self.shard} has {self._queued_votes} votes waiting")
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         future.add_done_callback(_mark_retrieved)
         self._inflight[key] = future
         self._queue.append(PendingVote(poll_id, voter_id, voter_index, option, option_index, future))
@@ -395,18 +419,41 @@ class ShardOwner:
         self._batch_seq_next += 1  # never reused, even if this append fails
         return planned
 
-    async def append_and_apply(self, items, plan: list[PlannedRecord]) -> None:
-        """Make the planned records durable, then apply them and answer; never raises.
+    @property
+    def appends_in_flight(self) -> int:
+        return len(self._appends)
 
-        An append still running after append_timeout_s is answered outcome-unknown; its
-        voters stay held, and the shard takes no new votes, until the log answers it."""
+    def begin_append(self, items, plan: list[PlannedRecord]) -> asyncio.Future:
+        """Start making the planned records durable; never raises. When the log answers, the
+        records are applied and their items answered, appends in the order they began.
+
+        Returns a future that ends when this append is settled, or when it was answered
+        outcome-unknown after append_timeout_s (its voters then stay held, and the shard
+        takes no new votes, until the log answers it)."""
+        loop = self._loop
         records = [planned.finished_record(self.shard) for planned in plan]
         append = asyncio.ensure_future(self.wal.append([encode_record(record) for record in records]))
-        done, _ = await asyncio.wait({append}, timeout=self.config.append_timeout_s)
-        if not done:
-            self._stall(append, items, plan, records)
-            return
-        self._settle(append, items, plan, records)
+        entry = _AppendInFlight(items, plan, records, append, loop.create_future())
+        entry.timer = loop.call_later(self.config.append_timeout_s, self._append_timed_out, entry)
+        self._appends.append(entry)
+        append.add_done_callback(self._append_done)
+        return entry.ended
+
+    def _append_done(self, _: asyncio.Future) -> None:
+        # Settle from the oldest append on, so records apply in log order whatever order the
+        # callbacks run in; an append that ended behind an unanswered one waits for it.
+        appends = self._appends
+        while appends and appends[0].append.done():
+            entry = appends.popleft()
+            entry.timer.cancel()
+            if entry.decision is not None:
+                self._decided(entry)
+            else:
+                self._settle(entry.append, entry.items, entry.plan, entry.records)
+            if not entry.ended.done():
+                entry.ended.set_result(None)
+            if self.committer is not None:
+                self.committer.append_ended(self, entry.started_s, len(entry.items))
 
     def _settle(self, append: asyncio.Future, items, plan, records) -> None:
         try:
@@ -430,33 +477,35 @@ class ShardOwner:
             self._answer_votes(record, planned.items, planned.signed, outcomes, offset)
         self._maybe_snapshot()
 
-    def _stall(self, append: asyncio.Future, items, plan, records) -> None:
+    def _append_timed_out(self, entry: _AppendInFlight) -> None:
+        if entry.append.done():
+            return
         log.warning("shard %d: append unanswered after %.1f s; holding its voters",
                     self.shard, self.config.append_timeout_s)
         self._stalled = True
-        for item in items:
+        for item in entry.items:
             _answer(item.future, exception=OutcomeUnknown("the log did not confirm in time; "
                                                           "this counts at most once"))
-        # The held futures stay in _inflight until the append ends: a repeat of a held voter
+        # The held voters stay in _inflight until the append ends: a repeat of a held voter
         # waits there and then meets the bitmap, which by then says what the log decided.
-        decision = asyncio.get_running_loop().create_future()
-        for item in items:
+        entry.decision = asyncio.get_running_loop().create_future()
+        for item in entry.items:
             if isinstance(item, PendingVote):
-                self._inflight[(item.poll, item.voter_index)] = decision
+                self._inflight[(item.poll, item.voter_index)] = entry.decision
+        entry.ended.set_result(None)
 
-        def decided(_: asyncio.Future) -> None:
-            # Apply what the log decided; the waiters were answered already, so _answer
-            # leaves them alone.
-            self._settle(append, items, plan, records)
-            for item in items:
-                if isinstance(item, PendingVote) and self._inflight.get(
-                        (item.poll, item.voter_index)) is decision:
-                    del self._inflight[(item.poll, item.voter_index)]
-            decision.set_result(None)
+    def _decided(self, entry: _AppendInFlight) -> None:
+        """A stalled append ended: apply what the log decided (its waiters were answered
+        already, so _answer leaves them alone) and let its voters go."""
+        self._settle(entry.append, entry.items, entry.plan, entry.records)
+        for item in entry.items:
+            if isinstance(item, PendingVote) and self._inflight.get(
+                    (item.poll, item.voter_index)) is entry.decision:
+                del self._inflight[(item.poll, item.voter_index)]
+        entry.decision.set_result(None)
+        if not any(other.decision is not None for other in self._appends):
             self._stalled = False
-            log.warning("shard %d: the stalled append ended; shard resumes", self.shard)
-
-        append.add_done_callback(decided)
+        log.warning("shard %d: the stalled append ended; shard resumes", self.shard)
 
     def _answer_votes(self, record, votes, signed, outcomes, offset) -> None:
         cut = signed.receipts(offset)  # every path in one pass over the tree

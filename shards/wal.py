@@ -5,8 +5,10 @@ Every WAL implementation (the embedded segment log here; Kafka in its own module
 - `replay(from_offset, apply)`: find the durable end (cutting a torn tail where that is the
   log's rule), call `apply(offset, next_offset, payload)` for every record from
   `from_offset` to that end, in order, and return the end offset.
-- `append(payloads)`: make the records durable and return their (offset, next offset)
-  pairs, or raise WalUnavailable (settled: nothing written) / OutcomeUnknown.
+- `append(payloads)`: an awaitable that makes the records durable and gives their (offset,
+  next offset) pairs, or raises WalUnavailable (settled: nothing written) / OutcomeUnknown.
+- `appends_in_flight_max`: how many appends the owner may have started and not yet seen
+  end. Appends end in the order they started.
 - `read_at(offset)`: the payload of one record (receipts of repeat votes).
 - `close()`.
 """
@@ -16,22 +18,30 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from shards.log_writer import LogWriter, shared_writer
 from shards.records import frame
 from shards.segment_log import SegmentLog
 
 LOCK_RETRY_S = 0.2
+# Appends of one shard queued at the writer at once: while one round fsyncs, the next cycles'
+# appends wait behind it and share the next round's write and fsync.
+APPENDS_IN_FLIGHT_MAX = 8
 
 
 class EmbeddedWal:
     durability = SegmentLog.durability
+    appends_in_flight_max = APPENDS_IN_FLIGHT_MAX
 
-    def __init__(self, log: SegmentLog) -> None:
+    def __init__(self, log: SegmentLog, writer: LogWriter | None = None) -> None:
         self.log = log
-        # One thread per shard: appends are sequential per shard by design, and several
-        # shards fsync in parallel (os.fsync releases the GIL).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal")
+        self._writer = writer
+        # Recovery and reads of old records (receipts of repeat votes) run here, apart from
+        # the writer, so a long replay at start-up does not hold up other shards' appends.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-read")
+        self._loop: asyncio.AbstractEventLoop | None = None  # see ShardOwner._loop
 
     async def acquire(self) -> None:
+        self._loop = asyncio.get_running_loop()
         while not self.log.try_lock():
             await asyncio.sleep(LOCK_RETRY_S)
 
@@ -45,14 +55,16 @@ class EmbeddedWal:
 
         return await self._run(run)
 
-    async def append(self, payloads: list[bytes]) -> list[tuple[int, int]]:
-        frames = [frame(payload) for payload in payloads]
-        start = await self._run(self.log.append, b"".join(frames))
-        positions = []
-        for framed in frames:
-            positions.append((start, start + len(framed)))
-            start += len(framed)
-        return positions
+    @property
+    def writer(self) -> LogWriter:
+        if self._writer is None:
+            self._writer = shared_writer()
+        return self._writer
+
+    def append(self, payloads: list[bytes]):
+        """A future of the records' positions, answered once they are fsync'd (log_writer)."""
+        loop = self._loop or asyncio.get_running_loop()
+        return self.writer.append(self.log, [frame(payload) for payload in payloads], loop)
 
     async def read_at(self, offset: int) -> bytes:
         return await self._run(self.log.read_at, offset)
@@ -61,5 +73,6 @@ class EmbeddedWal:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *arguments)
 
     async def close(self) -> None:
-        await self._run(self.log.close)
+        # Through the writer, so appends queued before the close are written first.
+        await self.writer.call(self.log, self.log.close)
         self._executor.shutdown(wait=False)
