@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import functools
 import logging
 import re
 import time
@@ -31,7 +30,7 @@ from engine.errors import (
 )
 from engine.keys import load_keys
 from engine.logs import configure_logging
-from engine.metrics import REJECTED, REQUEST_SECONDS, REQUESTS, exposition
+from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from shards.backends import durability
@@ -153,10 +152,12 @@ class App:
         self.keyring = load_keys(self.config.data_path)
         self.node = Node(self.config, self.keyring)
         self._start_task = loop.create_task(self.node.start())
+        self._flush_task = loop.create_task(_flush_metrics())
 
     def __rsgi_del__(self, loop) -> None:
         if self.node is not None:
             loop.run_until_complete(self.node.stop())
+        BUFFERED.flush()
 
     async def __rsgi__(self, scope, proto) -> None:
         if scope.proto != "http":
@@ -177,9 +178,7 @@ class App:
             log.exception("unhandled error on %s %s", scope.method, scope.path)
             status, headers, body = self._problem(VotesError("internal error"))
         proto.response_bytes(status, headers, body)
-        request_counter, request_seconds = _route_metrics(route, status)
-        request_counter.inc()
-        request_seconds.observe(time.perf_counter() - started)
+        BUFFERED.request(route, status, time.perf_counter() - started)
 
     def _problem(self, exc: VotesError):
         extra = dict(exc.extra)
@@ -270,6 +269,7 @@ class App:
         if name == "healthz":
             return 200, JSON, b'{"status":"ok"}'
         if name == "metrics":
+            BUFFERED.flush()
             body, content_type = exposition()
             return 200, [("content-type", content_type)], body
         readiness = await self._node().readiness() if self.node else {
@@ -278,10 +278,10 @@ class App:
         return (200 if readiness["ready"] else 503), JSON, _json.encode(readiness)
 
 
-@functools.cache
-def _route_metrics(route: str, status: int):
-    # labels() costs a lookup and a lock per call; children are cached once per pair.
-    return REQUESTS.labels(route, str(status)), REQUEST_SECONDS.labels(route)
+async def _flush_metrics() -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        BUFFERED.flush()
 
 
 def _forwarded(scope, body: bytes) -> ForwardedRequest:

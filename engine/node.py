@@ -29,7 +29,7 @@ from engine.config import Config
 from engine.errors import NotReady, OutcomeUnknown, PollNotFound, VotesError
 from engine.forwarding import ForwardServer, PeerClient, socket_path
 from engine.keys import KeyRing
-from engine.metrics import SHARDS_READY, OwnerMetrics
+from engine.metrics import BUFFERED, SHARDS_READY
 from engine.ownership import (
     ForwardedRequest,
     LeaseManager,
@@ -90,7 +90,7 @@ class Node:
             "shard_summaries": self._local_shard_summaries,
         })
         await self._server.start()
-        metrics = OwnerMetrics()
+        metrics = BUFFERED
         self.metrics = metrics
         self.committer = GroupCommitter(self.config, self.keyring, self.hasher, metrics)
         self._tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
