@@ -16,7 +16,6 @@ Invariants a caller can rely on:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -97,8 +96,12 @@ _admin_claims_decoder = msgspec.msgpack.Decoder(AdminClaims)
 _FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/-_!")
 
 
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def b64url_encode(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    # binascii directly: base64.urlsafe_b64encode is two Python calls more per token.
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
 
 
 def b64url_decode(text: bytes) -> bytes:
@@ -107,14 +110,38 @@ def b64url_decode(text: bytes) -> bytes:
     return binascii.a2b_base64(padded, strict_mode=True)
 
 
+class _PrefixedMac:
+    """HMAC-SHA256 (RFC 2104) under one key of messages that start with `v1.<key_id>.`: the
+    inner hash state pre-fed with the padded key and that prefix, the outer one with the
+    padded key, so a token costs two state copies (hmac.HMAC.copy() builds a Python object
+    around the same two copies, about twice the time). tests/unit/test_tokens.py checks it
+    against hmac.new."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes, prefix: bytes) -> None:
+        if len(key) > 64:  # SHA-256's block: longer keys are hashed first (RFC 2104)
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key) + prefix)
+        self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+
+    def digest(self, rest: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(rest)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
 class _MacSet:
-    """HMAC states pre-fed with `v1.<key_id>.`, one per key id; `.copy()` one per token."""
+    """One _PrefixedMac per key id, each pre-fed with `v1.<key_id>.`."""
 
     __slots__ = ("by_key_id", "current")
 
     def __init__(self, keys: dict[str, bytes], current_key_id: str) -> None:
         self.by_key_id = {
-            key_id.encode("ascii"): hmac.new(key, _signed_prefix(key_id), hashlib.sha256)
+            key_id.encode("ascii"): _PrefixedMac(key, _signed_prefix(key_id))
             for key_id, key in keys.items()
         }
         self.current = current_key_id.encode("ascii")
@@ -170,9 +197,7 @@ def _issue_voter_tokens(macs: _MacSet, first_voter: int, count: int, region: str
     for voter in range(first_voter, first_voter + count):
         # A tuple encodes to the same msgpack array as the array_like VoterClaims, faster.
         payload = b64url_encode(encode((VOTER_TYP, voter, region, country, exp, poll)))
-        mac = base.copy()
-        mac.update(payload)
-        yield (prefix + payload + b"." + b64url_encode(mac.digest())).decode("ascii")
+        yield (prefix + payload + b"." + b64url_encode(base.digest(payload))).decode("ascii")
 
 
 def issue_admin_token(keyring: KeyRing, *, ttl_s: int, sub: str = "admin",
@@ -216,9 +241,7 @@ def verify_admin_token(keyring: KeyRing, authorization_value: bytes | str | None
 
 def _sign(macs: _MacSet, claims_msgpack: bytes) -> str:
     payload = b64url_encode(claims_msgpack)
-    mac = macs.by_key_id[macs.current].copy()
-    mac.update(payload)
-    signature = b64url_encode(mac.digest())
+    signature = b64url_encode(macs.by_key_id[macs.current].digest(payload))
     return (TOKEN_VERSION + b"." + macs.current + b"." + payload + b"." + signature).decode()
 
 
@@ -230,9 +253,7 @@ def _verified_payload(macs: _MacSet, authorization_value: object) -> bytes:
     base = macs.by_key_id.get(parts[1])
     if base is None:
         raise TokenInvalid("token key id is unknown")
-    mac = base.copy()
-    mac.update(parts[2])
-    if not hmac.compare_digest(b64url_encode(mac.digest()), parts[3]):
+    if not hmac.compare_digest(b64url_encode(base.digest(parts[2])), parts[3]):
         raise TokenInvalid("token signature does not match")
     try:
         return b64url_decode(parts[2])
