@@ -443,6 +443,8 @@ class Harness:
             config = stack.write_engine_config(self.run_dir / "kafka-engine.toml")
             argv += ["--config", str(config)]
             backend_pids = stack.pids()
+        else:
+            argv += ["--shards", str(max(self.args.engine_shards, self.args.workers))]
         argv += shlex.split(self.args.engine_extra_args)
         server = ServerProcess(name, argv, log)
         cleanups = [] if self.args.keep_data else [lambda: shutil.rmtree(data_dir, ignore_errors=True)]
@@ -906,8 +908,9 @@ def print_report(document: dict) -> None:
         if name not in ENGINES and closed and "ceiling" in peers and scenario_of(peers, "ceiling", "closed_max"):
             x_ceiling = round(closed["created_per_s"] / scenario_of(peers, "ceiling", "closed_max")["created_per_s"], 4)
         engine_over = ratios.get(f"embedded/{name}") if name not in ENGINES else None
+        shards = peer.get("info", {}).get("shards")
         rows.append([
-            name,
+            f"{name} ({shards} shard{'s' if shards != 1 else ''})" if shards else name,
             peer["durability"],
             str(closed["connections"]) if closed else "-",
             f"{closed['created_per_s']:,.0f}" if closed else "FAILED",
@@ -1065,6 +1068,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-data", action="store_true")
     parser.add_argument("--ready-timeout-s", type=float, default=90.0)
     parser.add_argument("--settle-timeout-s", type=float, default=15.0)
+    parser.add_argument("--engine-shards", type=int, default=1,
+                        help="shards of the embedded engine's one worker (each shard is its own "
+                             "fsync'd log: see docs/performance.md for how the ratio moves with "
+                             "it); the kafka engine has one shard per WAL partition")
     parser.add_argument("--engine-extra-args", default="", help="appended to `votes serve`")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json")
     parser.add_argument("--no-plots", action="store_true")
