@@ -714,7 +714,9 @@ def run_scenario(h: Harness, peer: RunningPeer, scenario: Scenario, state: dict)
                 if "max_rate" not in state:
                     raise BenchError(f"{scenario.name}: no closed_max rate for this peer")
                 rate = segment["fraction_of_max"] * state["max_rate"]
-            segments.append((segment["duration_s"], max(rate, 1.0)))
+            # Rounded as run_open passes it to loadgen (3 decimals), so the token count here
+            # is the request count loadgen schedules from the same rate.
+            segments.append((segment["duration_s"], round(max(rate, 1.0), 3)))
         if scenario.new_poll:
             polls = [scenario.name]
             create_poll(peer, scenario.name, h.set.options, h.admin_token)
