@@ -39,7 +39,6 @@ of one poll can't be joined with another's, nor reversed by hashing the whole id
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -534,8 +533,12 @@ def _check_receipt_shape(receipt: Receipt) -> None:
         raise ReceiptInvalid("receipt batch path length does not fit its position and count")
 
 
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64url_encode(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    # binascii directly: base64.urlsafe_b64encode adds two Python calls per receipt.
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
 
 
 def _b64url_decode(text: bytes) -> bytes:

@@ -158,10 +158,20 @@ class _TokenCodec:
 _codecs: weakref.WeakKeyDictionary[KeyRing, _TokenCodec] = weakref.WeakKeyDictionary()
 
 
+_last_codec: tuple[KeyRing, _TokenCodec] | None = None
+
+
 def _codec(keyring: KeyRing) -> _TokenCodec:
+    # A worker verifies every token with one keyring: check it by identity first
+    # (WeakKeyDictionary.get is a Python-level call per token).
+    global _last_codec
+    last = _last_codec
+    if last is not None and last[0] is keyring:
+        return last[1]
     codec = _codecs.get(keyring)
     if codec is None:
         codec = _codecs[keyring] = _TokenCodec(keyring)
+    _last_codec = (keyring, codec)
     return codec
 
 
