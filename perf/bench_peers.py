@@ -662,8 +662,8 @@ def closed_tokens_needed(h: Harness, rate_per_s: float, duration_s: float, conne
 
 def run_scenario(h: Harness, peer: RunningPeer, scenario: Scenario, state: dict) -> dict:
     connections = scenario.connections or h.set.connections
-    if peer.name == "kafka":
-        connections = h.args.kafka_connections or connections
+    if peer.name == "kafka" and scenario.connections is None and h.args.kafka_connections != "0":
+        connections = max(kafka_connection_counts(h.args))
     polls = ["bench"]
     if scenario.polls > 1:
         polls = [f"{scenario.name}-{index:02d}" for index in range(scenario.polls)]
@@ -741,10 +741,12 @@ def run_scenario(h: Harness, peer: RunningPeer, scenario: Scenario, state: dict)
 
 def run_best_of_connections(h: Harness, peer: RunningPeer, scenario: Scenario, state: dict) -> dict:
     """The scenario at each of its connections_tried (one run each, each cross-checked), the
-    best by 201/s kept, with every count's rate beside it. The kafka peer has its own
-    connection count (--kafka-connections) and runs once."""
-    tried = scenario.connections_tried if scenario.generator == "wrk" and peer.name != "kafka" else []
-    if not tried:
+    best by 201/s kept, with every count's rate beside it. The kafka peer tries its own
+    counts (--kafka-connections)."""
+    tried = scenario.connections_tried if scenario.generator == "wrk" else []
+    if peer.name == "kafka" and tried:
+        tried = kafka_connection_counts(h.args) if h.args.kafka_connections != "0" else tried
+    if len(tried) < 2:
         return run_scenario(h, peer, scenario, state)
     results = {}
     for connections in tried:
@@ -754,6 +756,17 @@ def run_best_of_connections(h: Harness, peer: RunningPeer, scenario: Scenario, s
     best = max(results.values(), key=lambda result: result["created_per_s"])
     best["connections_tried"] = {str(count): result["created_per_s"] for count, result in results.items()}
     return best
+
+
+def kafka_connection_counts(args) -> list[int]:
+    try:
+        counts = [int(count) for count in args.kafka_connections.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise BenchError(f"--kafka-connections {args.kafka_connections!r}: give positive "
+                         "integers separated by commas, or 0")
+    return counts
 
 
 def run_peer(h: Harness, name: str, ceiling_rate: float | None) -> dict:
@@ -770,8 +783,8 @@ def run_peer(h: Harness, name: str, ceiling_rate: float | None) -> dict:
         # Warm-up: closed loop on fresh voters; its rate sizes the first token file.
         bound = ceiling_rate if ceiling_rate else h.args.ceiling_rate_max
         connections = h.set.connections
-        if name == "kafka" and h.args.kafka_connections:
-            connections = h.args.kafka_connections
+        if name == "kafka" and h.args.kafka_connections != "0":
+            connections = max(kafka_connection_counts(h.args))
         warm_tokens = h.pool.take(closed_tokens_needed(h, bound, h.set.warmup_s, connections), "warmup")  # fmt: skip
         warm = run_closed(h, peer, warm_tokens, h.set.warmup_s, ["bench"], connections,
                           measure=False)  # fmt: skip
@@ -1074,8 +1087,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=32, help="database pool per worker")
     parser.add_argument("--pg-tally", choices=("count", "counter"), default="count",
                         help="PG peer tallies: count(*) at read, or a counter row per option updated in the vote's transaction")  # fmt: skip
-    parser.add_argument("--kafka-connections", type=int, default=512,
-                        help="connections for the kafka peer (its rate is connections / commit time); 0 = as the others")  # fmt: skip
+    parser.add_argument("--kafka-connections", default="512,2048",
+                        help="connections for the kafka peer, comma-separated: closed_max tries "
+                             "each and keeps the best, the other scenarios use the largest (its "
+                             "rate is votes in flight / transaction time); 0 = as the others")  # fmt: skip
     parser.add_argument("--kafka-partitions", type=int, default=8)
     parser.add_argument("--stack-base-port", type=int, default=19700)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="wrk --timeout")
