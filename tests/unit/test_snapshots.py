@@ -65,6 +65,14 @@ def test_the_live_state_keeps_growing_after_a_freeze() -> None:
     assert restored.polls["song"].counts() == {"a": 1, "b": 1, "c": 2}
 
 
+def test_a_paced_write_is_the_same_file(tmp_path: Path) -> None:
+    """A snapshot larger than one slice, written in flushed slices, reads back whole."""
+    data = bytes(range(256)) * (3 * snapshots.SNAPSHOT_WRITE_SLICE_BYTES // 256 + 17)
+    snapshots._write_atomically(tmp_path / "paced.bin", data, paced=True)
+    assert (tmp_path / "paced.bin").read_bytes() == data
+    assert not (tmp_path / "paced.bin.tmp").exists()
+
+
 def test_an_empty_state_round_trips() -> None:
     state = ShardState(SHARD, SHARDS_TOTAL)
     assert fingerprint(thaw(freeze(state))) == fingerprint(state)
@@ -123,10 +131,10 @@ def test_a_failure_between_object_and_manifest_keeps_the_previous_snapshot(
     manifest_before = store.manifest_path.read_bytes()
     write_atomically = snapshots._write_atomically
 
-    def fail_on_manifest(path: Path, data: bytes) -> None:
+    def fail_on_manifest(path: Path, data: bytes, paced: bool = False) -> None:
         if path == store.manifest_path:
             raise OSError(28, "No space left on device")
-        write_atomically(path, data)
+        write_atomically(path, data, paced)
 
     monkeypatch.setattr(snapshots, "_write_atomically", fail_on_manifest)
     advance(state, 3)
