@@ -21,6 +21,9 @@ extensions = [
         "engine._fastpath",
         ["engine/_fastpath.pyx"],
         extra_compile_args=["-O2"] if not debug_build else ["-O0", "-g"],
+        # The receipt loops hash with OpenSSL's SHA256_* (engine/_fastpath_receipts.pxi).
+        libraries=["crypto"],
+        define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", None)],
     )
 ]
 setup(

@@ -23,6 +23,8 @@ import array
 
 from pyroaring import BitMap
 
+include "_fastpath_receipts.pxi"
+
 
 cdef void _radix_sort_uint32(uint32_t* values, uint32_t* scratch, Py_ssize_t count) noexcept nogil:
     """LSD radix sort, four 8-bit digits: O(n), far cheaper than qsort's callbacks here."""

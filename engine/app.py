@@ -239,10 +239,10 @@ class App:
         # Only cluster mode can forward to another node; the embedded path builds nothing.
         request = _forwarded(scope, body) if self.config.uses_cluster else None
         try:
-            receipt = await node.vote(poll, claims.voter, vote.option, request)
+            body = await node.vote(poll, claims.voter, vote.option, request)
         except Relayed as relayed:  # the shard's owner on another node answered
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
-        return 201, JSON, _json.encode(receipt)
+        return 201, JSON, body
 
     async def _create(self, scope, proto):
         node = self._node()

@@ -7,6 +7,10 @@ and by the parity test as the model the compiled code must match.
 from __future__ import annotations
 
 import array
+import binascii
+import hashlib
+import hmac
+from collections.abc import Sequence
 
 from pyroaring import BitMap
 
@@ -46,3 +50,182 @@ def apply_group(
         flags[index] = 1
         counted += 1
     return counted, flags
+
+
+# --- receipts (twin of engine/_fastpath_receipts.pxi) ------------------------------------
+
+HASH_BYTES = 32
+VOTER_HASH_BYTES = 16
+_SHA256_BLOCK_BYTES = 64
+_NODE_DOMAIN = b"\x01"
+_XOR_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_XOR_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+class HmacSha256:
+    """HMAC-SHA256 (RFC 2104) under one key of messages that all start with `prefix`."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes, prefix: bytes = b"") -> None:
+        if len(key) > _SHA256_BLOCK_BYTES:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_SHA256_BLOCK_BYTES, b"\0")
+        self._inner = hashlib.sha256(key.translate(_XOR_INNER_PAD) + prefix)
+        self._outer = hashlib.sha256(key.translate(_XOR_OUTER_PAD))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def verify(self, message: bytes, expected: bytes) -> bool:
+        return hmac.compare_digest(self.digest(message), expected)
+
+
+class MerkleTree:
+    """All levels of the tree over `leaves` (leaf hashes): O(n) to build, O(log n) per path.
+    The shape is engine/receipts.py's; the commit tree over a cycle's batch nodes uses this
+    class in both modes."""
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        if not leaves:
+            raise ValueError("a Merkle tree needs at least one leaf")
+        level = list(leaves)
+        levels = [level]
+        sha256 = hashlib.sha256
+        while len(level) > 1:
+            parents = [sha256(_NODE_DOMAIN + left + right).digest()
+                       for left, right in zip(level[0::2], level[1::2])]
+            if len(level) & 1:
+                parents.append(level[-1])
+            levels.append(parents)
+            level = parents
+        self._levels = levels
+
+    @property
+    def root(self) -> bytes:
+        return self._levels[-1][0]
+
+    @property
+    def leaf_count(self) -> int:
+        return len(self._levels[0])
+
+    def path(self, index: int) -> list[bytes]:
+        """Sibling hashes from leaf `index` up to the root, skipping promoted levels."""
+        self._check_index(index)
+        path = []
+        for level in self._levels[:-1]:
+            sibling = index ^ 1
+            if sibling < len(level):
+                path.append(level[sibling])
+            index >>= 1
+        return path
+
+    def paths(self) -> list[list[bytes]]:
+        """path(i) for every leaf, built top-down: a node's path is its sibling followed by
+        its parent's path, so each level costs one list per node (O(n log n) copying in C)."""
+        paths: list[list[bytes]] = [[]]
+        for level in reversed(self._levels[:-1]):
+            paired = len(level) & ~1
+            paths_below = [[level[p ^ 1]] + paths[p >> 1] for p in range(paired)]
+            if paired < len(level):
+                # The odd last node was promoted: it has no sibling here.
+                paths_below.append(list(paths[paired >> 1]))
+            paths = paths_below
+        return paths
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self._levels[0]):
+            raise IndexError(f"leaf {index} is outside a tree of {self.leaf_count} leaves")
+
+
+class BatchTree(MerkleTree):
+    """One shard batch's voter hashes (16 bytes per leaf) and its Merkle tree."""
+
+    __slots__ = ("_voter_hashes",)
+
+    def __init__(self, voter_hashes: list[bytes], leaves: list[bytes]) -> None:
+        super().__init__(leaves)
+        self._voter_hashes = voter_hashes
+
+    def voter_hash(self, index: int) -> bytes:
+        self._check_index(index)
+        return self._voter_hashes[index]
+
+    def leaf(self, index: int) -> bytes:
+        self._check_index(index)
+        return self._levels[0][index]
+
+    def index_of(self, first: int, end: int, voter_hash: bytes) -> int | None:
+        if not 0 <= first <= end <= self.leaf_count:
+            raise IndexError(f"leaves [{first}, {end}) are outside {self.leaf_count} leaves")
+        for index in range(first, end):
+            if self._voter_hashes[index] == voter_hash:
+                return index
+        return None
+
+    def receipt_bodies(self, groups: list, batch_fields: bytes, leaf_count_field: bytes,
+                       time_field: bytes, commit_fields: bytes, json_batch: bytes,
+                       json_time: bytes) -> list[bytes]:
+        bodies: list = [None] * self.leaf_count
+        filled = 0
+        for first, count, option_indexes, options, head, json_head in groups:
+            if count < 0 or first < 0 or first + count > self.leaf_count:
+                raise ValueError("a group's leaves are outside the tree")
+            if len(option_indexes) != 2 * count:
+                raise ValueError("a group needs one uint16 option index per leaf")
+            for position, option_index in enumerate(array.array("H", option_indexes)):
+                if option_index >= len(options):
+                    raise ValueError("an option index is outside the group's options")
+                leaf = first + position
+                voter_hash = self._voter_hashes[leaf]
+                path = self.path(leaf)
+                packed = b"".join([
+                    head, batch_fields, _msgpack_uint(leaf), leaf_count_field,
+                    b"\xc4\x10", voter_hash, options[option_index], time_field,
+                    _msgpack_array_header(len(path)),
+                    *(b"\xc4\x20" + sibling for sibling in path), commit_fields])
+                encoded = binascii.b2a_base64(packed, newline=False).translate(_TO_URLSAFE)
+                bodies[leaf] = b"".join([b'{"receipt":"r1.', encoded.rstrip(b"="), json_head,
+                                         str(leaf).encode(), json_batch,
+                                         voter_hash.hex().encode(), json_time])
+            filled += count
+        if filled != self.leaf_count:
+            raise ValueError(f"groups cover {filled} of {self.leaf_count} leaves")
+        return bodies
+
+
+def batch_tree(shard: int, groups: list) -> BatchTree:
+    """Voter hashes, leaves and Merkle tree of one shard batch (see the compiled twin)."""
+    voter_hashes: list[bytes] = []
+    leaves: list[bytes] = []
+    sha256 = hashlib.sha256
+    for mac, head, tails, voters, option_indexes in groups:
+        if len(voters) % 8 or len(option_indexes) * 4 != len(voters):
+            raise ValueError("a group needs packed uint64 voters and one uint16 option each")
+        for voter, option_index in zip(array.array("Q", voters), array.array("H", option_indexes)):
+            if option_index >= len(tails):
+                raise ValueError("an option index is outside the group's options")
+            voter_hash = mac.digest(voter.to_bytes(8, "big"))[:VOTER_HASH_BYTES]
+            voter_hashes.append(voter_hash)
+            leaves.append(sha256(head + voter_hash + tails[option_index]).digest())
+    return BatchTree(voter_hashes, leaves)
+
+
+def _msgpack_uint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    for marker, size in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        if value < 1 << (8 * size):
+            return bytes((marker,)) + value.to_bytes(size, "big")
+    raise OverflowError(f"{value} does not fit a msgpack uint64")
+
+
+def _msgpack_array_header(length: int) -> bytes:
+    return bytes((0x90 | length,)) if length <= 15 else b"\xdc" + length.to_bytes(2, "big")

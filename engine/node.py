@@ -24,7 +24,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from engine import receipts
+from engine import signing
 from engine.config import Config
 from engine.errors import NotReady, OutcomeUnknown, PollNotFound, VotesError
 from engine.forwarding import ForwardServer, PeerClient, socket_path
@@ -39,10 +39,10 @@ from engine.ownership import (
     parse_lease,
     redis_client,
 )
+from shards.backends import durability, make_snapshot_store, make_wal
 from shards.commit import GroupCommitter
 from shards.owner import ShardOwner
 from shards.records import PollCreated
-from shards.backends import durability, make_snapshot_store, make_wal
 
 log = logging.getLogger("votes.node")
 
@@ -59,7 +59,7 @@ class Node:
         self.config = config
         self.keyring = keyring
         self.data_dir = config.data_path
-        self.hasher = receipts.VoterHasher(keyring.voter_hash_secret)
+        self.hasher = signing.VoterHasher(keyring.voter_hash_secret)
         self.slot: int | None = None
         self.owners: dict[int, ShardOwner] = {}
         self.peers: dict[int, PeerClient] = {}
@@ -205,7 +205,7 @@ class Node:
         return {"authorization": f"Bearer {self._admin_token[1]}", "x-votes-forwarded": "1"}
 
     async def _cluster_vote(self, poll: str, voter_id: int, option: str,
-                            request: ForwardedRequest | None) -> dict:
+                            request: ForwardedRequest | None) -> bytes:
         shard = voter_id % self.config.shards
         owner = self.owners.get(shard)
         if owner is not None:
@@ -307,7 +307,7 @@ class Node:
         return shard % self.config.workers
 
     async def vote(self, poll: str, voter_id: int, option: str,
-                   request: ForwardedRequest | None = None) -> dict:
+                   request: ForwardedRequest | None = None) -> bytes:
         if self.leases is not None:
             return await self._cluster_vote(poll, voter_id, option, request)
         shard = voter_id % self.config.shards
@@ -335,7 +335,7 @@ class Node:
 
     # Operations on this worker's own shards ------------------------------------------------
 
-    async def _local_vote(self, poll: str, voter_id: int, option: str) -> dict:
+    async def _local_vote(self, poll: str, voter_id: int, option: str) -> bytes:
         owner = self.owners.get(voter_id % self.config.shards)
         if owner is None:
             raise NotReady("this worker does not own the voter's shard")

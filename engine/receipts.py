@@ -51,7 +51,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from engine.errors import VotesError
-from engine.keys import KEY_ID_PATTERN, KeyRing
+from engine.keys import KEY_ID_PATTERN
 
 RECEIPT_PREFIX = "r1."
 RECEIPT_CHARS_MAX = 16 * 1024
@@ -64,7 +64,6 @@ SHARD_END = 2**32
 # msgspec bounds must fit an int64, so 64-bit fields stop at 2**63 - 1.
 INT64_MAX = 2**63 - 1
 PATH_LENGTH_MAX = 64
-VOTER_HASHER_POLLS_MAX = 4096
 
 _LEAF_DOMAIN = b"\x00"
 _NODE_DOMAIN = b"\x01"
@@ -76,9 +75,6 @@ _COMMIT_DOMAIN = b"votes/receipt-commit/v1\x00"
 _COMMIT_LAYOUT = struct.Struct(">QI32s")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-# bytes.translate tables that XOR every byte with HMAC's inner and outer pads.
-_XOR_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
-_XOR_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
 
 
 class ReceiptInvalid(VotesError):
@@ -124,44 +120,6 @@ _FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/-_!")
 def voter_hash(voter_hash_secret: bytes, poll: str, voter: int) -> bytes:
     poll_key = hmac.digest(voter_hash_secret, b"poll:" + poll.encode(), "sha256")
     return hmac.digest(poll_key, voter.to_bytes(8, "big"), "sha256")[:VOTER_HASH_BYTES]
-
-
-class VoterHasher:
-    """voter_hash with per-poll state cached (at most `polls_max` polls, oldest out).
-
-    HMAC is computed from SHA-256 states pre-fed with the padded poll key (RFC 2104's inner
-    and outer pads), which costs about half of `hmac.HMAC.copy()` per voter; the unit tests
-    check it against `voter_hash`.
-    """
-
-    __slots__ = ("_secret", "_poll_states", "_polls_max")
-
-    def __init__(self, voter_hash_secret: bytes, polls_max: int = VOTER_HASHER_POLLS_MAX):
-        if polls_max < 1:
-            raise ValueError("polls_max must be at least 1")
-        self._secret = voter_hash_secret
-        self._poll_states: dict[str, tuple[Any, Any]] = {}
-        self._polls_max = polls_max
-
-    def __call__(self, poll: str, voter: int) -> bytes:
-        states = self._poll_states.get(poll)
-        if states is None:
-            states = self._add_poll(poll)
-        inner = states[0].copy()
-        inner.update(voter.to_bytes(8, "big"))
-        outer = states[1].copy()
-        outer.update(inner.digest())
-        return outer.digest()[:VOTER_HASH_BYTES]
-
-    def _add_poll(self, poll: str) -> tuple[Any, Any]:
-        if len(self._poll_states) >= self._polls_max:
-            del self._poll_states[next(iter(self._poll_states))]
-        # A 32-byte poll key is shorter than SHA-256's 64-byte block, so it is zero-padded.
-        poll_key = hmac.digest(self._secret, b"poll:" + poll.encode(), "sha256").ljust(64, b"\0")
-        inner = hashlib.sha256(poll_key.translate(_XOR_INNER_PAD))
-        outer = hashlib.sha256(poll_key.translate(_XOR_OUTER_PAD))
-        states = self._poll_states[poll] = (inner, outer)
-        return states
 
 
 def leaf_hash(poll: str, shard: int, voter_hash: bytes, option: str) -> bytes:
@@ -210,60 +168,6 @@ def _leaf_tail(option: str) -> bytes:
 
 def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(_NODE_DOMAIN + left + right).digest()
-
-
-class MerkleTree:
-    """All levels of the tree over `leaves` (leaf hashes): O(n) to build, O(log n) per path."""
-
-    __slots__ = ("_levels",)
-
-    def __init__(self, leaves: Sequence[bytes]) -> None:
-        if not leaves:
-            raise ValueError("a Merkle tree needs at least one leaf")
-        level = list(leaves)
-        levels = [level]
-        sha256 = hashlib.sha256
-        while len(level) > 1:
-            parents = [sha256(_NODE_DOMAIN + left + right).digest()
-                       for left, right in zip(level[0::2], level[1::2])]
-            if len(level) & 1:
-                parents.append(level[-1])
-            levels.append(parents)
-            level = parents
-        self._levels = levels
-
-    @property
-    def root(self) -> bytes:
-        return self._levels[-1][0]
-
-    @property
-    def leaf_count(self) -> int:
-        return len(self._levels[0])
-
-    def path(self, index: int) -> list[bytes]:
-        """Sibling hashes from leaf `index` up to the root, skipping promoted levels."""
-        if not 0 <= index < len(self._levels[0]):
-            raise IndexError(f"leaf {index} is outside a tree of {self.leaf_count} leaves")
-        path = []
-        for level in self._levels[:-1]:
-            sibling = index ^ 1
-            if sibling < len(level):
-                path.append(level[sibling])
-            index >>= 1
-        return path
-
-    def paths(self) -> list[list[bytes]]:
-        """path(i) for every leaf, built top-down: a node's path is its sibling followed by
-        its parent's path, so each level costs one list per node (O(n log n) copying in C)."""
-        paths: list[list[bytes]] = [[]]
-        for level in reversed(self._levels[:-1]):
-            paired = len(level) & ~1
-            paths_below = [[level[p ^ 1]] + paths[p >> 1] for p in range(paired)]
-            if paired < len(level):
-                # The odd last node was promoted: it has no sibling here.
-                paths_below.append(list(paths[paired >> 1]))
-            paths = paths_below
-        return paths
 
 
 def path_length(index: int, leaf_count: int) -> int:
@@ -325,110 +229,6 @@ def commit_message(time_ms: int, batch_count: int, root: bytes) -> bytes:
         return _COMMIT_DOMAIN + _COMMIT_LAYOUT.pack(time_ms, batch_count, root)
     except struct.error as exc:
         raise ValueError(f"commit field out of range: {exc}") from None
-
-
-def sign_commit(keyring: KeyRing, hasher: VoterHasher, time_ms: int,
-                batches: Sequence[tuple[int, int, Sequence[tuple[str, int, str]]]]
-                ) -> list[SignedBatch]:
-    """Sign one group-commit cycle: `batches` holds (shard, batch_seq, votes) per shard
-    batch, votes as (poll, voter, option) in batch order. One signature covers them all."""
-    built = [SignedBatch._leaves(hasher, shard, batch_seq, time_ms, votes)
-             for shard, batch_seq, votes in batches]
-    nodes = [signed.node for signed in built]
-    commit_tree = MerkleTree(nodes)
-    signature = keyring.receipt_signing_key.sign(
-        commit_message(time_ms, len(nodes), commit_tree.root))
-    for position, signed in enumerate(built):
-        signed._commit(position, nodes, commit_tree, keyring.receipt_key_id, signature)
-    return built
-
-
-class SignedBatch:
-    """One shard batch of a signed commit cycle, from which each vote's receipt is cut.
-
-    Built before the append (the signature travels in the log record); receipts are cut
-    once the log has made the batch durable and assigned its offset.
-    """
-
-    __slots__ = ("shard", "batch_seq", "time_ms", "votes", "tree", "node", "batch_position",
-                 "batch_nodes", "commit_tree", "key_id", "signature")
-
-    @classmethod
-    def _leaves(cls, hasher: VoterHasher, shard: int, batch_seq: int, time_ms: int,
-                votes: Sequence[tuple[str, int, str]]) -> SignedBatch:
-        signed = cls.__new__(cls)
-        signed.shard = shard
-        signed.batch_seq = batch_seq
-        signed.time_ms = time_ms
-        # (poll, voter_hash, option) per leaf: the voter id itself never enters a receipt.
-        signed.votes = [(poll, hasher(poll, voter), option) for poll, voter, option in votes]
-        signed.tree = MerkleTree(leaf_hashes(shard, signed.votes))
-        signed.node = batch_node(shard, batch_seq, len(signed.votes), signed.tree.root)
-        return signed
-
-    def _commit(self, position: int, nodes: list[bytes], commit_tree: MerkleTree, key_id: str,
-                signature: bytes) -> None:
-        self.batch_position = position
-        self.batch_nodes = nodes
-        self.commit_tree = commit_tree
-        self.key_id = key_id
-        self.signature = signature
-
-    @classmethod
-    def restore(cls, hasher: VoterHasher, *, shard: int, batch_seq: int, time_ms: int,
-                votes: Sequence[tuple[str, int, str]], batch_position: int,
-                batch_nodes: Sequence[bytes], key_id: str, signature: bytes) -> SignedBatch:
-        """Rebuild a batch read back from the log, keeping the signature it was stored with.
-
-        The votes must be in their original order; a rebuilt node that differs from the
-        stored one means the log or the voter hash secret changed, and is not papered over.
-        """
-        signed = cls._leaves(hasher, shard, batch_seq, time_ms, votes)
-        if not 0 <= batch_position < len(batch_nodes) or \
-                batch_nodes[batch_position] != signed.node:
-            raise VotesError(f"batch {batch_seq} of shard {shard} rebuilds to another Merkle "
-                             "node than the one stored with it")
-        nodes = list(batch_nodes)
-        signed._commit(batch_position, nodes, MerkleTree(nodes), key_id, signature)
-        return signed
-
-    @property
-    def root(self) -> bytes:
-        return self.commit_tree.root
-
-    def index_of(self, poll: str, voter_hash_: bytes) -> int | None:
-        """The leaf index of this voter's vote in `poll`, or None when it is not in the batch."""
-        for index, (leaf_poll, leaf_voter_hash, _) in enumerate(self.votes):
-            if leaf_voter_hash == voter_hash_ and leaf_poll == poll:
-                return index
-        return None
-
-    def receipt(self, index: int, offset: int) -> Receipt:
-        poll, voter_hash_, option = self.votes[index]
-        return Receipt(
-            poll=poll, shard=self.shard, offset=offset, batch_seq=self.batch_seq, index=index,
-            leaf_count=len(self.votes), voter_hash=voter_hash_, option=option,
-            time_ms=self.time_ms, path=self.tree.path(index),
-            batch_position=self.batch_position, batch_count=len(self.batch_nodes),
-            batch_path=self.commit_tree.path(self.batch_position), root=self.commit_tree.root,
-            signature=self.signature, key_id=self.key_id,
-        )
-
-    def receipts(self, offset: int) -> list[Receipt]:
-        """Every vote's receipt, in batch order: equal to receipt(i) for each i, but all leaf
-        paths come from one top-down pass (MerkleTree.paths), about 20 times cheaper."""
-        shard, batch_seq, time_ms, leaf_count = (self.shard, self.batch_seq, self.time_ms,
-                                                 len(self.votes))
-        position, batch_count = self.batch_position, len(self.batch_nodes)
-        batch_path = self.commit_tree.path(position)
-        root, signature, key_id = self.commit_tree.root, self.signature, self.key_id
-        return [
-            Receipt(poll, shard, offset, batch_seq, index, leaf_count, voter_hash_, option,
-                    time_ms, path, position, batch_count, list(batch_path), root, signature,
-                    key_id)
-            for index, ((poll, voter_hash_, option), path)
-            in enumerate(zip(self.votes, self.tree.paths()))
-        ]
 
 
 def verify_receipt(receipt: Receipt, public_key_bytes: bytes) -> bool:

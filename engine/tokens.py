@@ -17,7 +17,6 @@ Invariants a caller can rely on:
 from __future__ import annotations
 
 import binascii
-import hashlib
 import hmac
 import time
 import weakref
@@ -27,6 +26,7 @@ from typing import Annotated
 import msgspec
 
 from engine.errors import VotesError
+from engine.fastpath import HmacSha256
 from engine.keys import KeyRing
 
 TOKEN_VERSION = b"v1"
@@ -110,38 +110,16 @@ def b64url_decode(text: bytes) -> bytes:
     return binascii.a2b_base64(padded, strict_mode=True)
 
 
-class _PrefixedMac:
-    """HMAC-SHA256 (RFC 2104) under one key of messages that start with `v1.<key_id>.`: the
-    inner hash state pre-fed with the padded key and that prefix, the outer one with the
-    padded key, so a token costs two state copies (hmac.HMAC.copy() builds a Python object
-    around the same two copies, about twice the time). tests/unit/test_tokens.py checks it
-    against hmac.new."""
-
-    __slots__ = ("_inner", "_outer")
-
-    def __init__(self, key: bytes, prefix: bytes) -> None:
-        if len(key) > 64:  # SHA-256's block: longer keys are hashed first (RFC 2104)
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key) + prefix)
-        self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
-
-    def digest(self, rest: bytes) -> bytes:
-        inner = self._inner.copy()
-        inner.update(rest)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
-
-
 class _MacSet:
-    """One _PrefixedMac per key id, each pre-fed with `v1.<key_id>.`."""
+    """HMAC-SHA256 per key id, each pre-fed with `v1.<key_id>.` (engine.fastpath.HmacSha256:
+    a token costs two SHA-256 state copies; tests/unit/test_tokens.py checks it against
+    hmac.new)."""
 
     __slots__ = ("by_key_id", "current")
 
     def __init__(self, keys: dict[str, bytes], current_key_id: str) -> None:
         self.by_key_id = {
-            key_id.encode("ascii"): _PrefixedMac(key, _signed_prefix(key_id))
+            key_id.encode("ascii"): HmacSha256(key, _signed_prefix(key_id))
             for key_id, key in keys.items()
         }
         self.current = current_key_id.encode("ascii")

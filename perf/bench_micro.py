@@ -8,8 +8,8 @@ re-implemented here:
 2. WAL encode/decode: shards/records.py encode_record + frame, decode_record, on batches
    of ``--batch-votes`` votes: votes/s, MB/s, bytes per vote on the log;
 3. token verify: engine/tokens.py verify_voter_token on distinct real tokens;
-4. receipt signing: engine/receipts.py sign_commit (one Ed25519 signature and the Merkle
-   trees per group commit, SignedBatch per shard batch) and SignedBatch.receipts, per
+4. receipt signing: engine/signing.py sign_commit (one Ed25519 signature and the Merkle
+   trees per group commit, SignedBatch per shard batch) and SignedBatch.receipt_bodies (every 201 body), per
    commit and per vote, for several commit sizes;
 5. voter memory in the engine's sharded layout (shard = voter_id mod S, index = voter_id
    div S, one pyroaring BitMap per shard and poll) for 300M eligible voters at 10/50/90 %
@@ -59,7 +59,7 @@ from common import (
 
 from engine import _fastpath as compiled
 from engine import fastpath_py as python_twin
-from engine import receipts, tokens
+from engine import signing, tokens
 from engine.keys import ensure_keys, load_keys
 from shards.records import decode_record, encode_record, frame
 
@@ -160,7 +160,7 @@ def bench_tokens(args, keyring) -> dict:
 
 
 def bench_receipts(args, keyring) -> list[dict]:
-    hasher = receipts.VoterHasher(keyring.voter_hash_secret)
+    hasher = signing.VoterHasher(keyring.voter_hash_secret)
     rows = []
     rng = random.Random(args.seed)
     for shard_batches, votes_per_batch in ((8, 1), (8, 8), (8, 64), (8, 512)):
@@ -168,7 +168,8 @@ def bench_receipts(args, keyring) -> list[dict]:
         cycles = []
         for commit in range(commits):
             cycles.append([
-                (shard, commit, [("bench", rng.randrange(1, 2**32), "a") for _ in range(votes_per_batch)])
+                (shard, commit, signing.vote_runs(
+                    [("bench", rng.randrange(1, 2**32), "a") for _ in range(votes_per_batch)]))
                 for shard in range(shard_batches)
             ])  # fmt: skip
         signed_all: list = []
@@ -176,12 +177,12 @@ def bench_receipts(args, keyring) -> list[dict]:
         def sign(cycles=cycles, signed_all=signed_all) -> None:
             signed_all.clear()
             for batches in cycles:
-                signed_all.append(receipts.sign_commit(keyring, hasher, 1, batches))
+                signed_all.append(signing.sign_commit(keyring, hasher, 1, batches))
 
         def cut(signed_all=signed_all) -> None:
             for signed in signed_all:
                 for batch in signed:
-                    batch.receipts(0)
+                    batch.receipt_bodies(0)
 
         sign_per_s = median_rate(sign, commits, args.rounds)
         votes = shard_batches * votes_per_batch

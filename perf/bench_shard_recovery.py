@@ -46,7 +46,7 @@ PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent
 sys.path.insert(0, str(REPO_DIR))
 
-from engine import receipts
+from engine import signing
 from engine.config import Config
 from engine.keys import ensure_keys, load_keys
 from shards.backends import make_snapshot_store, make_wal
@@ -284,7 +284,7 @@ async def start_owner(config: Config, shard: int, store, keyring) -> tuple[Shard
     timed_store = TimedStore(store)
     timed_wal = TimedWal(make_wal(config, shard))
     owner = ShardOwner(shard, config, timed_wal, timed_store, keyring,
-                       receipts.VoterHasher(keyring.voter_hash_secret))
+                       signing.VoterHasher(keyring.voter_hash_secret))
     started = time.perf_counter()
     await asyncio.wait_for(owner.start(), STEP_TIMEOUT_S)
     if not owner.ready:

@@ -4,7 +4,7 @@ Why per worker and not per shard: an Ed25519 signature costs ~50 us, and with ma
 per worker each shard's own batches would be tiny, so signing per shard batch would cost
 more CPU than everything else on the vote path. A cycle starts when votes wait, but at most
 every `group_commit_ms` (sooner if `batch_votes_max` votes wait), takes the queued items of
-each shard that may start another append, signs all their vote batches at once (receipts.sign_commit: a Merkle tree
+each shard that may start another append, signs all their vote batches at once (signing.sign_commit: a Merkle tree
 per shard batch under one tree per cycle), then begins every shard's append; each shard
 applies and answers its own when its log answers, in the order its appends began.
 
@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 
-from engine import receipts
+from engine import signing
 from engine.config import Config
 from engine.errors import WalUnavailable
 from engine.keys import KeyRing
@@ -54,7 +54,7 @@ class _Cycle:
 
 
 class GroupCommitter:
-    def __init__(self, config: Config, keyring: KeyRing, hasher: receipts.VoterHasher,
+    def __init__(self, config: Config, keyring: KeyRing, hasher: signing.VoterHasher,
                  metrics=None) -> None:
         self.config = config
         self.keyring = keyring
@@ -114,11 +114,9 @@ class GroupCommitter:
                         if planned.votes is not None]
         if not vote_batches:
             return
-        signed_batches = receipts.sign_commit(
+        signed_batches = signing.sign_commit(
             self.keyring, self.hasher, now_ms(),
-            [(owner.shard, planned.batch_seq,
-              [(vote.poll, vote.voter_id, vote.option) for vote in planned.votes])
-             for owner, planned in vote_batches],
+            [(owner.shard, planned.batch_seq, planned.runs) for owner, planned in vote_batches],
         )
         for (_, planned), signed in zip(vote_batches, signed_batches):
             planned.signed = signed

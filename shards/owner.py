@@ -24,7 +24,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 
-from engine import receipts
+from engine import signing
 from engine.config import Config
 from engine.errors import (
     AlreadyVoted,
@@ -73,14 +73,15 @@ class PendingVote:
 class PlannedRecord:
     """One record of a commit cycle: a control record, or a vote batch to be signed."""
 
-    __slots__ = ("record", "items", "groups", "batch_seq", "signed")
+    __slots__ = ("record", "items", "groups", "runs", "batch_seq", "signed")
 
     def __init__(self, record: Record | None, items: list) -> None:
         self.record = record
         self.items = items
         self.groups: list[VoteGroup] | None = None
+        self.runs: list[signing.VoteRun] | None = None  # the groups as signing takes them
         self.batch_seq = 0
-        self.signed: receipts.SignedBatch | None = None
+        self.signed: signing.SignedBatch | None = None
 
     @property
     def votes(self) -> list[PendingVote] | None:
@@ -139,7 +140,7 @@ def _mark_retrieved(future: asyncio.Future) -> None:
 
 class ShardOwner:
     def __init__(self, shard: int, config: Config, wal, snapshot_store: DirectorySnapshotStore,
-                 keyring: KeyRing, hasher: receipts.VoterHasher, metrics=None,
+                 keyring: KeyRing, hasher: signing.VoterHasher, metrics=None,
                  committer: GroupCommitter | None = None) -> None:
         self.shard = shard
         self.config = config
@@ -159,7 +160,7 @@ class ShardOwner:
         self._stalled = False
         self._appends: deque[_AppendInFlight] = deque()
         self._batch_seq_next = 0
-        self._signed_batches: OrderedDict[int, receipts.SignedBatch] = OrderedDict()
+        self._signed_batches: OrderedDict[int, signing.SignedBatch] = OrderedDict()
         self._snapshot_task: asyncio.Task | None = None
         self._snapshot_votes_applied = 0
         self._snapshot_time_s = time.monotonic()
@@ -229,7 +230,8 @@ class ShardOwner:
 
     # The vote path ---------------------------------------------------------------------------
 
-    async def submit_vote(self, poll_id: str, voter_id: int, option: str) -> receipts.Receipt:
+    async def submit_vote(self, poll_id: str, voter_id: int, option: str) -> bytes:
+        """The vote's 201 body once its record is durable; raises the VotesError to answer."""
         state = self._ready_state()
         poll = state.polls.get(poll_id)
         if poll is None:
@@ -296,18 +298,18 @@ class ShardOwner:
             signed = self._rebuild_signed_batch(batch)
         poll_id = poll.definition.poll
         index = signed.index_of(poll_id, self.hasher(poll_id, state.voter_id(voter_index)))
-        return None if index is None else receipt_body(signed.receipt(index, offset))
+        return None if index is None else signing.receipt_document(signed.receipt(index, offset))
 
-    def _rebuild_signed_batch(self, batch: VoteBatch) -> receipts.SignedBatch:
-        votes = []
-        for group in batch.groups:
-            options = self.state.polls[group.poll].definition.options
-            voters = array.array("I", group.voters)
-            for voter_index, option_index in zip(voters, array.array("H", group.options)):
-                votes.append((group.poll, self.state.voter_id(voter_index), options[option_index]))
-        return receipts.SignedBatch.restore(
+    def _rebuild_signed_batch(self, batch: VoteBatch) -> signing.SignedBatch:
+        state = self.state
+        runs = [signing.VoteRun(group.poll, state.polls[group.poll].definition.options,
+                                array.array("Q", [state.voter_id(voter_index) for voter_index
+                                                  in array.array("I", group.voters)]).tobytes(),
+                                group.options)
+                for group in batch.groups]
+        return signing.SignedBatch.restore(
             self.hasher, shard=batch.shard, batch_seq=batch.batch_seq, time_ms=batch.time_ms,
-            votes=votes, batch_position=batch.batch_position, batch_nodes=batch.batch_nodes,
+            runs=runs, batch_position=batch.batch_position, batch_nodes=batch.batch_nodes,
             key_id=batch.key_id, signature=batch.signature,
         )
 
@@ -405,16 +407,18 @@ class ShardOwner:
         by_poll: dict[str, list[PendingVote]] = {}
         for vote in votes:
             by_poll.setdefault(vote.poll, []).append(vote)
-        groups = [
-            VoteGroup(
-                poll=poll,
-                voters=array.array("I", [vote.voter_index for vote in group]).tobytes(),
-                options=array.array("H", [vote.option_index for vote in group]).tobytes(),
-            )
-            for poll, group in by_poll.items()
-        ]
         planned = PlannedRecord(None, [vote for group in by_poll.values() for vote in group])
-        planned.groups = groups
+        planned.groups = []
+        planned.runs = []
+        polls = self.state.polls
+        for poll, group in by_poll.items():
+            options = array.array("H", [vote.option_index for vote in group]).tobytes()
+            planned.groups.append(VoteGroup(
+                poll=poll, voters=array.array("I", [vote.voter_index for vote in group]).tobytes(),
+                options=options))
+            planned.runs.append(signing.VoteRun(
+                poll, polls[poll].definition.options,
+                array.array("Q", [vote.voter_id for vote in group]).tobytes(), options))
         planned.batch_seq = self._batch_seq_next
         self._batch_seq_next += 1  # never reused, even if this append fails
         return planned
@@ -508,7 +512,7 @@ class ShardOwner:
         log.warning("shard %d: the stalled append ended; shard resumes", self.shard)
 
     def _answer_votes(self, record, votes, signed, outcomes, offset) -> None:
-        cut = signed.receipts(offset)  # every path in one pass over the tree
+        bodies = signed.receipt_bodies(offset)  # every 201 body in one compiled pass
         leaf = 0
         for group, flags in zip(record.groups, outcomes):
             group_size = len(group.voters) // 4
@@ -518,7 +522,7 @@ class ShardOwner:
                 if flags is None:
                     _answer(vote.future, exception=PollClosed(f"poll {vote.poll!r} closed before this vote"))
                 elif flags[position] == COUNTED:
-                    _answer(vote.future, receipt_body(cut[leaf]))
+                    _answer(vote.future, bodies[leaf])
                 else:
                     _answer(vote.future, exception=AlreadyVoted("this voter's vote is already in the log"))
                 leaf += 1
@@ -542,7 +546,7 @@ class ShardOwner:
                 if isinstance(item, PendingVote):
                     self._inflight[(item.poll, item.voter_index)] = held
 
-    def _remember_signed(self, offset: int, signed: receipts.SignedBatch) -> None:
+    def _remember_signed(self, offset: int, signed: signing.SignedBatch) -> None:
         """Keep recent batches' trees by record offset: repeats come soon after the vote."""
         self._signed_batches[offset] = signed
         while len(self._signed_batches) > SIGNED_BATCHES_CACHED:
@@ -591,17 +595,3 @@ class ShardOwner:
 def _same_definition(left: PollCreated, right: PollCreated) -> bool:
     return (left.options, left.opens_at_ms, left.closes_at_ms, left.embargo) == (
         right.options, right.opens_at_ms, right.closes_at_ms, right.embargo)
-
-
-def receipt_body(receipt: receipts.Receipt) -> dict:
-    """The 201 body (and the `receipt` of a 409): the compact receipt plus where it sits."""
-    return {
-        "receipt": receipts.encode_receipt(receipt),
-        "poll": receipt.poll,
-        "shard": receipt.shard,
-        "offset": receipt.offset,
-        "index": receipt.index,
-        "batch_seq": receipt.batch_seq,
-        "voter_hash": receipt.voter_hash.hex(),
-        "time_ms": receipt.time_ms,
-    }

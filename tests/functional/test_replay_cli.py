@@ -41,7 +41,8 @@ import pytest
 
 from engine.config import Config
 from engine.keys import load_keys
-from engine.receipts import VoterHasher, decode_receipt, encode_receipt, sign_commit
+from engine.receipts import decode_receipt, encode_receipt
+from engine.signing import VoterHasher, sign_commit, vote_runs
 from replay.recount import recount
 from shards.backends import shard_directory
 from shards.records import VoteBatch, VoteGroup, frame_record
@@ -302,7 +303,7 @@ def test_prove_a_signed_duplicate_vote_is_not_counted(cast, tmp_path):
     keyring = load_keys(copy)
     time_ms = int(time.time() * 1000)
     (signed,) = sign_commit(keyring, VoterHasher(keyring.voter_hash_secret), time_ms,
-                            [(shard, 50_000, [(POLL, voter, "green")])])
+                            [(shard, 50_000, vote_runs([(POLL, voter, "green")]))])
     batch = VoteBatch(shard=shard, batch_seq=50_000, time_ms=time_ms, groups=[VoteGroup(
         poll=POLL, voters=array.array("I", [voter // SHARDS]).tobytes(),
         options=array.array("H", [OPTIONS.index("green")]).tobytes())],

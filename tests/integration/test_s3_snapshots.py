@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import socket
 import sys
@@ -368,7 +369,7 @@ def test_fresh_owner_recovers_a_million_voters_from_s3_and_wal(
                 assert recovery.replay_from_offset < recovery.replay_end_offset
                 # It serves: a new voter of this shard gets a receipt, and counts once.
                 voter_id = plan.voters * config.shards + shard
-                receipt = await owner.submit_vote(plan.poll, voter_id, "a")
+                receipt = json.loads(await owner.submit_vote(plan.poll, voter_id, "a"))
                 assert receipt["shard"] == shard
                 tallies = owner.poll_summary(plan.poll)[1]
                 expected = list(seeded.expected[plan.poll])

@@ -19,14 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import VotesError
+from engine.fastpath_py import MerkleTree
 from engine.keys import KeyRing, ensure_keys, load_keys
 from engine.receipts import (
-    MerkleTree,
     Receipt,
     ReceiptInvalid,
-    SignedBatch,
     batch_node,
-    VoterHasher,
     commit_message,
     decode_receipt,
     encode_receipt,
@@ -36,11 +34,11 @@ from engine.receipts import (
     path_length,
     receipt_from_json,
     receipt_json,
-    sign_commit,
     verify_path,
     verify_receipt,
     voter_hash,
 )
+from engine.signing import SignedBatch, VoterHasher, sign_commit, vote_runs
 
 SEED = 20250101
 TIME_MS = 1_700_000_000_123
@@ -63,7 +61,7 @@ def keyring(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
 @pytest.fixture(scope="module")
 def commit(keyring: KeyRing) -> list[SignedBatch]:
     return sign_commit(keyring, VoterHasher(keyring.voter_hash_secret), TIME_MS,
-                       [(shard, seq, commit_votes(shard, count))
+                       [(shard, seq, vote_runs(commit_votes(shard, count)))
                         for shard, seq, count in COMMIT_BATCHES])
 
 
@@ -166,7 +164,7 @@ def test_voter_hash_is_keyed_per_poll_and_hasher_agrees() -> None:
         poll = rng.choice(["final", "semi", "quarter", "ünïcode"])
         voter = rng.randrange(2**32)
         assert hasher(poll, voter) == voter_hash(secret, poll, voter)
-    assert len(hasher._poll_states) <= 2
+    assert len(hasher._polls) <= 2
 
 
 def test_batch_node_and_commit_message_layouts() -> None:
@@ -205,7 +203,7 @@ def test_every_receipt_of_a_commit_verifies(keyring: KeyRing, commit: list[Signe
 
 def test_a_commit_of_one_batch_verifies(keyring: KeyRing) -> None:
     (signed,) = sign_commit(keyring, VoterHasher(keyring.voter_hash_secret), TIME_MS,
-                            [(4, 1, commit_votes(4, 3))])
+                            [(4, 1, vote_runs(commit_votes(4, 3)))])
     for r in signed.receipts(offset=0):
         assert r.batch_count == 1 and r.batch_path == []
         assert verify_receipt(r, keyring.receipt_public_key_bytes)
@@ -356,7 +354,8 @@ def test_restored_batch_gives_the_same_receipts(keyring: KeyRing,
         original = commit[position]
         votes = commit_votes(shard, count)
         restored = SignedBatch.restore(hasher, shard=shard, batch_seq=seq, time_ms=TIME_MS,
-                                       votes=votes, batch_position=position, batch_nodes=nodes,
+                                       runs=vote_runs(votes), batch_position=position,
+                                       batch_nodes=nodes,
                                        key_id=original.key_id, signature=original.signature)
         assert restored.receipts(offset=9) == original.receipts(offset=9)
     shard, seq, count = COMMIT_BATCHES[1]
@@ -367,5 +366,6 @@ def test_restored_batch_gives_the_same_receipts(keyring: KeyRing,
     for bad_votes, bad_position in ((votes[::-1], 1), (votes, 2), (votes, 7)):
         with pytest.raises(VotesError):
             SignedBatch.restore(hasher, shard=shard, batch_seq=seq, time_ms=TIME_MS,
-                                votes=bad_votes, batch_position=bad_position, batch_nodes=nodes,
+                                runs=vote_runs(bad_votes), batch_position=bad_position,
+                                batch_nodes=nodes,
                                 key_id=commit[1].key_id, signature=commit[1].signature)

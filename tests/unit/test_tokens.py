@@ -285,17 +285,6 @@ def test_verify_raises_only_token_errors_on_signed_garbage_claims(keyring: KeyRi
     assert claims.typ == "voter" and 0 <= claims.voter < 2**32 and claims.exp > NOW_S
 
 
-@given(key=st.binary(min_size=0, max_size=200), prefix=st.binary(max_size=80),
-       rest=st.binary(max_size=300))
-def test_prefixed_mac_is_hmac_sha256(key: bytes, prefix: bytes, rest: bytes) -> None:
-    """The precomputed HMAC states give exactly hmac.new(key, prefix + rest, sha256), for
-    keys shorter than, equal to and longer than SHA-256's block."""
-    from engine.tokens import _PrefixedMac
-
-    expected = hmac.new(key, prefix + rest, hashlib.sha256).digest()
-    assert _PrefixedMac(key, prefix).digest(rest) == expected
-
-
 def test_b64url_encode_is_unpadded_urlsafe_base64() -> None:
     from engine.tokens import b64url_encode
 

@@ -1,0 +1,173 @@
+"""Proves that the compiled receipt loops (engine/_fastpath_receipts.pxi) and their pure-Python
+twins (engine/fastpath_py.py) agree with each other and with the reference definitions in
+engine/receipts.py: HMAC-SHA256 equals hmac.new for keys shorter than, equal to and longer
+than a block; a batch tree has the reference voter hashes, leaves, root and paths; every 201
+body is byte for byte the JSON of receipt_document(receipt) and its compact receipt verifies
+offline, also for fields at their widest (64-bit offsets, path arrays past 15 entries, unicode
+and quotes in poll and option ids); and malformed inputs raise the same errors in both."""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import hmac
+import json
+import os
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import fastpath, fastpath_py, signing
+from engine.keys import KeyRing, ensure_keys, load_keys
+from engine.fastpath_py import MerkleTree
+from engine.receipts import (
+    decode_receipt,
+    leaf_hash,
+    verify_receipt,
+    voter_hash,
+)
+
+if os.environ.get("VOTES_REQUIRE_CYTHON") == "1":
+    from engine import _fastpath as compiled  # an ImportError here fails the run
+else:
+    compiled = pytest.importorskip("engine._fastpath", reason="the Cython extension is not built")
+
+IMPLEMENTATIONS = {"cython": compiled, "python": fastpath_py}
+TIME_MS = 1_700_000_000_123
+
+
+@pytest.fixture(scope="module")
+def keyring(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
+    data_dir = tmp_path_factory.mktemp("receipt-parity-keys")
+    ensure_keys(data_dir)
+    return load_keys(data_dir)
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def implementation(request, monkeypatch):
+    """Run engine.signing on one implementation's batch_tree (the facade picks the compiled
+    one whenever it is built)."""
+    module = IMPLEMENTATIONS[request.param]
+    monkeypatch.setattr(fastpath, "batch_tree", module.batch_tree)
+    monkeypatch.setattr(fastpath, "HmacSha256", module.HmacSha256)
+    return module
+
+
+@given(key=st.binary(max_size=200), prefix=st.binary(max_size=80), message=st.binary(max_size=300))
+def test_hmac_is_hmac_sha256_in_both(key: bytes, prefix: bytes, message: bytes) -> None:
+    expected = hmac.new(key, prefix + message, hashlib.sha256).digest()
+    for module in IMPLEMENTATIONS.values():
+        mac = module.HmacSha256(key, prefix)
+        assert mac.digest(message) == expected
+        assert mac.verify(message, expected)
+        assert not mac.verify(message, expected[:-1] + bytes([expected[-1] ^ 1]))
+        assert not mac.verify(message, expected[:31])
+
+
+ids = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12)
+
+
+@st.composite
+def commit_votes(draw: st.DrawFn) -> list[tuple[str, int, str]]:
+    polls = draw(st.lists(ids, min_size=1, max_size=3, unique=True))
+    options = draw(st.lists(ids | st.just('a "quoted" \\ option'), min_size=1, max_size=5,
+                            unique=True))
+    return draw(st.lists(st.tuples(st.sampled_from(polls), st.integers(0, 2**64 - 1),
+                                   st.sampled_from(options)), min_size=1, max_size=70))
+
+
+@settings(max_examples=60, deadline=None)
+@given(votes=commit_votes(), shard=st.integers(0, 2**32 - 1),
+       offset=st.sampled_from([0, 127, 128, 65_536, 2**32, 2**63 - 1]),
+       batch_seq=st.sampled_from([0, 255, 2**40]))
+def test_batches_and_bodies_match_the_reference(keyring: KeyRing, votes, shard: int,
+                                                offset: int, batch_seq: int) -> None:
+    runs = signing.vote_runs(votes)
+    signed_by = {}
+    for name, module in IMPLEMENTATIONS.items():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(fastpath, "batch_tree", module.batch_tree)
+            patch.setattr(fastpath, "HmacSha256", module.HmacSha256)
+            hasher = signing.VoterHasher(keyring.voter_hash_secret)
+            (signed, _) = signing.sign_commit(keyring, hasher, TIME_MS,
+                                              [(shard, batch_seq, runs), (shard ^ 1, 7, runs)])
+        signed_by[name] = signed
+        tree = signed.tree
+        hashes = [voter_hash(keyring.voter_hash_secret, poll, voter) for poll, voter, _ in votes]
+        leaves = [leaf_hash(poll, shard, hashes[i], option)
+                  for i, (poll, _, option) in enumerate(votes)]
+        reference = MerkleTree(leaves)
+        assert tree.root == reference.root
+        assert [tree.voter_hash(i) for i in range(len(votes))] == hashes
+        assert [tree.leaf(i) for i in range(len(votes))] == leaves
+        assert [tree.path(i) for i in range(len(votes))] == reference.paths()
+        bodies = signed.receipt_bodies(offset)
+        assert bodies == [msgspec.json.encode(signing.receipt_document(receipt))
+                          for receipt in signed.receipts(offset)]
+        document = json.loads(bodies[-1])
+        assert verify_receipt(decode_receipt(document["receipt"]),
+                              keyring.receipt_public_key_bytes)
+    assert signed_by["cython"].receipt_bodies(offset) == signed_by["python"].receipt_bodies(offset)
+
+
+def test_paths_longer_than_a_fixarray(keyring: KeyRing, implementation) -> None:
+    """2**15 + 1 leaves give leaf 0 a 16-entry path: a msgpack array16, not a fixarray."""
+    count = 2**15 + 1
+    runs = [signing.VoteRun("p", ["a", "b"], array.array("Q", range(count)).tobytes(),
+                            array.array("H", [i % 2 for i in range(count)]).tobytes())]
+    (signed,) = signing.sign_commit(keyring, signing.VoterHasher(keyring.voter_hash_secret),
+                                    TIME_MS, [(3, 9, runs)])
+    assert len(signed.tree.path(0)) == 16 and len(signed.tree.path(count - 1)) == 1
+    bodies = signed.receipt_bodies(2**40)
+    for index in (0, count // 2, count - 1):
+        receipt = signed.receipt(index, 2**40)
+        assert bodies[index] == msgspec.json.encode(signing.receipt_document(receipt))
+        assert verify_receipt(decode_receipt(json.loads(bodies[index])["receipt"]),
+                              keyring.receipt_public_key_bytes)
+
+
+def test_index_of_finds_a_voter_only_in_its_run(keyring: KeyRing, implementation) -> None:
+    votes = [("p", 10, "a"), ("q", 11, "b"), ("p", 12, "b"), ("q", 10, "a")]
+    hasher = signing.VoterHasher(keyring.voter_hash_secret)
+    (signed,) = signing.sign_commit(keyring, hasher, TIME_MS,
+                                    [(0, 1, signing.vote_runs(votes))])
+    for index, (poll, voter, _) in enumerate(votes):
+        assert signed.index_of(poll, hasher(poll, voter)) == index
+    assert signed.index_of("p", hasher("p", 11)) is None
+    assert signed.index_of("r", hasher("p", 10)) is None
+    with pytest.raises(IndexError):
+        signed.tree.index_of(0, 5, hasher("p", 10))
+
+
+@pytest.mark.parametrize(
+    ("voters", "option_indexes", "tails"),
+    [
+        (b"", b"", [b"\x00\x01a"]),
+        (array.array("Q", [1, 2]).tobytes(), array.array("H", [0]).tobytes(), [b"\x00\x01a"]),
+        (b"\x01" * 7, b"\x00\x00", [b"\x00\x01a"]),
+        (array.array("Q", [1]).tobytes(), array.array("H", [1]).tobytes(), [b"\x00\x01a"]),
+    ],
+    ids=["no-leaves", "counts-differ", "voters-not-whole-uint64", "option-outside"],
+)
+def test_malformed_batches_raise_value_error_in_both(voters, option_indexes, tails) -> None:
+    for module in IMPLEMENTATIONS.values():
+        group = (module.HmacSha256(b"key"), b"head", tails, voters, option_indexes)
+        with pytest.raises(ValueError):
+            module.batch_tree(0, [group])
+
+
+def test_malformed_body_groups_raise_value_error_in_both() -> None:
+    for module in IMPLEMENTATIONS.values():
+        voters = array.array("Q", [1, 2]).tobytes()
+        tree = module.batch_tree(0, [(module.HmacSha256(b"k"), b"h", [b"t"], voters, b"\0\0\0\0")])
+        segments = (b"", b"", b"", b"", b"", b"")
+        for groups in ([(0, 1, b"\0\0", [b"o"], b"", b"")],  # covers 1 of 2 leaves
+                       [(1, 2, b"\0\0\0\0", [b"o"], b"", b"")],  # past the last leaf
+                       [(0, 2, b"\0\0", [b"o"], b"", b"")],  # one option index short
+                       [(0, 2, b"\0\0\x01\0", [b"o"], b"", b"")]):  # option outside
+            with pytest.raises(ValueError):
+                tree.receipt_bodies(groups, *segments)
+        with pytest.raises(IndexError):
+            tree.path(2)
