@@ -127,15 +127,17 @@ def _answer(future: asyncio.Future, result=None, exception: BaseException | None
     if future.done():
         return
     if exception is not None:
-        future.set_exception(exception)
+        _fail(future, exception)
     else:
         future.set_result(result)
 
 
-def _mark_retrieved(future: asyncio.Future) -> None:
-    # An answer nobody waits for any more (the handler timed out) must not log a warning.
-    if not future.cancelled():
-        future.exception()
+def _fail(future: asyncio.Future, exception: BaseException) -> None:
+    """Set the exception and mark it retrieved at once: an answer nobody waits for any more
+    (the handler timed out) must not log a warning, and a waiter still gets it raised. (Not
+    a done-callback per future: that was one more loop callback per vote.)"""
+    future.set_exception(exception)
+    future.exception()
 
 
 class ShardOwner:
@@ -252,7 +254,6 @@ class ShardOwner:
         if self._queued_votes >= self.config.shard_queue_votes_max:
             raise Overloaded(f"shard {self.shard} has {self._queued_votes} votes waiting")
         future = self._loop.create_future()
-        future.add_done_callback(_mark_retrieved)
         self._inflight[key] = future
         self._queue.append(PendingVote(poll_id, voter_id, voter_index, option, option_index, future))
         self._queued_votes += 1
@@ -266,10 +267,12 @@ class ShardOwner:
 
     def _check_open(self, poll: PollState) -> None:
         definition = poll.definition
+        if poll.closed or definition.poll in self._closing:
+            raise PollClosed(f"poll {definition.poll!r} is closed")
+        if definition.closes_at_ms is None and definition.opens_at_ms is None:
+            return  # no schedule: the clock is not read on the vote path
         current_ms = now_ms()
-        if poll.closed or definition.poll in self._closing or (
-            definition.closes_at_ms is not None and current_ms >= definition.closes_at_ms
-        ):
+        if definition.closes_at_ms is not None and current_ms >= definition.closes_at_ms:
             raise PollClosed(f"poll {definition.poll!r} is closed")
         if definition.opens_at_ms is not None and current_ms < definition.opens_at_ms:
             raise PollNotOpen(f"poll {definition.poll!r} opens later")
@@ -343,7 +346,6 @@ class ShardOwner:
 
     async def _submit_control(self, record: Record) -> None:
         future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_mark_retrieved)
         self._queue.append(PendingControl(record, future))
         self.committer.notify()
         try:
@@ -540,8 +542,7 @@ class ShardOwner:
             # The log decides on its next successful read: until the shard is recovered
             # (restart or handover), these voters stay held and answer outcome-unknown.
             held = asyncio.get_running_loop().create_future()
-            held.add_done_callback(_mark_retrieved)
-            held.set_exception(OutcomeUnknown("an earlier vote of this voter is undecided"))
+            _fail(held, OutcomeUnknown("an earlier vote of this voter is undecided"))
             for item in items:
                 if isinstance(item, PendingVote):
                     self._inflight[(item.poll, item.voter_index)] = held
