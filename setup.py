@@ -21,7 +21,7 @@ extensions = [
         "engine._fastpath",
         ["engine/_fastpath.pyx"],
         extra_compile_args=["-O2"] if not debug_build else ["-O0", "-g"],
-        # The receipt loops hash with OpenSSL's SHA256_* (engine/_fastpath_receipts.pxi).
+        # The receipt loops hash with OpenSSL's SHA256_* (engine/_fastpath_crypto.pxi).
         libraries=["crypto"],
         define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", None)],
     )

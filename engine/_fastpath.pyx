@@ -23,7 +23,7 @@ import array
 
 from pyroaring import BitMap
 
-include "_fastpath_receipts.pxi"
+include "_fastpath_crypto.pxi"
 
 
 cdef void _radix_sort_uint32(uint32_t* values, uint32_t* scratch, Py_ssize_t count) noexcept nogil:

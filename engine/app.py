@@ -146,10 +146,12 @@ class App:
     def __init__(self) -> None:
         self.config: Config | None = None
         self.node: Node | None = None
+        self._cluster = False
         self._start_task: asyncio.Task | None = None
 
     def __rsgi_init__(self, loop) -> None:
         self.config = config_from_parent()
+        self._cluster = self.config.uses_cluster  # a property: read once, not per vote
         configure_logging()
         self.keyring = load_keys(self.config.data_path)
         self.node = Node(self.config, self.keyring)
@@ -237,7 +239,7 @@ class App:
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
         # Only cluster mode can forward to another node; the embedded path builds nothing.
-        request = _forwarded(scope, body) if self.config.uses_cluster else None
+        request = _forwarded(scope, body) if self._cluster else None
         try:
             body = await node.vote(poll, claims.voter, vote.option, request)
         except Relayed as relayed:  # the shard's owner on another node answered

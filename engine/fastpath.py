@@ -9,14 +9,29 @@ from __future__ import annotations
 import os
 
 try:
-    from engine._fastpath import BatchTree, HmacSha256, apply_group, batch_tree, grow_locator
+    from engine._fastpath import (
+        BatchTree,
+        HmacSha256,
+        apply_group,
+        batch_tree,
+        grow_locator,
+        token_payload,
+    )
 
     IMPLEMENTATION = "cython"
 except ImportError:
     if os.environ.get("VOTES_REQUIRE_CYTHON") == "1":
         raise
-    from engine.fastpath_py import BatchTree, HmacSha256, apply_group, batch_tree, grow_locator
+    from engine.fastpath_py import (
+        BatchTree,
+        HmacSha256,
+        apply_group,
+        batch_tree,
+        grow_locator,
+        token_payload,
+    )
 
     IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "BatchTree", "HmacSha256", "apply_group", "batch_tree", "grow_locator"]
+__all__ = ["IMPLEMENTATION", "BatchTree", "HmacSha256", "apply_group", "batch_tree", "grow_locator",
+           "token_payload"]

@@ -52,7 +52,7 @@ def apply_group(
     return counted, flags
 
 
-# --- receipts (twin of engine/_fastpath_receipts.pxi) ------------------------------------
+# --- receipts (twin of engine/_fastpath_crypto.pxi) ------------------------------------
 
 HASH_BYTES = 32
 VOTER_HASH_BYTES = 16
@@ -216,6 +216,60 @@ def batch_tree(shard: int, groups: list) -> BatchTree:
             voter_hashes.append(voter_hash)
             leaves.append(sha256(head + voter_hash + tails[option_index]).digest())
     return BatchTree(voter_hashes, leaves)
+
+
+# What is wrong with a token, as token_payload returns it; the same numbers as the compiled
+# module's TOKEN_* (engine/tokens.py maps each to its error).
+TOKEN_MISSING = 1
+TOKEN_NOT_ASCII = 2
+TOKEN_NOT_TEXT = 3
+TOKEN_TOO_LONG = 4
+TOKEN_MALFORMED = 5
+TOKEN_KEY_UNKNOWN = 6
+TOKEN_SIGNATURE_WRONG = 7
+TOKEN_PAYLOAD_NOT_BASE64URL = 8
+_AUTHORIZATION_BYTES_MAX = 1024
+# Swapping the alphabets (and turning "=" into "!") makes "+", "/" and explicit padding invalid
+# for the strict decoder, so only unpadded base64url is accepted.
+_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/-_!")
+
+
+def token_payload(macs: dict, authorization: object) -> bytes | int:
+    """The decoded claims bytes of a valid `v1.<key_id>.<payload>.<signature>` bearer
+    token (see the compiled twin), or an int saying what is wrong."""
+    if authorization is None:
+        return TOKEN_MISSING
+    if isinstance(authorization, str):
+        if not authorization.isascii():
+            return TOKEN_NOT_ASCII
+        value = authorization.encode("ascii")
+    elif isinstance(authorization, bytes):
+        value = authorization
+    else:
+        return TOKEN_NOT_TEXT
+    if len(value) > _AUTHORIZATION_BYTES_MAX:
+        return TOKEN_TOO_LONG
+    value = value.strip()
+    scheme, _, rest = value.partition(b" ")
+    if scheme.lower() == b"bearer":
+        value = rest.strip()
+    if not value:
+        return TOKEN_MISSING
+    parts = value.split(b".")
+    if len(parts) != 4 or parts[0] != b"v1":
+        return TOKEN_MALFORMED
+    mac = macs.get(parts[1])
+    if mac is None:
+        return TOKEN_KEY_UNKNOWN
+    signature = binascii.b2a_base64(mac.digest(parts[2]), newline=False)
+    if not hmac.compare_digest(signature.translate(_TO_URLSAFE).rstrip(b"="), parts[3]):
+        return TOKEN_SIGNATURE_WRONG
+    payload = parts[2]
+    try:
+        return binascii.a2b_base64(payload.translate(_FROM_URLSAFE) + b"=" * (-len(payload) % 4),
+                                   strict_mode=True)
+    except ValueError:
+        return TOKEN_PAYLOAD_NOT_BASE64URL
 
 
 def _msgpack_uint(value: int) -> bytes:

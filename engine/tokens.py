@@ -17,7 +17,6 @@ Invariants a caller can rely on:
 from __future__ import annotations
 
 import binascii
-import hmac
 import time
 import weakref
 from collections.abc import Iterator
@@ -25,8 +24,9 @@ from typing import Annotated
 
 import msgspec
 
+from engine import fastpath_py
 from engine.errors import VotesError
-from engine.fastpath import HmacSha256
+from engine.fastpath import HmacSha256, token_payload
 from engine.keys import KeyRing
 
 TOKEN_VERSION = b"v1"
@@ -91,23 +91,12 @@ _claims_encoder = msgspec.msgpack.Encoder()
 _voter_claims_decoder = msgspec.msgpack.Decoder(VoterClaims)
 _admin_claims_decoder = msgspec.msgpack.Decoder(AdminClaims)
 
-# Swapping the alphabets (and turning "=" into "!") makes "+", "/" and explicit padding invalid
-# for the strict decoder, so only canonical unpadded base64url is accepted.
-_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/-_!")
-
-
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def b64url_encode(data: bytes) -> bytes:
     # binascii directly: base64.urlsafe_b64encode is two Python calls more per token.
     return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
-
-
-def b64url_decode(text: bytes) -> bytes:
-    """Strict unpadded base64url decode; raises binascii.Error (a ValueError) on bad input."""
-    padded = text.translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4)
-    return binascii.a2b_base64(padded, strict_mode=True)
 
 
 class _MacSet:
@@ -233,44 +222,27 @@ def _sign(macs: _MacSet, claims_msgpack: bytes) -> str:
     return (TOKEN_VERSION + b"." + macs.current + b"." + payload + b"." + signature).decode()
 
 
+# What engine.fastpath.token_payload reports, as the error each one answers.
+_TOKEN_PROBLEMS = {
+    fastpath_py.TOKEN_MISSING: lambda: TokenMissing(),
+    fastpath_py.TOKEN_NOT_ASCII: lambda: TokenInvalid("token is not ASCII"),
+    fastpath_py.TOKEN_NOT_TEXT: lambda: TokenInvalid("token is neither str nor bytes"),
+    fastpath_py.TOKEN_TOO_LONG: lambda: TokenInvalid(
+        f"authorization value is longer than {AUTHORIZATION_BYTES_MAX} bytes"),
+    fastpath_py.TOKEN_MALFORMED: lambda: TokenInvalid("token is malformed"),
+    fastpath_py.TOKEN_KEY_UNKNOWN: lambda: TokenInvalid("token key id is unknown"),
+    fastpath_py.TOKEN_SIGNATURE_WRONG: lambda: TokenInvalid("token signature does not match"),
+    fastpath_py.TOKEN_PAYLOAD_NOT_BASE64URL: lambda: TokenInvalid(
+        "token payload is not base64url"),
+}
+
+
 def _verified_payload(macs: _MacSet, authorization_value: object) -> bytes:
     """The decoded claims bytes of a token whose signature checks out under `macs`."""
-    parts = _bearer_token(authorization_value).split(b".")
-    if len(parts) != 4 or parts[0] != TOKEN_VERSION:
-        raise TokenInvalid("token is malformed")
-    base = macs.by_key_id.get(parts[1])
-    if base is None:
-        raise TokenInvalid("token key id is unknown")
-    if not hmac.compare_digest(b64url_encode(base.digest(parts[2])), parts[3]):
-        raise TokenInvalid("token signature does not match")
-    try:
-        return b64url_decode(parts[2])
-    except ValueError:
-        raise TokenInvalid("token payload is not base64url") from None
-
-
-def _bearer_token(authorization_value: object) -> bytes:
-    """The token in a raw token or a `Bearer <token>` value, as ASCII bytes."""
-    if authorization_value is None:
-        raise TokenMissing()
-    if isinstance(authorization_value, str):
-        try:
-            value = authorization_value.encode("ascii")
-        except UnicodeEncodeError:
-            raise TokenInvalid("token is not ASCII") from None
-    elif isinstance(authorization_value, bytes):
-        value = authorization_value
-    else:
-        raise TokenInvalid("token is neither str nor bytes")
-    if len(value) > AUTHORIZATION_BYTES_MAX:
-        raise TokenInvalid(f"authorization value is longer than {AUTHORIZATION_BYTES_MAX} bytes")
-    value = value.strip()
-    scheme, _, rest = value.partition(b" ")
-    if scheme.lower() == b"bearer":
-        value = rest.strip()
-    if not value:
-        raise TokenMissing()
-    return value
+    payload = token_payload(macs.by_key_id, authorization_value)
+    if type(payload) is int:
+        raise _TOKEN_PROBLEMS[payload]()
+    return payload
 
 
 def _expiry(ttl_s: int, now_s: int | None) -> int:

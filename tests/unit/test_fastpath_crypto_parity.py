@@ -1,4 +1,4 @@
-"""Proves that the compiled receipt loops (engine/_fastpath_receipts.pxi) and their pure-Python
+"""Proves that the compiled receipt loops (engine/_fastpath_crypto.pxi) and their pure-Python
 twins (engine/fastpath_py.py) agree with each other and with the reference definitions in
 engine/receipts.py: HMAC-SHA256 equals hmac.new for keys shorter than, equal to and longer
 than a block; a batch tree has the reference voter hashes, leaves, root and paths; every 201
@@ -9,6 +9,7 @@ and quotes in poll and option ids); and malformed inputs raise the same errors i
 from __future__ import annotations
 
 import array
+import base64
 import hashlib
 import hmac
 import json
@@ -20,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import fastpath, fastpath_py, signing
-from engine.keys import KeyRing, ensure_keys, load_keys
 from engine.fastpath_py import MerkleTree
+from engine.keys import KeyRing, ensure_keys, load_keys
 from engine.receipts import (
     decode_receipt,
     leaf_hash,
@@ -171,3 +172,77 @@ def test_malformed_body_groups_raise_value_error_in_both() -> None:
                 tree.receipt_bodies(groups, *segments)
         with pytest.raises(IndexError):
             tree.path(2)
+
+
+# --- bearer tokens ----------------------------------------------------------------------
+
+TOKEN_KEYS = {b"k1": b"secret one", b"key-2": b"x" * 100}
+
+
+def token_macs(module) -> dict:
+    return {key_id: module.HmacSha256(key, b"v1." + key_id + b".")
+            for key_id, key in TOKEN_KEYS.items()}
+
+
+def signed_token(key_id: bytes, payload: bytes) -> bytes:
+    """v1.<key_id>.<payload>.<signature>, signed by hmac.new: the reference."""
+    def b64url(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+    body = b"v1." + key_id + b"." + b64url(payload)
+    return body + b"." + b64url(hmac.new(TOKEN_KEYS[key_id], body, hashlib.sha256).digest())
+
+
+def both_token_payloads(authorization) -> object:
+    results = {name: module.token_payload(token_macs(module), authorization)
+               for name, module in IMPLEMENTATIONS.items()}
+    assert results["cython"] == results["python"], (authorization, results)
+    return results["python"]
+
+
+@given(key_id=st.sampled_from(sorted(TOKEN_KEYS)), payload=st.binary(max_size=120),
+       scheme=st.sampled_from(["Bearer ", "bearer  ", "BEARER \t", " Bearer ", ""]),
+       as_text=st.booleans())
+def test_valid_tokens_give_their_payload_in_both(key_id, payload, scheme, as_text) -> None:
+    value = scheme.encode() + signed_token(key_id, payload) + b" \r\n"
+    assert both_token_payloads(value.decode() if as_text else value) == payload
+
+
+@given(key_id=st.sampled_from(sorted(TOKEN_KEYS)), payload=st.binary(max_size=60),
+       position=st.integers(0, 200), byte=st.integers(0, 255), as_text=st.booleans())
+def test_altered_tokens_fail_alike_in_both(key_id, payload, position, byte, as_text) -> None:
+    """Any one byte changed, dropped or added: both give the same code (or, for a change that
+    keeps the token valid such as the scheme's case, the same payload)."""
+    token = bytearray(b"Bearer " + signed_token(key_id, payload))
+    position %= len(token) + 1
+    for altered in (token[:position] + bytes([byte]) + token[position + 1:],
+                    token[:position] + token[position + 1:],
+                    token[:position] + bytes([byte]) + token[position:]):
+        value = bytes(altered)
+        if as_text:
+            value = value.decode("latin-1")
+        both_token_payloads(value)
+
+
+@given(value=st.one_of(st.binary(max_size=80), st.text(max_size=80)))
+def test_arbitrary_authorization_values_give_the_same_answer(value) -> None:
+    both_token_payloads(value)
+
+
+def test_each_token_problem_has_its_code() -> None:
+    token = signed_token(b"k1", b"claims")
+    assert both_token_payloads(None) == fastpath_py.TOKEN_MISSING
+    assert both_token_payloads("Bearer   ") == fastpath_py.TOKEN_MISSING
+    assert both_token_payloads("Bearer") == fastpath_py.TOKEN_MISSING
+    assert both_token_payloads("Bearer tökén") == fastpath_py.TOKEN_NOT_ASCII
+    assert both_token_payloads(42) == fastpath_py.TOKEN_NOT_TEXT
+    assert both_token_payloads(b"Bearer " + b"a" * 1020) == fastpath_py.TOKEN_TOO_LONG
+    assert both_token_payloads(b"v2" + token[2:]) == fastpath_py.TOKEN_MALFORMED
+    assert both_token_payloads(token + b".x") == fastpath_py.TOKEN_MALFORMED
+    assert both_token_payloads(token.replace(b"k1", b"k9", 1)) == fastpath_py.TOKEN_KEY_UNKNOWN
+    assert both_token_payloads(token[:-1] + b"A" if token[-1:] != b"A" else token[:-1] + b"B") \
+        == fastpath_py.TOKEN_SIGNATURE_WRONG
+    body = b"v1.k1.Y2xhaW1zx"  # 9 characters: one past a multiple of four
+    signature = base64.urlsafe_b64encode(
+        hmac.new(TOKEN_KEYS[b"k1"], body, hashlib.sha256).digest()).rstrip(b"=")
+    assert both_token_payloads(body + b"." + signature) == \
+        fastpath_py.TOKEN_PAYLOAD_NOT_BASE64URL

@@ -1,6 +1,7 @@
-# Included by _fastpath.pyx: the receipt hot loops (HMAC-SHA256, batch Merkle trees, 201
-# bodies). The pure-Python twin is engine/fastpath_py.py; tests/unit/test_fastpath_parity.py
-# runs both on the same inputs and checks them against engine/receipts.py's reference.
+# Included by _fastpath.pyx: the receipt and token hot loops (HMAC-SHA256, batch Merkle
+# trees, 201 bodies, bearer tokens). The pure-Python twin is engine/fastpath_py.py;
+# tests/unit/test_fastpath_crypto_parity.py runs both on the same inputs and checks them
+# against engine/receipts.py's and engine/tokens.py's reference definitions.
 #
 # Why OpenSSL's low-level SHA256_* calls: a commit cycle hashes ~5 SHA-256 blocks per vote
 # (voter hash: two, leaf: one, tree: about two), and through hashlib each costs a Python
@@ -442,3 +443,135 @@ cdef void _b64url(const unsigned char* data, Py_ssize_t size, unsigned char* out
         out[0] = _B64URL_DIGITS[(triple >> 18) & 0x3F]
         out[1] = _B64URL_DIGITS[(triple >> 12) & 0x3F]
         out[2] = _B64URL_DIGITS[(triple >> 6) & 0x3F]
+
+
+# --- bearer tokens (engine/tokens.py has the format) ----------------------------------------
+
+from cpython.unicode cimport PyUnicode_Check
+from cpython.bytes cimport PyBytes_Check
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    bint PyUnicode_IS_ASCII(object text)
+
+# What is wrong with a token, as token_payload returns it (engine/tokens.py maps each to
+# its error); keep in step with engine/fastpath_py.py.
+cdef enum:
+    TOKEN_MISSING = 1
+    TOKEN_NOT_ASCII = 2
+    TOKEN_NOT_TEXT = 3
+    TOKEN_TOO_LONG = 4
+    TOKEN_MALFORMED = 5
+    TOKEN_KEY_UNKNOWN = 6
+    TOKEN_SIGNATURE_WRONG = 7
+    TOKEN_PAYLOAD_NOT_BASE64URL = 8
+    AUTHORIZATION_BYTES_MAX = 1024
+    SIGNATURE_B64_CHARS = 43  # unpadded base64url of a 32-byte HMAC
+
+cdef signed char _B64URL_VALUES[256]
+for _index in range(256):
+    _B64URL_VALUES[_index] = -1
+for _index in range(64):
+    _B64URL_VALUES[<unsigned char>_B64URL_DIGITS[_index]] = _index
+
+
+cdef inline bint _is_space(unsigned char byte) noexcept nogil:
+    # bytes.strip()'s ASCII whitespace.
+    return byte == 32 or 9 <= byte <= 13
+
+
+def token_payload(dict macs not None, object authorization):
+    """The decoded claims bytes of `authorization` ("Bearer <token>" or a bare token, str or
+    bytes) when the token is `v1.<key_id>.<payload>.<signature>` and the signature is
+    macs[key_id] (an HmacSha256 pre-fed with `v1.<key_id>.`) of the payload, as unpadded
+    base64url; otherwise an int saying what is wrong (TOKEN_* above)."""
+    cdef const char* text
+    cdef Py_ssize_t size
+    if authorization is None:
+        return TOKEN_MISSING
+    if PyUnicode_Check(authorization):
+        if not PyUnicode_IS_ASCII(authorization):
+            return TOKEN_NOT_ASCII
+        text = PyUnicode_AsUTF8AndSize(authorization, &size)
+    elif PyBytes_Check(authorization):
+        text = PyBytes_AS_STRING(authorization)
+        size = PyBytes_GET_SIZE(authorization)
+    else:
+        return TOKEN_NOT_TEXT
+    if size > AUTHORIZATION_BYTES_MAX:
+        return TOKEN_TOO_LONG
+    cdef Py_ssize_t start = 0, end = size, index
+    while start < end and _is_space(text[start]):
+        start += 1
+    while end > start and _is_space(text[end - 1]):
+        end -= 1
+    # "Bearer <token>": the scheme (up to the first space) is case-insensitive; a value
+    # whose first word is not "bearer" is taken whole as the token.
+    index = start
+    while index < end and text[index] != b" ":
+        index += 1
+    if index - start == 6 and _is_bearer(text + start):
+        start = index
+        while start < end and _is_space(text[start]):
+            start += 1
+    if start == end:
+        return TOKEN_MISSING
+    # v1.<key_id>.<payload>.<signature>: exactly three dots.
+    cdef Py_ssize_t dots[3]
+    cdef int dot_count = 0
+    for index in range(start, end):
+        if text[index] == b".":
+            if dot_count == 3:
+                return TOKEN_MALFORMED
+            dots[dot_count] = index
+            dot_count += 1
+    if dot_count != 3 or dots[0] - start != 2 or text[start] != b"v" or text[start + 1] != b"1":
+        return TOKEN_MALFORMED
+    key_id = PyBytes_FromStringAndSize(text + dots[0] + 1, dots[1] - dots[0] - 1)
+    mac = macs.get(key_id)
+    if mac is None:
+        return TOKEN_KEY_UNKNOWN
+    cdef const char* payload = text + dots[1] + 1
+    cdef Py_ssize_t payload_size = dots[2] - dots[1] - 1
+    cdef unsigned char digest[HASH_BYTES]
+    cdef unsigned char expected[SIGNATURE_B64_CHARS]
+    (<HmacSha256?>mac)._digest(payload, payload_size, digest)
+    _b64url(digest, HASH_BYTES, expected)
+    if end - dots[2] - 1 != SIGNATURE_B64_CHARS or \
+            CRYPTO_memcmp(expected, text + dots[2] + 1, SIGNATURE_B64_CHARS) != 0:
+        return TOKEN_SIGNATURE_WRONG
+    return _b64url_decode(payload, payload_size)
+
+
+cdef inline bint _is_bearer(const char* scheme) noexcept nogil:
+    cdef const char* bearer = b"bearer"
+    cdef int index
+    for index in range(6):
+        if (scheme[index] | 0x20) != bearer[index]:
+            return False
+    return True
+
+
+cdef object _b64url_decode(const char* text, Py_ssize_t size):
+    """Unpadded base64url, strictly (no padding, nothing outside the alphabet, never one
+    character past a multiple of four); bits past the last whole byte are ignored, as
+    binascii does. Returns the bytes, or TOKEN_PAYLOAD_NOT_BASE64URL."""
+    if size % 4 == 1:
+        return TOKEN_PAYLOAD_NOT_BASE64URL
+    cdef Py_ssize_t decoded_size = size * 3 // 4, index
+    cdef bytes decoded = PyBytes_FromStringAndSize(NULL, decoded_size)
+    cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(decoded)
+    cdef uint32_t bits = 0
+    cdef int bit_count = 0
+    cdef signed char value
+    for index in range(size):
+        value = _B64URL_VALUES[<unsigned char>text[index]]
+        if value < 0:
+            return TOKEN_PAYLOAD_NOT_BASE64URL
+        bits = (bits << 6) | <uint32_t>value
+        bit_count += 6
+        if bit_count >= 8:
+            bit_count -= 8
+            out[0] = <unsigned char>(bits >> bit_count)
+            out += 1
+    return decoded
