@@ -39,6 +39,7 @@ import random
 import uuid
 from collections import OrderedDict
 
+import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -177,6 +178,15 @@ async def _close_producer(producer: AIOKafkaProducer) -> None:
         log.warning("closing a WAL producer: %r", exc)
 
 
+def set_transaction_retry(retry_ms: float) -> None:
+    """How soon aiokafka asks again when AddPartitionsToTxn answers CONCURRENT_TRANSACTIONS
+    (the previous transaction's markers are still being written). aiokafka has no option for
+    it: it is the module constant BACKOFF_OVERRIDE (20 ms, KAFKA-5477), process-wide like
+    every producer of this worker. tests/unit/test_kafka_tuning.py fails if an aiokafka
+    upgrade drops it."""
+    aiokafka.producer.sender.BACKOFF_OVERRIDE = retry_ms / 1000
+
+
 def committed_reader(config: Config, client_id: str) -> AIOKafkaConsumer:
     """An unstarted consumer that sees only committed WAL records, has no group and commits
     no offsets (the engine's replay and the replay tool both read this way)."""
@@ -224,6 +234,7 @@ class KafkaWal:
 
     def _new_producer(self) -> AIOKafkaProducer:
         config = self.config
+        set_transaction_retry(config.kafka_transaction_retry_ms)
         return AIOKafkaProducer(
             bootstrap_servers=config.kafka_bootstrap_servers,
             client_id=f"votes-wal-{self.shard}",
