@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Reinstall when the build inputs change: metadata, build script or the Cython source.
-$(STAMP): pyproject.toml setup.py engine/_fastpath.pyx engine/_fastpath_crypto.pxi
+$(STAMP): pyproject.toml setup.py engine/_fastpath.pyx engine/_fastpath_locator.pxi engine/_fastpath_crypto.pxi
 	@# The receipt loops link OpenSSL's libcrypto (engine/_fastpath_crypto.pxi).
 	test -f /usr/include/openssl/sha.h || (apt-get update -q && apt-get install -y -q libssl-dev)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -21,52 +21,78 @@ from libc.string cimport memset
 
 import array
 
+from cpython cimport array as carray
 from pyroaring import BitMap
 
+include "_fastpath_locator.pxi"
 include "_fastpath_crypto.pxi"
 
 
-cdef void _radix_sort_uint32(uint32_t* values, uint32_t* scratch, Py_ssize_t count) noexcept nogil:
-    """LSD radix sort, four 8-bit digits: O(n), far cheaper than qsort's callbacks here."""
-    cdef Py_ssize_t buckets[256]
-    cdef Py_ssize_t index, total, bucket_count
-    cdef int shift
+# Radix digits of at most 11 bits: 2048 counters (16 KiB) stay in L1.
+cdef enum:
+    RADIX_DIGIT_BITS_MAX = 11
+
+
+cdef uint32_t* _radix_sort_uint32(uint32_t* values, uint32_t* scratch, Py_ssize_t count,
+                                  uint32_t value_max) noexcept nogil:
+    """LSD radix sort of values <= value_max: O(n), far cheaper than qsort's callbacks here.
+    As few passes as the values' width needs (a shard's voter indexes are dense, so ~19 bits:
+    two passes of 10), with every pass's counts taken in one read. Returns the buffer that
+    holds the sorted values (`values` or `scratch`)."""
+    cdef int bits = 0
+    while bits < 32 and (value_max >> bits) != 0:
+        bits += 1
+    if bits == 0:
+        return values
+    cdef int passes = (bits + RADIX_DIGIT_BITS_MAX - 1) // RADIX_DIGIT_BITS_MAX
+    cdef int digit_bits = (bits + passes - 1) // passes
+    cdef uint32_t digit_mask = (1u << digit_bits) - 1
+    cdef uint32_t counts[3][1 << RADIX_DIGIT_BITS_MAX]
+    cdef Py_ssize_t index
+    cdef uint32_t total, bucket_count
+    cdef int level
+    cdef uint32_t value
+    for level in range(passes):
+        memset(counts[level], 0, (digit_mask + 1) * sizeof(uint32_t))
+    if passes == 2:  # the common width (dense shards): both digits counted in one read
+        for index in range(count):
+            value = values[index]
+            counts[0][value & digit_mask] += 1
+            counts[1][(value >> digit_bits) & digit_mask] += 1
+    else:
+        for index in range(count):
+            value = values[index]
+            for level in range(passes):
+                counts[level][(value >> (level * digit_bits)) & digit_mask] += 1
     cdef uint32_t* source = values
     cdef uint32_t* target = scratch
     cdef uint32_t* swap
-    for shift in range(0, 32, 8):
-        memset(buckets, 0, sizeof(buckets))
-        for index in range(count):
-            buckets[(source[index] >> shift) & 0xFF] += 1
+    cdef uint32_t* offsets
+    for level in range(passes):
+        offsets = counts[level]
         total = 0
-        for index in range(256):
-            bucket_count = buckets[index]
-            buckets[index] = total
+        for index in range(digit_mask + 1):
+            bucket_count = offsets[index]
+            offsets[index] = total
             total += bucket_count
         for index in range(count):
-            target[buckets[(source[index] >> shift) & 0xFF]] = source[index]
-            buckets[(source[index] >> shift) & 0xFF] += 1
+            value = source[index]
+            target[offsets[(value >> (level * digit_bits)) & digit_mask]] = value
+            offsets[(value >> (level * digit_bits)) & digit_mask] += 1
         swap = source
         source = target
         target = swap
+    return source
 
 
-def grow_locator(locator, Py_ssize_t size_needed):
-    """Grow the receipt locator (array('Q')) to hold index size_needed - 1, amortised."""
-    cdef Py_ssize_t current = len(locator)
-    if current >= size_needed:
-        return
-    cdef Py_ssize_t target = max(size_needed, current + current // 2, 1024)
-    locator.frombytes(bytes(8 * (target - current)))
-
-
-def apply_group(voters_bitmap, tallies, locator, voters_bytes, options_bytes,
+def apply_group(voters_bitmap, tallies, Locator locator not None, voters_bytes, options_bytes,
                 uint64_t locator_value):
     """Apply one group; return (counted, flags) where flags[i] == 1 iff vote i counted.
 
     voters_bitmap: pyroaring BitMap of voter indexes that already voted in this poll.
-    tallies: array('Q') with one counter per option; locator: array('Q') indexed by voter,
-    set to locator_value for every vote that counts (the engine stores record offset + 1).
+    tallies: array('Q') with one counter per option; locator: the poll's Locator, whose
+    entry is set to locator_value for every vote that counts (the engine stores record
+    offset + 1).
     voters_bytes / options_bytes: packed little-endian uint32 / uint16, same length n.
     An option index outside the tallies marks the vote as not counted.
     """
@@ -92,37 +118,49 @@ def apply_group(voters_bitmap, tallies, locator, voters_bytes, options_bytes,
             voter_max = voters[index]
         if options[index] >= option_count:
             options_valid = False
-    grow_locator(locator, <Py_ssize_t>voter_max + 1)
     cdef uint64_t[::1] tally_view = tallies
-    cdef uint64_t[::1] locator_view = locator
 
-    # Four passes leave the sorted result back in sorted_voters.
     sorted_voters = array.array("I", voters_bytes)
-    scratch = array.array("I", voters_bytes)
+    scratch = carray.clone(sorted_voters, count, False)  # the sort's second buffer: no copy
     cdef uint32_t[::1] sorted_view = sorted_voters
     cdef uint32_t[::1] scratch_view = scratch
-    _radix_sort_uint32(&sorted_view[0], &scratch_view[0], count)
+    cdef uint32_t* sorted_values = _radix_sort_uint32(&sorted_view[0], &scratch_view[0], count,
+                                                      voter_max)
+    if sorted_values != &sorted_view[0]:
+        sorted_voters, scratch = scratch, sorted_voters
+    # Every page the votes need exists before anything changes (allocation may fail).
+    locator._reserve(sorted_values, count)
     cdef bint unique = True
     for index in range(1, count):
-        if sorted_view[index] == sorted_view[index - 1]:
+        if sorted_values[index] == sorted_values[index - 1]:
             unique = False
             break
 
+    cdef uint64_t option_counts[64]
     if unique and options_valid:
         group_bitmap = BitMap(sorted_voters)
         if not group_bitmap.intersection_cardinality(voters_bitmap):
             voters_bitmap |= group_bitmap
-            for index in range(count):
-                tally_view[options[index]] += 1
-                locator_view[voters[index]] = locator_value
-                flag_view[index] = 1
+            # Counts per option first (a local array), so the tallies' array is touched once
+            # per option, not once per vote.
+            if option_count <= 64:
+                memset(option_counts, 0, option_count * sizeof(uint64_t))
+                for index in range(count):
+                    option_counts[options[index]] += 1
+                for index in range(option_count):
+                    tally_view[index] += option_counts[index]
+            else:
+                for index in range(count):
+                    tally_view[options[index]] += 1
+            locator._fill(sorted_values, count, locator_value)
+            memset(&flag_view[0], 1, count)
             return count, flags
 
-    return _apply_each(voters_bitmap, tally_view, locator_view, voters, options,
+    return _apply_each(voters_bitmap, tally_view, locator, voters, options,
                        flag_view, option_count, locator_value), flags
 
 
-cdef Py_ssize_t _apply_each(voters_bitmap, uint64_t[::1] tally_view, uint64_t[::1] locator_view,
+cdef Py_ssize_t _apply_each(voters_bitmap, uint64_t[::1] tally_view, Locator locator,
                             const uint32_t[::1] voters, const uint16_t[::1] options,
                             unsigned char[::1] flag_view, Py_ssize_t option_count,
                             uint64_t locator_value):
@@ -139,7 +177,7 @@ cdef Py_ssize_t _apply_each(voters_bitmap, uint64_t[::1] tally_view, uint64_t[::
         except KeyError:
             continue
         tally_view[options[index]] += 1
-        locator_view[voter] = locator_value
+        locator._set(voter, locator_value)
         flag_view[index] = 1
         counted += 1
     return counted

@@ -12,9 +12,9 @@ try:
     from engine._fastpath import (
         BatchTree,
         HmacSha256,
+        Locator,
         apply_group,
         batch_tree,
-        grow_locator,
         token_payload,
     )
 
@@ -25,13 +25,13 @@ except ImportError:
     from engine.fastpath_py import (
         BatchTree,
         HmacSha256,
+        Locator,
         apply_group,
         batch_tree,
-        grow_locator,
         token_payload,
     )
 
     IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "BatchTree", "HmacSha256", "apply_group", "batch_tree", "grow_locator",
+__all__ = ["IMPLEMENTATION", "BatchTree", "HmacSha256", "apply_group", "batch_tree", "Locator",
            "token_payload"]

@@ -14,19 +14,69 @@ from collections.abc import Sequence
 
 from pyroaring import BitMap
 
+PAGE_ENTRIES = 4096  # as the compiled locator's LOCATOR_PAGE_ENTRIES
 
-def grow_locator(locator: array.array, size_needed: int) -> None:
-    current = len(locator)
-    if current >= size_needed:
-        return
-    target = max(size_needed, current + current // 2, 1024)
-    locator.frombytes(bytes(8 * (target - current)))
+
+class Locator:
+    """Receipt locator of one poll in one shard: voter index -> (log offset of the record
+    that counted the vote) + 1, 0 for none; pages of PAGE_ENTRIES entries, allocated zeroed
+    when first written (the compiled twin's layout)."""
+
+    __slots__ = ("_pages",)
+
+    def __init__(self) -> None:
+        self._pages: dict[int, array.array] = {}
+
+    @property
+    def pages(self) -> int:
+        return len(self._pages)
+
+    def _page(self, number: int) -> array.array:
+        page = self._pages.get(number)
+        if page is None:
+            page = self._pages[number] = array.array("Q", bytes(8 * PAGE_ENTRIES))
+        return page
+
+    def get(self, index: int) -> int:
+        if index < 0:
+            raise IndexError("voter index is negative")
+        page = self._pages.get(index // PAGE_ENTRIES)
+        return 0 if page is None else page[index % PAGE_ENTRIES]
+
+    def set(self, index: int, value: int) -> None:
+        if not 0 <= index < 2**32:
+            raise IndexError("voter index is outside 0..2**32-1")
+        self._page(index // PAGE_ENTRIES)[index % PAGE_ENTRIES] = value
+
+    def page_numbers(self) -> list[int]:
+        return sorted(self._pages)
+
+    def page_view(self, number: int) -> memoryview:
+        if number not in self._pages:
+            raise IndexError(f"page {number} is not allocated")
+        return memoryview(self._pages[number]).cast("B").toreadonly()
+
+    @staticmethod
+    def from_pages(pages) -> Locator:
+        locator = Locator()
+        for number, page_bytes in pages:
+            if len(page_bytes) != 8 * PAGE_ENTRIES or not 0 <= number < 2**20:
+                raise ValueError(f"locator page {number!r} is not one whole page")
+            locator._pages[number] = array.array("Q", bytes(page_bytes))
+        return locator
+
+    def count_set(self) -> int:
+        return sum(PAGE_ENTRIES - page.count(0) for page in self._pages.values())
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * PAGE_ENTRIES * len(self._pages)
 
 
 def apply_group(
     voters_bitmap: BitMap,
     tallies: array.array,
-    locator: array.array,
+    locator: Locator,
     voters_bytes: bytes,
     options_bytes: bytes,
     locator_value: int,
@@ -36,17 +86,20 @@ def apply_group(
     if len(voters) != len(options):
         raise ValueError("voters and options differ in length")
     flags = bytearray(len(voters))
-    if voters:
-        grow_locator(locator, max(voters) + 1)
     option_count = len(tallies)
+    pages = locator._pages
     counted = 0
     for index, voter in enumerate(voters):
+        # Every vote's page exists afterwards, counted or not, as in the compiled twin.
+        page = pages.get(voter // PAGE_ENTRIES)
+        if page is None:
+            page = locator._page(voter // PAGE_ENTRIES)
         option = options[index]
         if option >= option_count or voter in voters_bitmap:
             continue
         voters_bitmap.add(voter)
         tallies[option] += 1
-        locator[voter] = locator_value
+        page[voter % PAGE_ENTRIES] = locator_value
         flags[index] = 1
         counted += 1
     return counted, flags

@@ -62,7 +62,7 @@ def make_wal_payloads(
 def run_apply(implementation, batches: list[VoteBatch], options: int) -> tuple[float, int]:
     bitmap = BitMap()
     tallies = array.array("Q", bytes(8 * options))
-    locator = array.array("Q")
+    locator = implementation.Locator()
     started = time.perf_counter()
     for batch in batches:
         for group in batch.groups:

@@ -18,7 +18,7 @@ re-implemented here:
    ``--bitmap-sample-max`` indexes are measured on a prefix of that many indexes of one
    shard and extrapolated (random turnout is uniform, so every 2^16-index container of a
    shard looks alike); smaller shards are built whole. Beside it, the engine's receipt
-   locator (shards/state.py: 8 bytes per voter index up to the highest that voted), a
+   locator (shards/state.py: 8 bytes per voter index, in pages of 4096 where votes fell), a
    Redis SET (MEMORY USAGE of a sample set in a private redis-server, scaled per member;
    computed from Redis's encoding when no redis-server runs) and a Bloom filter at a 1e-6
    false-positive rate (computed: -n ln p / (ln 2)^2 bits).
@@ -226,8 +226,11 @@ def bench_bitmaps(args) -> list[dict]:
             stats = bitmap.get_statistics()
             container_bytes = (stats["n_bytes_array_containers"] + stats["n_bytes_run_containers"]
                                + stats["n_bytes_bitset_containers"])  # fmt: skip
-            # The receipt locator: 8 bytes per index up to the highest that voted (dense).
-            locator_bytes = 8 * (bitmap.max() + 1) if bitmap else 0
+            # The receipt locator: a page of 4096 8-byte entries wherever a voter voted.
+            page_entries = python_twin.PAGE_ENTRIES
+            locator_bytes = 8 * page_entries * sum(
+                1 for start in range(0, bitmap.max() + 1 if bitmap else 0, page_entries)
+                if bitmap.range_cardinality(start, start + page_entries))
             rows.append({
                 "shards": shards,
                 "turnout": turnout,
@@ -377,9 +380,9 @@ def print_report(result: dict) -> None:
                   f"{r['fleet_gb_bitmap_S256']} / {r['fleet_gb_redis_set']} / {r['fleet_gb_locator']}"]
                  for r in result["memory_compared"]])  # fmt: skip
     print("  The engine keeps, per poll and shard, a receipt locator (shards/state.py) beside the "
-          "bitmap: 8 bytes per voter index up to the highest that voted, i.e. ~64 bits per "
-          "eligible voter once voting is spread over the id range; it dominates the per-poll "
-          "memory and is not part of the bitmap target.")  # fmt: skip
+          "bitmap: 8 bytes per voter index, in pages of 4096 indexes wherever votes fell, i.e. "
+          "~64 bits per eligible voter once voting is spread over the id range; it dominates "
+          "the per-poll memory and is not part of the bitmap target.")  # fmt: skip
     print("\n== targets")
     print_table(["target", "threshold", "measured", "verdict"],
                 [[t["target"], f"{t['sense']} {t['threshold']:g}", f"{t['measured']:,.4g}" if t["measured"] is not None else "-",
@@ -404,7 +407,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 1
-        args.apply_voters_eligible = 8_000_000
         args.tokens = 10_000
         args.bitmap_sample_max = 16 * CONTAINER_INDEXES
         args.redis_sample = 200_000

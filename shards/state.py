@@ -7,10 +7,10 @@ test-and-set (engine.fastpath.apply_group), so re-applying a record changes noth
 Voter ids map to shards as `shard = voter_id mod shards` and to bitmap positions as
 `voter_index = voter_id div shards`, which keeps each shard's bitmap dense.
 
-The receipt locator (array of uint64, indexed by voter_index, value = log offset of the
-record that counted the vote + 1) lets a repeat vote get its original receipt back by reading
-one record; it costs 8 bytes per voter index up to the highest that voted in the poll,
-whatever the number of batches.
+The receipt locator (engine.fastpath.Locator: per voter_index, the log offset of the record
+that counted the vote + 1) lets a repeat vote get its original receipt back by reading one
+record; it costs 8 bytes per voter index, in pages of 4096 indexes allocated as votes reach
+them, whatever the number of batches.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import array
 
 from pyroaring import BitMap
 
-from engine.fastpath import apply_group
+from engine.fastpath import Locator, apply_group
 from shards.records import PollClosed, PollCreated, Record, VoteBatch
 
 # Outcome of one vote when its record is applied.
@@ -36,7 +36,7 @@ class PollState:
         self.option_index = {option: index for index, option in enumerate(definition.options)}
         self.voters = BitMap()
         self.tallies = array.array("Q", bytes(8 * len(definition.options)))
-        self.locator = array.array("Q")
+        self.locator = Locator()
         self.closed_ms: int | None = None
 
     @property
@@ -99,7 +99,5 @@ class ShardState:
 
     def record_of_voter(self, poll: PollState, voter_index: int) -> int | None:
         """The log offset of the record holding this voter's counted vote, or None."""
-        if voter_index >= len(poll.locator):
-            return None
-        value = poll.locator[voter_index]
+        value = poll.locator.get(voter_index)
         return value - 1 if value else None

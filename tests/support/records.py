@@ -68,10 +68,10 @@ def fingerprint(state: ShardState) -> dict:
     return {
         "shard": (state.shard, state.shards_total),
         "offsets": (state.wal_offset_next, state.batch_seq_next, state.votes_applied),
-        # The locator by meaning: its length is a growth policy (freeze trims it), not state.
+        # The locator by meaning: which pages exist is an allocation detail, not state.
         "polls": {
             name: (poll.definition, poll.closed_ms, list(poll.voters), poll.tallies.tolist(),
-                   [(voter, poll.locator[voter]) for voter in poll.voters], poll.option_index)
+                   [(voter, poll.locator.get(voter)) for voter in poll.voters], poll.option_index)
             for name, poll in state.polls.items()
         },
     }

@@ -1,11 +1,10 @@
 """Proves that the compiled engine._fastpath.apply_group and its pure-Python twin give the same
-(counted, flags), bitmaps, tallies and receipt locators on the same random inputs (duplicates in
-a group, voters already counted, option indexes past the option count, empty groups), that
-re-applying a group changes nothing, and that a run demanding the compiled module
-(VOTES_REQUIRE_CYTHON=1) fails when it did not load.
-
-Voter indexes stay below ten million: the locator grows to (highest voter + 1) * 8 bytes, so
-ids near 2**32 - 1 would allocate 16 GiB per call; they are deliberately not generated.
+(counted, flags), bitmaps, tallies and receipt locators (entries and allocated pages) on the
+same random inputs (duplicates in a group, voters already counted, option indexes past the
+option count, empty groups, voters far apart), that re-applying a group changes nothing, that
+both Locators keep the same entries and pages (a voter index near 2**32 costs one page, not a
+locator up to it), and that a run demanding the compiled module (VOTES_REQUIRE_CYTHON=1)
+fails when it did not load.
 """
 
 from __future__ import annotations
@@ -25,28 +24,51 @@ if os.environ.get("VOTES_REQUIRE_CYTHON") == "1":
 else:
     compiled = pytest.importorskip("engine._fastpath", reason="the Cython extension is not built")
 
-VOTER_INDEX_MAX = 10_000_000
-IMPLEMENTATIONS = {"cython": compiled.apply_group, "python": fastpath_py.apply_group}
+VOTER_INDEX_MAX = 2**32 - 1
+MODULES = {"cython": compiled, "python": fastpath_py}
+PAGE_ENTRIES = fastpath_py.PAGE_ENTRIES
+
+
+def locator_entries(locator) -> dict[int, int]:
+    """Every entry that is not 0, read page by page through page_view."""
+    entries = {}
+    for number in locator.page_numbers():
+        page = array.array("Q")
+        page.frombytes(locator.page_view(number))
+        assert len(page) == PAGE_ENTRIES
+        entries.update({number * PAGE_ENTRIES + slot: value
+                        for slot, value in enumerate(page) if value})
+    return entries
 
 
 class GroupState:
-    """One poll's state as apply_group sees it; copies are independent."""
+    """One poll's state as apply_group sees it, on one implementation's Locator."""
 
-    def __init__(self, voters: BitMap, tallies: array.array, locator: array.array) -> None:
+    def __init__(self, module, voters: BitMap, tallies: array.array,
+                 entries: dict[int, int]) -> None:
+        self.module = module
         self.voters = voters
         self.tallies = tallies
-        self.locator = locator
+        self.locator = module.Locator()
+        for index, value in entries.items():
+            self.locator.set(index, value)
 
-    def copy(self) -> "GroupState":
-        return GroupState(BitMap(self.voters), array.array("Q", self.tallies),
-                          array.array("Q", self.locator))
+    def on(self, module) -> GroupState:
+        """An independent copy on `module`'s Locator."""
+        return GroupState(module, BitMap(self.voters), array.array("Q", self.tallies),
+                          locator_entries(self.locator))
 
-    def snapshot(self) -> tuple[list[int], list[int], bytes]:
-        return list(self.voters), self.tallies.tolist(), self.locator.tobytes()
+    def apply(self, voters: bytes, options: bytes, locator_value: int):
+        return self.module.apply_group(self.voters, self.tallies, self.locator, voters, options,
+                                       locator_value)
+
+    def snapshot(self) -> tuple:
+        return (list(self.voters), self.tallies.tolist(), locator_entries(self.locator),
+                self.locator.page_numbers())
 
 
 def voter_indexes() -> st.SearchStrategy[int]:
-    # A dense low range, so repeats are common, and a wider one that grows the locator.
+    # A dense low range, so repeats are common, and wider ones over several pages.
     return st.one_of(st.integers(0, 300), st.integers(0, 70_000))
 
 
@@ -56,10 +78,9 @@ def group_states(draw: st.DrawFn) -> GroupState:
     voters = BitMap(draw(st.lists(st.integers(0, 5000), max_size=200)))
     tallies = array.array("Q", draw(st.lists(st.integers(0, 2**40), min_size=option_count,
                                              max_size=option_count)))
-    locator = array.array("Q", draw(st.lists(st.integers(0, 2**64 - 1), max_size=50)))
-    if draw(st.booleans()):
-        locator.frombytes(bytes(8 * draw(st.integers(0, 6000))))
-    return GroupState(voters, tallies, locator)
+    entries = draw(st.dictionaries(st.integers(0, 20_000), st.integers(1, 2**64 - 1),
+                                   max_size=50))
+    return GroupState(fastpath_py, voters, tallies, entries)
 
 
 @st.composite
@@ -67,7 +88,7 @@ def groups(draw: st.DrawFn, state: GroupState) -> tuple[bytes, bytes]:
     """Packed (voters, options) with repeats inside the group and voters already counted."""
     already = list(state.voters)
     pool = draw(st.lists(voter_indexes(), min_size=1, max_size=40))
-    if draw(st.integers(0, 7)) == 0:  # now and then one far out: a locator of up to 40 MB
+    if draw(st.integers(0, 7)) == 0:  # now and then one far out, up to the last index
         pool.append(draw(st.integers(0, VOTER_INDEX_MAX)))
     if already:
         pool += draw(st.lists(st.sampled_from(already), max_size=20))
@@ -104,58 +125,79 @@ def reference_outcome(state: GroupState, voters: bytes, options: bytes) -> tuple
 @given(scenarios())
 def test_both_implementations_agree_group_after_group(scenario) -> None:
     initial, applied = scenario
-    states = {name: initial.copy() for name in IMPLEMENTATIONS}
+    states = {name: initial.on(module) for name, module in MODULES.items()}
     for voters, options, locator_value in applied:
         expected = reference_outcome(states["python"], voters, options)
-        results = {}
-        for name, apply_group in IMPLEMENTATIONS.items():
-            state = states[name]
-            results[name] = apply_group(state.voters, state.tallies, state.locator, voters,
-                                        options, locator_value)
+        results = {name: state.apply(voters, options, locator_value)
+                   for name, state in states.items()}
         assert results["cython"] == results["python"] == expected
         assert states["cython"].snapshot() == states["python"].snapshot()
-        flags = expected[1]
-        for voter in [voter for voter, flag in zip(array.array("I", voters), flags) if flag]:
-            assert states["python"].locator[voter] == locator_value
+        packed = array.array("I", voters)
+        for voter, flag in zip(packed, expected[1]):
+            if flag:
+                assert states["cython"].locator.get(voter) == locator_value
+        # Every vote's page exists, counted or not (the compiled twin reserves them first).
+        assert {voter // PAGE_ENTRIES for voter in packed} <= set(
+            states["cython"].locator.page_numbers())
 
 
 @given(scenarios())
 def test_reapplying_a_group_changes_nothing(scenario) -> None:
     initial, applied = scenario
-    for name, apply_group in IMPLEMENTATIONS.items():
-        state = initial.copy()
+    for name, module in MODULES.items():
+        state = initial.on(module)
         for voters, options, locator_value in applied:
-            apply_group(state.voters, state.tallies, state.locator, voters, options, locator_value)
+            state.apply(voters, options, locator_value)
             before = state.snapshot()
-            counted, flags = apply_group(state.voters, state.tallies, state.locator, voters,
-                                         options, locator_value + 1 if locator_value < 2**64 - 1
-                                         else 1)
+            counted, flags = state.apply(voters, options, locator_value + 1
+                                         if locator_value < 2**64 - 1 else 1)
             assert (counted, flags) == (0, bytearray(len(voters) // 4)), name
             assert state.snapshot() == before, name
 
 
-@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("name", sorted(MODULES))
 def test_a_fresh_unique_group_counts_every_vote_once(name: str) -> None:
     # The compiled bulk path (unique voters, none counted yet) against hand-computed numbers.
-    state = GroupState(BitMap([7]), array.array("Q", [10, 0, 0]), array.array("Q"))
-    voters = array.array("I", [3, 1_000_000, 8, 0]).tobytes()
-    options = array.array("H", [2, 0, 2, 1]).tobytes()
-    counted, flags = IMPLEMENTATIONS[name](state.voters, state.tallies, state.locator, voters,
-                                           options, 41)
-    assert (counted, flags) == (4, bytearray(b"\x01\x01\x01\x01"))
-    assert list(state.voters) == [0, 3, 7, 8, 1_000_000]
-    assert state.tallies.tolist() == [11, 1, 2]
-    assert len(state.locator) >= 1_000_001
-    assert [state.locator[i] for i in (0, 3, 7, 8, 1_000_000)] == [41, 41, 0, 41, 41]
+    state = GroupState(MODULES[name], BitMap([7]), array.array("Q", [10, 0, 0]), {})
+    voters = array.array("I", [3, 1_000_000, 8, 0, 2**32 - 1]).tobytes()
+    options = array.array("H", [2, 0, 2, 1, 0]).tobytes()
+    assert state.apply(voters, options, 41) == (5, bytearray(b"\x01" * 5))
+    assert list(state.voters) == [0, 3, 7, 8, 1_000_000, 2**32 - 1]
+    assert state.tallies.tolist() == [12, 1, 2]
+    assert locator_entries(state.locator) == {0: 41, 3: 41, 8: 41, 1_000_000: 41,
+                                              2**32 - 1: 41}
+    # Three pages of 32 KiB, though the highest index is 2**32 - 1.
+    assert state.locator.page_numbers() == [0, 1_000_000 // PAGE_ENTRIES, (2**32 - 1) // PAGE_ENTRIES]
+    assert state.locator.nbytes == 3 * 8 * PAGE_ENTRIES
+    assert [state.locator.get(i) for i in (7, 2**32, 2**40)] == [0, 0, 0]
 
 
-@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("name", sorted(MODULES))
 def test_an_empty_group_changes_nothing(name: str) -> None:
-    state = GroupState(BitMap([1, 2]), array.array("Q", [1, 1]), array.array("Q", [0, 5, 5]))
+    state = GroupState(MODULES[name], BitMap([1, 2]), array.array("Q", [1, 1]), {1: 5, 2: 5})
     before = state.snapshot()
-    assert IMPLEMENTATIONS[name](state.voters, state.tallies, state.locator, b"", b"", 9) == (
-        0, bytearray())
+    assert state.apply(b"", b"", 9) == (0, bytearray())
     assert state.snapshot() == before
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_locator_pages_round_trip(name: str) -> None:
+    locator = MODULES[name].Locator()
+    for index, value in ((0, 1), (4095, 2), (4096, 3), (2**32 - 1, 2**64 - 1)):
+        locator.set(index, value)
+    pages = [(number, bytes(locator.page_view(number))) for number in locator.page_numbers()]
+    for module in MODULES.values():  # either implementation reads the other's pages
+        copy = module.Locator.from_pages(pages)
+        assert locator_entries(copy) == {0: 1, 4095: 2, 4096: 3, 2**32 - 1: 2**64 - 1}
+        assert copy.count_set() == 4 and copy.pages == 3
+    with pytest.raises(ValueError):
+        MODULES[name].Locator.from_pages([(0, b"\x00" * 8)])
+    with pytest.raises(IndexError):
+        locator.set(2**32, 1)
+    with pytest.raises(IndexError):
+        locator.get(-1)
+    with pytest.raises(IndexError):
+        locator.page_view(5)
 
 
 @pytest.mark.parametrize(
@@ -169,9 +211,10 @@ def test_an_empty_group_changes_nothing(name: str) -> None:
 )
 def test_malformed_groups_raise_the_same_error(voters: bytes, options: bytes) -> None:
     raised = {}
-    for name, apply_group in IMPLEMENTATIONS.items():
+    for name, module in MODULES.items():
         with pytest.raises(Exception) as caught:
-            apply_group(BitMap(), array.array("Q", [0, 0]), array.array("Q"), voters, options, 1)
+            module.apply_group(BitMap(), array.array("Q", [0, 0]), module.Locator(), voters,
+                               options, 1)
         raised[name] = caught.type
     assert raised["cython"] is raised["python"] is ValueError
 
@@ -181,3 +224,4 @@ def test_the_compiled_module_is_in_use_when_required() -> None:
         pytest.skip("VOTES_REQUIRE_CYTHON=1 is not set")
     assert fastpath.IMPLEMENTATION == "cython"
     assert fastpath.apply_group is compiled.apply_group
+    assert fastpath.Locator is compiled.Locator

@@ -53,8 +53,8 @@ def test_thaw_restores_what_freeze_captured() -> None:
 
 
 def test_the_live_state_keeps_growing_after_a_freeze() -> None:
-    """freeze() encodes the locators through memoryviews; it must release them, or the
-    next vote of a voter beyond the array (which grows it) would fail."""
+    """freeze() encodes the locators through memoryviews of their pages; the live state goes
+    on taking votes (and locator pages) after it, and the frozen bytes do not change."""
     state = busy_state()
     frozen = freeze(state)
     Log(state).apply(vote_batch(SHARD, 3, {"song": [(900_000, 1)]}))
