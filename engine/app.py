@@ -196,6 +196,11 @@ class App:
         allow = extra.pop("allow", None)
         if allow is not None:  # RFC 9110: a 405 names the methods the resource offers
             headers = PROBLEM_JSON + [("allow", allow)]
+        if isinstance(exc, BodyTooLarge):
+            # The rest of the body was never read, so the connection cannot carry another
+            # request: say so, or a keep-alive client sends its next request into a socket
+            # the server is closing.
+            headers = PROBLEM_JSON + [("connection", "close")]
         document = {"type": f"/problems/{exc.problem}", "title": exc.title,
                     "status": exc.status, "detail": exc.detail, **extra}
         return exc.status, headers, _json.encode(document)

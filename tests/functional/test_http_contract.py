@@ -160,6 +160,9 @@ def test_huge_poll_body_is_body_too_large(client, admin) -> None:
     response = client.post("/v1/polls", headers={**admin, "Content-Type": "application/json"},
                            content=body)
     assert (response.status_code, problem_type(response)) == (413, "/problems/body-too-large")
+    # The unread body leaves the connection unusable: the answer says it closes, so the
+    # client opens a new one for its next request.
+    assert response.headers["connection"] == "close"
     assert client.get(f"/v1/polls/{poll}/results").status_code == 404
 
 
