@@ -9,29 +9,22 @@ from __future__ import annotations
 import os
 
 try:
-    from engine._fastpath import (
-        BatchTree,
-        HmacSha256,
-        Locator,
-        apply_group,
-        batch_tree,
-        token_payload,
-    )
+    from engine import _fastpath as _implementation
 
     IMPLEMENTATION = "cython"
 except ImportError:
     if os.environ.get("VOTES_REQUIRE_CYTHON") == "1":
         raise
-    from engine.fastpath_py import (
-        BatchTree,
-        HmacSha256,
-        Locator,
-        apply_group,
-        batch_tree,
-        token_payload,
-    )
+    from engine import fastpath_py as _implementation
 
     IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "BatchTree", "HmacSha256", "apply_group", "batch_tree", "Locator",
+BatchTree = _implementation.BatchTree
+HmacSha256 = _implementation.HmacSha256
+Locator = _implementation.Locator
+apply_group = _implementation.apply_group
+batch_tree = _implementation.batch_tree
+token_payload = _implementation.token_payload
+
+__all__ = ["IMPLEMENTATION", "BatchTree", "HmacSha256", "Locator", "apply_group", "batch_tree",
            "token_payload"]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from engine import fastpath, fastpath_py, signing
 from engine.fastpath_py import MerkleTree
-from engine.keys import KeyRing, ensure_keys, load_keys
+from engine.keys import KeyRing
 from engine.receipts import (
     decode_receipt,
     leaf_hash,
@@ -37,13 +37,6 @@ else:
 
 IMPLEMENTATIONS = {"cython": compiled, "python": fastpath_py}
 TIME_MS = 1_700_000_000_123
-
-
-@pytest.fixture(scope="module")
-def keyring(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
-    data_dir = tmp_path_factory.mktemp("receipt-parity-keys")
-    ensure_keys(data_dir)
-    return load_keys(data_dir)
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))

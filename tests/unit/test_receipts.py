@@ -52,13 +52,6 @@ def commit_votes(shard: int, count: int) -> list[tuple[str, int, str]]:
 
 
 @pytest.fixture(scope="module")
-def keyring(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
-    data_dir = tmp_path_factory.mktemp("receipt-keys")
-    ensure_keys(data_dir)
-    return load_keys(data_dir)
-
-
-@pytest.fixture(scope="module")
 def commit(keyring: KeyRing) -> list[SignedBatch]:
     return sign_commit(keyring, VoterHasher(keyring.voter_hash_secret), TIME_MS,
                        [(shard, seq, vote_runs(commit_votes(shard, count)))

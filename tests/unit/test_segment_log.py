@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator

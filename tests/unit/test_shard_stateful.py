@@ -40,7 +40,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from engine import signing
 from engine.config import Config
 from engine.errors import AlreadyVoted, PollClosed
-from engine.keys import ensure_keys, load_keys
 from shards.owner import ShardOwner
 from shards.records import PollClosed as PollClosedRecord
 from shards.records import PollCreated, Record, VoteBatch, decode_record, frame_record
@@ -366,13 +365,6 @@ def test_replaying_an_old_vote_for_a_poll_created_later_changes_nothing() -> Non
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 POLL = numbered_poll("final", 2)
 VOTER_ID = SHARDS_TOTAL * 1234 + SHARD  # voter_id mod shards == SHARD
-
-
-@pytest.fixture(scope="module")
-def keyring(tmp_path_factory: pytest.TempPathFactory):
-    data_dir = tmp_path_factory.mktemp("owner-keys")
-    ensure_keys(data_dir)
-    return load_keys(data_dir)
 
 
 def run(loop_name: str, coroutine) -> object:

@@ -38,13 +38,6 @@ TTL_S = 3600
 
 
 @pytest.fixture(scope="module")
-def keyring(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
-    data_dir = tmp_path_factory.mktemp("token-keys")
-    ensure_keys(data_dir)
-    return load_keys(data_dir)
-
-
-@pytest.fixture(scope="module")
 def other_keyring(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
     data_dir = tmp_path_factory.mktemp("other-keys")
     ensure_keys(data_dir)
