@@ -130,10 +130,18 @@ async def validate_wal_topic(config: Config) -> None:
     finally:
         await admin.close()
     settings = {}
+    unknown_to = []
     for answer in answers:
         for resource_answer in answer.to_object()["resources"]:
+            if resource_answer["error_code"] != 0:
+                unknown_to.append(resource_answer["error_code"])
             for entry in resource_answer["config_entries"]:
                 settings[entry["config_names"]] = entry["config_value"]
+    if unknown_to and description.get("error_code", 0) == 0:
+        # The topic exists, but the broker asked does not know its configs yet (a topic
+        # just created): not a wrong setting, so the fence waits and asks again.
+        raise WalUnavailable(f"WAL topic {config.wal_topic!r}: configs not readable yet "
+                             f"(error codes {unknown_to})")
     problems = topic_problems(description, settings, config.shards)
     if problems:
         raise ConfigError(f"WAL topic {config.wal_topic!r} is not safe to use: "
