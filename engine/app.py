@@ -80,7 +80,8 @@ _REJECTION_REASON = {
 def _decode(decoder: msgspec.json.Decoder, body: bytes):
     try:
         return decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError, not DecodeError.
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(str(exc)) from None
 
 

@@ -29,7 +29,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shards: int = 8
     # Group commit: a commit cycle starts when votes wait, but at most every group_commit_ms
     # (sooner when batch_votes_max votes wait); the log's writer fsyncs what cycles queued.
-    group_commit_ms: float = 1.0
+    # 2 ms, not 1: at half the peak rate a worker spent 95-98 % of a core at 1 ms and 74-80 %
+    # at 2 ms (per-cycle costs over twice the votes), for ~0.7 ms more median latency.
+    group_commit_ms: float = 2.0
     # A commit cycle waits at most this long for its slowest shard before the next starts.
     group_commit_wait_ms: float = 100.0
     batch_votes_max: int = 4096
@@ -41,6 +43,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     segment_bytes_max: int = 64 * 1024 * 1024
     snapshot_interval_s: float = 60.0
     snapshot_votes_min: int = 100_000
+    # A snapshot copies the whole shard on the event loop (~4 ms at 2M voters), so it also
+    # waits for this share of the votes the last one held: its cost per vote stays flat as
+    # the state grows, and recovery replays at most about this share from the log.
+    snapshot_votes_share: float = 0.5
     snapshots_kept: int = 3
     # Forwarding between workers of one host over private unix sockets.
     forward_timeout_s: float = 5.0
@@ -103,6 +109,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (1024 <= self.poll_body_bytes_max <= 1 << 24, "poll_body_bytes_max must be in 1KiB..16MiB"),
             (self.segment_bytes_max >= 1 << 16, "segment_bytes_max must be >= 64 KiB"),
             (self.snapshots_kept >= 1, "snapshots_kept must be >= 1"),
+            (0 <= self.snapshot_votes_share <= 10, "snapshot_votes_share must be in 0..10"),
             (self.forward_timeout_s > 0, "forward_timeout_s must be positive"),
             (not self.uses_kafka
              or self.kafka_append_timeout_s + self.kafka_abort_timeout_s < self.append_timeout_s,

@@ -119,7 +119,8 @@ class ForwardServer:
                 task = asyncio.create_task(self._answer(request, writer))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError):
+        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError,
+                UnicodeDecodeError):
             pass
         finally:
             writer.close()
@@ -190,7 +191,8 @@ class PeerClient:
                 future = self._waiting.get(response.request_id)
                 if future is not None and not future.done():
                     future.set_result(response)
-        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError):
+        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError,
+                UnicodeDecodeError):
             pass
         finally:
             writer.close()  # this connection's own writer; a newer one may exist already

@@ -226,7 +226,7 @@ def _load_key_set(directory: Path, spec: _KeySpec) -> tuple[str, dict[str, bytes
         document = _key_set_decoder.decode(_read_bounded(path))
     except FileNotFoundError:
         raise KeysMissing(f"key file {path} does not exist; run ensure_keys first") from None
-    except (msgspec.DecodeError, OSError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, OSError) as exc:
         raise KeysCorrupt(f"key file {path} cannot be read: {exc}") from None
     problem = _key_set_problem(document, spec)
     if problem:

@@ -190,7 +190,7 @@ def verify_voter_token(keyring: KeyRing, authorization_value: bytes | str | None
     payload = _verified_payload(_codec(keyring).voter, authorization_value)
     try:
         claims = _voter_claims_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
         raise TokenInvalid("token claims are malformed") from None
     if claims.typ != VOTER_TYP:
         raise TokenInvalid("not a voter token")
@@ -207,7 +207,7 @@ def verify_admin_token(keyring: KeyRing, authorization_value: bytes | str | None
     payload = _verified_payload(_codec(keyring).admin, authorization_value)
     try:
         claims = _admin_claims_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
         raise TokenInvalid("token claims are malformed") from None
     if claims.typ != ADMIN_TYP:
         raise TokenInvalid("not an admin token")

@@ -69,7 +69,7 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
                           "remove it or run with --restart")
     try:
         checkpoint = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise DataDamaged(f"{path} does not decode ({exc}); run with --restart") from None
     if checkpoint.format != CHECKPOINT_FORMAT:
         raise DataDamaged(f"{path} has format {checkpoint.format}, not {CHECKPOINT_FORMAT}; "

@@ -40,7 +40,7 @@ def _run(work: Callable[[], object]):
         return work()
     except VotesError as exc:
         _fail(exc.detail, exit_code_of(exc))
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         _fail(f"a record or file does not decode: {exc}", EXIT_FINDING)
     except OSError as exc:
         _fail(str(exc), EXIT_CANNOT)

@@ -107,7 +107,7 @@ def decode_raw(payload: bytes | memoryview, where: str) -> RawRecord:
     """One record's payload as Created / Closed / Batch; `where` names it in errors."""
     try:
         fields = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise DataDamaged(f"{where}: payload is not msgpack ({exc})") from None
     _check(isinstance(fields, list) and fields and isinstance(fields[0], str), where,
            "payload is not a tagged array")

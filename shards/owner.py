@@ -559,11 +559,8 @@ class ShardOwner:
         state = self.state
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
-        new_votes = state.votes_applied - self._snapshot_votes_applied
-        elapsed_s = time.monotonic() - self._snapshot_time_s
-        if new_votes >= self.config.snapshot_votes_min or (
-            new_votes and elapsed_s >= self.config.snapshot_interval_s
-        ):
+        if snapshot_due(self.config, self._snapshot_votes_applied, state.votes_applied,
+                        time.monotonic() - self._snapshot_time_s):
             self.snapshot_now()
 
     def snapshot_now(self) -> asyncio.Task:
@@ -591,6 +588,15 @@ class ShardOwner:
         if poll is None:
             return None
         return poll.definition, poll.tallies.tolist(), poll.closed
+
+
+def snapshot_due(config: Config, votes_at_last: int, votes_now: int, elapsed_s: float) -> bool:
+    """Whether a shard takes a snapshot: snapshot_votes_min new votes and snapshot_votes_share
+    of the votes the last snapshot held (its cost per vote stays flat as the state grows),
+    or any new vote once snapshot_interval_s has passed."""
+    new_votes = votes_now - votes_at_last
+    votes_due = max(config.snapshot_votes_min, config.snapshot_votes_share * votes_at_last)
+    return new_votes >= votes_due or (new_votes > 0 and elapsed_s >= config.snapshot_interval_s)
 
 
 def _same_definition(left: PollCreated, right: PollCreated) -> bool:

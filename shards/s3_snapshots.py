@@ -173,7 +173,7 @@ class S3SnapshotStore:
             raise SnapshotStoreUnavailable(f"s3://{self.bucket}/{exc}") from exc
         try:
             return _manifest_decoder.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             # The manifest is written in one PUT with a checksum, so this is not a torn write:
             # refuse to guess (and to overwrite it) rather than lose the snapshots it lists.
             raise SnapshotStoreUnavailable(

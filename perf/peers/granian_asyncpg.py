@@ -127,7 +127,7 @@ class App:
         body = await self._body(proto)
         try:
             vote = _vote_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as error:
             raise shared.PeerError(400, "bad-request", str(error)) from None
         voter = shared.voter_of(self.ring, scope.headers.get("authorization"), poll)
         if vote.option not in await self._options(poll):
@@ -143,7 +143,7 @@ class App:
         shared.check_admin(self.ring, scope.headers.get("authorization"))
         try:
             document = _poll_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as error:
             raise shared.PeerError(400, "bad-request", str(error)) from None
         poll, options = shared.check_poll_body(document.id, document.options)
         pool = await self._pool()

@@ -273,10 +273,11 @@ def test_receipt_verify_accepts_real_and_rejects_tampered(server, client, admin)
         (json.dumps({"option": "a" * 65}).encode(), 400, "bad-request"),
         (b'{"option": "zzz"}', 422, "unknown-option"),
         (json.dumps({"option": "a" * 5000}).encode(), 413, "body-too-large"),
+        (b'{"option": "\x80"}', 400, "bad-request"),
     ],
     ids=["truncated-json", "empty", "string", "missing-option", "option-int", "option-null",
          "unknown-field", "option-invalid-chars", "option-65-chars", "unknown-option",
-         "huge-body"],
+         "huge-body", "invalid-utf8"],
 )
 def test_bad_vote_is_rejected_and_not_counted(server, client, admin, body, status,
                                               slug) -> None:

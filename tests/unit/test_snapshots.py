@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import Config
 from shards import snapshots
+from shards.owner import snapshot_due
 from shards.records import PollClosed
 from shards.snapshots import DirectorySnapshotStore, freeze, snapshot_name, thaw
 from shards.state import ShardState
@@ -149,3 +151,17 @@ def test_a_failure_between_object_and_manifest_keeps_the_previous_snapshot(
     store.write(freeze(state), state.wal_offset_next)
     assert fingerprint(store.load_newest()) == fingerprint(state)
     assert len(list(store.directory.glob("snapshot-*.bin"))) == 2
+
+
+def test_snapshots_wait_for_a_share_of_the_state_or_the_interval() -> None:
+    """A snapshot needs snapshot_votes_min new votes and half the votes the last one held,
+    or any new vote once the interval has passed."""
+    config = Config(snapshot_votes_min=100, snapshot_votes_share=0.5, snapshot_interval_s=60)
+    assert not snapshot_due(config, 0, 99, 1.0)
+    assert snapshot_due(config, 0, 100, 1.0)
+    assert not snapshot_due(config, 1_000, 1_499, 1.0)  # 499 new: under half of 1,000
+    assert snapshot_due(config, 1_000, 1_500, 1.0)
+    assert not snapshot_due(config, 1_000, 1_000, 3600.0)  # nothing new: nothing to save
+    assert snapshot_due(config, 1_000, 1_001, 60.0)
+    flat = Config(snapshot_votes_min=100, snapshot_votes_share=0.0)
+    assert snapshot_due(flat, 1_000_000, 1_000_100, 1.0)

@@ -284,3 +284,11 @@ def test_b64url_encode_is_unpadded_urlsafe_base64() -> None:
     for length in range(70):
         data = bytes((index * 37 + 251) % 256 for index in range(length))
         assert b64url_encode(data) == base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def test_signed_claims_with_invalid_utf8_are_an_invalid_token(keyring: KeyRing) -> None:
+    """msgspec reports bad UTF-8 inside a string as UnicodeDecodeError, not DecodeError: a
+    signed token whose claims hold one is still just an invalid token (hypothesis found it)."""
+    payload = b"\x95\xa5vot\x80r*\xa0\xa0\xce\x00\x00\x00\x00"  # ["vot\x80r", 42, "", "", 0]
+    with pytest.raises(TokenInvalid):
+        verify_voter_token(keyring, voter_signed(keyring, payload), NOW_S, "p")
