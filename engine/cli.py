@@ -103,6 +103,8 @@ def serve(data_dir, port, host, workers, shards, config_file) -> None:
         log_access=False,
         respawn_failed_workers=True,
         respawn_interval=0.5,
+        backlog=config.requests_in_flight_max,
+        backpressure=config.requests_in_flight_max,
     )
     server.serve()
 

@@ -38,6 +38,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Votes waiting for one shard beyond this are shed with 503 `overloaded`.
     shard_queue_votes_max: int = 65536
     append_timeout_s: float = 5.0
+    # Requests one worker serves at once (Granian's backpressure; also the listen backlog).
+    # A vote is held until its commit, so a worker carries rate x commit latency of them:
+    # on the Kafka WAL (tens of ms a transaction) Granian's default of 1024 capped the rate.
+    requests_in_flight_max: int = 4096
     vote_body_bytes_max: int = 4096
     poll_body_bytes_max: int = 65536
     segment_bytes_max: int = 64 * 1024 * 1024
@@ -105,6 +109,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (self.shard_queue_votes_max >= self.batch_votes_max,
              "shard_queue_votes_max must be >= batch_votes_max"),
             (self.append_timeout_s > 0, "append_timeout_s must be positive"),
+            (128 <= self.requests_in_flight_max <= 65536,
+             "requests_in_flight_max must be in 128..65536"),
             (256 <= self.vote_body_bytes_max <= 1 << 20, "vote_body_bytes_max must be in 256..1MiB"),
             (1024 <= self.poll_body_bytes_max <= 1 << 24, "poll_body_bytes_max must be in 1KiB..16MiB"),
             (self.segment_bytes_max >= 1 << 16, "segment_bytes_max must be >= 64 KiB"),
