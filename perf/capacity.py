@@ -28,6 +28,11 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # A measured engine's CPU per vote is used only if its worker was at least this busy.
 ENGINE_BUSY_PERCENT_MIN = 50.0
+# Brokers sized from measured CPU per transaction: an m7i.2xlarge (8 vCPU), kept at most
+# 60 % busy (replication bursts, GC, a broker's share after an AZ loss).
+BROKER_VCPUS = 8
+BROKER_CPU_BUDGET = 0.6
+ENGINE_TRANSACTION_RETRY_MS = 2.0  # engine/config.py kafka_transaction_retry_ms
 
 
 @dataclass
@@ -64,8 +69,9 @@ def default_inputs() -> dict[str, Figure]:
         "wal_bytes_per_record": Figure(140.0, "B", "a 1-vote VoteBatch record, framed"),
         "kafka_txn_overhead_bytes": Figure(250.0, "B", a + ": batch header, markers, txn log writes"),
         "replication_factor": Figure(3, "copies", "DESIGN: RF 3, min ISR 2"),
-        "broker_txn_per_s": Figure(2_500, "txn/s", a + ": transactions a broker leads per second; "
-                                   "not measured here (3 brokers on 2 shared cores did ~50/s)"),
+        "broker_txn_per_s": Figure(2_500, "txn/s", a + ": transactions per broker per second; "
+                                   "replaced by the measured broker CPU per transaction when "
+                                   "perf/results/kafka_transactions.json exists"),
         "broker_write_mb_per_s": Figure(125.0, "MB/s", a + ": m7i.2xlarge + gp3, half its 250 MB/s"),
         "broker_partition_replicas_max": Figure(4_000, "replicas", a + ": per-broker guidance"),
         # Redis (rate limits, tally publish): DESIGN "Security and anti-bot".
@@ -118,6 +124,27 @@ def load_measured(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
                 f"only, worker at {cpu['server_percent']:.0f}% of a core{note}")  # fmt: skip
             used.append(f"engine_cpu_us_per_vote from {peers_path.name} ({engine})")
             break
+    transactions_path = results_dir / "kafka_transactions.json"
+    try:
+        transactions = json.loads(transactions_path.read_text())
+    except (OSError, ValueError):
+        transactions = None
+    cases = [case for case in (transactions or {}).get("cases", [])
+             if case.get("retry_ms") == ENGINE_TRANSACTION_RETRY_MS]
+    if cases:
+        # The busiest case: the most producers, so per-transaction costs are shared as in a
+        # loaded cluster. Its CPU is the three brokers' together (leader, followers,
+        # coordinator): the fleet needs that much CPU per transaction in all.
+        case = max(cases, key=lambda c: c["producers"])
+        ms = case["brokers_cpu_ms_per_transaction"]
+        budget_ms = BROKER_VCPUS * inputs["vcpu_share_of_core"].value * BROKER_CPU_BUDGET * 1000
+        when = transactions.get("conditions", {}).get("time_utc", "?")
+        inputs["broker_txn_per_s"] = Figure(round(budget_ms / ms), "txn/s",
+            f"measured: {transactions_path.name} {when}, {ms:g} ms of broker CPU per "
+            f"transaction ({case['producers']} producers, 3 brokers); a broker of "
+            f"{BROKER_VCPUS} vCPU x {inputs['vcpu_share_of_core'].value:g} at "
+            f"{BROKER_CPU_BUDGET:.0%} busy")  # fmt: skip
+        used.append(f"broker transactions from {transactions_path.name}")
     micro_path = results_dir / "micro.json"
     try:
         micro = json.loads(micro_path.read_text())
