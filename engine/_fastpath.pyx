@@ -13,6 +13,9 @@ roaring operations on a sorted copy (building a roaring bitmap from sorted ids i
 cheaper than from random ones; a radix sort makes the sorted copy in linear time),
 then the tallies and the receipt locator are updated in C loops. Only mixed groups
 (replay overlap, duplicates) take the per-vote path.
+
+The receipt locator (_fastpath_locator.pxi) and the receipt and token loops
+(_fastpath_crypto.pxi) are included below, each with its twin in engine/fastpath_py.py.
 """
 
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
