@@ -206,10 +206,6 @@ class SignedBatch:
     def root(self) -> bytes:
         return self.commit_tree.root
 
-    @property
-    def leaf_count(self) -> int:
-        return self.tree.leaf_count
-
     def index_of(self, poll: str, voter_hash: bytes) -> int | None:
         """The leaf index of this voter's vote in `poll`, or None when it is not in the batch."""
         for run, first in zip(self.runs, self.run_starts):

@@ -180,6 +180,11 @@ def test_an_empty_group_changes_nothing(name: str) -> None:
     assert state.snapshot() == before
 
 
+def test_both_locators_use_one_page_size() -> None:
+    """Snapshots carry whole pages: the two implementations must agree on their size."""
+    assert compiled.PAGE_ENTRIES == fastpath_py.PAGE_ENTRIES
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_locator_pages_round_trip(name: str) -> None:
     locator = MODULES[name].Locator()
