@@ -19,7 +19,6 @@ import msgspec
 
 from engine import fastpath
 from engine.errors import VotesError
-from engine.fastpath_py import MerkleTree
 from engine.keys import KeyRing
 from engine.receipts import (
     VOTER_HASH_BYTES,
@@ -130,7 +129,7 @@ def sign_commit(keyring: KeyRing, hasher: VoterHasher, time_ms: int,
     built = [SignedBatch._leaves(hasher, shard, batch_seq, time_ms, runs)
              for shard, batch_seq, runs in batches]
     nodes = [signed.node for signed in built]
-    commit_tree = MerkleTree(nodes)
+    commit_tree = fastpath.MerkleTree(nodes)
     signature = keyring.receipt_signing_key.sign(
         commit_message(time_ms, len(nodes), commit_tree.root))
     for position, signed in enumerate(built):
@@ -176,7 +175,8 @@ class SignedBatch:
         signed.node = batch_node(shard, batch_seq, signed.tree.leaf_count, signed.tree.root)
         return signed
 
-    def _commit(self, position: int, nodes: list[bytes], commit_tree: MerkleTree, key_id: str,
+    def _commit(self, position: int, nodes: list[bytes], commit_tree: fastpath.MerkleTree,
+                key_id: str,
                 signature: bytes) -> None:
         self.batch_position = position
         self.batch_nodes = nodes
@@ -199,7 +199,7 @@ class SignedBatch:
             raise VotesError(f"batch {batch_seq} of shard {shard} rebuilds to another Merkle "
                              "node than the one stored with it")
         nodes = list(batch_nodes)
-        signed._commit(batch_position, nodes, MerkleTree(nodes), key_id, signature)
+        signed._commit(batch_position, nodes, fastpath.MerkleTree(nodes), key_id, signature)
         return signed
 
     @property

@@ -24,7 +24,7 @@ from typing import Annotated
 
 import msgspec
 
-from engine import fastpath_py
+from engine import fastpath
 from engine.errors import VotesError
 from engine.fastpath import HmacSha256, token_payload
 from engine.keys import KeyRing
@@ -224,15 +224,15 @@ def _sign(macs: _MacSet, claims_msgpack: bytes) -> str:
 
 # What engine.fastpath.token_payload reports, as the error each one answers.
 _TOKEN_PROBLEMS = {
-    fastpath_py.TOKEN_MISSING: lambda: TokenMissing(),
-    fastpath_py.TOKEN_NOT_ASCII: lambda: TokenInvalid("token is not ASCII"),
-    fastpath_py.TOKEN_NOT_TEXT: lambda: TokenInvalid("token is neither str nor bytes"),
-    fastpath_py.TOKEN_TOO_LONG: lambda: TokenInvalid(
+    fastpath.TOKEN_MISSING: lambda: TokenMissing(),
+    fastpath.TOKEN_NOT_ASCII: lambda: TokenInvalid("token is not ASCII"),
+    fastpath.TOKEN_NOT_TEXT: lambda: TokenInvalid("token is neither str nor bytes"),
+    fastpath.TOKEN_TOO_LONG: lambda: TokenInvalid(
         f"authorization value is longer than {AUTHORIZATION_BYTES_MAX} bytes"),
-    fastpath_py.TOKEN_MALFORMED: lambda: TokenInvalid("token is malformed"),
-    fastpath_py.TOKEN_KEY_UNKNOWN: lambda: TokenInvalid("token key id is unknown"),
-    fastpath_py.TOKEN_SIGNATURE_WRONG: lambda: TokenInvalid("token signature does not match"),
-    fastpath_py.TOKEN_PAYLOAD_NOT_BASE64URL: lambda: TokenInvalid(
+    fastpath.TOKEN_MALFORMED: lambda: TokenInvalid("token is malformed"),
+    fastpath.TOKEN_KEY_UNKNOWN: lambda: TokenInvalid("token key id is unknown"),
+    fastpath.TOKEN_SIGNATURE_WRONG: lambda: TokenInvalid("token signature does not match"),
+    fastpath.TOKEN_PAYLOAD_NOT_BASE64URL: lambda: TokenInvalid(
         "token payload is not base64url"),
 }
 
