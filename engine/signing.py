@@ -176,8 +176,7 @@ class SignedBatch:
         return signed
 
     def _commit(self, position: int, nodes: list[bytes], commit_tree: fastpath.MerkleTree,
-                key_id: str,
-                signature: bytes) -> None:
+                key_id: str, signature: bytes) -> None:
         self.batch_position = position
         self.batch_nodes = nodes
         self.commit_tree = commit_tree
