@@ -82,9 +82,20 @@ cluster-down: setup
 cluster-status: setup
 	$(BIN)/python deploy/local/stack.py status $(STACK_ARGS)
 
-lint: setup
-	$(BIN)/pip install -q 'ruff>=0.6,<1'
+# Static checks, run by .ci/run before the tests: ruff, the layer contract (import-linter,
+# pyproject's [tool.importlinter]), mypy ([tool.mypy]: strict on the kernel and shards/) and
+# the fast path's stub against the built extension (mypy.stubtest).
+LINT_STAMP := $(VENV)/.installed-lint
+
+$(LINT_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[test,lint]'
+	touch $(LINT_STAMP)
+
+lint: setup $(LINT_STAMP)
 	$(BIN)/ruff check engine shards replay perf tests deploy
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+	$(BIN)/python -m mypy.stubtest --allowlist engine/stubtest-allowlist.txt engine._fastpath
 
 clean:
 	rm -rf $(VENV) build *.egg-info engine/_fastpath.c engine/_fastpath*.so
