@@ -15,6 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py engine/_fastpath.pyx engine/_fastpath_locator.pxi engine/_fastpath_crypto.pxi
 	@# The receipt loops link OpenSSL's libcrypto (engine/_fastpath_crypto.pxi).
 	test -f /usr/include/openssl/sha.h || (apt-get update -q && apt-get install -y -q libssl-dev)
+	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -69,18 +70,18 @@ bench-ceiling: setup
 # The real local stack (3 Kafka KRaft brokers, SeaweedFS S3, Redis) on 127.0.0.1; see
 # deploy/local/README.md. STACK_ARGS passes e.g. --base-port 19100 for a second stack.
 cluster-up: setup
-	$(BIN)/python deploy/local/stack.py up $(STACK_ARGS)
+	$(BIN)/python -m deploy.local.stack up $(STACK_ARGS)
 
 # The engine on the real stack: Kafka WAL (acks=all, transactional) and S3 snapshots.
 cluster-run: cluster-up
-	$(BIN)/python deploy/local/stack.py engine-config $(STACK_ARGS) > $(DATA_DIR)-cluster.toml
+	$(BIN)/python -m deploy.local.stack engine-config $(STACK_ARGS) > $(DATA_DIR)-cluster.toml
 	$(BIN)/votes serve --data-dir $(DATA_DIR)-cluster --port $(PORT) --config $(DATA_DIR)-cluster.toml
 
 cluster-down: setup
-	$(BIN)/python deploy/local/stack.py down $(STACK_ARGS)
+	$(BIN)/python -m deploy.local.stack down $(STACK_ARGS)
 
 cluster-status: setup
-	$(BIN)/python deploy/local/stack.py status $(STACK_ARGS)
+	$(BIN)/python -m deploy.local.stack status $(STACK_ARGS)
 
 # Static checks, run by .ci/run before the tests: ruff, the layer contract (import-linter,
 # pyproject's [tool.importlinter]), mypy ([tool.mypy]: strict on the kernel and shards/) and

@@ -37,10 +37,17 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:
+    # Run as a file, or imported as `postgres` with deploy/local on sys.path (perf/): make
+    # the repo root importable so that the installer resolves as deploy.local.installer.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from deploy.local.installer import InstallError, ensure_debian_package
+
+POSTGRES_PACKAGE = "postgresql"
 SERVER_USER = "postgres"
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 60
-APT_TIMEOUT_S = 900
 QUERY_TIMEOUT_S = 60
 # Settings written into postgresql.conf; each one is shown back (SHOW) by `up`.
 SETTINGS = {
@@ -65,6 +72,11 @@ def _log(message: str) -> None:
     print(f"[postgres] {message}", file=sys.stderr, flush=True)
 
 
+def _find_initdb() -> str | None:
+    bin_dir = find_bin_dir()
+    return str(bin_dir / "initdb") if bin_dir is not None else None
+
+
 def find_bin_dir() -> Path | None:
     """The newest /usr/lib/postgresql/<version>/bin holding initdb, or initdb's PATH dir."""
     candidates = sorted(
@@ -79,23 +91,12 @@ def find_bin_dir() -> Path | None:
 
 def ensure_postgres() -> Path:
     """The server binaries' directory, installing Debian's postgresql package if needed."""
-    bin_dir = find_bin_dir()
-    if bin_dir is not None:
-        return bin_dir
-    if os.geteuid() != 0:
-        raise PostgresError("PostgreSQL is not installed and this is not root: "
-                            "apt-get install -y postgresql")  # fmt: skip
-    _log("initdb not found: apt-get update && apt-get install -y postgresql")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "postgresql"]):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=APT_TIMEOUT_S,
-                              env=env, check=False)  # fmt: skip
-        if done.returncode != 0:
-            raise PostgresError(f"{' '.join(argv)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        raise PostgresError("apt-get installed postgresql but no initdb was found")
-    return bin_dir
+    try:
+        # initdb is not on PATH in Debian's layout: look in the versioned bin directory.
+        initdb = ensure_debian_package("initdb", POSTGRES_PACKAGE, find=_find_initdb, log=_log)
+    except InstallError as error:
+        raise PostgresError(str(error)) from error
+    return Path(initdb).parent
 
 
 class PostgresCluster:

@@ -1,4 +1,4 @@
-"""The real local stack (deploy/local/stack.py) for tests: one per session, shared by the
+"""The real local stack (deploy.local.stack) for tests: one per session, shared by the
 integration and chaos suites (the fixtures live in tests/conftest.py).
 
 `local_stack` (session scope) reuses a stack that is already up on the base port
@@ -8,37 +8,19 @@ of the session. It never skips: if the stack cannot start, the tests fail with t
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STACK_PY = REPO_ROOT / "deploy" / "local" / "stack.py"
-_MODULE_NAME = "votes_local_stack"
-
-
-def load_stack_module():
-    """Import deploy/local/stack.py (not a package) as module `votes_local_stack`."""
-    mod = sys.modules.get(_MODULE_NAME)
-    if mod is not None:
-        return mod
-    spec = importlib.util.spec_from_file_location(_MODULE_NAME, STACK_PY)
-    assert spec is not None and spec.loader is not None, f"cannot load {STACK_PY}"
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[_MODULE_NAME] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from deploy.local.stack import DEFAULT_BASE_PORT, LocalStack, StackError
 
 
 def running_local_stack() -> Iterator:
     """The body of the `local_stack` fixture (see the module docstring)."""
-    mod = load_stack_module()
-    base_port = int(os.environ.get("VOTES_STACK_BASE_PORT", mod.DEFAULT_BASE_PORT))
-    stack = mod.LocalStack(base_port=base_port)
+    base_port = int(os.environ.get("VOTES_STACK_BASE_PORT", DEFAULT_BASE_PORT))
+    stack = LocalStack(base_port=base_port)
 
     if stack.is_up():
         owned = False
@@ -47,14 +29,14 @@ def running_local_stack() -> Iterator:
         owned = False
         try:
             stack.up()
-        except mod.StackError as e:
+        except StackError as e:
             pytest.fail(f"local stack on base port {base_port} is partly up and did not heal:\n{e}",
                         pytrace=False)
     else:
         owned = True
         try:
             stack.up(fresh=True)
-        except mod.StackError as e:
+        except StackError as e:
             # Leave nothing half-started behind, then fail with the reason.
             try:
                 stack.down()
@@ -71,5 +53,5 @@ def running_local_stack() -> Iterator:
         # Leave a reused stack as we found it: restart anything a fault test left dead.
         try:
             stack.up(quiet=True)
-        except mod.StackError as e:
+        except StackError as e:
             print(f"could not heal the reused local stack: {e}", file=sys.stderr)
