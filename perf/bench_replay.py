@@ -20,7 +20,7 @@ The rebuilt snapshots and the recounts must agree exactly, else the bench fails.
 Prints its conditions and figures and writes perf/results/replay.json (one case per voter
 count and batch size). The log was just written, so it is read from the page cache.
 
-    python perf/bench_replay.py [--voters 10000000] [--batch-votes 4096]
+    python -m perf.bench_replay [--voters 10000000] [--batch-votes 4096]
 """
 
 from __future__ import annotations
@@ -34,15 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-REPO_DIR = PERF_DIR.parent
-sys.path.insert(0, str(REPO_DIR))
-sys.path.insert(0, str(PERF_DIR))
-
-from common import describe_machine, merged_results, print_conditions, write_json
-
 from engine import fastpath
 from engine.config import Config
+from perf import PERF_DIR
+from perf.machine import describe_machine
+from perf.output import merged_results, print_conditions, write_json
 from replay.rebuild import RebuildOptions, RebuildResult, rebuild
 from replay.recount import recount_shard
 from replay.verify import verify

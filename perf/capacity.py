@@ -7,7 +7,7 @@ otherwise (taken from docs/performance.md's runs, or stated as assumptions to be
 on real instances). Every output line shows its arithmetic, so a reader can check it and
 change one input at a time (``--set name=value``, repeatable).
 
-    python perf/capacity.py [--json] [--set engine_cpu_us_per_vote=120] [--results-dir DIR]
+    python -m perf.capacity [--json] [--set engine_cpu_us_per_vote=120] [--results-dir DIR]
 
 What it sizes: engine instances (one Granian worker per vCPU), the Kafka WAL (partitions =
 shards, brokers from transactions, bandwidth and partition count), the Redis cluster
@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from perf import RESULTS_DIR
+
 # A measured engine's CPU per vote is used only if its worker was at least this busy.
 ENGINE_BUSY_PERCENT_MIN = 50.0
 # Brokers sized from measured CPU per transaction: an m7i.2xlarge (8 vCPU), kept at most
