@@ -156,10 +156,8 @@ async def timed_recount(config: Config, shard: int, chain: bool) -> dict:
             "counts": result.polls[POLL].counts}
 
 
-async def run(args: argparse.Namespace, work_dir: Path) -> dict:
-    config = Config(data_dir=str(work_dir), shards=args.shards).validate()
-    check_coprime(args.voters)
-    cut = int(args.voters * args.snapshot_fraction)
+def write_until_cut(config: Config, args: argparse.Namespace, cut: int) -> int:
+    """The poll and the votes of voters [0, cut) into the WAL; returns the next batch seq."""
     writer = Writer(config, args)
     started = time.perf_counter()
     try:
@@ -172,6 +170,14 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict:
     write_s = time.perf_counter() - started
     print(f"== wrote {writer.records:,} records ({writer.bytes:,} bytes) for {cut:,} voters "
           f"in {write_s:.1f} s; snapshot at {cut:,} voters ...", flush=True)
+    return batch_seq_next
+
+
+async def run(args: argparse.Namespace, work_dir: Path) -> dict:
+    config = Config(data_dir=str(work_dir), shards=args.shards).validate()
+    check_coprime(args.voters)
+    cut = int(args.voters * args.snapshot_fraction)
+    batch_seq_next = write_until_cut(config, args, cut)
     first_snapshot, _ = await rebuild_once(config, args.shard, from_wal=True)
     writer = Writer(config, args)
     writer.batch_seq = batch_seq_next
