@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.local.installer import ensure_debian_package
@@ -73,28 +73,6 @@ class WrkResult:
     @property
     def created_per_s(self) -> float:
         return self.created / self.duration_s if self.duration_s > 0 else 0.0
-
-    @property
-    def server_cpu_us_per_created(self) -> float | None:
-        """Server CPU time per 201, in µs: CPU contention shifts it far less than it
-        shifts the rate, since a starved server mostly loses time, not work per vote."""
-        if self.cpu is None or not self.created:
-            return None
-        return self.cpu.cpu_percent["server"] / 100 * 1e6 / self.created_per_s
-
-    @property
-    def not_created(self) -> dict[int, int]:
-        return {status: n for status, n in sorted(self.statuses.items()) if status != 201}
-
-    def to_json(self) -> dict:
-        document = asdict(self)
-        document.pop("output")
-        document["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
-        document["created"] = self.created
-        document["created_per_s"] = round(self.created_per_s, 1)
-        cost = self.server_cpu_us_per_created
-        document["server_cpu_us_per_created"] = round(cost, 2) if cost is not None else None
-        return document
 
 
 _UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
