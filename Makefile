@@ -53,19 +53,21 @@ $(PERF_STAMP): $(STAMP) pyproject.toml
 	touch $(PERF_STAMP)
 
 bench: setup $(PERF_STAMP)
-	$(BIN)/python perf/bench_micro.py
-	$(BIN)/python perf/bench_peers.py $(BENCH_ARGS)
-	$(BIN)/python perf/capacity.py
+	$(BIN)/python -m perf.bench_micro
+	$(BIN)/python -m perf.bench_peers $(BENCH_ARGS)
+	$(BIN)/python -m perf.capacity
 
 bench-quick: setup $(PERF_STAMP)
-	$(BIN)/python perf/bench_micro.py --quick
-	$(BIN)/python perf/bench_peers.py --quick $(BENCH_ARGS)
-	$(BIN)/python perf/capacity.py
+	$(BIN)/python -m perf.bench_micro --quick
+	$(BIN)/python -m perf.bench_peers --quick $(BENCH_ARGS)
+	$(BIN)/python -m perf.capacity
 
-# The earlier engine-vs-ceiling bench (wrk only; --kafka adds the private stack).
-bench-ceiling: setup
-	$(BIN)/python perf/bench_vote_vs_ceiling.py $(BENCH_ARGS)
-	$(BIN)/python perf/bench_fastpath.py
+# The engine against the ceiling only, with the paced run and the WAL commits the earlier
+# wrk-only bench measured (--kafka adds the private stack), then the Cython apply bench.
+bench-ceiling: setup $(PERF_STAMP)
+	$(BIN)/python -m perf.bench_peers --peers ceiling,embedded --only closed_max \
+		--paced-fraction 0.5 --wal-commits --out perf/results/ceiling.json --no-plots $(BENCH_ARGS)
+	$(BIN)/python -m perf.bench_fastpath
 
 # The real local stack (3 Kafka KRaft brokers, SeaweedFS S3, Redis) on 127.0.0.1; see
 # deploy/local/README.md. STACK_ARGS passes e.g. --base-port 19100 for a second stack.

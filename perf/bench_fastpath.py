@@ -7,7 +7,7 @@ Each implementation gets a fresh bitmap and applies every batch once; the two ru
 alternate `--rounds` times so drift on a noisy machine hits both alike. Prints conditions
 and writes JSON.
 
-    python perf/bench_fastpath.py [--voters-eligible 30000000] [--shards 64] [--turnout 0.5]
+    python -m perf.bench_fastpath [--voters-eligible 30000000] [--shards 64] [--turnout 0.5]
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from pyroaring import BitMap
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import _fastpath as compiled
 from engine import fastpath_py as python_twin

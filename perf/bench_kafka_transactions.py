@@ -11,7 +11,7 @@ answer and the next AddPartitionsToTxn (20 ms) and once with the engine's
 JVMs spend their first minute compiling). It prints transactions/s, the send and commit
 times, and the brokers' CPU per transaction, and writes perf/results/kafka_transactions.json.
 
-    python perf/bench_kafka_transactions.py [--producers 1,8] [--duration-s 10]
+    python -m perf.bench_kafka_transactions [--producers 1,8] [--duration-s 10]
 """
 
 from __future__ import annotations
@@ -20,24 +20,17 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
+from aiokafka import AIOKafkaProducer
 
-from aiokafka import AIOKafkaProducer  # noqa: E402
-
-from perf.common import (  # noqa: E402
-    CpuSampler,
-    PrivateStack,
-    describe_machine,
-    print_conditions,
-    print_table,
-    write_json,
-)
-from shards.kafka_wal import set_transaction_retry  # noqa: E402
+from perf import RESULTS_DIR
+from perf.cpu_sampling import CpuSampler
+from perf.machine import describe_machine
+from perf.output import print_conditions, print_table, write_json
+from perf.private_stack import PrivateStack
+from shards.kafka_wal import set_transaction_retry
 
 AIOKAFKA_RETRY_MS = 20.0  # aiokafka's BACKOFF_OVERRIDE
 ENGINE_RETRY_MS = 2.0  # engine/config.py kafka_transaction_retry_ms
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=40.0)
     parser.add_argument("--stack-base-port", type=int, default=19600)
     parser.add_argument("--out", type=Path,
-                        default=REPO_DIR / "perf" / "results" / "kafka_transactions.json")
+                        default=RESULTS_DIR / "kafka_transactions.json")
     args = parser.parse_args(argv)
     args.producers = [int(count) for count in args.producers.split(",")]
     conditions = describe_machine(("aiokafka",))

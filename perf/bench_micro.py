@@ -27,7 +27,7 @@ Prints the conditions and a table with pass/fail against the perf issue's target
 (apply >= 5M votes/s and >= 10x the twin; bitmaps <= 2.2 bits per eligible voter at 50 %
 turnout) and writes perf/results/micro.json.
 
-    python perf/bench_micro.py [--quick]
+    python -m perf.bench_micro [--quick]
 """
 
 from __future__ import annotations
@@ -43,24 +43,15 @@ from pathlib import Path
 
 from pyroaring import BitMap
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_fastpath import make_wal_payloads, run_apply
-from common import (
-    PERF_DIR,
-    ServerProcess,
-    describe_machine,
-    free_port,
-    print_conditions,
-    print_table,
-    write_json,
-)
-
 from engine import _fastpath as compiled
 from engine import fastpath_py as python_twin
 from engine import signing, tokens
 from engine.keys import ensure_keys, load_keys
+from perf import PERF_DIR
+from perf.bench_fastpath import make_wal_payloads, run_apply
+from perf.machine import describe_machine
+from perf.output import print_conditions, print_table, write_json
+from perf.processes import ServerProcess, free_port
 from shards.records import decode_record, encode_record, frame
 
 VOTERS_ELIGIBLE = 300_000_000

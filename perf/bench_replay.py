@@ -20,7 +20,7 @@ The rebuilt snapshots and the recounts must agree exactly, else the bench fails.
 Prints its conditions and figures and writes perf/results/replay.json (one case per voter
 count and batch size). The log was just written, so it is read from the page cache.
 
-    python perf/bench_replay.py [--voters 10000000] [--batch-votes 4096]
+    python -m perf.bench_replay [--voters 10000000] [--batch-votes 4096]
 """
 
 from __future__ import annotations
@@ -34,15 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-REPO_DIR = PERF_DIR.parent
-sys.path.insert(0, str(REPO_DIR))
-sys.path.insert(0, str(PERF_DIR))
-
-from common import describe_machine, merged_results, print_conditions, write_json
-
 from engine import fastpath
 from engine.config import Config
+from perf import PERF_DIR
+from perf.machine import describe_machine
+from perf.output import merged_results, print_conditions, write_json
 from replay.rebuild import RebuildOptions, RebuildResult, rebuild
 from replay.recount import recount_shard
 from replay.verify import verify
@@ -160,10 +156,8 @@ async def timed_recount(config: Config, shard: int, chain: bool) -> dict:
             "counts": result.polls[POLL].counts}
 
 
-async def run(args: argparse.Namespace, work_dir: Path) -> dict:
-    config = Config(data_dir=str(work_dir), shards=args.shards).validate()
-    check_coprime(args.voters)
-    cut = int(args.voters * args.snapshot_fraction)
+def write_until_cut(config: Config, args: argparse.Namespace, cut: int) -> int:
+    """The poll and the votes of voters [0, cut) into the WAL; returns the next batch seq."""
     writer = Writer(config, args)
     started = time.perf_counter()
     try:
@@ -176,6 +170,14 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict:
     write_s = time.perf_counter() - started
     print(f"== wrote {writer.records:,} records ({writer.bytes:,} bytes) for {cut:,} voters "
           f"in {write_s:.1f} s; snapshot at {cut:,} voters ...", flush=True)
+    return batch_seq_next
+
+
+async def run(args: argparse.Namespace, work_dir: Path) -> dict:
+    config = Config(data_dir=str(work_dir), shards=args.shards).validate()
+    check_coprime(args.voters)
+    cut = int(args.voters * args.snapshot_fraction)
+    batch_seq_next = write_until_cut(config, args, cut)
     first_snapshot, _ = await rebuild_once(config, args.shard, from_wal=True)
     writer = Writer(config, args)
     writer.batch_seq = batch_seq_next

@@ -22,7 +22,7 @@ new S3 client, as a fresh worker would, so its "S3 load" includes creating the c
 (~0.1 s here) besides the manifest and object GETs, the SHA-256 check and the thaw. The
 embedded WAL was just written, so its replay reads from the page cache.
 
-    python perf/bench_shard_recovery.py [--voters 1000000] [--wal embedded|kafka]
+    python -m perf.bench_shard_recovery [--voters 1000000] [--wal embedded|kafka]
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ import array
 import asyncio
 import collections
 import contextlib
-import importlib.util
-import os
 import random
 import sys
 import tempfile
@@ -42,13 +40,13 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-REPO_DIR = PERF_DIR.parent
-sys.path.insert(0, str(REPO_DIR))
-
+from deploy.local.stack import LocalStack
 from engine import signing
 from engine.config import Config
 from engine.keys import ensure_keys, load_keys
+from perf import RESULTS_DIR
+from perf.machine import describe_machine, package_version
+from perf.output import merged_results, print_conditions, write_json
 from shards.backends import make_snapshot_store, make_wal
 from shards.owner import ShardOwner
 from shards.records import (
@@ -299,15 +297,6 @@ async def start_owner(config: Config, shard: int, store, keyring) -> tuple[Shard
     )
 
 
-def load_stack_module():
-    spec = importlib.util.spec_from_file_location("votes_local_stack",
-                                                  REPO_DIR / "deploy" / "local" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("votes_local_stack", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def stack_config(stack, data_dir: Path, wal_kind: str, prefix: str, wal_topic: str = "",
                  **extra) -> Config:
     """A Config that uses the stack's S3 (and, for wal_kind 'kafka', its brokers with
@@ -396,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records-per-append", type=int, default=32)
     parser.add_argument("--base-port", type=int, default=None, help="the local stack's base port")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=PERF_DIR / "results" / "shard_recovery.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "shard_recovery.json")
     return parser.parse_args(argv)
 
 
@@ -471,19 +460,9 @@ def check_recovery(plan: Plan, seeded: Seeded, recovery: Recovery, expect_snapsh
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(PERF_DIR))
-    from common import (
-        describe_machine,
-        merged_results,
-        package_version,
-        print_conditions,
-        write_json,
-    )
-
-    stack_module = load_stack_module()
-    base_port = args.base_port or int(os.environ.get("VOTES_STACK_BASE_PORT",
-                                                     stack_module.DEFAULT_BASE_PORT))
-    stack = stack_module.LocalStack(base_port=base_port)
+    # The stack's own default (VOTES_STACK_BASE_PORT, else its default) unless given.
+    stack = LocalStack(base_port=args.base_port or None)
+    base_port = stack.base_port
     if not stack.is_up():
         print(f"the local stack on base port {base_port} is not up: run `make cluster-up`",
               file=sys.stderr)

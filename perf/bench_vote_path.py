@@ -3,11 +3,11 @@
 Drives `engine.app.App.__rsgi__` in-process (a fresh data dir, the embedded log with real
 fsyncs) from N closed-loop clients, each sending its next vote when it has the answer to the
 last, with real signed tokens and distinct voters. Granian is left out on purpose: this
-figure, beside the loop thread's CPU per vote under wrk (perf/bench_vote_vs_ceiling.py) and
+figure, beside the loop thread's CPU per vote under wrk (perf/bench_peers.py) and
 the ceiling's, says how much of the engine's cost is its own Python and how much the server
 and the GIL around it (docs/performance.md, "What limits the embedded engine now").
 
-    python perf/bench_vote_path.py [--shards 1] [--clients 64] [--votes 100000]
+    python -m perf.bench_vote_path [--shards 1] [--clients 64] [--votes 100000]
 
 Prints votes/s, the event loop thread's CPU per vote (time.thread_time) and the whole
 process's CPU per vote (the log writer's threads included), and how busy the loop was.
@@ -24,9 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
 
 
 class Scope:

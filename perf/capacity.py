@@ -7,7 +7,7 @@ otherwise (taken from docs/performance.md's runs, or stated as assumptions to be
 on real instances). Every output line shows its arithmetic, so a reader can check it and
 change one input at a time (``--set name=value``, repeatable).
 
-    python perf/capacity.py [--json] [--set engine_cpu_us_per_vote=120] [--results-dir DIR]
+    python -m perf.capacity [--json] [--set engine_cpu_us_per_vote=120] [--results-dir DIR]
 
 What it sizes: engine instances (one Granian worker per vCPU), the Kafka WAL (partitions =
 shards, brokers from transactions, bandwidth and partition count), the Redis cluster
@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from perf import RESULTS_DIR
+
 # A measured engine's CPU per vote is used only if its worker was at least this busy.
 ENGINE_BUSY_PERCENT_MIN = 50.0
 # Brokers sized from measured CPU per transaction: an m7i.2xlarge (8 vCPU), kept at most
@@ -95,21 +96,37 @@ def default_inputs() -> dict[str, Figure]:
     }
 
 
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def load_measured(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
     """Override defaults with figures from the result files; returns what was used."""
+    return [*measured_engine_cpu(results_dir, inputs),
+            *measured_transactions(results_dir, inputs),
+            *measured_micro(results_dir, inputs)]  # fmt: skip
+
+
+def measured_engine_cpu(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
+    """Engine CPU per vote from peers.json (perf/bench_peers.py), if a busy engine ran."""
     used = []
     peers_path = results_dir / "peers.json"
-    try:
-        peers = json.loads(peers_path.read_text())
-    except (OSError, ValueError):
-        peers = None
+    peers = read_json(peers_path)
     if peers:
         when = peers.get("conditions", {}).get("time_utc", "?")
+        # A peer whose counts did not add up in the last round has no figure to give.
+        invalid = (peers.get("integrity", {}).get("invalid_peers_by_round") or [[]])[-1]
         skipped = []
         for engine in ("kafka", "embedded"):
             result = peers.get("peers", {}).get(engine, {}).get("scenarios", {}).get("closed_max")
             cpu = (result or {}).get("cpu") or {}
             if not (result and cpu.get("server_percent") and result.get("created_per_s")):
+                continue
+            if engine in invalid:
+                skipped.append(f"{engine} (INVALID: its integrity checks failed)")
                 continue
             # A worker that was mostly idle (waiting on its WAL) spreads fixed costs over
             # few votes: its CPU per vote says little about a loaded worker. Use the
@@ -124,11 +141,14 @@ def load_measured(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
                 f"only, worker at {cpu['server_percent']:.0f}% of a core{note}")  # fmt: skip
             used.append(f"engine_cpu_us_per_vote from {peers_path.name} ({engine})")
             break
+    return used
+
+
+def measured_transactions(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
+    """Broker transactions per second from kafka_transactions.json, if present."""
+    used = []
     transactions_path = results_dir / "kafka_transactions.json"
-    try:
-        transactions = json.loads(transactions_path.read_text())
-    except (OSError, ValueError):
-        transactions = None
+    transactions = read_json(transactions_path)
     cases = [case for case in (transactions or {}).get("cases", [])
              if case.get("retry_ms") == ENGINE_TRANSACTION_RETRY_MS]
     if cases:
@@ -145,11 +165,14 @@ def load_measured(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
             f"{BROKER_VCPUS} vCPU x {inputs['vcpu_share_of_core'].value:g} at "
             f"{BROKER_CPU_BUDGET:.0%} busy")  # fmt: skip
         used.append(f"broker transactions from {transactions_path.name}")
+    return used
+
+
+def measured_micro(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
+    """WAL bytes and bitmap/locator bits from micro.json (perf/bench_micro.py), if present."""
+    used = []
     micro_path = results_dir / "micro.json"
-    try:
-        micro = json.loads(micro_path.read_text())
-    except (OSError, ValueError):
-        micro = None
+    micro = read_json(micro_path)
     if micro:
         when = micro.get("conditions", {}).get("time_utc", "?")
         wal = micro.get("wal") or {}
@@ -188,6 +211,20 @@ class Model:
         return value
 
     def run(self) -> Model:
+        """Every tier in turn; a later tier reads what an earlier one put in ``out``."""
+        self._engine()
+        self._kafka()
+        self._redis_and_edge()
+        self._results_and_memory()
+        s = "fleet"
+        o = self.out
+        self.put(s, "ec2_instances_total",
+                 o["engine_instances"] + o["kafka_brokers"] + o["redis_nodes"] + o["haproxy_instances"] +
+                 o["results_instances_with_cdn"],
+                 "engine + Kafka brokers + Redis nodes + HAProxy + results (CDN variant)")  # fmt: skip
+        return self
+
+    def _engine(self) -> None:
         i = self.i
         s = "requirement"
         design = self.put(s, "design_votes_per_s", i["peak_votes_per_s"] * i["headroom"],
@@ -218,6 +255,10 @@ class Model:
         self.put(s, "peak_votes_per_s_per_shard", round(i["peak_votes_per_s"] / i["shards"], 1),
                  f"{i['peak_votes_per_s']:,.0f} / {i['shards']:g}")  # fmt: skip
 
+    def _kafka(self) -> None:
+        i, o = self.i, self.out
+        design, instances = o["design_votes_per_s"], o["engine_instances"]
+        workers_per_instance = o["workers_per_instance"]
         s = "kafka"
         partitions = self.put(s, "wal_partitions", i["shards"], "= shards (shard s is partition s)")
         txn_per_s = self.put(s, "transactions_per_s", partitions * 1000 / i["commit_interval_ms"],
@@ -249,6 +290,11 @@ class Model:
                                  by_partitions, i["replication_factor"]), int(i["azs"])),
                  "the same max() with the per-worker transaction rate")  # fmt: skip
 
+    def _redis_and_edge(self) -> None:
+        i, o = self.i, self.out
+        design, instances = o["design_votes_per_s"], o["engine_instances"]
+        workers_per_instance = o["workers_per_instance"]
+        workers_total = instances * workers_per_instance
         s = "redis"
         calls = design * i["redis_calls_per_vote"] + instances * workers_per_instance * \
             i["tally_publish_per_s_per_owner"] * i["polls_concurrent"]
@@ -269,6 +315,8 @@ class Model:
                  f"ceil({design:,.0f} / {i['haproxy_req_per_s_per_vcpu']:,.0f}) = {haproxy_vcpus} vCPU "
                  f"/ {i['haproxy_vcpus_per_instance']:g}, up to a multiple of {i['azs']:g}; behind an NLB")  # fmt: skip
 
+    def _results_and_memory(self) -> None:
+        i, instances = self.i, self.out["engine_instances"]
         s = "results"
         viewer_req = i["viewers_concurrent"] / i["results_update_s"]
         self.put(s, "viewer_requests_per_s_at_cdn", viewer_req,
@@ -300,13 +348,6 @@ class Model:
                  round((bitmap + locator) * i["polls_concurrent"] / instances / 1e9, 2),
                  f"({bitmap / 1e9:.3f} + {locator / 1e9:.2f}) GB x {i['polls_concurrent']:g} polls / "
                  f"{instances} instances")  # fmt: skip
-
-        s = "fleet"
-        self.put(s, "ec2_instances_total",
-                 instances + brokers + primaries * 2 + self.out["haproxy_instances"] +
-                 self.out["results_instances_with_cdn"],
-                 "engine + Kafka brokers + Redis nodes + HAProxy + results (CDN variant)")  # fmt: skip
-        return self
 
 
 def render(model: Model, inputs: dict[str, Figure], used: list[str]) -> str:

@@ -6,13 +6,12 @@ authentication, no state and no I/O beyond the socket, so the engine's throughpu
 by this one's, measured side by side with the same generator, is the fraction of the
 server stack's ceiling that the engine reaches.
 
-Run it as ``python perf/ceiling.py --port P [--workers N]``; it serves on 127.0.0.1 only.
+Run it as ``python -m perf.ceiling --port P [--workers N]``; it serves on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 RESPONSE_STATUS = 201
 RESPONSE_HEADERS = [("content-type", "application/json")]
@@ -38,10 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from granian import Granian
 
-    # The target is this file by path, so the worker processes import it the same way
-    # whatever the current directory is.
+    # The target by module name: the workers import it as the package module it is.
     server = Granian(
-        f"{Path(__file__).resolve()}:app",
+        "perf.ceiling:app",
         interface="rsgi",
         address="127.0.0.1",
         port=args.port,

@@ -30,7 +30,7 @@ them: no histogram bins, so no quantisation to correct for. The last line
 of stdout is ``VOTES_LOADGEN_SUMMARY {json}``; ``VOTES_LOADGEN_READY`` goes to stderr once
 the tokens are loaded and every connection is open, so a harness can start sampling CPU.
 
-    python perf/loadgen.py --url http://127.0.0.1:8000 --tokens tokens.txt \\
+    python -m perf.loadgen --url http://127.0.0.1:8000 --tokens tokens.txt \\
         --profile 5:2000 --connections 64 --polls bench --options a,b,c
 """
 

@@ -7,7 +7,7 @@
 - peers_over_time.png: 201/s per second of the closed-loop max run, and the burst at a
   poll's opening (201/s per second, and p99 of the requests scheduled in each second).
 
-    python perf/plots.py [perf/results/peers.json]
+    python -m perf.plots [perf/results/peers.json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from perf import RESULTS_DIR
+
 CLOSED_SCENARIOS = (("closed_max", "max, 1 poll"), ("repeat_votes", "30% repeats"),
                     ("many_polls", "16 polls"))  # fmt: skip
 PERCENTILES = ("p50", "p90", "p99", "p99.9", "max")

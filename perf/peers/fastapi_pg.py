@@ -13,7 +13,7 @@ between the two peers is the framework and server (FastAPI, pydantic, Starlette,
 and nothing else.
 
     VOTES_PEER_KEYS_DIR=... VOTES_PEER_DSN=postgresql://... \\
-        python perf/peers/fastapi_pg.py --port P
+        python -m perf.peers.fastapi_pg --port P
 """
 
 from __future__ import annotations
@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated
 
 import asyncpg
 from fastapi import Depends, FastAPI, HTTPException
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import shared
-from fastapi_shared import (
+from perf.peers import shared
+from perf.peers.fastapi_shared import (
     PollIn,
     VoteIn,
     add_readiness,
@@ -97,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(shared.create_pg_schema(os.environ[shared.DSN_ENV]))
     import uvicorn
 
-    uvicorn.run("fastapi_pg:app", app_dir=str(Path(__file__).resolve().parent), host="127.0.0.1",
+    uvicorn.run("perf.peers.fastapi_pg:app", host="127.0.0.1",
                 port=args.port, workers=args.workers, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning")  # fmt: skip
 

@@ -12,25 +12,21 @@ leaves a voter marked as voted with no vote counted. It is here as the fast, los
 baseline that a durable design is often compared with.
 
     VOTES_PEER_KEYS_DIR=... VOTES_PEER_REDIS_URL=redis://127.0.0.1:P/0 \\
-        python perf/peers/fastapi_redis.py --port P
+        python -m perf.peers.fastapi_redis --port P
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated
 
 import redis.asyncio as redis
 from fastapi import Depends, FastAPI, HTTPException
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import shared
-from fastapi_shared import (
+from perf.peers import shared
+from perf.peers.fastapi_shared import (
     PollIn,
     VoteIn,
     add_readiness,
@@ -98,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run("fastapi_redis:app", app_dir=str(Path(__file__).resolve().parent),
-                host="127.0.0.1", port=args.port, workers=args.workers, loop="uvloop",
-                http="httptools", access_log=False, log_level="warning")  # fmt: skip
+    uvicorn.run("perf.peers.fastapi_redis:app", host="127.0.0.1", port=args.port,
+                workers=args.workers, loop="uvloop", http="httptools", access_log=False,
+                log_level="warning")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-import shared
 from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
+
+from perf.peers import shared
 
 OPTION_PATTERN = shared.IDENTIFIER.pattern
 

@@ -15,7 +15,7 @@ a counter row in the same statement (a CTE), which serialises votes for one opti
 that row's lock until commit.
 
     VOTES_PEER_KEYS_DIR=<data dir with keys/> VOTES_PEER_DSN=postgresql://... \\
-        python perf/peers/granian_asyncpg.py --port P [--workers 1]
+        python -m perf.peers.granian_asyncpg --port P [--workers 1]
 """
 
 from __future__ import annotations
@@ -23,14 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
-from pathlib import Path
 
 import msgspec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import shared
+from perf.peers import shared
 
 JSON = [("content-type", "application/json")]
 PROBLEM = [("content-type", "application/problem+json")]
@@ -177,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(shared.create_pg_schema(os.environ[shared.DSN_ENV]))
     from granian import Granian
 
-    Granian(f"{Path(__file__).resolve()}:app", interface="rsgi", address="127.0.0.1",
+    # The target by module name: the workers import it as the package module it is.
+    Granian("perf.peers.granian_asyncpg:app", interface="rsgi", address="127.0.0.1",
             port=args.port, workers=args.workers, loop="uvloop", log_access=False).serve()  # fmt: skip
 
 

@@ -6,13 +6,13 @@ covers every request. Then the same voters again are all refused as repeats (409
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parents[2] / "perf"
-sys.path.insert(0, str(PERF_DIR))
-
-import bench_peers
+from perf import PERF_DIR, bench_peers
+from perf.open_loop import run_open
+from perf.peer_api import create_poll, settled_total
+from perf.peer_servers import Harness
+from perf.scenarios import load_scenarios
 
 RATE_PER_S = 200
 DURATION_S = 1.0
@@ -21,16 +21,16 @@ DURATION_S = 1.0
 def test_open_loop_votes_match_the_engine_results(tmp_path: Path) -> None:
     args = bench_peers.parse_args(["--data-root", str(tmp_path), "--peers", "embedded",
                                    "--ready-timeout-s", "60", "--mint-procs", "1"])
-    scenario_set = bench_peers.load_scenarios(PERF_DIR / "scenarios" / "default.toml", 1.0)
-    h = bench_peers.Harness(args, scenario_set, tmp_path, wrk_path="wrk")
+    scenario_set = load_scenarios(PERF_DIR / "scenarios" / "default.toml", 1.0)
+    h = Harness(args, scenario_set, tmp_path, wrk_path="wrk")
     h.prepare_keys()
     peer = h.start("embedded")
     try:
-        bench_peers.create_poll(peer, "bench", ["a", "b", "c"], h.admin_token)
+        create_poll(peer, "bench", ["a", "b", "c"], h.admin_token)
         count = int(RATE_PER_S * DURATION_S)
         tokens = h.pool.take(count, "open")
-        run = bench_peers.run_open(h, peer, tokens, [(DURATION_S, RATE_PER_S)], ["bench"], 8)
-        total = bench_peers.settled_total(peer, ["bench"], h.admin_token, 10)
+        run = run_open(h, peer, tokens, [(DURATION_S, RATE_PER_S)], ["bench"], 8)
+        total = settled_total(peer, ["bench"], h.admin_token, 10)
         assert run["statuses"] == {"201": count}
         assert run["scheduled"] == run["sent"] == run["answered"] == count
         assert run["unanswered"] == 0 and run["overloaded_at_s"] is None
@@ -38,8 +38,8 @@ def test_open_loop_votes_match_the_engine_results(tmp_path: Path) -> None:
         assert 0 < run["latency_us"]["p50"] <= run["latency_us"]["p99"] <= run["latency_us"]["max"]
         assert sum(run["series"]["created"]) == count
         assert run["cpu"]["server_percent"] is not None
-        again = bench_peers.run_open(h, peer, tokens, [(DURATION_S, RATE_PER_S)], ["bench"], 8)
+        again = run_open(h, peer, tokens, [(DURATION_S, RATE_PER_S)], ["bench"], 8)
         assert again["statuses"] == {"409": count}
-        assert bench_peers.settled_total(peer, ["bench"], h.admin_token, 10) == count
+        assert settled_total(peer, ["bench"], h.admin_token, 10) == count
     finally:
         peer.stop()

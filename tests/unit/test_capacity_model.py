@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PERF_DIR = Path(__file__).resolve().parents[2] / "perf"
-sys.path.insert(0, str(PERF_DIR))
-
-import capacity
+from perf import REPO_DIR, capacity
 
 
 def model_of(*argv: str) -> tuple[dict, dict]:
@@ -23,12 +20,13 @@ def model_of(*argv: str) -> tuple[dict, dict]:
 
 
 def test_runs_with_no_arguments_and_prints_the_fleet() -> None:
-    done = subprocess.run([sys.executable, str(PERF_DIR / "capacity.py")], capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-m", "perf.capacity"], capture_output=True,
+                          text=True, timeout=60, check=False, cwd=REPO_DIR)
     assert done.returncode == 0, done.stderr
     assert "Fleet:" in done.stdout and "engine instances" in done.stdout
-    json_done = subprocess.run([sys.executable, str(PERF_DIR / "capacity.py"), "--json"],
-                               capture_output=True, text=True, timeout=60, check=False)
+    json_done = subprocess.run([sys.executable, "-m", "perf.capacity", "--json"],
+                               capture_output=True, text=True, timeout=60, check=False,
+                               cwd=REPO_DIR)
     document = json.loads(json_done.stdout)
     assert document["outputs"]["design_votes_per_s"] == 500_000
 

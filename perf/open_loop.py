@@ -1,0 +1,83 @@
+"""One open-loop run of a peer: perf/loadgen.py sends votes at scheduled times.
+
+Latency counts from each request's intended send time, so a stalled server cannot hide
+the requests it delayed (no coordinated omission). The generator runs as its own process
+(``python -m perf.loadgen``); its CPU is sampled once it says every connection is open.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from perf import REPO_DIR, BenchError
+from perf.closed_loop import cpu_json, cpu_us_per_created
+from perf.cpu_sampling import CpuSampler
+from perf.loadgen import READY_TAG, SUMMARY_TAG
+
+if TYPE_CHECKING:
+    from perf.peer_servers import Harness, RunningPeer
+
+READY_TIMEOUT_S = 120.0  # loading a token file of millions of lines, opening connections
+EXIT_MARGIN_S = 120.0  # beyond schedule + drain: writing the summary of exact latencies
+
+
+def run_open(h: Harness, peer: RunningPeer, tokens: Path, segments: list[tuple[float, float]],
+             polls: list[str], connections: int) -> dict:  # fmt: skip
+    profile = ",".join(f"{d:g}:{r:.3f}" for d, r in segments)
+    argv = [sys.executable, "-m", "perf.loadgen", "--url", peer.base_url, "--tokens", str(tokens),
+            "--profile", profile, "--connections", str(connections), "--polls", ",".join(polls),
+            "--options", ",".join(h.set.options), "--drain-timeout-s", str(h.args.drain_timeout_s)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO_DIR)  # fmt: skip
+    ready = threading.Event()
+    stderr_lines: list[str] = []
+    stdout_lines: list[str] = []
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            if line.startswith(READY_TAG):
+                ready.set()
+            else:
+                stderr_lines.append(line)
+        ready.set()
+
+    readers = [threading.Thread(target=read_stderr, daemon=True),
+               threading.Thread(target=lambda: stdout_lines.extend(proc.stdout), daemon=True)]  # fmt: skip
+    for reader in readers:
+        reader.start()
+    sampler = None
+    schedule_s = sum(d for d, _ in segments)
+    try:
+        if not ready.wait(READY_TIMEOUT_S):
+            raise BenchError(f"loadgen did not get ready within {READY_TIMEOUT_S:g} s")
+        if proc.poll() is None:
+            sampler = CpuSampler({**peer.cpu_roots(), "generator": proc.pid}).start()
+        proc.wait(timeout=schedule_s + h.args.drain_timeout_s + EXIT_MARGIN_S)
+    finally:
+        cpu = sampler.stop() if sampler is not None else None
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for reader in readers:
+            reader.join(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    line = next((l for l in stdout_lines if l.startswith(SUMMARY_TAG)), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"loadgen exited {proc.returncode}: {shlex.join(argv)}\n"
+                         f"{''.join(stderr_lines)[-3000:]}")  # fmt: skip
+    summary = json.loads(line[len(SUMMARY_TAG) :])
+    cpu_doc = cpu_json(cpu, "generator")
+    summary.update(
+        argv=shlex.join(argv[1:]).replace(str(REPO_DIR) + "/", ""),
+        in_flight_at_end=summary["unanswered"] + summary["connection_lost_pending"],
+        cpu=cpu_doc,
+        cpu_us_per_created=cpu_us_per_created(cpu_doc, summary["created_per_s"]),
+    )
+    return summary
