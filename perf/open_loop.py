@@ -68,7 +68,7 @@ def run_open(h: Harness, peer: RunningPeer, tokens: Path, segments: list[tuple[f
             reader.join(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
-    line = next((l for l in stdout_lines if l.startswith(SUMMARY_TAG)), None)
+    line = next((text for text in stdout_lines if text.startswith(SUMMARY_TAG)), None)
     if proc.returncode != 0 or line is None:
         raise BenchError(f"loadgen exited {proc.returncode}: {shlex.join(argv)}\n"
                          f"{''.join(stderr_lines)[-3000:]}")  # fmt: skip

@@ -16,9 +16,9 @@ PostgreSQL refuses to run as root, so when run as root the cluster's files belon
 ``postgres`` system user (created by the Debian package) and every server command runs as
 that user.
 
-    python deploy/local/postgres.py up --data-dir /var/tmp/pg --port 19950   # prints JSON
-    python deploy/local/postgres.py createdb --data-dir /var/tmp/pg --port 19950 NAME
-    python deploy/local/postgres.py down --data-dir /var/tmp/pg [--wipe]
+    python -m deploy.local.postgres up --data-dir /var/tmp/pg --port 19950   # prints JSON
+    python -m deploy.local.postgres createdb --data-dir /var/tmp/pg --port 19950 NAME
+    python -m deploy.local.postgres down --data-dir /var/tmp/pg [--wipe]
 
 Python API: ``PostgresCluster(data_dir, port).up()`` → dict, ``.createdb(name)``,
 ``.query(sql, database)``, ``.postmaster_pid()``, ``.down(wipe=False)``.
@@ -36,11 +36,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-if not __package__:
-    # Run as a file, or imported as `postgres` with deploy/local on sys.path (perf/): make
-    # the repo root importable so that the installer resolves as deploy.local.installer.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from deploy.local.installer import InstallError, ensure_debian_package
 

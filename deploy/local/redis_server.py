@@ -3,8 +3,7 @@
 The engine keeps only leases in Redis, which expire anyway, so nothing is saved to disk
 (`--save "" --appendonly no`): a restarted Redis starts empty, as after a real failover.
 The binary is Debian's `redis-server`, installed through the project's installer when
-missing. (Named redis_server, not redis, so that it never shadows the redis client
-library when deploy/local is on sys.path.)
+missing.(Named redis_server, not redis: a module named redis would read as the client library.)
 """
 
 from __future__ import annotations

@@ -37,11 +37,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-if not __package__:
-    # Run as a file (`python deploy/local/stack.py`) or loaded by path: make the repo root
-    # importable so that the package's modules resolve as deploy.local.*.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from deploy.local import kafka_brokers, seaweedfs
 from deploy.local.kafka_admin import (
     BROKERS_TIMEOUT_S,
@@ -474,8 +469,8 @@ def _maybe_reexec_in_venv() -> None:
         python = venv / "bin" / "python"
         # The venv's python is often a symlink to this very interpreter: compare prefixes.
         if python.exists() and Path(sys.prefix).resolve() != venv.resolve():
-            # The file path, not -m: it runs from any working directory.
-            os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+            os.chdir(REPO_ROOT)  # deploy/ is a package at the repository root
+            os.execv(str(python), [str(python), "-m", "deploy.local.stack", *sys.argv[1:]])
 
 
 def _parser() -> argparse.ArgumentParser:
