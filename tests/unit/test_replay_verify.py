@@ -232,3 +232,17 @@ def test_a_log_signed_with_another_deployment_key_fails_on_every_batch(tmp_path)
     ensure_keys(tmp_path)  # new keys: every stored signature is by an unknown key id
     report = run(config)
     assert len(signature_findings(report)) == 6, render(report)
+
+
+def test_with_polls_asked_for_only_their_batches_are_checked(tmp_path):
+    """Another deployment's poll in the same log, signed with its key (a shared Kafka topic):
+    not a finding when verify is asked about poll "a" only, a finding without --poll."""
+    config, _, _, _ = seeded(tmp_path)
+    foreign = vote_batch(SHARD, 99, {"b": [(500, 0)]}, batch_position=0,
+                         batch_nodes=[bytes(32)], signature=bytes(64), key_id="r-elsewhere")
+    write_log(tmp_path, SHARD, [poll_created("b", OPTIONS), foreign])
+    report = asyncio.run(verify(config, [SHARD], polls=["a"]))
+    assert report.ok, render(report)
+    assert any("1 vote batches hold no vote of the polls asked for" in note
+               for note in report.notes), report.notes
+    assert len(signature_findings(run(config))) == 1
