@@ -11,7 +11,13 @@ given the engine's URL, with the live results.
   two fetches agree (at most `live_attempts` times); results that never settle are reported
   as moving, not compared. An embargoed open poll hides its counts: not compared. Live is
   compared only when every shard is recounted (the endpoint sums them all).
-Every difference names the shard, the poll and the option.
+- Signatures: every vote batch's Ed25519 signature, with the public keys from the data
+  dir's keys, over the votes the batch holds (replay/signatures.py). A batch that fails is a
+  difference naming the shard and the record's offset (at most SIGNATURE_FINDINGS_MAX listed
+  per shard, then a count); a data dir without the public key document is one difference.
+  With polls asked for, only the batches holding their votes are checked (a note counts the
+  others).
+Every difference names the shard, the poll and the option (a signature one: shard and offset).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from engine.config import Config
 from replay.context import snapshot_description, wal_description
 from replay.errors import BadInput
 from replay.live import fetch_results, live_view
+from replay.rawlog import Batch, Frame, decode_raw
 from replay.recount import (
     RECOUNT_CONCURRENCY,
     REJECTION_REASONS,
@@ -32,17 +39,20 @@ from replay.recount import (
     ShardRecount,
     gather_all,
 )
+from replay.signatures import BatchSignatures
 from replay.snapshot_view import ShardSnapshot, newest_snapshots
 from replay.sources import ReadEnd, ShardLog
 
 LIVE_ATTEMPTS_DEFAULT = 5
 LIVE_ATTEMPTS_MAX = 100
 VOTERS_LISTED_MAX = 5
+# A log signed with another key fails on every batch: list a few, count the rest.
+SIGNATURE_FINDINGS_MAX = 20
 
 
 @dataclass
 class Difference:
-    kind: str  # "snapshot" or "live"
+    kind: str  # "snapshot", "live" or "signature"
     shard: int | None
     poll: str | None
     option: str | None
@@ -92,16 +102,57 @@ class VerifyReport:
 class _ShardReading:
     """One shard's recount, fed incrementally (each read resumes where the last stopped)."""
 
-    def __init__(self, config: Config, shard: int, snapshot: ShardSnapshot) -> None:
+    def __init__(self, config: Config, shard: int, snapshot: ShardSnapshot,
+                 signatures: BatchSignatures | None, polls: list[str] | None = None) -> None:
         self.shard = shard
         self.snapshot = snapshot
         captures = [] if snapshot.offset is None else [snapshot.offset]
         self.recounter = Recounter(shard, config.shards, chain=False, capture_at=captures)
         self.log = ShardLog(config, shard)
         self.end = ReadEnd(0, None)
+        self.signatures = signatures
+        self.bad_signatures: list[Difference] = []
+        self.bad_signatures_total = 0
+        # With polls asked for, only the batches that hold their votes are checked: a topic
+        # may be shared with other deployments' polls, signed with their keys.
+        self.signed_polls = set(polls) if polls else None
+        self.batches_not_asked = 0
 
     async def read(self) -> None:
-        self.end = await self.log.read(self.recounter.feed, from_offset=self.end.end_offset)
+        self.end = await self.log.read(self._feed, from_offset=self.end.end_offset)
+
+    def _feed(self, frame: Frame) -> None:
+        """Check a vote batch's signature before the recount applies it (the poll's options
+        are the ones the log created before this record)."""
+        record = decode_raw(frame.payload, f"shard {self.shard} record at offset {frame.offset}")
+        if isinstance(record, Batch) and self.signatures is not None and \
+                not self._asked(record):
+            self.batches_not_asked += 1
+        elif isinstance(record, Batch) and self.signatures is not None:
+            problem = self.signatures.problem_of(record, self.shard, self._options_of)
+            if problem is not None:
+                self.bad_signatures_total += 1
+                if len(self.bad_signatures) < SIGNATURE_FINDINGS_MAX:
+                    self.bad_signatures.append(Difference(
+                        "signature", self.shard, None, None,
+                        f"offset {frame.offset}: vote batch {record.batch_seq}: {problem}"))
+        self.recounter.apply(frame.offset, frame.next_offset, record)
+
+    def _asked(self, batch: Batch) -> bool:
+        return self.signed_polls is None or \
+            any(group.poll in self.signed_polls for group in batch.groups)
+
+    def _options_of(self, poll: str) -> list[str] | None:
+        tally = self.recounter.polls.get(poll)
+        return None if tally is None else tally.options
+
+    def signature_differences(self) -> list[Difference]:
+        unlisted = self.bad_signatures_total - len(self.bad_signatures)
+        if unlisted <= 0:
+            return list(self.bad_signatures)
+        return self.bad_signatures + [Difference(
+            "signature", self.shard, None, None,
+            f"{unlisted} more vote batches whose signature does not hold (not listed)")]
 
     def result(self) -> ShardRecount:
         return self.recounter.result(self.end.end_offset, self.end.torn_tail)
@@ -117,15 +168,38 @@ async def _read_all(readings: list[_ShardReading]) -> None:
     await gather_all(one(reading) for reading in readings)
 
 
-async def verify(config: Config, shards: list[int], **options) -> VerifyReport:
-    """See the module docstring; `options` are polls, url and live_attempts."""
+async def verify(config: Config, shards: list[int], *, check_signatures: bool = True,
+                 **options) -> VerifyReport:
+    """See the module docstring; `options` are polls, url and live_attempts.
+    `check_signatures=False` skips the signature check (for logs written without keys, such
+    as benchmarks' made-up batches); the report then says so in a note."""
     snapshots = await newest_snapshots(config, shards)
-    readings = [_ShardReading(config, shard, snapshot) for shard, snapshot in zip(shards, snapshots)]
+    signatures = (BatchSignatures.from_data_dir(config.data_path, config.shards)
+                  if check_signatures else None)
+    readings = [_ShardReading(config, shard, snapshot,
+                              None if signatures is None else signatures.for_shard(),
+                              options.get("polls"))
+                for shard, snapshot in zip(shards, snapshots)]
     try:
-        return await _verify(config, shards, readings, snapshots, **options)
+        report = await _verify(config, shards, readings, snapshots, **options)
     finally:
         for reading in readings:
             await reading.log.close()
+    if signatures is None:
+        report.notes.append("batch signatures not checked (check_signatures=False)")
+        return report
+    report.notes += signatures.notes(sum(reading.signatures.nodes_not_rebuilt
+                                         for reading in readings))
+    not_asked = sum(reading.batches_not_asked for reading in readings)
+    if not_asked:
+        report.notes.append(f"{not_asked} vote batches hold no vote of the polls asked for: "
+                            "their signatures were not checked")
+    if signatures.keys_problem is not None:
+        report.differences.append(Difference("signature", None, None, None,
+                                             signatures.keys_problem))
+    for reading in readings:
+        report.differences += reading.signature_differences()
+    return report
 
 
 async def _verify(config: Config, shards: list[int], readings: list[_ShardReading],

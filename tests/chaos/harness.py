@@ -5,7 +5,8 @@ A schedule is an async function `schedule(run: ChaosRun)` that injects its fault
 `run.faults.fire(...)` while the load runs, and heals everything before it returns. Then
 `ChaosRun.finish` stops the load, restarts the engine(s) from disk / the WAL (so the state
 checked is the recovered one), reads the results, recounts the raw WAL with the replay tool
-and runs `votes replay verify`, and returns the checker's verdict.
+and runs `votes replay verify`, and returns the checker's verdict, which also verifies every
+receipt the load got with the deployment's keys (`receipt_keys`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from engine.config import Config, load_config
-from tests.chaos.checker import Verdict, check
+from tests.chaos.checker import SCHEDULE_EXPECTATION, ReceiptKeys, Verdict, check
 from tests.chaos.faults import FaultLog
 from tests.chaos.load import LoadClient
+from tests.support.http_client import ValidatingClient
 
 PROFILE_ENV = "VOTES_CHAOS_PROFILE"
 VERIFY_TIMEOUT_S = 300.0
@@ -110,9 +110,15 @@ def replay_verify(arguments: Sequence[str], env: dict[str, str] | None = None) -
 
 
 def results_of(base_url: str, poll: str) -> dict:
-    answer = httpx.get(f"{base_url}/v1/polls/{poll}/results", timeout=RESULTS_TIMEOUT_S)
+    with ValidatingClient(timeout=RESULTS_TIMEOUT_S) as client:
+        answer = client.get(f"{base_url}/v1/polls/{poll}/results")
     assert answer.status_code == 200, f"results: {answer.status_code} {answer.text[:300]}"
     return answer.json()
+
+
+def receipt_keys(config: Config) -> ReceiptKeys:
+    """The keys that verify the receipts of the deployment `config` runs (its data dir's)."""
+    return ReceiptKeys.from_data_dir(config.data_path, config.shards)
 
 
 class ChaosRun:
@@ -157,13 +163,15 @@ class ChaosRun:
         self.faults.note(f"load stopped: {len(self.load.ledger.requests)} requests "
                          f"{dict(counts)}{' (tokens exhausted)' if self.load.exhausted else ''}")
 
-    def finish(self, results: dict, counted: dict[int, str], verify: tuple[int, str] | None
-               ) -> Verdict:
-        """Check the ledger against the recovered state; remember the verdict for the summary."""
+    def finish(self, results: dict, counted: dict[int, str], verify: tuple[int, str] | None,
+               keys: ReceiptKeys | None) -> Verdict:
+        """Check the ledger (receipts with `keys`) against the recovered state; remember the
+        verdict for the summary."""
         exit_code, output = verify if verify is not None else (None, "")
         verdict = check(self.schedule, self.load.ledger, self.faults, results, counted,
-                        exit_code, output)
-        verdict.problems += self.problems
+                        exit_code, output, poll=self.poll, keys=keys)
+        for problem in self.problems:
+            verdict.add(SCHEDULE_EXPECTATION, problem)
         VERDICTS.append(verdict)
         print(f"[chaos] {self.schedule}: {verdict.row()}", flush=True)
         for problem in verdict.problems:

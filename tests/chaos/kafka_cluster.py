@@ -41,6 +41,7 @@ from tests.chaos.harness import (
     ChaosRun,
     Profile,
     engine_config,
+    receipt_keys,
     recounted_voters,
     replay_verify,
     results_of,
@@ -333,7 +334,7 @@ def check_recovered(run: ChaosRun, engines: Sequence[EngineProcess], env: dict[s
                             "--poll", run.poll], env)
     run.faults.note(f"recount {verifying_s - recounting_s:.1f} s, verify "
                     f"{time.monotonic() - verifying_s:.1f} s")
-    return run.finish(results, counted, verify)
+    return run.finish(results, counted, verify, receipt_keys(config))
 
 
 # Tracebacks that libraries print for races they have under these faults and that lose

@@ -2,20 +2,33 @@
 
 Every request ends in exactly one outcome, which is all the checker may rely on:
 - ACKNOWLEDGED: 201 with a receipt: the vote is durable and must be counted, once;
-- DUPLICATE: 409 `already-voted`: the log holds a vote of this voter, which must be counted;
-- REJECTED: any other 4xx: refused before the log, never counted by this request;
+- DUPLICATE: 409 `already-voted` with the original receipt: the log holds a vote of this
+  voter, which must be counted;
+- REJECTED: a 4xx this load can legitimately get besides the 409 (EXPECTED_REJECTIONS, by
+  status and problem type): refused before the log, never counted by this request;
 - FAILED: 503 `wal-unavailable`, `not-ready` or `overloaded`, or a refused connection (not
   one byte reached the engine): nothing was counted by this request;
 - UNKNOWN: 503 `outcome-unknown`, a timeout, or a connection broken after it was made: the
   vote may or may not be in the log, and is counted at most once;
-- UNEXPECTED: a 5xx the contract does not allow (500, 502...): a defect in itself.
+- UNEXPECTED: a defect in itself: a 5xx the contract does not allow (500, 502...), any 4xx
+  not listed above (a 404 `poll-not-found`, a 401, a 422, a 400... during a fault), or a
+  response that breaks the OpenAPI document (engine/openapi.yaml; every response is
+  validated by tests/support/http_client.ValidatingAsyncClient).
+
+4xx are classified by the problem type (the `type` of the problem+json body, engine/errors.py),
+not by status alone: a 409 `poll-exists` is not a duplicate vote.
+
+Receipts are kept: `Request.receipt` is the 201 body (VoteReceipt) or the `receipt` of a 409
+(the original receipt), so the checker can verify each offline and hold each 409's against
+its voter's 201.
 
 The client keeps `concurrency` requests open (closed loop), optionally paced to `rate_per_s`.
 Each request picks, in this order of chance: a repeat of an acknowledged voter
 (`repeat_share`, expects 409), a retry of a voter whose last answer was FAILED or UNKNOWN
 (`retry_share`, as a real voter's app would retry), or the next fresh voter. A voter always
-sends the same option. `in_flight` is the number of requests sent and not yet answered; the
-fault log reads it when a fault fires.
+sends the same option, and never has two requests open at once except repeats after its
+acknowledgement. `in_flight` is the number of requests sent and not yet answered; the fault
+log reads it when a fault fires.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from tests.support.http_client import ValidatingAsyncClient
+
 ACKNOWLEDGED = "acknowledged"
 DUPLICATE = "duplicate"
 REJECTED = "rejected"
@@ -41,6 +56,14 @@ NOTHING_STORED_PROBLEMS = frozenset({"/problems/wal-unavailable", "/problems/not
                                      "/problems/overloaded"})
 OUTCOME_UNKNOWN_PROBLEM = "/problems/outcome-unknown"
 ALREADY_VOTED_PROBLEM = "/problems/already-voted"
+# The 4xx (status, problem type) a vote of this load may legitimately get, other than the 409
+# `already-voted` of a repeat or of a retry after an unknown outcome: none. Every vote carries
+# a valid, unexpired token bound to the run's poll (minted for an hour, runs last minutes),
+# names one of the poll's options in a well-formed body, and the poll is open and never
+# closed during a run; rate limits (429) and proof-of-work challenges (428) are reserved in
+# the contract and not enforced by the engine. So a 404, 401, 403, 422, 400... is a defect.
+EXPECTED_REJECTIONS: frozenset[tuple[int, str]] = frozenset()
+CONTRACT_DETAIL_CHARS_MAX = 600
 # Bounded: a stalled engine must not stall the client beyond this per request.
 REQUEST_TIMEOUT_S = 8.0
 CONNECT_TIMEOUT_S = 2.0
@@ -57,7 +80,10 @@ class Request:
     ended_s: float = 0.0
     outcome: str = UNKNOWN
     status: int | None = None
+    problem: str = ""  # the problem+json `type` of a 4xx/5xx answer
     detail: str = ""
+    # The 201 body, or the `receipt` (the original 201 body) of a 409; None otherwise.
+    receipt: dict | None = None
 
 
 def classify(status: int, problem: str) -> str:
@@ -69,17 +95,33 @@ def classify(status: int, problem: str) -> str:
         return FAILED
     if status == 503 and problem == OUTCOME_UNKNOWN_PROBLEM:
         return UNKNOWN
-    if 400 <= status < 500:
+    if (status, problem) in EXPECTED_REJECTIONS:
         return REJECTED
     return UNEXPECTED
 
 
-def _problem_of(response: httpx.Response) -> str:
+def _body_of(response: httpx.Response) -> dict:
     try:
         body = response.json()
     except ValueError:
-        return ""
-    return str(body.get("type", "")) if isinstance(body, dict) else ""
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def record_answer(request: Request, status: int, body: dict) -> None:
+    """Fill `request` from an answer that passed the contract check."""
+    problem = str(body.get("type", "")) if status != 201 else ""
+    request.status = status
+    request.problem = problem
+    request.outcome = classify(status, problem)
+    request.detail = f"{status} {problem}".strip()
+    if request.outcome == ACKNOWLEDGED:
+        request.receipt = body
+    elif request.outcome == DUPLICATE:
+        receipt = body.get("receipt")
+        request.receipt = receipt if isinstance(receipt, dict) else None
+    elif request.outcome == UNEXPECTED:
+        request.detail += f" {str(body)[:200]}"
 
 
 @dataclass
@@ -129,7 +171,7 @@ class LoadClient:
         self._last_outcome: dict[int, str] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._client: httpx.AsyncClient | None = None
+        self._client: ValidatingAsyncClient | None = None
         self._next_send_s = 0.0
         self.exhausted = False
 
@@ -142,7 +184,7 @@ class LoadClient:
         limits = httpx.Limits(max_connections=self.concurrency * len(self.targets),
                               max_keepalive_connections=self.concurrency * len(self.targets))
         timeout = httpx.Timeout(self.request_timeout_s, connect=CONNECT_TIMEOUT_S)
-        self._client = httpx.AsyncClient(limits=limits, timeout=timeout)
+        self._client = ValidatingAsyncClient(limits=limits, timeout=timeout)
         self._next_send_s = time.monotonic()
         self._tasks = [asyncio.create_task(self._worker(), name=f"load-{index}")
                        for index in range(self.concurrency)]
@@ -225,13 +267,13 @@ class LoadClient:
             request.outcome, request.detail = FAILED, f"refused: {type(error).__name__}"
         except httpx.TransportError as error:
             request.outcome, request.detail = UNKNOWN, f"transport: {type(error).__name__}"
+        except AssertionError as error:
+            # ValidatingAsyncClient: the answer breaks engine/openapi.yaml. A defect of the
+            # run (the checker fails on UNEXPECTED), not a crash of this worker.
+            request.outcome = UNEXPECTED
+            request.detail = f"contract violation: {error}"[:CONTRACT_DETAIL_CHARS_MAX]
         else:
-            problem = _problem_of(response)
-            request.status = response.status_code
-            request.outcome = classify(response.status_code, problem)
-            request.detail = f"{response.status_code} {problem}".strip()
-            if request.outcome == UNEXPECTED:
-                request.detail += f" {response.text[:200]}"
+            record_answer(request, response.status_code, _body_of(response))
         finally:
             self.in_flight -= 1
         request.ended_s = time.monotonic()

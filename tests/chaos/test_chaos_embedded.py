@@ -6,7 +6,10 @@ it again on the same data, so what the checker sees is the state recovered from 
 checker (tests/chaos/checker.py) then holds every answer the client got against the results,
 the replay tool's recount of the raw log and `votes replay verify`: no acknowledged vote
 lost, no voter counted twice, nothing counted that the client was told failed or was
-rejected, an unknown outcome counted at most once, no 5xx outside the contract.
+rejected, an unknown outcome counted at most once, no 5xx outside the contract, no 4xx but
+409 `already-voted` (every answer is validated against engine/openapi.yaml), every receipt
+verified offline with the data dir's public key and naming the poll and option sent, and
+every 409's receipt equal to its voter's 201 receipt.
 
 - `kill-workers`: two Granian workers (8 shards). Each round SIGKILLs one worker process at
   random (never the main process) with requests in flight; Granian respawns it, the new
@@ -34,7 +37,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.chaos.checker import Verdict
@@ -43,6 +45,7 @@ from tests.chaos.harness import (
     Profile,
     engine_config,
     profile_from_environment,
+    receipt_keys,
     recounted_voters,
     replay_verify,
     results_of,
@@ -51,6 +54,7 @@ from tests.chaos.harness import (
 from tests.chaos.load import ACKNOWLEDGED, DUPLICATE, FAILED, UNEXPECTED
 from tests.support.engine_process import EngineProcess
 from tests.support.filesystem import fill_filesystem, unmount
+from tests.support.http_client import ValidatingAsyncClient, ValidatingClient
 from tests.support.vote_client import open_poll
 
 PROFILE = profile_from_environment()
@@ -153,8 +157,8 @@ def start_with_poll(server: EngineProcess, schedule: str, profile: Profile) -> C
     rng = seeded_random(schedule)
     server.start()
     server.wait_ready()
-    shards_total = httpx.get(server.base_url + "/readyz", timeout=HTTP_TIMEOUT_S).json()[
-        "shards_total"]
+    with ValidatingClient(timeout=HTTP_TIMEOUT_S) as client:
+        shards_total = client.get(server.base_url + "/readyz").json()["shards_total"]
     assert shards_total == SHARDS, f"the server runs {shards_total} shards, not {SHARDS}"
     tokens = open_poll(server, POLL, OPTIONS, first_voter=FIRST_VOTER, voters=profile.voters,
                        timeout_s=HTTP_TIMEOUT_S)
@@ -177,12 +181,13 @@ def restart_and_check(run: ChaosRun, server: EngineProcess) -> Verdict:
     ready_s = server.wait_ready(RESTART_READY_WAIT_S)
     run.faults.note(f"server killed and restarted: ready after {ready_s:.2f} s")
     results = results_of(server.base_url, POLL)
-    counted = asyncio.run(recounted_voters(engine_config(server.data_dir, server.env), POLL))
+    config = engine_config(server.data_dir, server.env)
+    counted = asyncio.run(recounted_voters(config, POLL))
     verify = replay_verify(["--data-dir", str(server.data_dir), "--url", server.base_url,
                             "--poll", POLL])
     run.require("Traceback" not in server.log_text(),
                 f"the server logged a traceback:\n{server.log_tail()}")
-    return run.finish(results, counted, verify)
+    return run.finish(results, counted, verify, receipt_keys(config))
 
 
 # kill-workers ---------------------------------------------------------------------------------
@@ -259,7 +264,7 @@ async def hold_until_refused(run: ChaosRun, full_from: float) -> None:
 
 
 async def healthz(server: EngineProcess) -> int:
-    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+    async with ValidatingAsyncClient(timeout=HTTP_TIMEOUT_S) as client:
         return (await client.get(server.base_url + "/healthz")).status_code
 
 

@@ -6,7 +6,10 @@ requests in flight, heals them, and ends the same way: the engine(s) are SIGKILL
 again on the same data dirs (so what is checked was recovered from Kafka and S3, not memory),
 then the restarted engine's results, the replay tool's recount of the raw topic and
 `votes replay verify` must agree with every answer the client got: each 201 and 409 counted
-once with its option, nothing told FAILED counted, no 5xx outside the contract.
+once with its option, nothing told FAILED counted, no 5xx outside the contract and no 4xx but
+409 `already-voted` (every answer validated against engine/openapi.yaml), every receipt
+verified offline with the data dir's public key and naming the poll and option sent, every
+409's receipt equal to its voter's 201 receipt (tests/chaos/checker.py).
 
 - broker-restart: each round SIGKILLs one broker (rotating), waits (bounded) until votes sent
   after the kill are acknowledged by the two left, then restarts it and waits until every

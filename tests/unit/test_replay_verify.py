@@ -4,33 +4,80 @@ newest snapshot fails its checksum, verify says so in a note and compares the ol
 (recovery would use it too); a snapshot that calls an open poll closed, or misses a voter,
 is a difference naming the shard and poll; and a snapshot whose offset falls inside a record
 cannot be matched with the log, which is a difference too.
+
+Signatures (replay/signatures.py): the logs here are signed as the engine signs them
+(engine/signing.sign_commit, each commit cycle holding a batch of another shard too, so the
+signed root covers two nodes). A clean signed log has no finding; a batch whose signature is
+all zeros, has one flipped byte, names an unknown key, or whose votes were changed under an
+intact signature is a finding naming the shard and the record's offset, and `votes replay
+verify` exits 1 on it; a data dir without the public key document is a finding too.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import shutil
 from pathlib import Path
 
+import msgspec
+from click.testing import CliRunner
+
+from engine.cli import prepare_data_dir
 from engine.config import Config
+from engine.keys import RECEIPT_PUBLIC_FILE, ensure_keys, keys_dir, load_keys
+from engine.signing import VoteRun, VoterHasher, sign_commit
+from replay.cli import main as replay_main
+from replay.errors import EXIT_FINDING, EXIT_OK
 from replay.verify import render, verify
 from shards.backends import shard_directory
-from shards.records import decode_record, frame_record
+from shards.records import VoteBatch, decode_record, frame_record
 from shards.snapshots import DirectorySnapshotStore, freeze
 from shards.state import ShardState
-from tests.support.records import poll_created, vote_batch
+from tests.support.records import CREATED_MS, poll_created, vote_batch
 from tests.unit.test_replay_recount import write_log
 
 SHARD = 1
 SHARDS_TOTAL = 3
+OTHER_SHARD = 0
+OPTIONS = ["x", "y"]
 
 
-def seeded(tmp_path: Path) -> tuple[Config, list, list[tuple[int, int]], DirectorySnapshotStore]:
-    records = [poll_created("a", ["x", "y"])] + [
-        vote_batch(SHARD, seq, {"a": [(seq * 10 + voter, voter % 2) for voter in range(10)]})
-        for seq in range(6)]
+def signed_batch(data_dir: Path, seq: int, votes: list[tuple[int, int]]) -> VoteBatch:
+    """Vote batch `seq` of SHARD holding `votes` (voter index, option index) of poll "a",
+    signed as the engine signs a commit cycle: here with a batch of OTHER_SHARD before it."""
+    keyring = load_keys(data_dir)
+    hasher = VoterHasher(keyring.voter_hash_secret)
+
+    def run(shard: int, shard_votes: list[tuple[int, int]]) -> VoteRun:
+        return VoteRun("a", OPTIONS,
+                       array.array("Q", [voter * SHARDS_TOTAL + shard
+                                         for voter, _ in shard_votes]).tobytes(),
+                       array.array("H", [option for _, option in shard_votes]).tobytes())
+
+    time_ms = CREATED_MS + seq
+    _, signed = sign_commit(keyring, hasher, time_ms,
+                            [(OTHER_SHARD, seq, [run(OTHER_SHARD, [(7, 0)])]),
+                             (SHARD, seq, [run(SHARD, votes)])])
+    return vote_batch(SHARD, seq, {"a": votes}, time_ms=time_ms,
+                      batch_position=signed.batch_position, batch_nodes=list(signed.batch_nodes),
+                      signature=signed.signature, key_id=signed.key_id)
+
+
+def seeded(tmp_path: Path, tamper=None
+           ) -> tuple[Config, list, list[tuple[int, int]], DirectorySnapshotStore]:
+    """A signed log of poll "a" in SHARD: the poll, then six batches of ten votes. `tamper`
+    maps (batch_seq, batch) to the batch written in its place."""
+    config = Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL).validate()
+    prepare_data_dir(config)  # keys and cluster.json, as `votes serve` leaves them
+    batches = [signed_batch(tmp_path, seq, [(seq * 10 + voter, voter % 2) for voter in range(10)])
+               for seq in range(6)]
+    if tamper is not None:
+        batches = [tamper(seq, batch) for seq, batch in enumerate(batches)]
+    records = [poll_created("a", OPTIONS)] + batches
     positions = write_log(tmp_path, SHARD, records)
     store = DirectorySnapshotStore(shard_directory(tmp_path, SHARD) / "snapshots", SHARD, 3)
-    return Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL).validate(), records, positions, store
+    return config, records, positions, store
 
 
 def state_after(records: list, positions: list[tuple[int, int]], count: int) -> ShardState:
@@ -90,3 +137,112 @@ def test_snapshot_offset_inside_a_record_is_a_difference(tmp_path):
     report = run(config)
     assert not report.ok
     assert "not at a record boundary" in str(report.differences[0])
+
+
+# Signatures ----------------------------------------------------------------------------------
+
+TAMPERED_SEQ = 3
+
+
+def signature_findings(report) -> list[str]:
+    return [str(difference) for difference in report.differences
+            if difference.kind == "signature"]
+
+
+def tampered(change):
+    """A `tamper` for seeded() that applies `change` to batch TAMPERED_SEQ only."""
+    return lambda seq, batch: change(batch) if seq == TAMPERED_SEQ else batch
+
+
+def flip_byte(data: bytes, index: int) -> bytes:
+    changed = bytearray(data)
+    changed[index] ^= 0x01
+    return bytes(changed)
+
+
+def assert_one_finding_at_the_tampered_batch(config, positions, wanted: str) -> None:
+    report = run(config)
+    findings = signature_findings(report)
+    offset = positions[1 + TAMPERED_SEQ][0]
+    assert not report.ok
+    assert len(findings) == 1, findings
+    assert findings[0].startswith(f"signature: shard {SHARD}: offset {offset}: vote batch "
+                                  f"{TAMPERED_SEQ}: "), findings
+    assert wanted in findings[0], findings
+    result = CliRunner().invoke(replay_main, ["verify", "--data-dir", str(config.data_path),
+                                               "--shard", str(SHARD)])
+    assert result.exit_code == EXIT_FINDING, result.output
+    assert f"signature: shard {SHARD}: offset {offset}" in result.output, result.output
+
+
+def test_a_clean_signed_log_has_no_signature_finding(tmp_path):
+    config, _, _, _ = seeded(tmp_path)
+    report = run(config)
+    assert report.ok, render(report)
+    assert signature_findings(report) == []
+    result = CliRunner().invoke(replay_main, ["verify", "--data-dir", str(tmp_path),
+                                              "--shard", str(SHARD)])
+    assert result.exit_code == EXIT_OK, result.output
+
+
+def test_an_all_zero_signature_is_a_finding_naming_shard_and_offset(tmp_path):
+    config, _, positions, _ = seeded(tmp_path, tampered(
+        lambda batch: msgspec.structs.replace(batch, signature=bytes(64))))
+    assert_one_finding_at_the_tampered_batch(config, positions, "the signature does not verify")
+
+
+def test_a_signature_with_one_flipped_byte_is_a_finding(tmp_path):
+    config, _, positions, _ = seeded(tmp_path, tampered(
+        lambda batch: msgspec.structs.replace(batch, signature=flip_byte(batch.signature, 17))))
+    assert_one_finding_at_the_tampered_batch(config, positions, "the signature does not verify")
+
+
+def test_votes_changed_under_an_intact_signature_are_a_finding(tmp_path):
+    """The signature still verifies over the stored nodes; the votes no longer rebuild them."""
+    def other_option(batch: VoteBatch) -> VoteBatch:
+        group = batch.groups[0]
+        options = bytearray(group.options)
+        options[0] ^= 0x01  # vote 0 now names the other option
+        return msgspec.structs.replace(
+            batch, groups=[msgspec.structs.replace(group, options=bytes(options))])
+
+    config, _, positions, _ = seeded(tmp_path, tampered(other_option))
+    assert_one_finding_at_the_tampered_batch(config, positions,
+                                             "the votes are not the ones signed")
+
+
+def test_an_unknown_key_id_is_a_finding(tmp_path):
+    config, _, positions, _ = seeded(tmp_path, tampered(
+        lambda batch: msgspec.structs.replace(batch, key_id="r-elsewhere")))
+    assert_one_finding_at_the_tampered_batch(config, positions, "not a key of this deployment")
+
+
+def test_a_data_dir_without_the_public_key_document_is_a_finding(tmp_path):
+    config, _, _, _ = seeded(tmp_path)
+    (keys_dir(tmp_path) / RECEIPT_PUBLIC_FILE).unlink()
+    report = run(config)
+    assert not report.ok
+    assert any("batch signatures cannot be checked" in finding
+               for finding in signature_findings(report)), render(report)
+
+
+def test_a_log_signed_with_another_deployment_key_fails_on_every_batch(tmp_path):
+    config, _, _, _ = seeded(tmp_path)
+    shutil.rmtree(keys_dir(tmp_path))
+    ensure_keys(tmp_path)  # new keys: every stored signature is by an unknown key id
+    report = run(config)
+    assert len(signature_findings(report)) == 6, render(report)
+
+
+def test_with_polls_asked_for_only_their_batches_are_checked(tmp_path):
+    """Another deployment's poll in the same log, signed with its key (a shared Kafka topic):
+    not a finding when verify is asked about poll "a" only, a finding without --poll."""
+    config, _, _, _ = seeded(tmp_path)
+    foreign = vote_batch(SHARD, 99, {"b": [(500, 0)]}, batch_position=0,
+                         batch_nodes=[bytes(32)], signature=bytes(64), key_id="r-elsewhere")
+    write_log(tmp_path, SHARD, [poll_created("b", OPTIONS), foreign])
+    report = asyncio.run(verify(config, [SHARD], polls=["a"]))
+    assert report.ok, render(report)
+    assert any("1 vote batches hold no vote of the polls asked for" in note
+               for note in report.notes), report.notes
+    assert len(signature_findings(run(config))) == 1
