@@ -358,6 +358,14 @@ KNOWN_LIBRARY_TRACEBACKS = {
         r"Unexpected error in sender routine\n(?:" + _FRAMES + r".*\n" + _CAUSE + r")*"
         + _HEADER + r"(?:[ \t].*\n)*?[ \t]+File .*, in _find_coordinator\n(?:[ \t].*\n)*"
         r"aiokafka\.errors\.KafkaError: KafkaError: KafkaConnectionError\(.*\)"),
+    # aiohttp (under aiobotocore's S3 client): when S3 is killed while a request body is
+    # being written, the task writing it fails on the closed transport and nobody awaits it;
+    # the request itself fails, the snapshot store retries or keeps the previous snapshot.
+    "aiohttp: a request body written to S3's closed connection": re.compile(
+        r"Task exception was never retrieved\nfuture: <Task finished name='Task-\d+' "
+        r"coro=<.*aiohttp.*\n" + _FRAMES
+        + r"(?:aiohttp\.client_exceptions\.ClientConnectionResetError|ConnectionResetError): "
+        r"Cannot write to closing transport"),
 }
 
 
