@@ -22,7 +22,6 @@ import pytest
 
 from tests.support.vote_client import bearer
 
-
 _poll_numbers = itertools.count()
 FINAL_WAIT_S = 5.0
 

@@ -33,9 +33,10 @@ import pytest
 import redis
 
 from engine.keys import ensure_keys
-
+from tests.support import http_client
 from tests.support.cli import votes_cli
 from tests.support.engine_process import KAFKA_READINESS, EngineProcess, free_port, kafka_env
+from tests.support.http_client import ValidatingAsyncClient
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +106,7 @@ class Cluster:
     def open_poll(self) -> tuple[str, list[str]]:
         poll = f"own-{uuid.uuid4().hex[:12]}"
         admin = votes_cli("admin-token", "--data-dir", str(self.a.data_dir)).strip()
-        created = httpx.post(self.a.base_url + "/v1/polls", headers=bearer(admin),
+        created = http_client.post(self.a.base_url + "/v1/polls", headers=bearer(admin),
                              json={"id": poll, "options": OPTIONS}, timeout=REQUEST_TIMEOUT_S)
         assert created.status_code == 201, created.text
         tokens = votes_cli("token", "--data-dir", str(self.a.data_dir), "--voter", "1",
@@ -131,7 +132,7 @@ def option_of(voter: int) -> str:
 
 
 async def _send_all(base_url: str, poll: str, tokens: list[str], voters) -> dict[int, httpx.Response]:
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+    async with ValidatingAsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
         async def send(voter: int) -> tuple[int, httpx.Response]:
             return voter, await client.post(f"{base_url}/v1/polls/{poll}/votes",
                                             json={"option": option_of(voter)},
@@ -164,7 +165,7 @@ def assert_counts(engine: EngineProcess, poll: str, voters) -> None:
     expected = {option: 0 for option in OPTIONS}
     for voter in voters:
         expected[option_of(voter)] += 1
-    answer = httpx.get(f"{engine.base_url}/v1/polls/{poll}/results", timeout=REQUEST_TIMEOUT_S)
+    answer = http_client.get(f"{engine.base_url}/v1/polls/{poll}/results", timeout=REQUEST_TIMEOUT_S)
     assert answer.status_code == 200, answer.text
     assert answer.json()["counts"] == expected, (answer.json(), expected)
 
@@ -175,7 +176,7 @@ def test_static_map_forwards_votes_to_the_shard_holder(cluster):
     half = cluster.shards // 2
     assert cluster.holders() == {shard: cluster.a_id if shard < half else cluster.b_id
                                  for shard in range(cluster.shards)}
-    readiness = httpx.get(cluster.b.base_url + "/readyz").json()
+    readiness = http_client.get(cluster.b.base_url + "/readyz").json()
     assert (readiness["node_id"], readiness["shards_held"]) == (cluster.b_id, cluster.shards - half)
     poll, tokens = cluster.open_poll()
     voters = range(1, VOTERS + 1)
@@ -231,7 +232,7 @@ def wait_all_held_by(cluster: Cluster, engine: EngineProcess, node_id: str) -> f
     while time.monotonic() - started < LEASE_TTL_S + TAKEOVER_SLACK_S:
         if set(cluster.holders().values()) == {node_id}:
             try:
-                if httpx.get(engine.base_url + "/readyz", timeout=2).status_code == 200:
+                if http_client.get(engine.base_url + "/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -253,14 +254,14 @@ def test_live_node_takes_over_a_dead_nodes_shards(cluster):
     while time.monotonic() < deadline:
         if set(cluster.holders().values()) == {cluster.a_id}:
             try:
-                if httpx.get(cluster.a.base_url + "/readyz", timeout=2).status_code == 200:
+                if http_client.get(cluster.a.base_url + "/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
         time.sleep(0.1)
     took = time.monotonic() - killed
     assert set(cluster.holders().values()) == {cluster.a_id}, cluster.holders()
-    readiness = httpx.get(cluster.a.base_url + "/readyz").json()
+    readiness = http_client.get(cluster.a.base_url + "/readyz").json()
     assert readiness["ready"] and readiness["shards_held"] == cluster.shards, readiness
     print(f"takeover: A holds and serves all {cluster.shards} shards {took:.1f} s after the kill")
 

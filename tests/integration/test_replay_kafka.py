@@ -27,8 +27,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import http_client
 from tests.support.cli import run_cli
 from tests.support.engine_process import KAFKA_READINESS, EngineProcess, kafka_env
+from tests.support.http_client import ValidatingAsyncClient
 from tests.support.vote_client import bearer, open_poll
 
 from .test_kafka_wal import create_topic, delete_topics
@@ -63,7 +65,7 @@ def write_config(path: Path, local_stack, topic: str, prefix: str, **extra) -> P
 
 async def cast_votes(base_url: str, tokens: list[str]) -> dict[int, httpx.Response]:
     slots = asyncio.Semaphore(SENDERS)
-    async with httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S) as client:
+    async with ValidatingAsyncClient(base_url=base_url, timeout=TIMEOUT_S) as client:
         async def vote(voter: int):
             async with slots:
                 return voter, await client.post(
@@ -100,7 +102,7 @@ def test_replay_on_kafka_and_s3(local_stack, tmp_path):
         answers = asyncio.run(cast_votes(engine.base_url, tokens))
         assert {answer.status_code for answer in answers.values()} == {201}
         expected = Counter(OPTIONS[voter % len(OPTIONS)] for voter in answers)
-        live = httpx.get(f"{engine.base_url}/v1/polls/{POLL}/results", timeout=TIMEOUT_S).json()
+        live = http_client.get(f"{engine.base_url}/v1/polls/{POLL}/results", timeout=TIMEOUT_S).json()
         assert live["counts"] == {option: expected[option] for option in OPTIONS}
         time.sleep(1.0)  # the last commit cycle's snapshots reach S3
 

@@ -43,8 +43,8 @@ def test_a_disallowed_skip_fails_the_session_under_ci(pytester, monkeypatch) -> 
     result = run(pytester, monkeypatch, ci=True, reason="the service is not there")
     result.assert_outcomes(passed=1, skipped=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["SKIP NOT ALLOWED under CI=true: test_gated.py::test_skips: "
-                                 "the service is not there*"])
+    result.stdout.fnmatch_lines([
+        "SKIP NOT ALLOWED under CI=true: test_gated.py::test_skips: the service is not there*"])
 
 
 def test_an_allowed_skip_passes_under_ci(pytester, monkeypatch) -> None:
