@@ -103,8 +103,9 @@ def cast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cast]:
         tokens = open_poll(engine, POLL, OPTIONS, first_voter=1, voters=VOTERS, timeout_s=TIMEOUT_S)
         answers = asyncio.run(send_votes(engine.base_url, tokens, POLL, 1))
         assert {answer.status_code for answer in answers.values()} == {201}
-        repeat = http_client.post(f"{engine.base_url}/v1/polls/{POLL}/votes", headers=bearer(tokens[0]),
-                            json={"option": "blue"}, timeout=TIMEOUT_S)
+        repeat = http_client.post(f"{engine.base_url}/v1/polls/{POLL}/votes",
+                                  headers=bearer(tokens[0]), json={"option": "blue"},
+                                  timeout=TIMEOUT_S)
         assert repeat.status_code == 409
         closed_tokens = open_poll(engine, CLOSED_POLL, OPTIONS, first_voter=500,
                                   voters=CLOSED_VOTERS, timeout_s=TIMEOUT_S)
@@ -112,11 +113,12 @@ def cast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cast]:
         assert {answer.status_code for answer in closed_answers.values()} == {201}
         admin = run_cli("admin-token", "--data-dir", str(engine.data_dir)).stdout.strip()
         closing = http_client.post(f"{engine.base_url}/v1/polls/{CLOSED_POLL}/close",
-                             headers=bearer(admin), timeout=TIMEOUT_S)
+                                   headers=bearer(admin), timeout=TIMEOUT_S)
         assert closing.status_code == 200
-        live = http_client.get(f"{engine.base_url}/v1/polls/{POLL}/results", timeout=TIMEOUT_S).json()
+        live = http_client.get(f"{engine.base_url}/v1/polls/{POLL}/results",
+                               timeout=TIMEOUT_S).json()
         live_closed = http_client.get(f"{engine.base_url}/v1/polls/{CLOSED_POLL}/results",
-                                timeout=TIMEOUT_S).json()
+                                      timeout=TIMEOUT_S).json()
         yield Cast(engine, engine.data_dir,
                    {voter: OPTIONS[voter % len(OPTIONS)] for voter in answers},
                    {voter: answer.json()["receipt"] for voter, answer in answers.items()},

@@ -157,7 +157,8 @@ def resend(engine: EngineProcess, campaign: Campaign,
 
 
 def results(engine: EngineProcess, poll: str) -> dict:
-    answer = http_client.get(f"{engine.base_url}/v1/polls/{poll}/results", timeout=REQUEST_TIMEOUT_S)
+    answer = http_client.get(f"{engine.base_url}/v1/polls/{poll}/results",
+                             timeout=REQUEST_TIMEOUT_S)
     assert answer.status_code == 200, answer.text
     return answer.json()
 

@@ -107,7 +107,8 @@ class Cluster:
         poll = f"own-{uuid.uuid4().hex[:12]}"
         admin = votes_cli("admin-token", "--data-dir", str(self.a.data_dir)).strip()
         created = http_client.post(self.a.base_url + "/v1/polls", headers=bearer(admin),
-                             json={"id": poll, "options": OPTIONS}, timeout=REQUEST_TIMEOUT_S)
+                                   json={"id": poll, "options": OPTIONS},
+                                   timeout=REQUEST_TIMEOUT_S)
         assert created.status_code == 201, created.text
         tokens = votes_cli("token", "--data-dir", str(self.a.data_dir), "--voter", "1",
                            "--count", str(VOTERS + 2 * self.shards)).split()
@@ -165,7 +166,8 @@ def assert_counts(engine: EngineProcess, poll: str, voters) -> None:
     expected = {option: 0 for option in OPTIONS}
     for voter in voters:
         expected[option_of(voter)] += 1
-    answer = http_client.get(f"{engine.base_url}/v1/polls/{poll}/results", timeout=REQUEST_TIMEOUT_S)
+    answer = http_client.get(f"{engine.base_url}/v1/polls/{poll}/results",
+                             timeout=REQUEST_TIMEOUT_S)
     assert answer.status_code == 200, answer.text
     assert answer.json()["counts"] == expected, (answer.json(), expected)
 

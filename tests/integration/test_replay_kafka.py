@@ -102,7 +102,8 @@ def test_replay_on_kafka_and_s3(local_stack, tmp_path):
         answers = asyncio.run(cast_votes(engine.base_url, tokens))
         assert {answer.status_code for answer in answers.values()} == {201}
         expected = Counter(OPTIONS[voter % len(OPTIONS)] for voter in answers)
-        live = http_client.get(f"{engine.base_url}/v1/polls/{POLL}/results", timeout=TIMEOUT_S).json()
+        live = http_client.get(f"{engine.base_url}/v1/polls/{POLL}/results",
+                               timeout=TIMEOUT_S).json()
         assert live["counts"] == {option: expected[option] for option in OPTIONS}
         time.sleep(1.0)  # the last commit cycle's snapshots reach S3
 
