@@ -29,8 +29,9 @@ READY_POLL_S = 0.1
 class Server(EngineProcess):
     """A `votes serve` process with validating clients and the CLI on its data directory."""
 
-    def __init__(self, data_dir: Path, log_path: Path, workers: int) -> None:
-        super().__init__(data_dir, log_path, workers=workers, ready_poll_s=READY_POLL_S)
+    def __init__(self, data_dir: Path, log_path: Path, workers: int,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(data_dir, log_path, env, workers=workers, ready_poll_s=READY_POLL_S)
         self._clients: list[ValidatingClient] = []
 
     def client(self, **kwargs: Any) -> ValidatingClient:
@@ -57,9 +58,11 @@ class Server(EngineProcess):
         return super().stop()
 
 
-def start_server(data_dir: Path, workers: int = 1) -> Server:
+def start_server(data_dir: Path, workers: int = 1, env: dict[str, str] | None = None) -> Server:
+    """Start `votes serve` on data_dir (env: extra environment, e.g. VOTES_<FIELD> config)
+    and wait until it is ready."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(data_dir, data_dir.parent / f"{data_dir.name}-server.log", workers)
+    server = Server(data_dir, data_dir.parent / f"{data_dir.name}-server.log", workers, env)
     server.start()
     try:
         server.wait_ready()
@@ -87,15 +90,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """Start servers on demand, each with a fresh data directory: `server_factory(workers=3)`.
+    """Start servers on demand, each with a fresh data directory: `server_factory(workers=3)`,
+    `server_factory(env={"VOTES_SHARDS": "1"})`.
 
     Module-scoped so module fixtures can share one server; every server started is stopped
     when the module ends (a test may stop one earlier with `Server.stop()`).
     """
     started: list[Server] = []
 
-    def factory(workers: int = 1) -> Server:
-        running = start_server(tmp_path_factory.mktemp("server") / "data", workers=workers)
+    def factory(workers: int = 1, env: dict[str, str] | None = None) -> Server:
+        running = start_server(tmp_path_factory.mktemp("server") / "data", workers=workers,
+                               env=env)
         started.append(running)
         return running
 
