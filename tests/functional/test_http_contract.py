@@ -396,10 +396,10 @@ def test_poll_whose_closes_at_has_passed_is_closed_from_the_start(server, client
 
 
 def test_poll_closes_by_itself_at_closes_at(server, client, admin) -> None:
+    early, late = server.voter_tokens(3500, 2)  # first: the CLI takes a while
     closes_at = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=CLOSES_IN_S)
                  ).replace(microsecond=0)  # as rfc3339() sends it
     poll = create_poll(client, admin, closes_at=rfc3339(closes_at))
-    early, late = server.voter_tokens(3500, 2)
     first = vote(client, poll, early, "a")
     answered_before_close = datetime.datetime.now(datetime.UTC) < closes_at
     # An answer that came before closes_at was decided before it: the vote counts. (On a
