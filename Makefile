@@ -29,8 +29,10 @@ run: setup
 serve: setup
 	$(BIN)/votes serve --data-dir $(DATA_DIR) --port $(PORT)
 
+# -rs lists every skip with its reason; under CI=true a skip whose reason tests/conftest.py
+# does not allow (ALLOWED_SKIP_REASONS) fails the run.
 test: setup
-	VOTES_REQUIRE_CYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	VOTES_REQUIRE_CYTHON=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
 
 # Faults under load, the long profile of every schedule in tests/chaos (embedded log, and the
 # Kafka/S3 ones on the local stack, which the suite starts itself); `make test` runs the short

@@ -143,6 +143,11 @@ class DirectorySnapshotStore:
             return _manifest_decoder.decode(self.manifest_path.read_bytes())
         except FileNotFoundError:
             return Manifest(shard=self.shard, snapshots=[])
+        except msgspec.DecodeError as exc:
+            # A damaged manifest vouches for no snapshot: recover from the log alone.
+            log.warning("snapshot manifest %s does not decode (%s); using no snapshot",
+                        self.manifest_path, exc)
+            return Manifest(shard=self.shard, snapshots=[])
 
     def write(self, data: bytes, wal_offset_next: int) -> ManifestEntry:
         """Object first, then the manifest by atomic rename; then prune what fell out."""

@@ -4,8 +4,8 @@ Each server gets its own data directory and port, starts in its own process grou
 ready when GET /readyz answers 200 (bounded wait; on failure the test fails with the tail of
 the server's log). Teardown sends SIGTERM to the group, waits, then SIGKILL, and fails the
 test if the server logged a traceback. Every response a test receives through
-`Server.client()` is validated against engine/openapi.yaml (tests/contract.py), and so is
-every /readyz answer while the server starts.
+`Server.client()` is validated against engine/openapi.yaml (tests/support/http_client.py,
+the one HTTP client of the suites), and so is every /readyz answer while the server starts.
 """
 
 from __future__ import annotations
@@ -15,44 +15,29 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests import contract
 from tests.support import cli
 from tests.support.engine_process import LOG_TAIL_BYTES, EngineProcess
+from tests.support.http_client import ValidatingClient
 from tests.support.vote_client import bearer
 
 HTTP_TIMEOUT_S = 15.0
 READY_POLL_S = 0.1
 
 
-class ContractClient(httpx.Client):
-    """An httpx.Client that validates every response against the OpenAPI document."""
-
-    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        response = super().send(request, **kwargs)
-        response.read()
-        template = contract.path_template_for(request.url.path)
-        contract.validate_response(request.method, template, response)
-        return response
-
-
 class Server(EngineProcess):
     """A `votes serve` process with validating clients and the CLI on its data directory."""
 
-    def __init__(self, data_dir: Path, log_path: Path, workers: int) -> None:
-        super().__init__(data_dir, log_path, workers=workers, ready_poll_s=READY_POLL_S)
-        self._clients: list[ContractClient] = []
+    def __init__(self, data_dir: Path, log_path: Path, workers: int,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(data_dir, log_path, env, workers=workers, ready_poll_s=READY_POLL_S)
+        self._clients: list[ValidatingClient] = []
 
-    def check_readyz(self, answer: httpx.Response) -> None:
-        # Not-ready answers are part of the contract too.
-        contract.validate_response("GET", "/readyz", answer)
-
-    def client(self, **kwargs: Any) -> ContractClient:
+    def client(self, **kwargs: Any) -> ValidatingClient:
         """A validating client for this server, closed at teardown."""
         kwargs.setdefault("timeout", HTTP_TIMEOUT_S)
-        client = ContractClient(base_url=self.base_url, **kwargs)
+        client = ValidatingClient(base_url=self.base_url, **kwargs)
         self._clients.append(client)
         return client
 
@@ -73,9 +58,11 @@ class Server(EngineProcess):
         return super().stop()
 
 
-def start_server(data_dir: Path, workers: int = 1) -> Server:
+def start_server(data_dir: Path, workers: int = 1, env: dict[str, str] | None = None) -> Server:
+    """Start `votes serve` on data_dir (env: extra environment, e.g. VOTES_<FIELD> config)
+    and wait until it is ready."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(data_dir, data_dir.parent / f"{data_dir.name}-server.log", workers)
+    server = Server(data_dir, data_dir.parent / f"{data_dir.name}-server.log", workers, env)
     server.start()
     try:
         server.wait_ready()
@@ -103,15 +90,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """Start servers on demand, each with a fresh data directory: `server_factory(workers=3)`.
+    """Start servers on demand, each with a fresh data directory: `server_factory(workers=3)`,
+    `server_factory(env={"VOTES_SHARDS": "1"})`.
 
     Module-scoped so module fixtures can share one server; every server started is stopped
     when the module ends (a test may stop one earlier with `Server.stop()`).
     """
     started: list[Server] = []
 
-    def factory(workers: int = 1) -> Server:
-        running = start_server(tmp_path_factory.mktemp("server") / "data", workers=workers)
+    def factory(workers: int = 1, env: dict[str, str] | None = None) -> Server:
+        running = start_server(tmp_path_factory.mktemp("server") / "data", workers=workers,
+                               env=env)
         started.append(running)
         return running
 
@@ -127,5 +116,5 @@ def admin(server: Server) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> ContractClient:
+def client(server: Server) -> ValidatingClient:
     return server.client()

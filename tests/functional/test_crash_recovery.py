@@ -26,7 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import http_client
 from tests.support.engine_process import EngineProcess
+from tests.support.http_client import ValidatingAsyncClient
 from tests.support.vote_client import (
     ACKED,
     NOT_COUNTED,
@@ -133,8 +135,8 @@ class Campaign:
 
     async def run(self) -> None:
         limits = httpx.Limits(max_connections=SENDERS, max_keepalive_connections=SENDERS)
-        async with httpx.AsyncClient(base_url=self.server.base_url, limits=limits,
-                                     timeout=REQUEST_TIMEOUT_S) as client:
+        async with ValidatingAsyncClient(base_url=self.server.base_url, limits=limits,
+                                         timeout=REQUEST_TIMEOUT_S) as client:
             senders = [asyncio.create_task(self.sender(client)) for _ in range(SENDERS)]
             try:
                 for _ in range(KILLS):
@@ -188,7 +190,8 @@ def check_outcomes(server: EngineProcess, tokens: list[str], campaign: Campaign,
     assert all(count > 0 for count in campaign.on_the_wire_at_kill), campaign.on_the_wire_at_kill
 
     def results() -> dict:
-        answer = httpx.get(f"{server.base_url}/v1/polls/{POLL}/results", timeout=REQUEST_TIMEOUT_S)
+        answer = http_client.get(f"{server.base_url}/v1/polls/{POLL}/results",
+                                 timeout=REQUEST_TIMEOUT_S)
         assert answer.status_code == 200, answer.text
         return answer.json()
 

@@ -24,8 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import http_client
 from tests.support.engine_process import EngineProcess
 from tests.support.filesystem import fill_filesystem, unmount
+from tests.support.http_client import ValidatingClient
 from tests.support.vote_client import bearer, open_poll, problem_type
 
 POLL = "full"
@@ -80,7 +82,7 @@ class Ledger:
         self.server = server
         self.tokens = tokens
         self.shards = shards
-        self.client = httpx.Client(base_url=server.base_url, timeout=REQUEST_TIMEOUT_S)
+        self.client = ValidatingClient(base_url=server.base_url, timeout=REQUEST_TIMEOUT_S)
         self.unused = sorted(tokens)
         self.accepted: dict[int, tuple[str, str]] = {}  # voter -> (option, receipt)
         self.refused: dict[int, str] = {}  # voter -> option, for 503 wal-unavailable
@@ -88,7 +90,7 @@ class Ledger:
     def reconnect(self) -> None:
         """A fresh connection pool, for a restarted server."""
         self.client.close()
-        self.client = httpx.Client(base_url=self.server.base_url, timeout=REQUEST_TIMEOUT_S)
+        self.client = ValidatingClient(base_url=self.server.base_url, timeout=REQUEST_TIMEOUT_S)
 
     def take_voters(self, count: int, shards: list[int] | None = None) -> list[int]:
         """`count` unused voters, or one unused voter for each of `shards`."""
@@ -143,7 +145,7 @@ def test_full_disk_refuses_votes_cleanly_and_recovers_without_restart(
         stack.callback(server.kill)
         server.start()
         server.wait_ready()
-        readiness = httpx.get(server.base_url + "/readyz", timeout=REQUEST_TIMEOUT_S).json()
+        readiness = http_client.get(server.base_url + "/readyz", timeout=REQUEST_TIMEOUT_S).json()
         shards = readiness["shards_total"]
         issued = open_poll(server, POLL, OPTIONS, first_voter=0, voters=VOTERS,
                            timeout_s=REQUEST_TIMEOUT_S)
@@ -180,7 +182,7 @@ def test_full_disk_refuses_votes_cleanly_and_recovers_without_restart(
               f"{refused_full} x 503 wal-unavailable, {accepted_full} x 201")
         assert refused_full >= VOTES_ON_FULL_DISK * REFUSED_SHARE_MIN
         assert server.alive(), server.log_tail()
-        health = httpx.get(server.base_url + "/healthz", timeout=REQUEST_TIMEOUT_S)
+        health = http_client.get(server.base_url + "/healthz", timeout=REQUEST_TIMEOUT_S)
         assert health.status_code == 200, health.text
         assert ledger.results()["counts"] == ledger.expected_counts()
 

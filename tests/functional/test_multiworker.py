@@ -2,14 +2,14 @@
 
 Proves that votes landing on any worker are forwarded to their shard's owner and counted
 exactly once, that a poll created or closed through one worker is known to every shard
-at once, and that results served by any worker converge to the exact totals within the
-realtime budget and then stay there.
+at once, and that results served by any worker converge to the exact totals and then stay
+there. How fast they converge (the realtime budget) is perf/'s to measure: here the wait
+is only bounded, generously, so a loaded machine does not fail a correct engine.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,13 +17,14 @@ import httpx
 import pytest
 
 from tests.support.vote_client import bearer
+from tests.support.waiting import wait_until
 
 WORKERS = 3
 VOTERS = 200
 THREADS = 32
-# DESIGN.md: results visible within a second of the vote; owners publish every ~100 ms.
-RESULTS_FRESH_S = 2.0
-FINAL_WAIT_S = 5.0
+# Owners publish results every ~100 ms; these bound the waits, they do not time them.
+RESULTS_FRESH_S = 30.0
+FINAL_WAIT_S = 30.0
 RESULT_READS = 30
 OPTIONS = ["a", "b", "c"]
 
@@ -78,14 +79,13 @@ def results(client: httpx.Client, poll: str) -> dict:
     return body
 
 
-def converge(client: httpx.Client, poll: str, done, deadline_s: float) -> dict:
-    """Read results until `done(body)` or the deadline; return the last body read."""
-    deadline = time.monotonic() + deadline_s
-    body = results(client, poll)
-    while not done(body) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def converge(client: httpx.Client, poll: str, done, timeout_s: float, what: str) -> dict:
+    """Read results until `done(body)` (return that body); fail the test after timeout_s."""
+    def reached() -> dict | None:
         body = results(client, poll)
-    return body
+        return body if done(body) else None
+
+    return wait_until(reached, timeout_s, f"results of {poll} to show {what}")
 
 
 def vote_all(client: httpx.Client, poll: str, tokens: list[str],
@@ -110,13 +110,13 @@ def test_many_voters_count_once_and_results_agree_on_every_worker(
         (first_voter + n) % shards_total for n in range(VOTERS)]
     assert len({(r["shard"], r["offset"], r["index"]) for r in receipts}) == VOTERS
 
-    # Converge: every worker publishes within the realtime budget; no read ever over-counts.
+    # Converge: every worker publishes its shards' counts; no read ever over-counts.
     def full(body: dict) -> bool:
         assert body["total"] <= VOTERS and all(
             body["counts"][o] <= n for o, n in sent.items()), body
         return body["counts"] == sent
 
-    body = converge(client, poll, full, RESULTS_FRESH_S)
+    body = converge(client, poll, full, RESULTS_FRESH_S, f"the {VOTERS} votes sent")
     assert (body["counts"], body["total"]) == (sent, VOTERS)
 
     # Then stay: reads on fresh connections, landing on any worker, all show the full totals.
@@ -129,7 +129,7 @@ def test_many_voters_count_once_and_results_agree_on_every_worker(
     assert [a.json()["receipt"]["receipt"] for a in repeats] == [r["receipt"] for r in receipts]
     # Each repeat is counted as one rejection, wherever it landed, and nothing more.
     body = converge(client, poll, lambda b: sum(b["rejected"].values()) >= VOTERS,
-                    RESULTS_FRESH_S)
+                    RESULTS_FRESH_S, f"{VOTERS} rejections")
     assert (body["total"], sum(body["rejected"].values())) == (VOTERS, VOTERS), body
 
 
@@ -158,10 +158,10 @@ def test_close_is_final_on_every_worker(cluster, client, admin, shards_total) ->
     assert Counter((a.status_code, a.json()["type"]) for a in answers) == {
         (422, "/problems/poll-closed"): len(late)}
 
-    body = converge(client, poll, lambda b: b["final"], FINAL_WAIT_S)
+    body = converge(client, poll, lambda b: b["final"], FINAL_WAIT_S, "final: true")
     assert body["final"] is True, body
     body = converge(client, poll, lambda b: sum(b["rejected"].values()) >= len(late),
-                    RESULTS_FRESH_S)
+                    RESULTS_FRESH_S, f"{len(late)} rejections")
     reads = [results(client, poll) for _ in range(RESULT_READS)]
     assert {(r["final"], r["total"], r["counts"]["c"], r["counts"]["a"],
              sum(r["rejected"].values())) for r in reads} == {

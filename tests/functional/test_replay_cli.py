@@ -47,8 +47,10 @@ from replay.recount import recount
 from shards.backends import shard_directory
 from shards.records import VoteBatch, VoteGroup, frame_record
 from shards.snapshots import DirectorySnapshotStore, freeze, thaw
+from tests.support import http_client
 from tests.support.cli import run_cli
 from tests.support.engine_process import EngineProcess
+from tests.support.http_client import ValidatingAsyncClient
 from tests.support.vote_client import bearer, open_poll
 
 POLL = "fn"
@@ -80,7 +82,7 @@ def replay(*args: str) -> tuple[int, str, str]:
 async def send_votes(base_url: str, tokens: list[str], poll: str, first_voter: int
                      ) -> dict[int, httpx.Response]:
     slots = asyncio.Semaphore(SENDERS)
-    async with httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S) as client:
+    async with ValidatingAsyncClient(base_url=base_url, timeout=TIMEOUT_S) as client:
         async def vote(voter: int) -> tuple[int, httpx.Response]:
             async with slots:
                 return voter, await client.post(
@@ -101,20 +103,22 @@ def cast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cast]:
         tokens = open_poll(engine, POLL, OPTIONS, first_voter=1, voters=VOTERS, timeout_s=TIMEOUT_S)
         answers = asyncio.run(send_votes(engine.base_url, tokens, POLL, 1))
         assert {answer.status_code for answer in answers.values()} == {201}
-        repeat = httpx.post(f"{engine.base_url}/v1/polls/{POLL}/votes", headers=bearer(tokens[0]),
-                            json={"option": "blue"}, timeout=TIMEOUT_S)
+        repeat = http_client.post(f"{engine.base_url}/v1/polls/{POLL}/votes",
+                                  headers=bearer(tokens[0]), json={"option": "blue"},
+                                  timeout=TIMEOUT_S)
         assert repeat.status_code == 409
         closed_tokens = open_poll(engine, CLOSED_POLL, OPTIONS, first_voter=500,
                                   voters=CLOSED_VOTERS, timeout_s=TIMEOUT_S)
         closed_answers = asyncio.run(send_votes(engine.base_url, closed_tokens, CLOSED_POLL, 500))
         assert {answer.status_code for answer in closed_answers.values()} == {201}
         admin = run_cli("admin-token", "--data-dir", str(engine.data_dir)).stdout.strip()
-        closing = httpx.post(f"{engine.base_url}/v1/polls/{CLOSED_POLL}/close",
-                             headers=bearer(admin), timeout=TIMEOUT_S)
+        closing = http_client.post(f"{engine.base_url}/v1/polls/{CLOSED_POLL}/close",
+                                   headers=bearer(admin), timeout=TIMEOUT_S)
         assert closing.status_code == 200
-        live = httpx.get(f"{engine.base_url}/v1/polls/{POLL}/results", timeout=TIMEOUT_S).json()
-        live_closed = httpx.get(f"{engine.base_url}/v1/polls/{CLOSED_POLL}/results",
-                                timeout=TIMEOUT_S).json()
+        live = http_client.get(f"{engine.base_url}/v1/polls/{POLL}/results",
+                               timeout=TIMEOUT_S).json()
+        live_closed = http_client.get(f"{engine.base_url}/v1/polls/{CLOSED_POLL}/results",
+                                      timeout=TIMEOUT_S).json()
         yield Cast(engine, engine.data_dir,
                    {voter: OPTIONS[voter % len(OPTIONS)] for voter in answers},
                    {voter: answer.json()["receipt"] for voter, answer in answers.items()},

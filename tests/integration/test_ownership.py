@@ -33,15 +33,20 @@ import pytest
 import redis
 
 from engine.keys import ensure_keys
-
+from tests.support import http_client
 from tests.support.cli import votes_cli
 from tests.support.engine_process import KAFKA_READINESS, EngineProcess, free_port, kafka_env
+from tests.support.http_client import ValidatingAsyncClient
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 OPTIONS = ["red", "green", "blue"]
 LEASE_TTL_S = 3.0
 TAKEOVER_SLACK_S = 12.0  # fence + replay of four shards on top of the lease expiry
+LEASE_LOST_WAIT_S = 10.0
+# B's lease ticks after a finished move, each a chance to take the shard back.
+TICKS_AFTER_MOVE = 3
 REQUEST_TIMEOUT_S = 20.0
 VOTERS = 48  # six voters on each of the eight shards
 
@@ -105,8 +110,9 @@ class Cluster:
     def open_poll(self) -> tuple[str, list[str]]:
         poll = f"own-{uuid.uuid4().hex[:12]}"
         admin = votes_cli("admin-token", "--data-dir", str(self.a.data_dir)).strip()
-        created = httpx.post(self.a.base_url + "/v1/polls", headers=bearer(admin),
-                             json={"id": poll, "options": OPTIONS}, timeout=REQUEST_TIMEOUT_S)
+        created = http_client.post(self.a.base_url + "/v1/polls", headers=bearer(admin),
+                                   json={"id": poll, "options": OPTIONS},
+                                   timeout=REQUEST_TIMEOUT_S)
         assert created.status_code == 201, created.text
         tokens = votes_cli("token", "--data-dir", str(self.a.data_dir), "--voter", "1",
                            "--count", str(VOTERS + 2 * self.shards)).split()
@@ -131,7 +137,7 @@ def option_of(voter: int) -> str:
 
 
 async def _send_all(base_url: str, poll: str, tokens: list[str], voters) -> dict[int, httpx.Response]:
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+    async with ValidatingAsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
         async def send(voter: int) -> tuple[int, httpx.Response]:
             return voter, await client.post(f"{base_url}/v1/polls/{poll}/votes",
                                             json={"option": option_of(voter)},
@@ -164,7 +170,8 @@ def assert_counts(engine: EngineProcess, poll: str, voters) -> None:
     expected = {option: 0 for option in OPTIONS}
     for voter in voters:
         expected[option_of(voter)] += 1
-    answer = httpx.get(f"{engine.base_url}/v1/polls/{poll}/results", timeout=REQUEST_TIMEOUT_S)
+    answer = http_client.get(f"{engine.base_url}/v1/polls/{poll}/results",
+                             timeout=REQUEST_TIMEOUT_S)
     assert answer.status_code == 200, answer.text
     assert answer.json()["counts"] == expected, (answer.json(), expected)
 
@@ -175,7 +182,7 @@ def test_static_map_forwards_votes_to_the_shard_holder(cluster):
     half = cluster.shards // 2
     assert cluster.holders() == {shard: cluster.a_id if shard < half else cluster.b_id
                                  for shard in range(cluster.shards)}
-    readiness = httpx.get(cluster.b.base_url + "/readyz").json()
+    readiness = http_client.get(cluster.b.base_url + "/readyz").json()
     assert (readiness["node_id"], readiness["shards_held"]) == (cluster.b_id, cluster.shards - half)
     poll, tokens = cluster.open_poll()
     voters = range(1, VOTERS + 1)
@@ -212,8 +219,9 @@ def test_shard_move_hands_over_through_the_fence(cluster):
                   if voter % cluster.shards == moved_shard]
     new_receipts = acked(send_all(cluster.b, poll, tokens, new_voters), cluster.shards)
     assert len(new_receipts) == 2
-    # A move does not bounce back: B (the map's choice) stays off the shard while A is alive.
-    time.sleep(2.5)
+    # A move does not bounce back: B (the map's choice) stays off the shard while A is alive,
+    # through lease ticks of B's that all saw the move finished (no sleep guessing how many).
+    wait_lease_ticks(cluster, cluster.b_id, TICKS_AFTER_MOVE)
     assert cluster.holders()[moved_shard] == cluster.a_id
     assert_counts(cluster.a, poll, voters + new_voters)
     assert_counts(cluster.b, poll, voters + new_voters)
@@ -225,18 +233,38 @@ def test_shard_move_hands_over_through_the_fence(cluster):
     print(f"move test: {time.monotonic() - started:.1f} s")
 
 
+def wait_lease_ticks(cluster: Cluster, node_id: str, ticks: int) -> None:
+    """Wait until `node_id` has run `ticks` more lease ticks: each tick first refreshes the
+    node's alive key (engine/ownership.py), so its PTTL jumping back up marks one."""
+    key = f"votes:{cluster.stack.wal_topic}:node:{node_id}"
+    seen = {"ticks": 0, "pttl_ms": cluster.redis.pttl(key)}
+
+    def ticked() -> bool:
+        pttl_ms = cluster.redis.pttl(key)
+        if pttl_ms > seen["pttl_ms"]:
+            seen["ticks"] += 1
+        seen["pttl_ms"] = pttl_ms
+        return seen["ticks"] >= ticks
+
+    wait_until(ticked, ticks * LEASE_TTL_S + TAKEOVER_SLACK_S, f"{ticks} lease ticks of {node_id}",
+               poll_s=0.05)
+
+
+def serves_all(cluster: Cluster, engine: EngineProcess, node_id: str) -> bool:
+    """Whether every lease names node_id and that node's /readyz says ready."""
+    if set(cluster.holders().values()) != {node_id}:
+        return False
+    try:
+        return http_client.get(engine.base_url + "/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def wait_all_held_by(cluster: Cluster, engine: EngineProcess, node_id: str) -> float:
     """Seconds until every lease names node_id and that node's /readyz says ready."""
     started = time.monotonic()
-    while time.monotonic() - started < LEASE_TTL_S + TAKEOVER_SLACK_S:
-        if set(cluster.holders().values()) == {node_id}:
-            try:
-                if httpx.get(engine.base_url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    assert set(cluster.holders().values()) == {node_id}, cluster.holders()
+    wait_until(lambda: serves_all(cluster, engine, node_id), LEASE_TTL_S + TAKEOVER_SLACK_S,
+               f"{node_id} to hold every shard's lease and answer /readyz 200")
     return time.monotonic() - started
 
 
@@ -248,19 +276,8 @@ def test_live_node_takes_over_a_dead_nodes_shards(cluster):
     receipts = acked(send_all(cluster.b, poll, tokens, voters), cluster.shards)
 
     cluster.b.kill()  # SIGKILL of B's whole process group
-    killed = time.monotonic()
-    deadline = killed + LEASE_TTL_S + TAKEOVER_SLACK_S
-    while time.monotonic() < deadline:
-        if set(cluster.holders().values()) == {cluster.a_id}:
-            try:
-                if httpx.get(cluster.a.base_url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    took = time.monotonic() - killed
-    assert set(cluster.holders().values()) == {cluster.a_id}, cluster.holders()
-    readiness = httpx.get(cluster.a.base_url + "/readyz").json()
+    took = wait_all_held_by(cluster, cluster.a, cluster.a_id)
+    readiness = http_client.get(cluster.a.base_url + "/readyz").json()
     assert readiness["ready"] and readiness["shards_held"] == cluster.shards, readiness
     print(f"takeover: A holds and serves all {cluster.shards} shards {took:.1f} s after the kill")
 
@@ -284,17 +301,13 @@ def test_resumed_zombie_finds_its_leases_lost_and_forwards(cluster):
     took = wait_all_held_by(cluster, cluster.a, cluster.a_id)
     print(f"zombie: A took every shard {took:.1f} s after B was paused")
     cluster.b.resume()
-    deadline = time.monotonic() + 10
-    while "lease lost" not in cluster.b.log_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "lease lost" in cluster.b.log_text(), cluster.b.log_tail()
+    wait_until(lambda: "lease lost" in cluster.b.log_text(), LEASE_LOST_WAIT_S,
+               "the resumed B to log that its leases were lost")
     # Alive again, B is its shards' preferred owner: A hands them back through the fence.
     half = cluster.shards // 2
     static = {shard: cluster.a_id if shard < half else cluster.b_id for shard in range(cluster.shards)}
-    deadline = time.monotonic() + LEASE_TTL_S + TAKEOVER_SLACK_S
-    while cluster.holders() != static and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert cluster.holders() == static
+    wait_until(lambda: cluster.holders() == static, LEASE_TTL_S + TAKEOVER_SLACK_S,
+               f"the leases back on the static map {static}")
     cluster.a.wait_ready(TAKEOVER_SLACK_S)
     cluster.b.wait_ready(TAKEOVER_SLACK_S)
     print(f"zombie: shards back on the static map {time.monotonic() - started:.1f} s into the test")

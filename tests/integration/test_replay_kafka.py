@@ -11,7 +11,7 @@ cycle. With the engine still running, the test proves that:
 - prove says COUNTED for a real receipt, also against the export;
 - rebuild (allowed beside a running engine on Kafka: it only reads the log) writes snapshots
   to S3 at the partitions' ends, with the expected counts, and verify still agrees;
-- with Kafka unreachable, verify ends within its bound with one line and exit code 2.
+- with Kafka unreachable, verify ends (a bounded wait) with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import http_client
 from tests.support.cli import run_cli
 from tests.support.engine_process import KAFKA_READINESS, EngineProcess, kafka_env
+from tests.support.http_client import ValidatingAsyncClient
 from tests.support.vote_client import bearer, open_poll
+from tests.support.waiting import wait_until
 
 from .test_kafka_wal import create_topic, delete_topics
 from .test_s3_snapshots import load_bench
@@ -41,7 +44,7 @@ OPTIONS = ["red", "green", "blue"]
 VOTERS = 80
 SENDERS = 16
 TIMEOUT_S = 20.0
-UNREACHABLE_WAIT_S_MAX = 30.0
+SNAPSHOTS_WAIT_S = 60.0
 
 
 def replay(*args: str) -> tuple[int, str, str]:
@@ -63,7 +66,7 @@ def write_config(path: Path, local_stack, topic: str, prefix: str, **extra) -> P
 
 async def cast_votes(base_url: str, tokens: list[str]) -> dict[int, httpx.Response]:
     slots = asyncio.Semaphore(SENDERS)
-    async with httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT_S) as client:
+    async with ValidatingAsyncClient(base_url=base_url, timeout=TIMEOUT_S) as client:
         async def vote(voter: int):
             async with slots:
                 return voter, await client.post(
@@ -71,6 +74,15 @@ async def cast_votes(base_url: str, tokens: list[str]) -> dict[int, httpx.Respon
                     json={"option": OPTIONS[voter % len(OPTIONS)]})
 
         return dict(await asyncio.gather(*(vote(voter) for voter in range(1, VOTERS + 1))))
+
+
+def every_shard_has_a_snapshot(common: tuple[str, ...], shards: int) -> bool:
+    """Whether `votes replay inspect snapshots` finds a newest valid snapshot for each shard."""
+    for shard in range(shards):
+        code, out, _ = replay("inspect", "snapshots", *common, "--shard", str(shard), "--json")
+        if code != 0 or not json.loads(out).get("newest_valid"):
+            return False
+    return True
 
 
 def closed_port() -> int:
@@ -100,9 +112,12 @@ def test_replay_on_kafka_and_s3(local_stack, tmp_path):
         answers = asyncio.run(cast_votes(engine.base_url, tokens))
         assert {answer.status_code for answer in answers.values()} == {201}
         expected = Counter(OPTIONS[voter % len(OPTIONS)] for voter in answers)
-        live = httpx.get(f"{engine.base_url}/v1/polls/{POLL}/results", timeout=TIMEOUT_S).json()
+        live = http_client.get(f"{engine.base_url}/v1/polls/{POLL}/results",
+                               timeout=TIMEOUT_S).json()
         assert live["counts"] == {option: expected[option] for option in OPTIONS}
-        time.sleep(1.0)  # the last commit cycle's snapshots reach S3
+        # Not a sleep for "the snapshots reach S3": wait until every shard has a valid one.
+        wait_until(lambda: every_shard_has_a_snapshot(common, shards), SNAPSHOTS_WAIT_S,
+                   f"a valid S3 snapshot of each of the {shards} shards", poll_s=0.5)
 
         code, out, err = replay("verify", *common, "--url", engine.base_url, "--json")
         assert code == 0, out + err
@@ -153,9 +168,12 @@ def test_replay_on_kafka_and_s3(local_stack, tmp_path):
                                    kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}",
                                    kafka_request_timeout_s=3.0)
         started = time.monotonic()
+        # run_cli bounds the command (tests/support/cli.py); its time is printed, not asserted.
         code, out, err = replay("verify", "--data-dir", str(engine.data_dir), "--config",
                                 str(unreachable))
-        assert code == 2 and time.monotonic() - started < UNREACHABLE_WAIT_S_MAX
+        print(f"verify with Kafka unreachable exited {code} after "
+              f"{time.monotonic() - started:.1f} s")
+        assert code == 2
         assert err.startswith("error: Kafka at 127.0.0.1:") and len(err.strip().splitlines()) == 1
     finally:
         engine.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,26 @@ def voter_tokens(data_dir: Path, first: int, count: int, poll: str | None = None
     tokens = votes_cli(*args).split()
     assert len(tokens) == count, f"`votes token` printed {len(tokens)} tokens, not {count}"
     return tokens
+
+
+# Expired tokens are issued in the past rather than waited for: a token's expiry is wall-clock
+# seconds, and a test that sleeps past it depends on how the seconds fall.
+EXPIRED_ISSUED_AGO_S = 3600
+
+
+def expired_admin_token(data_dir: Path) -> str:
+    """An admin token signed with the data dir's keys that expired long ago."""
+    from engine.keys import load_keys
+    from engine.tokens import issue_admin_token
+
+    issued_s = int(time.time()) - EXPIRED_ISSUED_AGO_S
+    return issue_admin_token(load_keys(data_dir), ttl_s=1, now_s=issued_s)
+
+
+def expired_voter_token(data_dir: Path, voter: int) -> str:
+    """A voter token for `voter`, signed with the data dir's keys, that expired long ago."""
+    from engine.keys import load_keys
+    from engine.tokens import issue_voter_token
+
+    issued_s = int(time.time()) - EXPIRED_ISSUED_AGO_S
+    return issue_voter_token(load_keys(data_dir), voter, ttl_s=1, now_s=issued_s)

@@ -10,7 +10,8 @@ start it again on the same data. Rules a caller can rely on:
 - `keys_from` copies another engine's `keys/` before the first start, as production hosts
   share keys from a secrets store: tokens and receipts of one engine verify at the other.
 - Readiness is GET /readyz answering 200, waited for with a bound; on timeout or an early
-  exit the test fails with the tail of the log. `check_readyz` sees every answer on the way.
+  exit the test fails with the tail of the log. Every /readyz answer on the way is validated
+  against engine/openapi.yaml (tests/support/http_client.py), and `check_readyz` sees it.
 - `kill()` sends SIGKILL (and SIGCONT, so a paused group dies too) to the whole group and
   returns only when no process of the group is still running (bounded wait; zombies awaiting
   their reaper no longer hold locks or sockets).
@@ -32,6 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import http_client
 from tests.support.cli import cli_command
 
 READY_WAIT_S = 30.0
@@ -138,7 +140,8 @@ class EngineProcess:
                 pytest.fail(f"`votes serve` exited ({code}) before it was ready (last: {last}); "
                             f"log:\n{self.log_tail()}")
             try:
-                answer = httpx.get(self.base_url + "/readyz", timeout=self.probe_timeout_s)
+                answer = http_client.get(self.base_url + "/readyz",
+                                         timeout_s=self.probe_timeout_s)
             except httpx.TransportError as error:
                 last = repr(error)
             else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import httpx
 
 from tests.support.cli import admin_token, voter_tokens
+from tests.support.http_client import ValidatingAsyncClient, post
 
 ACKED = "acked"
 UNKNOWN = "unknown"
@@ -123,7 +124,7 @@ async def resend_all(base_url: str, poll: str, tokens: list[str], votes: dict[in
     slots = asyncio.Semaphore(concurrency)
     responses: dict[int, httpx.Response] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+    async with ValidatingAsyncClient(limits=limits, timeout=timeout_s) as client:
 
         async def resend(voter: int, option: str) -> None:
             async with slots:
@@ -198,7 +199,7 @@ def open_poll(engine, poll: str, options: list[str], *, first_voter: int, voters
     """Create `poll` at a running engine (an `EngineProcess`) with an admin token of its data
     dir, and return the tokens of voters first_voter..first_voter+voters-1, in that order."""
     admin = admin_token(engine.data_dir)
-    created = httpx.post(engine.base_url + "/v1/polls", headers=bearer(admin),
-                         json={"id": poll, "options": options}, timeout=timeout_s)
+    created = post(engine.base_url + "/v1/polls", headers=bearer(admin),
+                   json={"id": poll, "options": options}, timeout_s=timeout_s)
     assert created.status_code == 201, created.text
     return voter_tokens(engine.data_dir, first_voter, voters)
