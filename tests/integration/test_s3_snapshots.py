@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import logging
 import socket
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -47,7 +45,6 @@ pytestmark = pytest.mark.integration
 # Bounds a call to an unreachable or silent S3 to fail, not hang (a wait, not a timing).
 UNREACHABLE_FAILS_WAIT_S = 60.0
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARD = 5
 SHARDS_TOTAL = 8
 KEPT = 2
@@ -55,15 +52,10 @@ RECOVERY_VOTERS = 1_000_000
 
 
 def load_bench():
-    name = "bench_shard_recovery"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(
-            name, REPO_ROOT / "perf" / "bench_shard_recovery.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    """perf/bench_shard_recovery.py, whose S3 helpers and recovery timing these tests share."""
+    from perf import bench_shard_recovery
+
+    return bench_shard_recovery
 
 
 @pytest.fixture
