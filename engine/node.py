@@ -157,11 +157,10 @@ class Node:
             except (asyncio.CancelledError, VotesError):
                 pass
         deadline = asyncio.get_running_loop().time() + self.config.append_timeout_s
-        while (owner.has_queued() or owner._inflight) and asyncio.get_running_loop().time() < deadline:
+        while (owner.has_queued() or owner.has_votes_in_flight()) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         owner.fail_unwritten(owner.take_items(), NotReady(f"shard {shard} moved to another owner"))
-        if owner in self.committer.owners:
-            self.committer.owners.remove(owner)
+        self.committer.remove(owner)
         await owner.stop()
         if was_ready:
             SHARDS_READY.dec()
@@ -374,7 +373,7 @@ class Node:
             shard_definition, shard_tallies, closed = summary
             if definition is None:
                 definition, tallies = shard_definition, [0] * len(shard_tallies)
-            tallies = [total + count for total, count in zip(tallies, shard_tallies)]
+            tallies = [total + count for total, count in zip(tallies, shard_tallies, strict=True)]
             closed_shards += closed
         if definition is None:
             return None
@@ -435,12 +434,13 @@ class Node:
         closed_shards = 0
         for part in parts:
             if part["tallies"]:
-                tallies = [total + count for total, count in zip(tallies, part["tallies"])]
+                tallies = [total + count
+                           for total, count in zip(tallies, part["tallies"], strict=True)]
             closed_shards += part["closed_shards"]
             rejected.update(part["rejected"])
         final = closed_shards == self.config.shards
         embargoed = definition.embargo and not final
-        counts = {} if embargoed else dict(zip(definition.options, tallies))
+        counts = {} if embargoed else dict(zip(definition.options, tallies, strict=True))
         return {
             "poll": poll,
             "counts": counts,
@@ -463,7 +463,7 @@ class Node:
                     failures += part_failures
                     settled = settled and all(part_settled)
             except VotesError as exc:
-                failures.append(exc.detail)
+                failures.append(str(exc))
         readiness = {
             "ready": ready == self.config.shards and not failures,
             "durability": durability(self.config),

@@ -208,7 +208,7 @@ class SignedBatch:
 
     def index_of(self, poll: str, voter_hash: bytes) -> int | None:
         """The leaf index of this voter's vote in `poll`, or None when it is not in the batch."""
-        for run, first in zip(self.runs, self.run_starts):
+        for run, first in zip(self.runs, self.run_starts, strict=True):
             if run.poll == poll:
                 index = self.tree.index_of(first, first + len(run.voters) // 8, voter_hash)
                 if index is not None:
@@ -244,7 +244,7 @@ class SignedBatch:
             (first, len(run.option_indexes) // 2, run.option_indexes, options_msgpack,
              codec.receipt_head, codec.json_poll + json_batch_head)
             for run, first, (codec, options_msgpack) in zip(self.runs, self.run_starts,
-                                                            self.run_forms)
+                                                            self.run_forms, strict=True)
         ]
         encode = _msgpack.encode
         return self.tree.receipt_bodies(

@@ -120,7 +120,8 @@ async def _read_all(readings: list[_ShardReading]) -> None:
 async def verify(config: Config, shards: list[int], **options) -> VerifyReport:
     """See the module docstring; `options` are polls, url and live_attempts."""
     snapshots = await newest_snapshots(config, shards)
-    readings = [_ShardReading(config, shard, snapshot) for shard, snapshot in zip(shards, snapshots)]
+    readings = [_ShardReading(config, shard, snapshot)
+                for shard, snapshot in zip(shards, snapshots, strict=True)]
     try:
         return await _verify(config, shards, readings, snapshots, **options)
     finally:

@@ -77,8 +77,6 @@ _topics_valid: set[tuple[str, str, int]] = set()
 class WalFenced(NotReady):
     """Another owner took this shard's fence: this process must stop serving the shard."""
 
-    title = "Another owner holds this shard"
-
 
 def is_owner_marker(headers) -> bool:
     return any(key == OWNER_HEADER for key, _ in headers or ())
@@ -457,7 +455,7 @@ class KafkaWal:
             sent.append(await producer.send_batch(builder, self.topic_partition.topic,
                                                   partition=self.shard))
         positions = []
-        for builder, metadata in zip(batches, await asyncio.gather(*sent)):
+        for builder, metadata in zip(batches, await asyncio.gather(*sent), strict=True):
             if metadata is None or metadata.offset < 0:
                 raise KafkaError(f"the broker did not return an offset ({metadata!r})")
             positions += [(metadata.offset + index, metadata.offset + index + 1)
