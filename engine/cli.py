@@ -80,7 +80,7 @@ def serve(data_dir, port, host, workers, shards, config_file) -> None:
         import asyncio
 
         from engine.errors import ConfigError
-        from shards.kafka_wal import validate_wal_topic
+        from shards.kafka_topic import validate_wal_topic
 
         try:
             asyncio.run(validate_wal_topic(config))

@@ -29,7 +29,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from engine.config import Config
 from engine.errors import ConfigError, NotReady, OutcomeUnknown, WalUnavailable
 from engine.problems import problem_of
-from shards.kafka_wal import KafkaWal, WalFenced, validate_wal_topic
+from shards.kafka_topic import validate_wal_topic
+from shards.kafka_wal import KafkaWal, WalFenced
 
 pytestmark = pytest.mark.integration
 
