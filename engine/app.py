@@ -19,6 +19,7 @@ import time
 import msgspec
 
 from engine import tokens
+from engine.cluster_node import make_node
 from engine.config import Config, config_from_parent
 from engine.errors import (
     AlreadyVoted,
@@ -162,7 +163,7 @@ class App:
         self._cluster = self.config.uses_cluster  # a property: read once, not per vote
         configure_logging()
         self.keyring = load_keys(self.config.data_path)
-        self.node = Node(self.config, self.keyring)
+        self.node = make_node(self.config, self.keyring)
         self._start_task = loop.create_task(self.node.start())
         self._flush_task = loop.create_task(_flush_metrics())
         # Every request allocates dozens of objects, so the default young-generation

@@ -41,7 +41,7 @@ from engine.errors import (
     WalUnavailable,
 )
 from engine.keys import KeyRing
-from shards.commit import GroupCommitter
+from shards.commit import CommitMetrics, GroupCommitter
 from shards.pending import (
     AppendInFlight,
     PendingControl,
@@ -53,8 +53,9 @@ from shards.pending import (
 )
 from shards.records import PollClosed as PollClosedRecord
 from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
-from shards.snapshots import DirectorySnapshotStore, freeze
+from shards.snapshots import SnapshotStore, freeze
 from shards.state import COUNTED, PollState, ShardState
+from shards.wal import Wal
 
 log = logging.getLogger("votes.owner")
 
@@ -69,8 +70,9 @@ def now_ms() -> int:
 
 
 class ShardOwner:
-    def __init__(self, shard: int, config: Config, wal, snapshot_store: DirectorySnapshotStore,
-                 keyring: KeyRing, hasher: signing.VoterHasher, metrics=None,
+    def __init__(self, shard: int, config: Config, wal: Wal, snapshot_store: SnapshotStore,
+                 keyring: KeyRing, hasher: signing.VoterHasher,
+                 metrics: CommitMetrics | None = None,
                  committer: GroupCommitter | None = None) -> None:
         self.shard = shard
         self.config = config
