@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Awaitable
 
 import httpx
@@ -54,7 +53,7 @@ class ClusterNode(Node):
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(config.forward_timeout_s, connect=min(1.0, config.forward_timeout_s)),
             limits=httpx.Limits(max_connections=config.forward_connections_max))
-        self.leases = LeaseManager(config, self.redis, slot=self.slot, start_shard=self._gain_shard,
+        self.leases = LeaseManager(config, self.redis, slot=self._own_slot(), start_shard=self._gain_shard,
                                    stop_shard=self._drop_shard, shard_ready=self._shard_ready)
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
 
@@ -162,15 +161,6 @@ class ClusterNode(Node):
                 raise Relayed(answer.status_code, answer.headers.get("content-type", "application/json"),
                               answer.content)
         return answers
-
-    async def cluster_summary(self, poll: str) -> dict:
-        """This node's per-shard parts of a poll (ready shards only) and its rejections."""
-        shards: dict[str, list | None] = {}
-        rejected: Counter = Counter()
-        for part in await self._everywhere("shard_summaries", poll):
-            shards.update(part["shards"])
-            rejected.update(part["rejected"])
-        return {"shards": shards, "rejected": dict(rejected)}
 
     async def _result_parts(self, poll: str) -> list[dict]:
         """This node's parts, then every other holder's (its per-shard parts, first wins)."""

@@ -18,7 +18,7 @@ import fcntl
 import logging
 import os
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine import signing
@@ -109,7 +109,7 @@ class Node:
         except VotesError:
             return  # the owner recorded why; /readyz reports it
         SHARDS_READY.inc()
-        log.info("shard %d ready (log offset %d)", owner.shard, owner.state.wal_offset_next)
+        log.info("shard %d ready (log offset %d)", owner.shard, owner.wal_offset_next)
 
     async def _claim_slot(self) -> int:
         run_dir = self.data_dir / "run"
@@ -160,9 +160,11 @@ class Node:
         """Run an operation on every slot (this one locally); the first error wins."""
         if self.slot is None:
             raise NotReady("this worker is still starting")
-        local = {"create": self._local_create, "close": self._local_close,
-                 "summary": self._local_summary, "ready": self._local_ready,
-                 "shard_summaries": self._local_shard_summaries}[operation]
+        operations: dict[str, Callable[..., Awaitable[Any]]] = {
+            "create": self._local_create, "close": self._local_close,
+            "summary": self._local_summary, "ready": self._local_ready,
+            "shard_summaries": self._local_shard_summaries}
+        local = operations[operation]
         calls = [local(*arguments)]
         calls += [peer.call(operation, *arguments) for peer in self.peers.values()]
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -246,6 +248,15 @@ class Node:
     async def close_poll(self, poll: str, request: ForwardedRequest | None = None) -> bool:
         await self._everywhere("close", poll)
         return True
+
+    async def cluster_summary(self, poll: str) -> dict:
+        """This node's per-shard parts (what another node of a cluster asks for) of a poll (ready shards only) and its rejections."""
+        shards: dict[str, list | None] = {}
+        rejected: Counter = Counter()
+        for part in await self._everywhere("shard_summaries", poll):
+            shards.update(part["shards"])
+            rejected.update(part["rejected"])
+        return {"shards": shards, "rejected": dict(rejected)}
 
     async def _result_parts(self, poll: str) -> list[dict]:
         """Every part of a poll's results: here, one per worker slot of this host."""

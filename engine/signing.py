@@ -148,6 +148,16 @@ class SignedBatch:
     __slots__ = ("shard", "batch_seq", "time_ms", "runs", "run_starts", "run_forms", "tree",
                  "node", "batch_position", "batch_nodes", "commit_tree", "key_id", "signature")
 
+    # Declared for the type checker; set by `_leaves` and `sign_commit` (no __init__: the
+    # constructor is on the hot path).
+    shard: int
+    batch_seq: int
+    time_ms: int
+    batch_position: int
+    batch_nodes: list[bytes]
+    key_id: str
+    signature: bytes
+
     @classmethod
     def _leaves(cls, hasher: VoterHasher, shard: int, batch_seq: int, time_ms: int,
                 runs: Sequence[VoteRun]) -> SignedBatch:

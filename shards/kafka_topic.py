@@ -8,6 +8,7 @@ that does not answer within `kafka_request_timeout_s` is WalUnavailable.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -23,7 +24,7 @@ MIN_INSYNC_REPLICAS = 2
 _topics_valid: set[tuple[str, str, int]] = set()
 
 
-def topic_problems(description: dict, settings: dict[str, str], shards: int) -> list[str]:
+def topic_problems(description: dict[str, Any], settings: dict[str, str], shards: int) -> list[str]:
     """What is wrong with a WAL topic, from describe_topics / describe_configs answers."""
     if description.get("error_code", 0) != 0:
         return [f"the topic cannot be described (error code {description['error_code']}: "

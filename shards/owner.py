@@ -360,6 +360,11 @@ class ShardOwner:
         return len(self._appends)
 
     @property
+    def wal_offset_next(self) -> int:
+        """The log offset just after the last record applied (0 before recovery)."""
+        return 0 if self.state is None else self.state.wal_offset_next
+
+    @property
     def appends_in_flight_max(self) -> int:
         return self.wal.appends_in_flight_max
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from engine import signing
 from engine.errors import InvariantViolation
@@ -40,7 +41,8 @@ def check_positions(positions: Sequence[tuple[int, int]], records: int,
 class PendingVote:
     __slots__ = ("poll", "voter_id", "voter_index", "option", "option_index", "future")
 
-    def __init__(self, poll, voter_id, voter_index, option, option_index, future) -> None:
+    def __init__(self, poll: str, voter_id: int, voter_index: int, option: str,
+                 option_index: int, future: asyncio.Future[bytes]) -> None:
         self.poll = poll
         self.voter_id = voter_id
         self.voter_index = voter_index
@@ -54,7 +56,7 @@ class PlannedRecord:
 
     __slots__ = ("record", "items", "groups", "runs", "batch_seq", "signed")
 
-    def __init__(self, record: Record | None, items: list) -> None:
+    def __init__(self, record: Record | None, items: list[Any]) -> None:
         self.record = record
         self.items = items
         self.groups: list[VoteGroup] | None = None
@@ -69,9 +71,11 @@ class PlannedRecord:
     def finished_record(self, shard: int) -> Record:
         if self.record is not None:
             return self.record
-        signed = self.signed
+        signed, groups = self.signed, self.groups
+        if signed is None or groups is None:
+            raise InvariantViolation("a vote batch was appended before the cycle signed it")
         return VoteBatch(shard=shard, batch_seq=self.batch_seq, time_ms=signed.time_ms,
-                         groups=self.groups, batch_position=signed.batch_position,
+                         groups=groups, batch_position=signed.batch_position,
                          batch_nodes=signed.batch_nodes, signature=signed.signature,
                          key_id=signed.key_id)
 
@@ -81,7 +85,8 @@ class AppendInFlight:
 
     __slots__ = ("items", "plan", "records", "append", "ended", "timer", "decision", "started_s")
 
-    def __init__(self, items, plan, records, append: asyncio.Future, ended: asyncio.Future) -> None:
+    def __init__(self, items: list[Any], plan: list[PlannedRecord], records: list[Record],
+                 append: asyncio.Future[Any], ended: asyncio.Future[None]) -> None:
         self.items = items
         self.plan = plan
         self.records = records
@@ -89,19 +94,20 @@ class AppendInFlight:
         self.ended = ended
         self.timer: asyncio.TimerHandle | None = None
         # Set when the append outlived append_timeout_s: its voters are held until it ends.
-        self.decision: asyncio.Future | None = None
+        self.decision: asyncio.Future[None] | None = None
         self.started_s = time.perf_counter()
 
 
 class PendingControl:
     __slots__ = ("record", "future")
 
-    def __init__(self, record: Record, future: asyncio.Future) -> None:
+    def __init__(self, record: Record, future: asyncio.Future[Any]) -> None:
         self.record = record
         self.future = future
 
 
-def answer(future: asyncio.Future, result=None, exception: BaseException | None = None) -> None:
+def answer(future: asyncio.Future[Any], result: object = None,
+           exception: BaseException | None = None) -> None:
     """Resolve a waiter unless it was already answered (outcome-unknown after a stall)."""
     if future.done():
         return
@@ -111,7 +117,7 @@ def answer(future: asyncio.Future, result=None, exception: BaseException | None 
         future.set_result(result)
 
 
-def fail(future: asyncio.Future, exception: BaseException) -> None:
+def fail(future: asyncio.Future[Any], exception: BaseException) -> None:
     """Set the exception and mark it retrieved at once: an answer nobody waits for any more
     (the handler timed out) must not log a warning, and a waiter still gets it raised. (Not
     a done-callback per future: that was one more loop callback per vote.)"""

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Awaitable
 from typing import Protocol
 
 import msgspec
@@ -130,6 +131,9 @@ def snapshot_name(wal_offset_next: int) -> str:
 
 
 class SnapshotStore(Protocol):
+    # The directory store reads its manifest in the caller's thread, S3 asynchronously.
+    def read_manifest(self) -> Manifest | Awaitable[Manifest]: ...
+
     async def save(self, data: bytes, wal_offset_next: int) -> ManifestEntry: ...
 
     async def load(self) -> ShardState | None: ...
