@@ -3,8 +3,8 @@
 The vote path from here: `_vote` reads the bounded body, decodes it with a reused typed
 msgspec decoder, verifies the voter token, and hands (poll, voter, option) to
 `Node.vote`, which runs it on the owning shard (shards/owner.py) or forwards it there.
-Every VotesError becomes one problem+json answer in `_problem`; anything else is a bug,
-logged with its traceback and answered 500 without details.
+Every VotesError becomes one problem+json answer in `_problem`, as engine/problems.py
+says; anything else is a bug, logged with its traceback and answered 500 without details.
 """
 
 from __future__ import annotations
@@ -19,14 +19,19 @@ import time
 import msgspec
 
 from engine import tokens
+from engine.cluster_node import make_node
 from engine.config import Config, config_from_parent
 from engine.errors import (
+    AlreadyVoted,
     BadRequest,
     BodyTooLarge,
     MethodNotAllowed,
     NotFound,
     NotReady,
+    PollClosed,
     PollExists,
+    PollNotOpen,
+    UnknownOption,
     VotesError,
 )
 from engine.keys import load_keys
@@ -34,6 +39,7 @@ from engine.logs import configure_logging
 from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
+from engine.problems import problem_of
 from shards.backends import durability
 from shards.records import PollCreated
 
@@ -64,17 +70,19 @@ _vote_decoder = msgspec.json.Decoder(VoteBody)
 _poll_decoder = msgspec.json.Decoder(PollBody)
 _json = msgspec.json.Encoder()
 
-# Rejections counted beside the results, by problem slug.
-_REJECTION_REASON = {
-    "already-voted": "duplicate",
-    "token-missing": "bad-token",
-    "token-invalid": "bad-token",
-    "token-expired": "bad-token",
-    "token-forbidden": "bad-token",
-    "poll-closed": "closed-poll",
-    "poll-not-open": "not-open",
-    "unknown-option": "unknown-option",
+# Rejections counted beside the results, by error class.
+_REJECTION_REASON: dict[type[VotesError], str] = {
+    AlreadyVoted: "duplicate",
+    tokens.TokenError: "bad-token",
+    PollClosed: "closed-poll",
+    PollNotOpen: "not-open",
+    UnknownOption: "unknown-option",
 }
+
+
+def _rejection_reason(error: VotesError) -> str | None:
+    return next((_REJECTION_REASON[cls] for cls in type(error).__mro__
+                 if cls in _REJECTION_REASON), None)
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes):
@@ -155,7 +163,7 @@ class App:
         self._cluster = self.config.uses_cluster  # a property: read once, not per vote
         configure_logging()
         self.keyring = load_keys(self.config.data_path)
-        self.node = Node(self.config, self.keyring)
+        self.node = make_node(self.config, self.keyring)
         self._start_task = loop.create_task(self.node.start())
         self._flush_task = loop.create_task(_flush_metrics())
         # Every request allocates dozens of objects, so the default young-generation
@@ -179,7 +187,7 @@ class App:
             route, status, headers, body = await self._route(scope, proto)
         except VotesError as exc:
             status, headers, body = self._problem(exc)
-            reason = _REJECTION_REASON.get(exc.problem)
+            reason = _rejection_reason(exc)
             if reason is not None:
                 REJECTED.labels(reason).inc()
                 poll = _poll_of(scope.path)
@@ -202,9 +210,10 @@ class App:
             # request: say so, or a keep-alive client sends its next request into a socket
             # the server is closing.
             headers = PROBLEM_JSON + [("connection", "close")]
-        document = {"type": f"/problems/{exc.problem}", "title": exc.title,
-                    "status": exc.status, "detail": exc.detail, **extra}
-        return exc.status, headers, _json.encode(document)
+        problem = problem_of(exc)
+        document = {"type": f"/problems/{problem.slug}", "title": problem.title,
+                    "status": problem.status, "detail": exc.detail or problem.title, **extra}
+        return problem.status, headers, _json.encode(document)
 
     async def _route(self, scope, proto):
         method = scope.method

@@ -46,8 +46,7 @@ def prepare_data_dir(config: Config) -> None:
 
 
 def _fail(exc: Exception) -> None:
-    detail = exc.detail if isinstance(exc, VotesError) else str(exc)
-    raise click.ClickException(detail)
+    raise click.ClickException(str(exc))
 
 
 @click.group()
@@ -81,14 +80,14 @@ def serve(data_dir, port, host, workers, shards, config_file) -> None:
         import asyncio
 
         from engine.errors import ConfigError
-        from shards.kafka_wal import validate_wal_topic
+        from shards.kafka_topic import validate_wal_topic
 
         try:
             asyncio.run(validate_wal_topic(config))
         except ConfigError as exc:
             _fail(exc)
         except VotesError as exc:  # Kafka unreachable: every shard checks again before serving
-            click.echo(f"warning: {exc.detail}", err=True)
+            click.echo(f"warning: {exc}", err=True)
 
     from granian import Granian
     from granian.constants import Interfaces, Loops
@@ -225,7 +224,7 @@ def shard_status(config_file) -> None:
         raise click.ClickException(f"cannot read the leases from {config.redis_url}: {exc}") from None
     preferred = parse_shard_map(config.shard_map, config.shards)
     click.echo(f"{'shard':>5}  {'holder':<20} {'url':<28} {'preferred':<12} {'pin':<12} move")
-    for shard_number, lease, move, pin in zip(shards, leases, moves, pins):
+    for shard_number, lease, move, pin in zip(shards, leases, moves, pins, strict=True):
         holder = parse_lease(lease) or ("-", "-")
         click.echo(f"{shard_number:>5}  {holder[0]:<20} {holder[1]:<28} "
                    f"{preferred.get(shard_number, '-'):<12} {pin or '-':<12} {move or '-'}")

@@ -153,8 +153,11 @@ class MerkleTree:
         levels = [level]
         sha256 = hashlib.sha256
         while len(level) > 1:
+            # An odd last node has no partner: it is carried up below, not paired.
+            paired_end = len(level) - (len(level) & 1)
             parents = [sha256(_NODE_DOMAIN + left + right).digest()
-                       for left, right in zip(level[0::2], level[1::2])]
+                       for left, right in zip(level[0:paired_end:2], level[1:paired_end:2],
+                                              strict=True)]
             if len(level) & 1:
                 parents.append(level[-1])
             levels.append(parents)
@@ -262,7 +265,8 @@ def batch_tree(shard: int, groups: list) -> BatchTree:
     for mac, head, tails, voters, option_indexes in groups:
         if len(voters) % 8 or len(option_indexes) * 4 != len(voters):
             raise ValueError("a group needs packed uint64 voters and one uint16 option each")
-        for voter, option_index in zip(array.array("Q", voters), array.array("H", option_indexes)):
+        for voter, option_index in zip(array.array("Q", voters), array.array("H", option_indexes),
+                                      strict=True):
             if option_index >= len(tails):
                 raise ValueError("an option index is outside the group's options")
             voter_hash = mac.digest(voter.to_bytes(8, "big"))[:VOTER_HASH_BYTES]

@@ -6,7 +6,7 @@ counts it itself. The same channel carries poll creation/closing (which touch ev
 and the per-worker result summaries.
 
 Wire format: frames of `[u32 length][msgpack]`; a request is (request id, operation,
-arguments), a response is (request id, ok, result or problem). Requests are multiplexed on
+arguments), a response is (request id, ok, result or error). Requests are multiplexed on
 one connection per peer, each served in its own task, with at most `inflight_max` waiting
 per peer. Sockets live in a 0700 directory private to this data dir.
 """
@@ -40,7 +40,9 @@ class Response(msgspec.Struct, array_like=True):
     request_id: int
     ok: bool
     result: Any = None
-    problem: str = ""
+    # The error's class and its bases, nearest first, by qualified name: the receiver raises
+    # the nearest one it knows, so a class only the sender imported still answers as its base.
+    error_classes: list[str] = []
     detail: str = ""
     extra: dict[str, Any] = {}
 
@@ -67,12 +69,20 @@ def socket_path(data_dir: Path, slot: int) -> Path:
     return runtime_directory(data_dir) / f"worker-{slot}.sock"
 
 
-def _problem_classes() -> dict[str, type[VotesError]]:
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _error_names(error: VotesError) -> list[str]:
+    return [_class_name(cls) for cls in type(error).__mro__ if issubclass(cls, VotesError)]
+
+
+def _error_classes() -> dict[str, type[VotesError]]:
     classes: dict[str, type[VotesError]] = {}
-    pending = [VotesError]
+    pending: list[type[VotesError]] = [VotesError]
     while pending:
         cls = pending.pop()
-        classes.setdefault(cls.problem, cls)
+        classes[_class_name(cls)] = cls
         pending.extend(cls.__subclasses__())
     return classes
 
@@ -132,7 +142,8 @@ class ForwardServer:
                 raise VotesError(f"unknown forwarded operation {request.operation!r}")
             response = Response(request.request_id, True, await operation(*request.arguments))
         except VotesError as exc:
-            response = Response(request.request_id, False, None, exc.problem, exc.detail, exc.extra)
+            response = Response(request.request_id, False, None, _error_names(exc), exc.detail,
+                                exc.extra)
         if not writer.is_closing():
             _write_frame(writer, response)
 
@@ -149,7 +160,7 @@ class PeerClient:
         self._reader_task: asyncio.Task | None = None
         self._waiting: dict[int, asyncio.Future] = {}
         self._next_id = 0
-        self._problems = _problem_classes()
+        self._error_classes = _error_classes()
 
     async def call(self, operation: str, *arguments: Any, unknown_on_timeout: bool = False) -> Any:
         """Run `operation` on the peer. A peer that cannot be reached answers NotReady; a
@@ -174,7 +185,8 @@ class PeerClient:
                 self._waiting.pop(request_id, None)
         if response.ok:
             return response.result
-        error_class = self._problems.get(response.problem, VotesError)
+        known = (self._error_classes.get(name) for name in response.error_classes)
+        error_class = next((cls for cls in known if cls is not None), VotesError)
         raise error_class(response.detail, **response.extra)
 
     async def _connection(self) -> asyncio.StreamWriter:

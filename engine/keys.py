@@ -54,13 +54,11 @@ KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class KeysMissing(VotesError):
-    problem = "keys-missing"
-    title = "Key material is missing"
+    """Key material is missing."""
 
 
 class KeysCorrupt(VotesError):
-    problem = "keys-corrupt"
-    title = "Key material is malformed"
+    """Key material is malformed."""
 
 
 class KeySetDocument(msgspec.Struct, forbid_unknown_fields=True):

@@ -159,14 +159,16 @@ class LeaseManager:
         leases = await self.redis.mget([lease_key(config, shard) for shard in shards])
         moves = await self.redis.mget([move_key(config, shard) for shard in shards])
         pins = await self.redis.mget([pin_key(config, shard) for shard in shards])
-        preferred = {shard: pin or self.shard_map.get(shard) for shard, pin in zip(shards, pins)}
+        preferred = {shard: pin or self.shard_map.get(shard)
+                     for shard, pin in zip(shards, pins, strict=True)}
         self._preferred_cache = preferred
         others = sorted({node for node in preferred.values() if node and node != self.node_id})
         alive_values = await self.redis.mget([node_key(config, node) for node in others]) if others else []
-        alive = {node for node, value in zip(others, alive_values) if value is not None}
+        alive = {node for node, value in zip(others, alive_values, strict=True)
+                 if value is not None}
         alive.add(self.node_id)
         takeover_allowed = time.monotonic() - self._started_s >= config.lease_ttl_s
-        for shard, lease, move in zip(shards, leases, moves):
+        for shard, lease, move in zip(shards, leases, moves, strict=True):
             if shard in self.handing_over:
                 continue
             if shard in self.held:

@@ -78,9 +78,7 @@ _U32 = struct.Struct(">I")
 
 
 class ReceiptInvalid(VotesError):
-    status = 400
-    problem = "receipt-invalid"
-    title = "The receipt is malformed"
+    """The receipt is malformed."""
 
 
 _Hash = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES)]

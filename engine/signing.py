@@ -147,6 +147,16 @@ class SignedBatch:
     __slots__ = ("shard", "batch_seq", "time_ms", "runs", "run_starts", "run_forms", "tree",
                  "node", "batch_position", "batch_nodes", "commit_tree", "key_id", "signature")
 
+    # Declared for the type checker; set by `_leaves` and `sign_commit` (no __init__: the
+    # constructor is on the hot path).
+    shard: int
+    batch_seq: int
+    time_ms: int
+    batch_position: int
+    batch_nodes: list[bytes]
+    key_id: str
+    signature: bytes
+
     @classmethod
     def _leaves(cls, hasher: VoterHasher, shard: int, batch_seq: int, time_ms: int,
                 runs: Sequence[VoteRun]) -> SignedBatch:
@@ -207,7 +217,7 @@ class SignedBatch:
 
     def index_of(self, poll: str, voter_hash: bytes) -> int | None:
         """The leaf index of this voter's vote in `poll`, or None when it is not in the batch."""
-        for run, first in zip(self.runs, self.run_starts):
+        for run, first in zip(self.runs, self.run_starts, strict=True):
             if run.poll == poll:
                 index = self.tree.index_of(first, first + len(run.voters) // 8, voter_hash)
                 if index is not None:
@@ -243,7 +253,7 @@ class SignedBatch:
             (first, len(run.option_indexes) // 2, run.option_indexes, options_msgpack,
              codec.receipt_head, codec.json_poll + json_batch_head)
             for run, first, (codec, options_msgpack) in zip(self.runs, self.run_starts,
-                                                            self.run_forms)
+                                                            self.run_forms, strict=True)
         ]
         encode = _msgpack.encode
         return self.tree.receipt_bodies(

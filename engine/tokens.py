@@ -42,32 +42,23 @@ ADMIN_TYP = "admin"
 
 
 class TokenError(VotesError):
-    status = 401
-    problem = "token-invalid"
-    title = "The token is not valid"
+    """The token is not valid."""
 
 
 class TokenMissing(TokenError):
-    problem = "token-missing"
-    title = "A bearer token is required"
+    """A bearer token is required."""
 
 
 class TokenInvalid(TokenError):
-    problem = "token-invalid"
-    title = "The token is not valid"
+    """The token is not valid."""
 
 
 class TokenExpired(TokenError):
-    problem = "token-expired"
-    title = "The token has expired"
+    """The token has expired."""
 
 
 class TokenForbidden(TokenError):
     """A valid token used outside its scope, e.g. bound to another poll."""
-
-    status = 403
-    problem = "token-forbidden"
-    title = "The token does not grant access to this resource"
 
 
 class VoterClaims(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True,

@@ -21,8 +21,8 @@ h_n (h_0 when no vote counted), and the export states n beside it.
 - voter_id: voter index (the uint32 stored in the group) x shard count + shard.
 - option: the option id, `options[option index]` of the poll's creation record.
 
-Which votes count (the engine's rule, DESIGN "Realtime results"): a vote counts iff the
-poll's creation record comes earlier in the same shard's log (a later creation record of
+Which votes count (the engine's rule, docs/design.md "Outcomes the client can see"): a vote
+counts iff the poll's creation record comes earlier in the same shard's log (a later creation record of
 the same poll id changes nothing), no close record of the poll comes earlier in that log,
 its option index is below the number of options, and its voter has no counted vote in the
 poll earlier in the log (an earlier vote of the same group included).

@@ -39,7 +39,7 @@ def _run(work: Callable[[], object]):
     try:
         return work()
     except VotesError as exc:
-        _fail(exc.detail, exit_code_of(exc))
+        _fail(str(exc), exit_code_of(exc))
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         _fail(f"a record or file does not decode: {exc}", EXIT_FINDING)
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""The replay tool's errors: each carries the exit code the command line ends with.
+"""The replay tool's errors, and the one table that maps every error to an exit code.
 
 Exit codes of every `votes replay` verb:
 - 0: done, and everything checked agrees (verify), the vote counted (prove), the export
@@ -7,11 +7,14 @@ Exit codes of every `votes replay` verb:
 - 2: the tool could not do its job: bad input, a missing data dir, an engine holding the
   log, Kafka or S3 or the engine's HTTP endpoint not answering within its bound;
 - 3: `rebuild --records-max` stopped early on purpose; its checkpoint resumes the work.
+
+`exit_code_of` decides by class (the nearest listed base class of the error), never by
+message text; an error not listed is 2.
 """
 
 from __future__ import annotations
 
-from engine.errors import VotesError
+from engine.errors import LogCorrupt, VotesError
 
 EXIT_OK = 0
 EXIT_FINDING = 1
@@ -20,35 +23,37 @@ EXIT_PAUSED = 3
 
 
 class ReplayError(VotesError):
-    """Root of the tool's errors; `exit_code` is what the command line exits with."""
-
-    exit_code = EXIT_CANNOT
+    """Root of the tool's errors."""
 
 
 class BadInput(ReplayError):
-    """Something the user gave is wrong: a path, a shard, a poll, a receipt, a flag."""
-
-    title = "Bad input"
+    """Bad input: something the user gave is wrong (a path, a shard, a poll, a flag)."""
 
 
 class Unavailable(ReplayError):
-    """A service or a resource did not answer, or is held by someone else."""
-
-    title = "Unavailable"
-    retriable = True
+    """Unavailable: a service or a resource did not answer, or is held by someone else."""
 
 
 class DataDamaged(ReplayError):
-    """The log, a snapshot or an export is damaged: a finding, not a usage error."""
-
-    exit_code = EXIT_FINDING
-    title = "Damaged data"
+    """Damaged data: the log, a snapshot or an export is damaged (a finding, not misuse)."""
 
 
-def exit_code_of(exc: VotesError) -> int:
+class Paused(ReplayError):
+    """Paused on purpose; a checkpoint holds the work done so far."""
+
+
+EXIT_CODES: dict[type[VotesError], int] = {
+    VotesError: EXIT_CANNOT,
+    DataDamaged: EXIT_FINDING,
+    LogCorrupt: EXIT_FINDING,
+    Paused: EXIT_PAUSED,
+}
+
+
+def exit_code_of(error: VotesError) -> int:
     """The exit code for an error from the tool or from the engine's modules it calls."""
-    if isinstance(exc, ReplayError):
-        return exc.exit_code
-    if exc.problem == "log-corrupt":
-        return EXIT_FINDING
+    for cls in type(error).__mro__:
+        code = EXIT_CODES.get(cls)
+        if code is not None:
+            return code
     return EXIT_CANNOT

@@ -74,7 +74,7 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
     except (BadInput, DataDamaged) as exc:
         # The engine signed this batch, so a log without it at that offset lost or moved it.
         proof.check(False, f"the log of shard {receipt.shard} holds a record at offset "
-                           f"{receipt.offset}: no ({exc.detail})")
+                           f"{receipt.offset}: no ({exc})")
         return proof
     if not _check_record(proof, receipt, batch):
         return proof

@@ -109,7 +109,7 @@ def decode_raw(payload: bytes | memoryview, where: str) -> RawRecord:
         fields = msgspec.msgpack.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise DataDamaged(f"{where}: payload is not msgpack ({exc})") from None
-    _check(isinstance(fields, list) and fields and isinstance(fields[0], str), where,
+    _check(isinstance(fields, list) and bool(fields) and isinstance(fields[0], str), where,
            "payload is not a tagged array")
     tag = fields[0]
     if tag == "p":

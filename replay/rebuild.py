@@ -38,7 +38,7 @@ from replay.checkpoint import (
     remove_checkpoint,
     write_checkpoint,
 )
-from replay.errors import BadInput, DataDamaged, ReplayError, Unavailable
+from replay.errors import BadInput, DataDamaged, Paused, Unavailable
 from replay.sources import wal_directory
 from shards.backends import make_snapshot_store
 from shards.records import VoteBatch, decode_record
@@ -50,11 +50,8 @@ SOURCE_SNAPSHOT = "snapshot"
 SOURCE_WAL = "wal"
 
 
-class RebuildPaused(ReplayError):
-    """`records_max` records were applied; the checkpoint holds the work done so far."""
-
-    exit_code = 3
-    title = "Rebuild paused"
+class RebuildPaused(Paused):
+    """Rebuild paused: `records_max` records were applied; the checkpoint holds the work."""
 
 
 @dataclass
@@ -313,7 +310,7 @@ async def rebuild(config: Config, shards: list[int], options: RebuildOptions,
             log.fence()
             fenced.append(log)
         results = []
-        for shard, log in zip(shards, logs):
+        for shard, log in zip(shards, logs, strict=True):
             result = await rebuild_shard(config, shard, options, log, progress_for(shard))
             report(result)
             results.append(result)

@@ -115,7 +115,7 @@ class _PollTally:
     def recount(self, copy: bool) -> PollRecount:
         return PollRecount(
             poll=self.poll, options=list(self.options),
-            counts=dict(zip(self.options, self.counts)), rejected=dict(self.rejected),
+            counts=dict(zip(self.options, self.counts, strict=True)), rejected=dict(self.rejected),
             closed=self.closed_ms is not None,
             voters=self.voters.copy() if copy else self.voters,
             voter_options=None if copy or self.voter_options is None else self.voter_options,
@@ -232,12 +232,13 @@ class Recounter:
         if tally.voter_options is not None:
             names = tally.options
             tally.voter_options.update(
-                (voter * shards_total + shard, names[option]) for voter, option in zip(voters, options))
+                (voter * shards_total + shard, names[option])
+                for voter, option in zip(voters, options, strict=True))
         if tally.chain is not None:
             digest, tails = tally.chain, tally.tails
             offset_bytes = export_chain.offset_field(offset)
             pack, sha256 = export_chain.index_voter_field, hashlib.sha256
-            for position, (voter, option) in enumerate(zip(voters, options)):
+            for position, (voter, option) in enumerate(zip(voters, options, strict=True)):
                 digest = sha256(digest + offset_bytes + pack(first_index + position,
                                 voter * shards_total + shard) + tails[option]).digest()
             tally.chain = digest
@@ -250,7 +251,7 @@ class Recounter:
         seen = tally.voters
         shards_total, shard = self.shards_total, self.shard
         offset_bytes = export_chain.offset_field(offset)
-        for position, (voter, option) in enumerate(zip(voters, options)):
+        for position, (voter, option) in enumerate(zip(voters, options, strict=True)):
             index = first_index + position
             reason = None
             if option >= option_count:
@@ -344,7 +345,7 @@ async def recount(config: Config, shards: Iterable[int] | None = None, *,
         async with slots:
             return await recount_shard(config, shard, keep_voters=keep_voters, **options)
 
-    return dict(zip(chosen, await gather_all(one(shard) for shard in chosen)))
+    return dict(zip(chosen, await gather_all(one(shard) for shard in chosen), strict=True))
 
 
 async def gather_all(coroutines) -> list:

@@ -179,7 +179,7 @@ async def verify(config: Config, shards: list[int], *, check_signatures: bool = 
     readings = [_ShardReading(config, shard, snapshot,
                               None if signatures is None else signatures.for_shard(),
                               options.get("polls"))
-                for shard, snapshot in zip(shards, snapshots)]
+                for shard, snapshot in zip(shards, snapshots, strict=True)]
     try:
         report = await _verify(config, shards, readings, snapshots, **options)
     finally:

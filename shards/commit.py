@@ -4,18 +4,20 @@ Why per worker and not per shard: an Ed25519 signature costs ~50 us, and with ma
 per worker each shard's own batches would be tiny, so signing per shard batch would cost
 more CPU than everything else on the vote path. A cycle starts when votes wait, but at most
 every `group_commit_ms` (sooner if `batch_votes_max` votes wait), takes the queued items of
-each shard that may start another append, signs all their vote batches at once (signing.sign_commit: a Merkle tree
-per shard batch under one tree per cycle), then begins every shard's append; each shard
+each shard that may start another append, signs all their vote batches at once
+(signing.sign_commit: a Merkle tree per shard batch under one tree per cycle), then begins every shard's append; each shard
 applies and answers its own when its log answers, in the order its appends began.
 
 How many appends a shard may have begun and not seen end is its log's
 `appends_in_flight_max`, and at most COMMIT_CYCLES_IN_FLIGHT_MAX cycles are in flight. The
 embedded log pipelines (shards/log_writer.py): while one cycle's round fsyncs, the next
-cycle is signed and queued behind it, so the event loop does not idle waiting for the disk. A Kafka shard has one transaction at a time: there the cycle waits for its
-appends, but at most `group_commit_wait_ms`, so batches stay large while one slow shard (a
+cycle is signed and queued behind it, so the event loop does not idle waiting for the disk.
+A Kafka shard has one transaction at a time: there the cycle waits for its appends, but at most `group_commit_wait_ms`, so batches stay large while one slow shard (a
 partition without a leader) does not hold up the others.
 
-A failure of one shard's append fails that shard's items only.
+A failure of one shard's append fails that shard's items only. More than
+COMMIT_CYCLES_IN_FLIGHT_MAX cycles in flight is an InvariantViolation (checked on every
+cycle, in production too). Shards are added and removed through `add` / `remove`.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from engine import signing
 from engine.config import Config
-from engine.errors import WalUnavailable
+from engine.errors import InvariantViolation, WalUnavailable
 from engine.keys import KeyRing
 
 log = logging.getLogger("votes.commit")
@@ -40,6 +44,35 @@ def now_ms() -> int:
 COMMIT_CYCLES_IN_FLIGHT_MAX = 2
 
 
+class CommitMetrics(Protocol):
+    def observe_commit(self, seconds: float, items: int) -> None: ...
+
+
+class CommitShard(Protocol):
+    """What the committer needs of a shard's owner (shards/owner.py `ShardOwner`)."""
+
+    shard: int
+
+    @property
+    def queued_votes(self) -> int: ...
+
+    @property
+    def appends_in_flight(self) -> int: ...
+
+    @property
+    def appends_in_flight_max(self) -> int: ...
+
+    def has_queued(self) -> bool: ...
+
+    def take_items(self) -> list[Any]: ...
+
+    def plan_records(self, items: list[Any]) -> list[Any]: ...
+
+    def begin_append(self, items: list[Any], plan: list[Any]) -> asyncio.Future[None]: ...
+
+    def fail_unwritten(self, items: list[Any], exc: WalUnavailable) -> None: ...
+
+
 class _Cycle:
     __slots__ = ("committer", "appends_left")
 
@@ -47,7 +80,7 @@ class _Cycle:
         self.committer = committer
         self.appends_left = appends
 
-    def one_ended(self, _: asyncio.Future) -> None:
+    def one_ended(self, _: asyncio.Future[None]) -> None:
         self.appends_left -= 1
         if self.appends_left == 0:
             self.committer._cycle_ended()
@@ -55,23 +88,32 @@ class _Cycle:
 
 class GroupCommitter:
     def __init__(self, config: Config, keyring: KeyRing, hasher: signing.VoterHasher,
-                 metrics=None) -> None:
+                 metrics: CommitMetrics | None = None) -> None:
         self.config = config
         self.keyring = keyring
         self.hasher = hasher
         self.metrics = metrics
-        self.owners: list = []
+        self._owners: list[CommitShard] = []
         self._wakeup = asyncio.Event()
         self._cycles_in_flight = 0
 
-    def add(self, owner) -> None:
-        self.owners.append(owner)
+    def add(self, owner: CommitShard) -> None:
+        self._owners.append(owner)
+
+    def remove(self, owner: CommitShard) -> None:
+        """Stop committing for `owner` (its shard moved away); a no-op if it was not added."""
+        if owner in self._owners:
+            self._owners.remove(owner)
+
+    @property
+    def cycles_in_flight(self) -> int:
+        return self._cycles_in_flight
 
     def notify(self) -> None:
         self._wakeup.set()
 
     def _queued_votes(self) -> int:
-        return sum(owner.queued_votes for owner in self.owners)
+        return sum(owner.queued_votes for owner in self._owners)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,10 +136,10 @@ class GroupCommitter:
             self._wakeup.clear()
             cycle_started_s = loop.time()
             work = []
-            for owner in self.owners:
+            for owner in self._owners:
                 # A shard at its log's limit of appends in flight is left for a later cycle
                 # (append_ended wakes the committer); the others go on.
-                if owner.has_queued() and owner.appends_in_flight < owner.wal.appends_in_flight_max:
+                if owner.has_queued() and owner.appends_in_flight < owner.appends_in_flight_max:
                     items = owner.take_items()
                     work.append((owner, items, owner.plan_records(items)))
             if work:
@@ -109,7 +151,7 @@ class GroupCommitter:
                     # the others.
                     await asyncio.wait(waits, timeout=self.config.group_commit_wait_ms / 1000)
 
-    def _sign(self, work) -> None:
+    def _sign(self, work: Sequence[tuple[CommitShard, list[Any], list[Any]]]) -> None:
         vote_batches = [(owner, planned) for owner, _, plan in work for planned in plan
                         if planned.votes is not None]
         if not vote_batches:
@@ -118,11 +160,15 @@ class GroupCommitter:
             self.keyring, self.hasher, now_ms(),
             [(owner.shard, planned.batch_seq, planned.runs) for owner, planned in vote_batches],
         )
-        for (_, planned), signed in zip(vote_batches, signed_batches):
+        for (_, planned), signed in zip(vote_batches, signed_batches, strict=True):
             planned.signed = signed
 
-    def _start_commit(self, work) -> list[asyncio.Future]:
+    def _start_commit(self, work: Sequence[tuple[CommitShard, list[Any], list[Any]]],
+                      ) -> list[asyncio.Future[None]]:
         """Sign the cycle and begin its appends; the futures of those to wait for."""
+        if self._cycles_in_flight >= COMMIT_CYCLES_IN_FLIGHT_MAX:
+            raise InvariantViolation(f"a commit cycle would start with {self._cycles_in_flight} "
+                                     f"in flight (at most {COMMIT_CYCLES_IN_FLIGHT_MAX})")
         try:
             self._sign(work)
         except Exception as exc:  # a bug: nothing was written, so nothing was counted
@@ -130,22 +176,24 @@ class GroupCommitter:
             for owner, items, _ in work:
                 owner.fail_unwritten(items, WalUnavailable(f"the commit could not be signed: {exc}"))
             return []
-        waits = []
+        waits: list[asyncio.Future[None]] = []
         cycle = _Cycle(self, len(work))
         self._cycles_in_flight += 1
         for owner, items, plan in work:
             ended = owner.begin_append(items, plan)
             ended.add_done_callback(cycle.one_ended)
-            if owner.wal.appends_in_flight_max == 1:
+            if owner.appends_in_flight_max == 1:
                 waits.append(ended)
         return waits
 
     def _cycle_ended(self) -> None:
+        if self._cycles_in_flight <= 0:
+            raise InvariantViolation("a commit cycle ended that had not begun")
         self._cycles_in_flight -= 1
-        if any(owner.has_queued() for owner in self.owners):
+        if any(owner.has_queued() for owner in self._owners):
             self._wakeup.set()
 
-    def append_ended(self, owner, started_s: float, items: int) -> None:
+    def append_ended(self, owner: CommitShard, started_s: float, items: int) -> None:
         """Called by a shard when an append it began is settled."""
         if self.metrics is not None:
             self.metrics.observe_commit(time.perf_counter() - started_s, items)

@@ -1,6 +1,6 @@
 """Kafka as a shard's write-ahead log: shard `s` is partition `s` of `config.wal_topic`.
 
-Rules this module keeps (DESIGN "Shards and ownership", "The vote path", "Durability"):
+Rules this module keeps (docs/design.md "Shards and ownership", "The vote path", "Durability"):
 - The fence is Kafka's own. Each shard has one transactional producer with the stable
   transactional_id `wal-<shard>`; starting it (InitProducerId) bumps the epoch, which fences
   every older producer of that id and makes the coordinator finish or abort the transaction
@@ -28,7 +28,8 @@ Rules this module keeps (DESIGN "Shards and ownership", "The vote path", "Durabi
   else answers WalUnavailable without sending anything. A settled failure answers within
   `kafka_append_timeout_s + kafka_abort_timeout_s`.
 - The WAL topic must have `config.shards` partitions, replication factor 3,
-  `min.insync.replicas=2` and unclean leader election off (`validate_wal_topic`).
+  `min.insync.replicas=2` and unclean leader election off (shards/kafka_topic.py
+  `validate_wal_topic`, checked before the fence is taken).
 """
 
 from __future__ import annotations
@@ -41,25 +42,21 @@ from collections import OrderedDict
 
 import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import ConsumerStoppedError, KafkaError, ProducerClosed, ProducerFenced
 
 from engine.config import Config
 from engine.errors import (
-    ConfigError,
     LogCorrupt,
     NotReady,
     OutcomeUnknown,
     VotesError,
     WalUnavailable,
 )
+from shards.kafka_topic import validate_wal_topic
 
 log = logging.getLogger("votes.kafka_wal")
 
 OWNER_HEADER = "votes-owner"
-REPLICATION_FACTOR = 3
-MIN_INSYNC_REPLICAS = 2
 RETRY_BACKOFF_S_MIN = 0.1
 READ_POLL_MS = 200
 READ_RECORDS_MAX = 2000
@@ -70,83 +67,13 @@ PRODUCER_CANCEL_ROUNDS_MAX = 50
 PRODUCER_CANCEL_POLL_S = 0.05
 CLOSE_TIMEOUT_S = 5.0
 
-# Topics found valid by this process: checked once per process, not once per shard.
-_topics_valid: set[tuple[str, str, int]] = set()
-
 
 class WalFenced(NotReady):
     """Another owner took this shard's fence: this process must stop serving the shard."""
 
-    title = "Another owner holds this shard"
-
 
 def is_owner_marker(headers) -> bool:
     return any(key == OWNER_HEADER for key, _ in headers or ())
-
-
-# Topic validation --------------------------------------------------------------------------------
-
-
-def topic_problems(description: dict, settings: dict[str, str], shards: int) -> list[str]:
-    """What is wrong with a WAL topic, from describe_topics / describe_configs answers."""
-    if description.get("error_code", 0) != 0:
-        return [f"the topic cannot be described (error code {description['error_code']}: "
-                "does it exist?)"]
-    problems = []
-    partitions = description["partitions"]
-    if len(partitions) != shards:
-        problems.append(f"partitions is {len(partitions)}, must equal shards ({shards})")
-    factors = sorted({len(partition["replicas"]) for partition in partitions})
-    if factors != [REPLICATION_FACTOR]:
-        problems.append(f"replication factor is {'/'.join(map(str, factors)) or 'unknown'}, "
-                        f"must be {REPLICATION_FACTOR}")
-    min_insync = settings.get("min.insync.replicas")
-    if min_insync != str(MIN_INSYNC_REPLICAS):
-        problems.append(f"min.insync.replicas is {min_insync}, must be {MIN_INSYNC_REPLICAS}")
-    unclean = settings.get("unclean.leader.election.enable")
-    if unclean != "false":
-        problems.append(f"unclean.leader.election.enable is {unclean}, must be false")
-    return problems
-
-
-async def validate_wal_topic(config: Config) -> None:
-    """Raise ConfigError naming every wrong setting of the WAL topic; WalUnavailable if
-    Kafka cannot be asked within kafka_request_timeout_s. Checked once per process."""
-    key = (config.kafka_bootstrap_servers, config.wal_topic, config.shards)
-    if key in _topics_valid:
-        return
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap_servers,
-                                client_id="votes-wal-check",
-                                request_timeout_ms=int(config.kafka_request_timeout_s * 1000))
-    resource = ConfigResource(ConfigResourceType.TOPIC, config.wal_topic)
-    try:
-        async with asyncio.timeout(config.kafka_request_timeout_s):
-            await admin.start()
-            (description,) = await admin.describe_topics([config.wal_topic])
-            answers = await admin.describe_configs([resource])
-    except (KafkaError, OSError, TimeoutError) as exc:
-        raise WalUnavailable(f"cannot check WAL topic {config.wal_topic!r} at "
-                             f"{config.kafka_bootstrap_servers}: {exc!r}") from exc
-    finally:
-        await admin.close()
-    settings = {}
-    unknown_to = []
-    for answer in answers:
-        for resource_answer in answer.to_object()["resources"]:
-            if resource_answer["error_code"] != 0:
-                unknown_to.append(resource_answer["error_code"])
-            for entry in resource_answer["config_entries"]:
-                settings[entry["config_names"]] = entry["config_value"]
-    if unknown_to and description.get("error_code", 0) == 0:
-        # The topic exists, but the broker asked does not know its configs yet (a topic
-        # just created): not a wrong setting, so the fence waits and asks again.
-        raise WalUnavailable(f"WAL topic {config.wal_topic!r}: configs not readable yet "
-                             f"(error codes {unknown_to})")
-    problems = topic_problems(description, settings, config.shards)
-    if problems:
-        raise ConfigError(f"WAL topic {config.wal_topic!r} is not safe to use: "
-                          + "; ".join(problems))
-    _topics_valid.add(key)
 
 
 # Producers ---------------------------------------------------------------------------------------
@@ -457,7 +384,7 @@ class KafkaWal:
             sent.append(await producer.send_batch(builder, self.topic_partition.topic,
                                                   partition=self.shard))
         positions = []
-        for builder, metadata in zip(batches, await asyncio.gather(*sent)):
+        for builder, metadata in zip(batches, await asyncio.gather(*sent), strict=True):
             if metadata is None or metadata.offset < 0:
                 raise KafkaError(f"the broker did not return an offset ({metadata!r})")
             positions += [(metadata.offset + index, metadata.offset + index + 1)

@@ -1,6 +1,6 @@
 """The live owner of one shard: fence, recover, then group-commit votes and acknowledge them.
 
-The vote path for one shard (DESIGN "The vote path", steps 3-6):
+The vote path for one shard (docs/design.md "The vote path"):
 - `submit_vote` checks the poll and the bitmap; a repeat gets AlreadyVoted with the original
   receipt; a vote of a voter already in flight waits for that one's outcome and never
   becomes a second vote; the queue is bounded (Overloaded beyond it).
@@ -28,6 +28,7 @@ from engine import signing
 from engine.config import Config
 from engine.errors import (
     AlreadyVoted,
+    InvariantViolation,
     NotReady,
     OutcomeUnknown,
     Overloaded,
@@ -40,11 +41,21 @@ from engine.errors import (
     WalUnavailable,
 )
 from engine.keys import KeyRing
-from shards.commit import GroupCommitter
+from shards.commit import CommitMetrics, GroupCommitter
+from shards.pending import (
+    AppendInFlight,
+    PendingControl,
+    PendingVote,
+    PlannedRecord,
+    answer,
+    check_positions,
+    fail,
+)
 from shards.records import PollClosed as PollClosedRecord
 from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
-from shards.snapshots import DirectorySnapshotStore, freeze
+from shards.snapshots import SnapshotStore, freeze
 from shards.state import COUNTED, PollState, ShardState
+from shards.wal import Wal
 
 log = logging.getLogger("votes.owner")
 
@@ -58,91 +69,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class PendingVote:
-    __slots__ = ("poll", "voter_id", "voter_index", "option", "option_index", "future")
-
-    def __init__(self, poll, voter_id, voter_index, option, option_index, future) -> None:
-        self.poll = poll
-        self.voter_id = voter_id
-        self.voter_index = voter_index
-        self.option = option
-        self.option_index = option_index
-        self.future = future
-
-
-class PlannedRecord:
-    """One record of a commit cycle: a control record, or a vote batch to be signed."""
-
-    __slots__ = ("record", "items", "groups", "runs", "batch_seq", "signed")
-
-    def __init__(self, record: Record | None, items: list) -> None:
-        self.record = record
-        self.items = items
-        self.groups: list[VoteGroup] | None = None
-        self.runs: list[signing.VoteRun] | None = None  # the groups as signing takes them
-        self.batch_seq = 0
-        self.signed: signing.SignedBatch | None = None
-
-    @property
-    def votes(self) -> list[PendingVote] | None:
-        return self.items if self.record is None else None
-
-    def finished_record(self, shard: int) -> Record:
-        if self.record is not None:
-            return self.record
-        signed = self.signed
-        return VoteBatch(shard=shard, batch_seq=self.batch_seq, time_ms=signed.time_ms,
-                         groups=self.groups, batch_position=signed.batch_position,
-                         batch_nodes=signed.batch_nodes, signature=signed.signature,
-                         key_id=signed.key_id)
-
-
-class _AppendInFlight:
-    """One append begun and not yet settled (ShardOwner.begin_append)."""
-
-    __slots__ = ("items", "plan", "records", "append", "ended", "timer", "decision", "started_s")
-
-    def __init__(self, items, plan, records, append: asyncio.Future, ended: asyncio.Future) -> None:
-        self.items = items
-        self.plan = plan
-        self.records = records
-        self.append = append
-        self.ended = ended
-        self.timer: asyncio.TimerHandle | None = None
-        # Set when the append outlived append_timeout_s: its voters are held until it ends.
-        self.decision: asyncio.Future | None = None
-        self.started_s = time.perf_counter()
-
-
-class PendingControl:
-    __slots__ = ("record", "future")
-
-    def __init__(self, record: Record, future: asyncio.Future) -> None:
-        self.record = record
-        self.future = future
-
-
-def _answer(future: asyncio.Future, result=None, exception: BaseException | None = None) -> None:
-    """Resolve a waiter unless it was already answered (outcome-unknown after a stall)."""
-    if future.done():
-        return
-    if exception is not None:
-        _fail(future, exception)
-    else:
-        future.set_result(result)
-
-
-def _fail(future: asyncio.Future, exception: BaseException) -> None:
-    """Set the exception and mark it retrieved at once: an answer nobody waits for any more
-    (the handler timed out) must not log a warning, and a waiter still gets it raised. (Not
-    a done-callback per future: that was one more loop callback per vote.)"""
-    future.set_exception(exception)
-    future.exception()
-
-
 class ShardOwner:
-    def __init__(self, shard: int, config: Config, wal, snapshot_store: DirectorySnapshotStore,
-                 keyring: KeyRing, hasher: signing.VoterHasher, metrics=None,
+    def __init__(self, shard: int, config: Config, wal: Wal, snapshot_store: SnapshotStore,
+                 keyring: KeyRing, hasher: signing.VoterHasher,
+                 metrics: CommitMetrics | None = None,
                  committer: GroupCommitter | None = None) -> None:
         self.shard = shard
         self.config = config
@@ -160,7 +90,7 @@ class ShardOwner:
         self._inflight: dict[tuple[str, int], asyncio.Future] = {}
         self._closing: set[str] = set()
         self._stalled = False
-        self._appends: deque[_AppendInFlight] = deque()
+        self._appends: deque[AppendInFlight] = deque()
         self._batch_seq_next = 0
         self._signed_batches: OrderedDict[int, signing.SignedBatch] = OrderedDict()
         self._snapshot_task: asyncio.Task | None = None
@@ -179,8 +109,8 @@ class ShardOwner:
             await self.wal.acquire()
             self.state = await self._recover()
         except VotesError as exc:
-            self.failure = f"shard {self.shard}: {exc.detail}"
-            log.error("shard %d cannot start: %s", self.shard, exc.detail)
+            self.failure = f"shard {self.shard}: {exc}"
+            log.error("shard %d cannot start: %s", self.shard, exc)
             raise
         self._batch_seq_next = self.state.batch_seq_next
         self._snapshot_votes_applied = self.state.votes_applied
@@ -429,6 +359,19 @@ class ShardOwner:
     def appends_in_flight(self) -> int:
         return len(self._appends)
 
+    @property
+    def wal_offset_next(self) -> int:
+        """The log offset just after the last record applied (0 before recovery)."""
+        return 0 if self.state is None else self.state.wal_offset_next
+
+    @property
+    def appends_in_flight_max(self) -> int:
+        return self.wal.appends_in_flight_max
+
+    def has_votes_in_flight(self) -> bool:
+        """Whether a vote taken here still waits for its answer (or its log's decision)."""
+        return bool(self._inflight)
+
     def begin_append(self, items, plan: list[PlannedRecord]) -> asyncio.Future:
         """Start making the planned records durable; never raises. When the log answers, the
         records are applied and their items answered, appends in the order they began.
@@ -439,7 +382,7 @@ class ShardOwner:
         loop = self._loop
         records = [planned.finished_record(self.shard) for planned in plan]
         append = asyncio.ensure_future(self.wal.append([encode_record(record) for record in records]))
-        entry = _AppendInFlight(items, plan, records, append, loop.create_future())
+        entry = AppendInFlight(items, plan, records, append, loop.create_future())
         entry.timer = loop.call_later(self.config.append_timeout_s, self._append_timed_out, entry)
         self._appends.append(entry)
         append.add_done_callback(self._append_done)
@@ -467,30 +410,40 @@ class ShardOwner:
         except VotesError as exc:
             if isinstance(exc, NotReady):  # the log fenced this owner out: stop serving
                 self.ready = False
-                self.failure = f"shard {self.shard}: {exc.detail}"
+                self.failure = f"shard {self.shard}: {exc}"
             self._fail_items(items, exc)
             return
         except Exception as exc:  # a bug or an unexpected client error: outcome unknown
             log.error("append on shard %d failed unexpectedly: %r", self.shard, exc)
             self._fail_items(items, OutcomeUnknown(f"append failed unexpectedly: {exc}"))
             return
-        for planned, record, (offset, next_offset) in zip(plan, records, positions):
+        try:
+            check_positions(positions, len(records), self.state.wal_offset_next)
+        except InvariantViolation as exc:
+            # The log broke its contract: the records may be in it, so their voters stay
+            # held (outcome unknown) and the shard stops serving until it is recovered.
+            log.error("shard %d stops: %s", self.shard, exc)
+            self.ready = False
+            self.failure = f"shard {self.shard}: {exc}"
+            self._fail_items(items, OutcomeUnknown(f"the log broke its contract: {exc}"))
+            return
+        for planned, record, (offset, next_offset) in zip(plan, records, positions, strict=True):
             outcomes = self.state.apply(offset, next_offset, record)
             if planned.signed is None:
-                _answer(planned.items[0].future)
+                answer(planned.items[0].future)
                 continue
             self._remember_signed(offset, planned.signed)
             self._answer_votes(record, planned.items, planned.signed, outcomes, offset)
         self._maybe_snapshot()
 
-    def _append_timed_out(self, entry: _AppendInFlight) -> None:
+    def _append_timed_out(self, entry: AppendInFlight) -> None:
         if entry.append.done():
             return
         log.warning("shard %d: append unanswered after %.1f s; holding its voters",
                     self.shard, self.config.append_timeout_s)
         self._stalled = True
         for item in entry.items:
-            _answer(item.future, exception=OutcomeUnknown("the log did not confirm in time; "
+            answer(item.future, exception=OutcomeUnknown("the log did not confirm in time; "
                                                           "this counts at most once"))
         # The held voters stay in _inflight until the append ends: a repeat of a held voter
         # waits there and then meets the bitmap, which by then says what the log decided.
@@ -500,7 +453,7 @@ class ShardOwner:
                 self._inflight[(item.poll, item.voter_index)] = entry.decision
         entry.ended.set_result(None)
 
-    def _decided(self, entry: _AppendInFlight) -> None:
+    def _decided(self, entry: AppendInFlight) -> None:
         """A stalled append ended: apply what the log decided (its waiters were answered
         already, so _answer leaves them alone) and let its voters go."""
         self._settle(entry.append, entry.items, entry.plan, entry.records)
@@ -516,17 +469,17 @@ class ShardOwner:
     def _answer_votes(self, record, votes, signed, outcomes, offset) -> None:
         bodies = signed.receipt_bodies(offset)  # every 201 body in one compiled pass
         leaf = 0
-        for group, flags in zip(record.groups, outcomes):
+        for group, flags in zip(record.groups, outcomes, strict=True):
             group_size = len(group.voters) // 4
             for position in range(group_size):
                 vote = votes[leaf]
                 self._inflight.pop((vote.poll, vote.voter_index), None)
                 if flags is None:
-                    _answer(vote.future, exception=PollClosed(f"poll {vote.poll!r} closed before this vote"))
+                    answer(vote.future, exception=PollClosed(f"poll {vote.poll!r} closed before this vote"))
                 elif flags[position] == COUNTED:
-                    _answer(vote.future, bodies[leaf])
+                    answer(vote.future, bodies[leaf])
                 else:
-                    _answer(vote.future, exception=AlreadyVoted("this voter's vote is already in the log"))
+                    answer(vote.future, exception=AlreadyVoted("this voter's vote is already in the log"))
                 leaf += 1
 
     def fail_unwritten(self, items, exc: VotesError) -> None:
@@ -537,12 +490,12 @@ class ShardOwner:
         for item in items:
             if isinstance(item, PendingVote) and not keep_inflight:
                 self._inflight.pop((item.poll, item.voter_index), None)
-            _answer(item.future, exception=type(exc)(exc.detail))
+            answer(item.future, exception=type(exc)(exc.detail))
         if keep_inflight:
             # The log decides on its next successful read: until the shard is recovered
             # (restart or handover), these voters stay held and answer outcome-unknown.
             held = asyncio.get_running_loop().create_future()
-            _fail(held, OutcomeUnknown("an earlier vote of this voter is undecided"))
+            fail(held, OutcomeUnknown("an earlier vote of this voter is undecided"))
             for item in items:
                 if isinstance(item, PendingVote):
                     self._inflight[(item.poll, item.voter_index)] = held

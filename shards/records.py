@@ -72,7 +72,8 @@ def encode_record(record: Record) -> bytes:
 
 
 def decode_record(payload: bytes | memoryview) -> Record:
-    return _decoder.decode(payload)
+    record: Record = _decoder.decode(payload)
+    return record
 
 
 def frame(payload: bytes) -> bytes:

@@ -65,11 +65,6 @@ _manifest_decoder = msgspec.json.Decoder(Manifest)
 class SnapshotStoreUnavailable(VotesError, OSError):
     """S3 did not answer in time or refused a request; the previous snapshot stays in use."""
 
-    status = 503
-    problem = "snapshot-store-unavailable"
-    title = "The snapshot store could not be reached"
-    retriable = True
-
 
 class ObjectMissing(Exception):
     """The key holds no object (S3 answered 404)."""
@@ -148,7 +143,7 @@ class S3SnapshotStore:
                     await self._call("delete_object", 0, Key=self.object_key(name))
         except SnapshotStoreUnavailable as exc:
             log.warning("pruning snapshots of shard %d failed: %s (retried on the next save)",
-                        self.shard, exc.detail)
+                        self.shard, exc)
 
     async def list_snapshot_names(self) -> list[str]:
         names: list[str] = []

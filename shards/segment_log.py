@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.errors import LogCorrupt, OutcomeUnknown, WalUnavailable
+from engine.errors import InvariantViolation, LogCorrupt, OutcomeUnknown, WalUnavailable
 from shards.records import FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_BYTES_MAX
 
 SEGMENT_SUFFIX = ".log"
@@ -211,8 +211,7 @@ class SegmentLog:
             segment_used = start - self._active_base
             if segment_used > 0 and segment_used + len(data) > self.segment_bytes_max:
                 self._open_active(start)
-            self._write_all(data)
-            os.fsync(self._active_descriptor)
+            os.fsync(self._write_all(data))
         except OSError as exc:
             try:
                 self._truncate_to_durable()
@@ -223,17 +222,26 @@ class SegmentLog:
         self.end_offset = start + len(data)
         return start
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes) -> int:
+        """Write all of `data` to the active segment; its descriptor, to fsync."""
+        descriptor = self._active()
         view = memoryview(data)
         while view:
-            written = os.write(self._active_descriptor, view)
+            written = os.write(descriptor, view)
             view = view[written:]
+        return descriptor
+
+    def _active(self) -> int:
+        if self._active_descriptor is None:
+            raise InvariantViolation(f"{self.directory}: no active segment is open")
+        return self._active_descriptor
 
     def _truncate_to_durable(self) -> None:
         if self._active_descriptor is None or self._active_base > self.end_offset:
             # Failed while creating a segment past the durable end: reopen the old one.
             bases = [base for base in self.segment_bases() if base <= self.end_offset]
             self._open_active(bases[-1] if bases else 0)
-        os.ftruncate(self._active_descriptor, self.end_offset - self._active_base)
-        os.fsync(self._active_descriptor)
+        descriptor = self._active()
+        os.ftruncate(descriptor, self.end_offset - self._active_base)
+        os.fsync(descriptor)
         self._needs_truncate = False

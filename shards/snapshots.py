@@ -7,8 +7,10 @@ their SHA-256; the object is written first and the manifest is replaced atomical
 so a crash or failure in between leaves the previous snapshot in use. Loading walks the
 manifest newest first and takes the first object whose checksum and decoding check out.
 
-`DirectorySnapshotStore` is the embedded default; an S3 store implements the same async
-methods (`save`, `load`) that the shard owner uses.
+`SnapshotStore` is the contract the shard owner types against (`save`, `load`, `close`);
+`DirectorySnapshotStore` is the embedded default and shards/s3_snapshots.py the S3 store;
+which one is chosen once at start-up (shards/backends.py). A failed `save` raises OSError
+and leaves the previous snapshot in use (docs/design.md "Snapshots").
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Awaitable
+from typing import Protocol
 
 import msgspec
 from pyroaring import BitMap
@@ -124,6 +128,17 @@ def thaw(data: bytes) -> ShardState:
 
 def snapshot_name(wal_offset_next: int) -> str:
     return f"snapshot-{wal_offset_next:020d}.bin"
+
+
+class SnapshotStore(Protocol):
+    # The directory store reads its manifest in the caller's thread, S3 asynchronously.
+    def read_manifest(self) -> Manifest | Awaitable[Manifest]: ...
+
+    async def save(self, data: bytes, wal_offset_next: int) -> ManifestEntry: ...
+
+    async def load(self) -> ShardState | None: ...
+
+    async def close(self) -> None: ...
 
 
 class DirectorySnapshotStore:

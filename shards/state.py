@@ -2,7 +2,8 @@
 
 The state changes only by applying WAL records in log order (`ShardState.apply`), on the live
 path after the log reports them durable and on replay alike; votes go through the same
-test-and-set (engine.fastpath.apply_group), so re-applying a record changes nothing.
+test-and-set (engine.fastpath.apply_group), so re-applying a record changes nothing. A
+record of a type this code does not know is LogCorrupt, never skipped.
 
 Voter ids map to shards as `shard = voter_id mod shards` and to bitmap positions as
 `voter_index = voter_id div shards`, which keeps each shard's bitmap dense.
@@ -19,6 +20,7 @@ import array
 
 from pyroaring import BitMap
 
+from engine.errors import LogCorrupt
 from engine.fastpath import Locator, apply_group
 from shards.records import PollClosed, PollCreated, Record, VoteBatch
 
@@ -44,7 +46,7 @@ class PollState:
         return self.closed_ms is not None
 
     def counts(self) -> dict[str, int]:
-        return dict(zip(self.definition.options, self.tallies.tolist()))
+        return dict(zip(self.definition.options, self.tallies.tolist(), strict=True))
 
 
 class ShardState:
@@ -79,6 +81,11 @@ class ShardState:
             poll = self.polls.get(record.poll)
             if poll is not None and poll.closed_ms is None:
                 poll.closed_ms = record.closed_ms
+        else:
+            # decode_record only gives the types above: anything else means the log or the
+            # decoder disagrees with this code, and guessing would lose or invent votes.
+            raise LogCorrupt(f"shard {self.shard}: record at offset {offset} has unknown type "
+                             f"{type(record).__name__}")
         self.wal_offset_next = max(self.wal_offset_next, next_offset)
         return outcomes
 

@@ -1,26 +1,52 @@
-"""The asynchronous face of a shard's write-ahead log, as the shard owner uses it.
+"""The write-ahead log's contract (`Wal`), and its embedded implementation.
 
-Every WAL implementation (the embedded segment log here; Kafka in its own module) offers:
-- `acquire()`: take the fence; waits while another owner holds it.
-- `replay(from_offset, apply)`: find the durable end (cutting a torn tail where that is the
-  log's rule), call `apply(offset, next_offset, payload)` for every record from
-  `from_offset` to that end, in order, and return the end offset.
-- `append(payloads)`: an awaitable that makes the records durable and gives their (offset,
-  next offset) pairs, or raises WalUnavailable (settled: nothing written) / OutcomeUnknown.
-- `appends_in_flight_max`: how many appends the owner may have started and not yet seen
-  end. Appends end in the order they started.
-- `read_at(offset)`: the payload of one record (receipts of repeat votes).
-- `close()`.
+`Wal` is the face every log offers the shard owner (the embedded segment log here, Kafka in
+shards/kafka_wal.py; which one is chosen once at start-up, shards/backends.py). The rules a
+caller and an implementation keep (docs/design.md "Durability"):
+- `acquire()` takes the fence; it waits while another owner holds it.
+- `replay(from_offset, apply)` finds the durable end (cutting a torn tail where that is the
+  log's rule), calls `apply(offset, next_offset, payload)` for every record from
+  `from_offset` to that end, in order, and returns the end offset.
+- `append(payloads)` makes the records durable and gives one (offset, next offset) pair per
+  payload, in order, each after the last record applied; or raises WalUnavailable
+  (settled: nothing written) / OutcomeUnknown. The owner checks this answer
+  (shards/pending.py `check_positions`): a log that breaks it stops the shard.
+- At most `appends_in_flight_max` appends begun and not yet ended; they end in the order
+  they began.
+- `read_at(offset)` gives the payload of one record (receipts of repeat votes).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 from shards.log_writer import LogWriter, shared_writer
 from shards.records import frame
 from shards.segment_log import SegmentLog
+
+# One record as the log holds it: its offset, the offset after it, its payload.
+ApplyRecord = Callable[[int, int, bytes | memoryview], None]
+Positions = list[tuple[int, int]]
+_Result = TypeVar("_Result")
+
+
+class Wal(Protocol):
+    durability: str
+    appends_in_flight_max: int
+
+    async def acquire(self) -> None: ...
+
+    async def replay(self, from_offset: int, apply: ApplyRecord) -> int: ...
+
+    def append(self, payloads: list[bytes]) -> Awaitable[Positions]: ...
+
+    async def read_at(self, offset: int) -> bytes: ...
+
+    async def close(self) -> None: ...
+
 
 LOCK_RETRY_S = 0.2
 # Appends of one shard queued at the writer at once: while one round fsyncs, the next cycles'
@@ -45,7 +71,7 @@ class EmbeddedWal:
         while not self.log.try_lock():
             await asyncio.sleep(LOCK_RETRY_S)
 
-    async def replay(self, from_offset: int, apply) -> int:
+    async def replay(self, from_offset: int, apply: ApplyRecord) -> int:
         def run() -> int:
             end_offset = self.log.recover()
             if from_offset <= end_offset:
@@ -61,7 +87,7 @@ class EmbeddedWal:
             self._writer = shared_writer()
         return self._writer
 
-    def append(self, payloads: list[bytes]):
+    def append(self, payloads: list[bytes]) -> asyncio.Future[Positions]:
         """A future of the records' positions, answered once they are fsync'd (log_writer)."""
         loop = self._loop or asyncio.get_running_loop()
         return self.writer.append(self.log, [frame(payload) for payload in payloads], loop)
@@ -69,7 +95,7 @@ class EmbeddedWal:
     async def read_at(self, offset: int) -> bytes:
         return await self._run(self.log.read_at, offset)
 
-    async def _run(self, function, *arguments):
+    async def _run(self, function: Callable[..., _Result], *arguments: Any) -> _Result:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *arguments)
 
     async def close(self) -> None:

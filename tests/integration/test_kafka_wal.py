@@ -28,7 +28,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from engine.config import Config
 from engine.errors import ConfigError, NotReady, OutcomeUnknown, WalUnavailable
-from shards.kafka_wal import KafkaWal, WalFenced, validate_wal_topic
+from engine.problems import problem_of
+from shards.kafka_topic import validate_wal_topic
+from shards.kafka_wal import KafkaWal, WalFenced
 from tests.support.waiting import wait_until_async
 
 pytestmark = pytest.mark.integration
@@ -231,8 +233,8 @@ def test_second_owner_fences_the_first(local_stack, wal_topic):
             started = time.monotonic()
             with pytest.raises(WalFenced) as fenced:
                 await first.append([b"zombie-" + tag])
-            assert isinstance(fenced.value, NotReady) and fenced.value.status == 503
-            assert fenced.value.problem == "not-ready"
+            assert isinstance(fenced.value, NotReady)
+            assert problem_of(fenced.value)[:2] == (503, "not-ready")
             print(f"fenced after {time.monotonic() - started:.2f} s: {fenced.value.detail}")
             with pytest.raises(WalFenced):
                 await first.append([b"zombie-again-" + tag])
@@ -356,7 +358,7 @@ def test_two_brokers_down_append_fails_then_recovers(local_stack, wal_topic):
         with pytest.raises((WalUnavailable, OutcomeUnknown)) as failed:
             await asyncio.wait_for(wal.append([b"while-down-" + tag]), APPEND_FAILS_WAIT_S)
         took = time.monotonic() - started
-        print(f"append with brokers {victims} down: {failed.value.problem} after {took:.2f} s "
+        print(f"append with brokers {victims} down: {problem_of(failed.value).slug} after {took:.2f} s "
               f"({failed.value.detail})")
         return took
 

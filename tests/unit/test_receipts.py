@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from engine.errors import VotesError
 from engine.fastpath_py import MerkleTree
 from engine.keys import KeyRing, ensure_keys, load_keys
+from engine.problems import problem_of
 from engine.receipts import (
     Receipt,
     ReceiptInvalid,
@@ -293,7 +294,7 @@ def test_decode_rejects_inconsistent_receipts(receipt: Receipt) -> None:
         text = encode_receipt(msgspec.structs.replace(receipt, **change))
         with pytest.raises(ReceiptInvalid) as raised:
             decode_receipt(text)
-        assert (raised.value.status, raised.value.problem) == (400, "receipt-invalid")
+        assert problem_of(raised.value)[:2] == (400, "receipt-invalid")
 
 
 def test_decode_rejects_non_canonical_text(receipt: Receipt) -> None:

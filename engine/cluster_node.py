@@ -1,0 +1,224 @@
+"""The multi-host node: shards held by Redis leases, votes relayed to the lease holder.
+
+Chosen once at start-up instead of `Node` when the config names a Kafka WAL and a
+`redis_url` (`make_node`). A worker still considers only the shards `s mod workers == slot`,
+but holds the ones its LeaseManager (engine/ownership.py) leases, started and stopped as
+leases come and go. A vote for a shard held by another node is forwarded over HTTP to the
+lease holder's advertised URL and its answer relayed; it is never counted where it landed
+(docs/design.md "Shards and ownership"). Poll creation and closing are forwarded to every
+other holder; results sum each shard's part from its holder
+(`GET /internal/v1/polls/{poll}/summary`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+import httpx
+
+from engine.config import Config
+from engine.errors import NotReady, OutcomeUnknown, VotesError
+from engine.keys import KeyRing
+from engine.metrics import SHARDS_READY
+from engine.node import DRAIN_POLL_S, Node
+from engine.ownership import (
+    ForwardedRequest,
+    LeaseManager,
+    Relayed,
+    lease_holders,
+    lease_key,
+    parse_lease,
+    redis_client,
+)
+from engine.tokens import issue_admin_token
+from shards.records import PollCreated
+
+log = logging.getLogger("votes.node")
+
+ADMIN_TOKEN_TTL_S = 300
+
+
+class ClusterNode(Node):
+    def __init__(self, config: Config, keyring: KeyRing) -> None:
+        super().__init__(config, keyring)
+        self._starting: dict[int, asyncio.Task] = {}
+        self._admin_token: tuple[float, str] | None = None
+
+    def _start_shards(self) -> None:
+        """Hold the shards the leases give this node, started and stopped as they move."""
+        config = self.config
+        self.redis = redis_client(config)
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.forward_timeout_s, connect=min(1.0, config.forward_timeout_s)),
+            limits=httpx.Limits(max_connections=config.forward_connections_max))
+        self.leases = LeaseManager(config, self.redis, slot=self._own_slot(), start_shard=self._gain_shard,
+                                   stop_shard=self._drop_shard, shard_ready=self._shard_ready)
+        self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
+
+    def _shard_ready(self, shard: int) -> bool:
+        owner = self.owners.get(shard)
+        return owner is not None and owner.ready
+
+    def _gain_shard(self, shard: int) -> None:
+        """Begin serving a leased shard: fence + replay in the background; until it is done
+        the shard answers not-ready."""
+        owner = self._new_owner(shard)
+        self.owners[shard] = owner
+        self._starting[shard] = asyncio.create_task(self._start_owner(owner), name=f"start-{shard}")
+
+    async def _drop_shard(self, shard: int) -> None:
+        """Stop serving a shard: refuse new votes at once, let votes already queued or in an
+        append finish (bounded by append_timeout_s), then close the shard's WAL producer."""
+        owner = self.owners.pop(shard, None)
+        starting = self._starting.pop(shard, None)
+        if owner is None:
+            return
+        was_ready = owner.ready
+        owner.ready = False
+        if starting is not None and not starting.done():
+            starting.cancel()
+            try:
+                await starting
+            except (asyncio.CancelledError, VotesError):
+                pass
+        deadline = asyncio.get_running_loop().time() + self.config.append_timeout_s
+        while (owner.has_queued() or owner.has_votes_in_flight()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        owner.fail_unwritten(owner.take_items(), NotReady(f"shard {shard} moved to another owner"))
+        self.committer.remove(owner)
+        await owner.stop()
+        if was_ready:
+            SHARDS_READY.dec()
+        log.info("shard %d stopped", shard)
+
+    async def _holder(self, shard: int) -> tuple[str, str] | None:
+        try:
+            return parse_lease(await self.redis.get(lease_key(self.config, shard)))
+        except Exception as exc:  # noqa: BLE001 - any Redis failure: the holder is unknown
+            raise NotReady(f"cannot find the owner of shard {shard}: {exc!r}") from None
+
+    async def _remote_holders(self) -> set[str]:
+        """Advertise URLs of the other nodes holding shards; NotReady if a shard has none."""
+        try:
+            holders = await lease_holders(self.config, self.redis)
+        except Exception as exc:  # noqa: BLE001
+            raise NotReady(f"cannot read the shard leases: {exc!r}") from None
+        missing = [shard for shard in range(self.config.shards) if shard not in holders]
+        if missing:
+            raise NotReady(f"shards {missing} have no owner yet")
+        return {url for node_id, url in holders.values() if node_id != self.config.node_name}
+
+    async def _send(self, method: str, url: str, *, headers: dict[str, str],
+                    body: bytes | None = None, outcome_unknown: bool = False):
+        try:
+            return await self.http.request(method, url, headers=headers, content=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise NotReady(f"the owner at {url} cannot be reached: {exc!r}") from None
+        except httpx.HTTPError as exc:
+            if outcome_unknown:
+                raise OutcomeUnknown(f"no answer from the owner at {url}: {exc!r}") from None
+            raise NotReady(f"no answer from {url}: {exc!r}") from None
+
+    def _internal_headers(self) -> dict[str, str]:
+        now = asyncio.get_running_loop().time()
+        if self._admin_token is None or now - self._admin_token[0] > ADMIN_TOKEN_TTL_S / 2:
+            self._admin_token = (now, issue_admin_token(self.keyring, ttl_s=ADMIN_TOKEN_TTL_S))
+        return {"authorization": f"Bearer {self._admin_token[1]}", "x-votes-forwarded": "1"}
+
+    async def _cluster_vote(self, poll: str, voter_id: int, option: str,
+                            request: ForwardedRequest | None) -> bytes:
+        shard = voter_id % self.config.shards
+        owner = self.owners.get(shard)
+        if owner is not None:
+            return await owner.submit_vote(poll, voter_id, option)
+        holder = await self._holder(shard)
+        if holder is None:
+            raise NotReady(f"shard {shard} has no owner yet")
+        node_id, url = holder
+        if node_id == self.config.node_name:
+            slot = self._slot_of(shard)
+            if slot != self.slot:
+                return await self.peers[slot].call("vote", poll, voter_id, option, unknown_on_timeout=True)
+            raise NotReady(f"shard {shard} is being handed over")
+        if request is None or request.forwarded:
+            raise NotReady(f"shard {shard} is held by {node_id}, not by this node")
+        answer = await self._send("POST", f"{url}/v1/polls/{poll}/votes", headers=request.headers(),
+                                  body=request.body, outcome_unknown=True)
+        raise Relayed(answer.status_code, answer.headers.get("content-type", "application/json"),
+                      answer.content)
+
+    async def _fan_out(self, path: str, request: ForwardedRequest | None, ok: tuple[int, ...]) -> list:
+        """POST the request to every other holder; the answers whose status is in `ok`."""
+        if request is None or request.forwarded:
+            return []
+        urls = await self._remote_holders()
+        answers = await asyncio.gather(*(self._send("POST", url + path, headers=request.headers(),
+                                                    body=request.body) for url in sorted(urls)))
+        for answer in answers:
+            if answer.status_code not in ok:
+                raise Relayed(answer.status_code, answer.headers.get("content-type", "application/json"),
+                              answer.content)
+        return answers
+
+    async def _result_parts(self, poll: str) -> list[dict]:
+        """This node's parts, then every other holder's (its per-shard parts, first wins)."""
+        merged = await self.cluster_summary(poll)
+        parts_by_shard = dict(merged["shards"])
+        parts = [{"definition": None, "tallies": [], "closed_shards": 0, "rejected": merged["rejected"]}]
+        for url in sorted(await self._remote_holders()):
+            answer = await self._send("GET", f"{url}/internal/v1/polls/{poll}/summary",
+                                      headers=self._internal_headers())
+            if answer.status_code != 200:
+                raise NotReady(f"{url} did not give its part of the results ({answer.status_code})")
+            remote = answer.json()
+            for shard, part in remote["shards"].items():
+                parts_by_shard.setdefault(shard, part)
+            parts.append({"definition": None, "tallies": [], "closed_shards": 0,
+                          "rejected": remote["rejected"]})
+        missing = [shard for shard in range(self.config.shards) if str(shard) not in parts_by_shard]
+        if missing:
+            raise NotReady(f"shards {missing} have no ready owner")
+        for part in parts_by_shard.values():
+            if part is not None:
+                definition, tallies, closed = part
+                parts.append({"definition": definition, "tallies": tallies,
+                              "closed_shards": int(closed), "rejected": {}})
+        return parts
+
+    async def _owners_stopped(self) -> None:
+        await self.leases.release_all()
+        await self.redis.aclose()
+        await self.http.aclose()
+
+    def vote(self, poll: str, voter_id: int, option: str,
+             request: ForwardedRequest | None = None) -> Awaitable[bytes]:
+        return self._cluster_vote(poll, voter_id, option, request)
+
+    async def _local_ready(self) -> list:
+        return [*await super()._local_ready(), self.leases.settled()]
+
+    async def create_poll(self, record: PollCreated, request: ForwardedRequest | None = None) -> bool:
+        if request is None or not request.forwarded:
+            await self._remote_holders()  # every shard must have an owner before any writes
+        created = await super().create_poll(record, request)
+        answers = await self._fan_out("/v1/polls", request, ok=(201, 409))
+        return created or any(answer.status_code == 201 for answer in answers)
+
+    async def close_poll(self, poll: str, request: ForwardedRequest | None = None) -> bool:
+        await super().close_poll(poll, request)
+        await self._fan_out(f"/v1/polls/{poll}/close", request, ok=(200,))
+        return True
+
+    async def readiness(self) -> dict:
+        readiness, held, settled, failures = await self._readiness_parts()
+        # A node is ready when it holds every shard it prefers and all it holds serve.
+        readiness.update(ready=settled and readiness["shards_ready"] == held and not failures,
+                         node_id=self.config.node_name, shards_held=held)
+        return readiness
+
+
+def make_node(config: Config, keyring: KeyRing) -> Node:
+    """The node this process runs: multi-host when the config names a cluster, else one host."""
+    return ClusterNode(config, keyring) if config.uses_cluster else Node(config, keyring)
