@@ -46,7 +46,7 @@ INTERNAL_TOPICS = ["__consumer_offsets", "__transaction_state"]
 WARMUP_KEY = "votes-stack-warmup"
 
 # Set on the WAL topic itself, so it holds whatever a broker's defaults say: the engine's
-# WAL check (shards/kafka_wal.py) requires the first and the fourth; the log is the
+# WAL check (shards/kafka_topic.py) requires the first and the fourth; the log is the
 # engine's only copy of the votes until a snapshot, so nothing is ever deleted from it.
 WAL_TOPIC_CONFIGS = {
     "min.insync.replicas": str(MIN_INSYNC_REPLICAS),

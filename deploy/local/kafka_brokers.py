@@ -6,7 +6,7 @@ from Maven Central (kafka/pom.xml), fetched once per version into the cache; `ja
 needs Java 17 or newer, which is Debian 12's default JRE.
 
 Invariant: the settings the engine's WAL check requires (replication factor 3,
-`min.insync.replicas=2`, unclean leader election off; shards/kafka_wal.py) are the brokers'
+`min.insync.replicas=2`, unclean leader election off; shards/kafka_topic.py) are the brokers'
 defaults here and are also set on the WAL topic itself, so neither a topic created without
 configs nor a broker-level default can weaken them.
 """

@@ -1,7 +1,7 @@
 """The local stack's pieces that need no running service (deploy/local/).
 
 Proves: the brokers' server.properties and the WAL topic's configs carry what the engine's
-WAL check (shards/kafka_wal.py) requires, and that check rejects them when one is weakened;
+WAL check (shards/kafka_topic.py) requires, and that check rejects them when one is weakened;
 two stacks on base ports STACK_PORT_SPAN apart share no port (and closer ones do, so the
 check can fail); weed mini binds only ports of its stack's layout; the replication check
 names every unhealthy partition; the state file round-trips into LocalStack and the engine
@@ -35,7 +35,7 @@ from deploy.local.ports import (
 )
 from deploy.local.redis_server import redis_argv
 from deploy.local.stack import LocalStack, StackError
-from shards import kafka_wal
+from shards import kafka_topic
 
 EPHEMERAL_PORT_MIN = 32768  # Linux's default ip_local_port_range starts here
 BASE_PORT = 19300
@@ -56,8 +56,8 @@ def test_server_properties_have_the_durability_the_wal_check_requires(tmp_path: 
                                                                      node: int) -> None:
     text = kafka_brokers.server_properties(Ports(BASE_PORT), node, tmp_path / "data")
     settings = kafka_brokers.parse_properties(text)
-    assert settings["default.replication.factor"] == str(kafka_wal.REPLICATION_FACTOR)
-    assert settings["min.insync.replicas"] == str(kafka_wal.MIN_INSYNC_REPLICAS)
+    assert settings["default.replication.factor"] == str(kafka_topic.REPLICATION_FACTOR)
+    assert settings["min.insync.replicas"] == str(kafka_topic.MIN_INSYNC_REPLICAS)
     assert settings["unclean.leader.election.enable"] == "false"
     assert settings["auto.create.topics.enable"] == "false"
     # The transaction log backs acks=all transactions: replicated like the WAL.
@@ -84,7 +84,7 @@ def test_every_node_has_its_own_listeners_and_all_nodes_vote(tmp_path: Path) -> 
 
 def test_the_wal_topic_configs_pass_the_engines_wal_check() -> None:
     shards = 8
-    problems = kafka_wal.topic_problems(
+    problems = kafka_topic.topic_problems(
         wal_topic_description(shards, kafka_brokers.REPLICATION_FACTOR),
         kafka_admin.WAL_TOPIC_CONFIGS, shards)
     assert problems == []
@@ -96,7 +96,7 @@ def test_the_wal_topic_configs_pass_the_engines_wal_check() -> None:
 def test_the_wal_check_rejects_weakened_topic_configs(key: str, weakened: str) -> None:
     """The check above can fail: weaken one setting and the engine names it."""
     configs = {**kafka_admin.WAL_TOPIC_CONFIGS, key: weakened}
-    problems = kafka_wal.topic_problems(wal_topic_description(8, 3), configs, 8)
+    problems = kafka_topic.topic_problems(wal_topic_description(8, 3), configs, 8)
     assert len(problems) == 1 and key in problems[0]
 
 
