@@ -8,6 +8,7 @@ were armed for, and the pending-bytes bound refuses writes with ENOSPC.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def test_unsynced_writes_are_gone_after_a_cut_and_fsynced_ones_stay(power_loss) 
         assert (cut["dropped_bytes"], cut["torn"]) == (4, None)
         assert path.read_bytes() == b"durable;"
         assert os.stat(path).st_size == 8
+        with open(path, "rb") as reader, mmap.mmap(reader.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            assert bytes(data) == b"durable;"  # no page of the lost bytes is left in the cache
         # Appends go on from the durable end, not from where the lost bytes ended.
         os.write(descriptor, b"next")
         os.fdatasync(descriptor)

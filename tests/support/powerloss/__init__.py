@@ -106,6 +106,9 @@ class PowerLossFilesystem:
     def fail_truncate(self, count: int = 1) -> None:
         self.command("fail-truncate", count=count)
 
+    def delay_fsync(self, seconds: float) -> None:
+        self.command("delay-fsync", seconds=seconds)
+
     def heal(self) -> None:
         self.command("heal")
 

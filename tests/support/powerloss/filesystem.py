@@ -16,12 +16,15 @@ counted and does nothing). So this filesystem catches a missing file fsync, not 
 directory fsync; a file created and never fsynced survives a cut empty (or with what was
 fsynced of it).
 
-Faults, armed through the control socket: the next N fsyncs fail with EIO (their pending
+Faults, armed through the control socket: every fsync takes a set delay first (so a cut
+finds writes pending that a fast disk would have made durable already); the next N fsyncs fail with EIO (their pending
 data stays pending: a failed fsync promises nothing), the next N writes fail with EIO or
 ENOSPC, the next N truncates fail with EIO. Pending bytes per mount are bounded: a write past
-`pending_bytes_max` fails with ENOSPC and is logged. Every handle is opened direct_io and
-attributes are never cached, so the kernel holds no copy that could outlive a cut; O_APPEND
-writes go to the end of the file as this filesystem sees it.
+`pending_bytes_max` fails with ENOSPC and is logged. The kernel's copies cannot outlive a
+cut: writes go through to this process at once (no writeback cache), attributes are never
+cached, every open drops the file's cached pages (no keep_cache) and a cut invalidates every
+file it touched. (Pages stay cacheable, so read-only mmap works: replay's reader uses it.)
+O_APPEND writes go to the end of the file as this filesystem sees it.
 
 Single-threaded (pyfuse3 on trio): requests are served one at a time, which is plenty for
 tests and keeps the bookkeeping free of locks.
@@ -36,6 +39,7 @@ import random
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from tests.support.powerloss.pending import PendingFile
 
@@ -43,6 +47,7 @@ log = logging.getLogger("powerloss")
 
 PENDING_BYTES_MAX_DEFAULT = 256 * 1024 * 1024
 FAULT_COUNT_MAX = 1_000_000
+FSYNC_DELAY_S_MAX = 1.0
 ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
 
 
@@ -54,6 +59,9 @@ class Handle:
 
 
 class PowerLossOperations(pyfuse3.Operations):
+    # Write-through: every write reaches this process before write(2) returns.
+    enable_writeback_cache = False
+
     def __init__(self, backing: str, pending_bytes_max: int = PENDING_BYTES_MAX_DEFAULT) -> None:
         super().__init__()
         self.backing = os.path.abspath(backing)
@@ -70,6 +78,7 @@ class PowerLossOperations(pyfuse3.Operations):
                          "truncates_failed": 0, "writes_refused_full": 0, "cuts": 0}
         self.faults = {"fsync": [0, errno.EIO], "write": [0, errno.EIO],
                        "truncate": [0, errno.EIO]}
+        self.fsync_delay_s = 0.0
 
     # Inodes and paths ----------------------------------------------------------------------
 
@@ -236,7 +245,7 @@ class PowerLossOperations(pyfuse3.Operations):
         handle_id = self._handle_next
         self._handle_next += 1
         self._handles[handle_id] = Handle(inode, descriptor, bool(flags & os.O_APPEND))
-        return pyfuse3.FileInfo(fh=handle_id, direct_io=True, keep_cache=False)
+        return pyfuse3.FileInfo(fh=handle_id, direct_io=False, keep_cache=False)
 
     async def open(self, inode, flags, ctx):
         if flags & os.O_TRUNC:
@@ -318,8 +327,12 @@ class PowerLossOperations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         handle = self._handles[fh]
         self.counters["fsyncs"] += 1
+        if self.fsync_delay_s:
+            # Other requests are served meanwhile; a cut during the delay drops this data.
+            await trio.sleep(self.fsync_delay_s)
         self._maybe_fail("fsync")
-        self._apply(handle.inode, handle.descriptor)
+        if fh in self._handles:
+            self._apply(handle.inode, handle.descriptor)
 
     def _apply(self, inode: int, descriptor: int) -> None:
         pending = self._pending.pop(inode, None)
@@ -350,9 +363,15 @@ class PowerLossOperations(pyfuse3.Operations):
             raise ValueError(f"{kind} faults are EIO only")
         self.faults[kind] = [count, ERRNOS[error_name]]
 
+    def delay_fsync(self, seconds: float) -> None:
+        if not 0 <= seconds <= FSYNC_DELAY_S_MAX:
+            raise ValueError(f"fsync delay {seconds} s is not in 0..{FSYNC_DELAY_S_MAX}")
+        self.fsync_delay_s = seconds
+
     def heal(self) -> None:
         for fault in self.faults.values():
             fault[0] = 0
+        self.fsync_delay_s = 0.0
 
     def sync(self) -> list[int]:
         """Apply every pending operation (writeback caught up); returns the inodes touched."""

@@ -10,7 +10,8 @@ Requests `{"command": NAME, ...}`; answers `{"ok": true, ...}` or `{"ok": false,
 - `sync`: apply every pending write;
 - `fail-fsync` / `fail-write` / `fail-truncate` (`count`, `errno`: "EIO" or, for writes,
   "ENOSPC"): the next `count` such calls fail;
-- `heal`: disarm every fault.
+- `delay-fsync` (`seconds`, at most 1): every fsync waits that long first;
+- `heal`: disarm every fault and the delay.
 A request line is at most CONTROL_LINE_BYTES_MAX; a longer one closes the connection.
 """
 
@@ -63,6 +64,9 @@ async def answer(operations: PowerLossOperations, request: dict) -> dict:
     if command in FAULT_COMMANDS:
         operations.arm(FAULT_COMMANDS[command], int(request.get("count", 1)),
                        str(request.get("errno", "EIO")))
+        return {}
+    if command == "delay-fsync":
+        operations.delay_fsync(float(request.get("seconds", 0)))
         return {}
     if command == "heal":
         operations.heal()
