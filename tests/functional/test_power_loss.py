@@ -19,7 +19,6 @@ can show that the check catches a missing fsync: with the failpoint `segment-log
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections import Counter
@@ -29,10 +28,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.config import Config
 from engine.receipts import decode_receipt
-from replay.recount import recount
 from tests.support.cli import run_cli
+from tests.support.disk_count import counted_on_disk
 from tests.support.engine_process import EngineProcess
 from tests.support.http_client import ValidatingAsyncClient
 from tests.support.powerloss import PowerLossFilesystem, mounted
@@ -70,22 +68,6 @@ REFUSED_BACKOFF_S = 0.2
 RUN_S_MAX = 120.0
 NOT_COUNTED_PROBLEMS = ("/problems/wal-unavailable", "/problems/not-ready")
 LOST = "lost acknowledged votes"
-
-
-def shards_of(data_dir: Path) -> int:
-    return json.loads((data_dir / "cluster.json").read_text())["shards"]
-
-
-async def counted_on_disk(data_dir: Path) -> dict[int, str]:
-    """voter id -> option of every vote of POLL the shards' logs count (an offline recount)."""
-    results = await recount(Config(data_dir=str(data_dir), shards=shards_of(data_dir)),
-                            keep_voters=True, chain=False)
-    counted: dict[int, str] = {}
-    for shard in results.values():
-        poll = shard.polls.get(POLL)
-        if poll is not None:
-            counted.update(poll.voter_options or {})
-    return counted
 
 
 def lost_acknowledged(answers: dict[int, Answer], counted: dict[int, str]) -> dict[int, str]:
@@ -144,7 +126,8 @@ class PowerLossRun:
         """Kill every engine process, cut, recount the disk; False once something is wrong."""
         self.engine.kill()
         self.cuts.append(self.disk.cut(tear=True, seed=self.rng.randrange(2**32)))
-        lost = lost_acknowledged(self.answers, await counted_on_disk(self.disk.backing / "data"))
+        on_disk = await counted_on_disk(self.disk.backing / "data", POLL)
+        lost = lost_acknowledged(self.answers, on_disk)
         if lost:
             self.problems.append(f"{LOST} after cut {len(self.cuts)}: {len(lost)} of "
                                  f"{self.acked_total}, e.g. {list(lost.items())[:3]}")
@@ -222,7 +205,7 @@ def check_after_restart(run: PowerLossRun) -> None:
     with httpx.Client(base_url=engine.base_url, timeout=REQUEST_TIMEOUT_S) as client:
         after = client.get(f"/v1/polls/{POLL}/results").json()
     engine.stop()
-    on_disk = asyncio.run(counted_on_disk(engine.data_dir))
+    on_disk = asyncio.run(counted_on_disk(engine.data_dir, POLL))
     if dict(Counter(on_disk.values())) != {k: v for k, v in after["counts"].items() if v}:
         problems.append(f"recount {Counter(on_disk.values())} != results {after['counts']}")
     verified = run_cli("replay", "verify", "--data-dir", str(engine.data_dir), check=False)

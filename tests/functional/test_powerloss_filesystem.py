@@ -89,7 +89,10 @@ def test_faults_fail_the_armed_calls_only(power_loss) -> None:
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.write(descriptor, b"data")
-        power_loss.fail_fsync(2)
+        power_loss.fail_fsync(1, path_contains="/elsewhere/")
+        os.fsync(descriptor)  # armed for other files only
+        power_loss.heal()
+        power_loss.fail_fsync(2, path_contains="/file")
         for _ in range(2):
             with pytest.raises(OSError) as failed:
                 os.fsync(descriptor)

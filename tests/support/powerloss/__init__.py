@@ -97,14 +97,14 @@ class PowerLossFilesystem:
     def sync(self) -> dict:
         return self.command("sync")
 
-    def fail_fsync(self, count: int = 1) -> None:
-        self.command("fail-fsync", count=count)
+    def fail_fsync(self, count: int = 1, path_contains: str = "") -> None:
+        self.command("fail-fsync", count=count, path_contains=path_contains)
 
-    def fail_write(self, count: int = 1, error: str = "EIO") -> None:
-        self.command("fail-write", count=count, errno=error)
+    def fail_write(self, count: int = 1, error: str = "EIO", path_contains: str = "") -> None:
+        self.command("fail-write", count=count, errno=error, path_contains=path_contains)
 
-    def fail_truncate(self, count: int = 1) -> None:
-        self.command("fail-truncate", count=count)
+    def fail_truncate(self, count: int = 1, path_contains: str = "") -> None:
+        self.command("fail-truncate", count=count, path_contains=path_contains)
 
     def delay_fsync(self, seconds: float) -> None:
         self.command("delay-fsync", seconds=seconds)

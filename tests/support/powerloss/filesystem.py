@@ -19,7 +19,8 @@ fsynced of it).
 Faults, armed through the control socket: every fsync takes a set delay first (so a cut
 finds writes pending that a fast disk would have made durable already); the next N fsyncs fail with EIO (their pending
 data stays pending: a failed fsync promises nothing), the next N writes fail with EIO or
-ENOSPC, the next N truncates fail with EIO. Pending bytes per mount are bounded: a write past
+ENOSPC, the next N truncates fail with EIO; each only for files whose path contains a given
+string, if one is given (e.g. "/wal/": the log's segments, not the snapshots). Pending bytes per mount are bounded: a write past
 `pending_bytes_max` fails with ENOSPC and is logged. The kernel's copies cannot outlive a
 cut: writes go through to this process at once (no writeback cache), attributes are never
 cached, every open drops the file's cached pages (no keep_cache) and a cut invalidates every
@@ -76,8 +77,9 @@ class PowerLossOperations(pyfuse3.Operations):
         self.pending_bytes = 0
         self.counters = {"fsyncs": 0, "fsyncs_failed": 0, "writes_failed": 0,
                          "truncates_failed": 0, "writes_refused_full": 0, "cuts": 0}
-        self.faults = {"fsync": [0, errno.EIO], "write": [0, errno.EIO],
-                       "truncate": [0, errno.EIO]}
+        # kind -> [calls left to fail, errno, only files whose path contains this]
+        self.faults = {"fsync": [0, errno.EIO, ""], "write": [0, errno.EIO, ""],
+                       "truncate": [0, errno.EIO, ""]}
         self.fsync_delay_s = 0.0
 
     # Inodes and paths ----------------------------------------------------------------------
@@ -133,9 +135,9 @@ class PowerLossOperations(pyfuse3.Operations):
 
     # Faults --------------------------------------------------------------------------------
 
-    def _maybe_fail(self, kind: str) -> None:
+    def _maybe_fail(self, kind: str, inode: int) -> None:
         fault = self.faults[kind]
-        if fault[0] > 0:
+        if fault[0] > 0 and any(fault[2] in path for path in self._paths.get(inode, ())):
             fault[0] -= 1
             self.counters[f"{kind}s_failed"] += 1
             log.warning("injected %s failure: %s", kind, errno.errorcode[fault[1]])
@@ -275,7 +277,7 @@ class PowerLossOperations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         handle = self._handles[fh]
-        self._maybe_fail("write")
+        self._maybe_fail("write", handle.inode)
         if self.pending_bytes + len(buf) > self.pending_bytes_max:
             self.counters["writes_refused_full"] += 1
             log.error("write of %d bytes refused (ENOSPC): %d pending bytes, at most %d",
@@ -289,7 +291,7 @@ class PowerLossOperations(pyfuse3.Operations):
         return len(buf)
 
     async def _truncate(self, inode: int, size: int, descriptor: int | None = None) -> None:
-        self._maybe_fail("truncate")
+        self._maybe_fail("truncate", inode)
         if descriptor is None:
             handle = next((h for h in self._handles.values() if h.inode == inode), None)
             if handle is None:  # truncate(2) of a file nobody has open: pending all the same
@@ -330,7 +332,7 @@ class PowerLossOperations(pyfuse3.Operations):
         if self.fsync_delay_s:
             # Other requests are served meanwhile; a cut during the delay drops this data.
             await trio.sleep(self.fsync_delay_s)
-        self._maybe_fail("fsync")
+        self._maybe_fail("fsync", handle.inode)
         if fh in self._handles:
             self._apply(handle.inode, handle.descriptor)
 
@@ -356,12 +358,12 @@ class PowerLossOperations(pyfuse3.Operations):
         return {"pending_bytes": self.pending_bytes, "pending_files": len(self._pending),
                 **self.counters}
 
-    def arm(self, kind: str, count: int, error_name: str = "EIO") -> None:
+    def arm(self, kind: str, count: int, error_name: str = "EIO", path_contains: str = "") -> None:
         if kind not in self.faults or error_name not in ERRNOS or not 0 <= count <= FAULT_COUNT_MAX:
             raise ValueError(f"cannot arm {kind!r} x{count} with {error_name!r}")
         if kind != "write" and error_name != "EIO":
             raise ValueError(f"{kind} faults are EIO only")
-        self.faults[kind] = [count, ERRNOS[error_name]]
+        self.faults[kind] = [count, ERRNOS[error_name], path_contains]
 
     def delay_fsync(self, seconds: float) -> None:
         if not 0 <= seconds <= FSYNC_DELAY_S_MAX:

@@ -9,7 +9,8 @@ Requests `{"command": NAME, ...}`; answers `{"ok": true, ...}` or `{"ok": false,
 - `cut` (`tear`: bool, `seed`: int or null): a power cut (filesystem.py);
 - `sync`: apply every pending write;
 - `fail-fsync` / `fail-write` / `fail-truncate` (`count`, `errno`: "EIO" or, for writes,
-  "ENOSPC"): the next `count` such calls fail;
+  "ENOSPC"; `path_contains`: only files whose path contains it): the next `count` such
+  calls fail;
 - `delay-fsync` (`seconds`, at most 1): every fsync waits that long first;
 - `heal`: disarm every fault and the delay.
 A request line is at most CONTROL_LINE_BYTES_MAX; a longer one closes the connection.
@@ -63,7 +64,7 @@ async def answer(operations: PowerLossOperations, request: dict) -> dict:
         return {"synced_files": len(inodes)}
     if command in FAULT_COMMANDS:
         operations.arm(FAULT_COMMANDS[command], int(request.get("count", 1)),
-                       str(request.get("errno", "EIO")))
+                       str(request.get("errno", "EIO")), str(request.get("path_contains", "")))
         return {}
     if command == "delay-fsync":
         operations.delay_fsync(float(request.get("seconds", 0)))
