@@ -129,7 +129,9 @@ def test_fsync_failures_refuse_votes_lose_none_and_heal_without_a_restart(tmp_pa
                 -LOAD_VOTES:])
             print(f"[fsync-failure] answers under load: {dict(load_answers)}; disk {disk.stats()}")
             assert set(load_answers) <= {"201", f"503 {WAL_UNAVAILABLE}", f"503 {OUTCOME_UNKNOWN}"}
-            assert load_answers[f"503 {WAL_UNAVAILABLE}"] + load_answers[f"503 {OUTCOME_UNKNOWN}"] > 0
+            refused = (load_answers[f"503 {WAL_UNAVAILABLE}"]
+                       + load_answers[f"503 {OUTCOME_UNKNOWN}"])
+            assert refused > 0, load_answers
             voting.healthy_votes(HEALTHY_VOTES)
             assert disk.stats()["fsyncs_failed"] >= 2 + FSYNC_FAILURES_UNDER_LOAD
             check_nothing_acknowledged_is_lost(engine, voting)

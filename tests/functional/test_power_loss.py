@@ -158,7 +158,8 @@ class PowerLossRun:
                 await asyncio.gather(*senders)
 
 
-async def resend(base_url: str, tokens: list[str], votes: dict[int, str]) -> dict[int, httpx.Response]:
+async def resend(base_url: str, tokens: list[str],
+                 votes: dict[int, str]) -> dict[int, httpx.Response]:
     slots = asyncio.Semaphore(SENDERS)
     async with ValidatingAsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as client:
 

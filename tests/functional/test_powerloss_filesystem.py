@@ -10,13 +10,19 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.powerloss import mounted
-from tests.support.powerloss.fixtures import power_loss  # noqa: F401 (a fixture)
+from tests.support.powerloss import PowerLossFilesystem, mounted
 from tests.support.powerloss.pending import PendingFile
+
+
+@pytest.fixture
+def power_loss(tmp_path: Path) -> Iterator[PowerLossFilesystem]:
+    with mounted(tmp_path / "powerloss") as disk:
+        yield disk
 
 
 def append_file(path: Path) -> int:
@@ -38,7 +44,8 @@ def test_unsynced_writes_are_gone_after_a_cut_and_fsynced_ones_stay(power_loss) 
         assert (cut["dropped_bytes"], cut["torn"]) == (4, None)
         assert path.read_bytes() == b"durable;"
         assert os.stat(path).st_size == 8
-        with open(path, "rb") as reader, mmap.mmap(reader.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        with open(path, "rb") as reader, \
+                mmap.mmap(reader.fileno(), 0, access=mmap.ACCESS_READ) as data:
             assert bytes(data) == b"durable;"  # no page of the lost bytes is left in the cache
         # Appends go on from the durable end, not from where the lost bytes ended.
         os.write(descriptor, b"next")

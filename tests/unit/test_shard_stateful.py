@@ -46,8 +46,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from engine import signing
 from engine.config import Config
-from engine.keys import KeyRing, ensure_keys, load_keys
 from engine.errors import AlreadyVoted, PollClosed
+from engine.keys import KeyRing, ensure_keys, load_keys
 from shards.owner import ShardOwner
 from shards.records import PollClosed as PollClosedRecord
 from shards.records import (

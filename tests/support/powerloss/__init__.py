@@ -7,7 +7,7 @@ unmounts with `fusermount3 -u` (bounded, then lazily) and reaps the process.
         ... write under disk.mount_point ...
         disk.cut(tear=True)
 
-The fixture `power_loss` (tests/support/powerloss/fixtures.py) does the same per test.
+A test module wraps `mounted` in its own fixture (tests/functional/test_powerloss_filesystem.py).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class PowerLossFilesystem:
             while not reply.endswith(b"\n"):
                 chunk = connection.recv(65536)
                 if not chunk:
-                    raise PowerLossError(f"control socket closed on {name}; log:\n{self.log_tail()}")
+                    raise PowerLossError(f"control socket closed on {name}; "
+                                         f"log:\n{self.log_tail()}")
                 reply += chunk
         answer = json.loads(reply)
         if not answer.pop("ok"):

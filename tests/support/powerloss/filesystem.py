@@ -17,11 +17,12 @@ directory fsync; a file created and never fsynced survives a cut empty (or with 
 fsynced of it).
 
 Faults, armed through the control socket: every fsync takes a set delay first (so a cut
-finds writes pending that a fast disk would have made durable already); the next N fsyncs fail with EIO (their pending
-data stays pending: a failed fsync promises nothing), the next N writes fail with EIO or
-ENOSPC, the next N truncates fail with EIO; each only for files whose path contains a given
-string, if one is given (e.g. "/wal/": the log's segments, not the snapshots). Pending bytes per mount are bounded: a write past
-`pending_bytes_max` fails with ENOSPC and is logged. The kernel's copies cannot outlive a
+finds writes pending that a fast disk would have made durable already); the next N fsyncs
+fail with EIO (their pending data stays pending: a failed fsync promises nothing), the next
+N writes fail with EIO or ENOSPC, the next N truncates fail with EIO; each only for files
+whose path contains a given string, if one is given (e.g. "/wal/": the log's segments, not
+the snapshots). Pending bytes per mount are bounded: a write past `pending_bytes_max` fails
+with ENOSPC and is logged. The kernel's copies cannot outlive a
 cut: writes go through to this process at once (no writeback cache), attributes are never
 cached, every open drops the file's cached pages (no keep_cache) and a cut invalidates every
 file it touched. (Pages stay cacheable, so read-only mmap works: replay's reader uses it.)
@@ -236,7 +237,8 @@ class PowerLossOperations(pyfuse3.Operations):
 
     # Files -----------------------------------------------------------------------------------
 
-    def _open_handle(self, inode: int, path: str, flags: int, mode: int = 0o600) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: int, path: str, flags: int,
+                     mode: int = 0o600) -> pyfuse3.FileInfo:
         # The backing file is always opened read-write and without O_APPEND: this process
         # places every write itself (pending, then applied at fsync).
         backing_flags = (flags & (os.O_CREAT | os.O_EXCL)) | os.O_RDWR | os.O_CLOEXEC
@@ -379,7 +381,8 @@ class PowerLossOperations(pyfuse3.Operations):
         """Apply every pending operation (writeback caught up); returns the inodes touched."""
         inodes = list(self._pending)
         for inode in inodes:
-            self._with_backing(inode, lambda descriptor, inode=inode: self._apply(inode, descriptor))
+            self._with_backing(inode, lambda descriptor, inode=inode:
+                               self._apply(inode, descriptor))
         return inodes
 
     def cut(self, tear: bool, seed: int | None) -> tuple[dict, list[int]]:

@@ -121,7 +121,8 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--control", required=True, help="path of the control unix socket")
     parser.add_argument("--pending-bytes-max", type=int, default=PENDING_BYTES_MAX_DEFAULT)
     options = parser.parse_args(arguments)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s powerloss %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s powerloss %(levelname)s %(message)s")
     operations = PowerLossOperations(options.backing, options.pending_bytes_max)
     if os.path.exists(options.control):
         os.unlink(options.control)
