@@ -2,8 +2,9 @@
 
 The engine (`votes serve --workers 2`) keeps its data dir on the power-loss filesystem
 (tests/support/powerloss), which keeps every write not yet fsynced in memory only. Senders
-cast votes (each voter once) while power is cut three times: SIGKILL of every engine
-process, then the filesystem's cut, which drops every unsynced write and tears the last one.
+cast votes (each voter once) while power is cut three times: the filesystem's cut, which
+drops every unsynced write, tears the last one and leaves the power off, then SIGKILL of
+every engine process, then power on.
 After each cut, before the restart, the shards' logs as they are on the disk are recounted
 with `replay` (replay/recount.py): every vote that got a 201 before the cut must be counted,
 with its receipt's option. After the last restart, over the validating client: every
@@ -123,9 +124,13 @@ class PowerLossRun:
         return True
 
     async def cut_power(self) -> bool:
-        """Kill every engine process, cut, recount the disk; False once something is wrong."""
+        """Cut the power and kill every engine process at once (the power stays off until
+        they are all dead: a killed process still finishes its fsync in flight, which must
+        not land), recount the disk; False once something is wrong."""
+        self.cuts.append(self.disk.cut(tear=True, seed=self.rng.randrange(2**32),
+                                       power_off=True))
         self.engine.kill()
-        self.cuts.append(self.disk.cut(tear=True, seed=self.rng.randrange(2**32)))
+        self.disk.power_on()
         on_disk = await counted_on_disk(self.disk.backing / "data", POLL)
         lost = lost_acknowledged(self.answers, on_disk)
         if lost:

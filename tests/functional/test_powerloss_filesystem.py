@@ -156,3 +156,24 @@ def test_pending_file_reads_overlay_writes_and_truncates_in_order() -> None:
     assert pending.size == 6
     assert pending.read(read, 0, 100) == b"abc\0\0Q"
     assert pending.read(read, 2, 2) == b"c\0"
+
+
+def test_with_the_power_off_nothing_changes_until_power_on(power_loss) -> None:
+    path = power_loss.mount_point / "log"
+    descriptor = append_file(path)
+    try:
+        os.write(descriptor, b"lost")
+        power_loss.cut(power_off=True)
+        for change in (lambda: os.write(descriptor, b"late"), lambda: os.fsync(descriptor),
+                       lambda: os.ftruncate(descriptor, 0),
+                       lambda: (power_loss.mount_point / "new").write_bytes(b"")):
+            with pytest.raises(OSError) as failed:
+                change()
+            assert failed.value.errno == errno.EIO
+        assert path.read_bytes() == b""  # reads still work
+        power_loss.power_on()
+        os.write(descriptor, b"back")
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    assert (power_loss.backing / "log").read_bytes() == b"back"

@@ -13,7 +13,6 @@ A test module wraps `mounted` in its own fixture (tests/functional/test_powerlos
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -29,6 +28,14 @@ EXIT_WAIT_S = 10.0
 COMMAND_TIMEOUT_S = 15.0
 POLL_S = 0.02
 LOG_TAIL_BYTES = 3000
+
+
+def is_mounted(mount_point: Path) -> bool:
+    """Whether the kernel lists a mount at `mount_point`, also one whose server died (then
+    os.path.ismount says False: stat fails with ENOTCONN, yet it must be unmounted)."""
+    target = str(Path(mount_point).resolve()).replace(" ", "\\040")
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == target for line in mounts if line.strip())
 
 
 class PowerLossError(RuntimeError):
@@ -62,7 +69,7 @@ class PowerLossFilesystem:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + MOUNT_WAIT_S
-        while not (os.path.ismount(self.mount_point) and self.control.exists()):
+        while not (is_mounted(self.mount_point) and self.control.exists()):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise PowerLossError(f"power-loss filesystem did not mount at {self.mount_point} "
@@ -92,8 +99,11 @@ class PowerLossFilesystem:
     def stats(self) -> dict:
         return self.command("stats")
 
-    def cut(self, tear: bool = False, seed: int | None = None) -> dict:
-        return self.command("cut", tear=tear, seed=seed)
+    def cut(self, tear: bool = False, seed: int | None = None, power_off: bool = False) -> dict:
+        return self.command("cut", tear=tear, seed=seed, power_off=power_off)
+
+    def power_on(self) -> None:
+        self.command("power-on")
 
     def sync(self) -> dict:
         return self.command("sync")
@@ -118,7 +128,7 @@ class PowerLossFilesystem:
     def stop(self) -> None:
         """Unmount (bounded retries, then lazily) and reap the process; idempotent."""
         deadline = time.monotonic() + UNMOUNT_WAIT_S
-        while os.path.ismount(self.mount_point):
+        while is_mounted(self.mount_point):
             done = subprocess.run(["fusermount3", "-u", str(self.mount_point)],
                                   capture_output=True, check=False)
             if done.returncode == 0:

@@ -9,6 +9,10 @@ keeps every write and truncate of a file that was not fsynced yet in memory (`Pe
 - a power cut (`cut`) drops every pending operation; with `tear`, the file written last keeps
   its earlier pending operations and only a prefix of its last write (a write torn by the cut).
   `sync` applies everything (the kernel's writeback having caught up, e.g. after a while).
+  A cut with `power_off` also leaves the power off until `power_on`: every change (write,
+  fsync, truncate, create, rename, unlink...) fails with EIO meanwhile, so a process killed
+  right after the cut cannot make anything durable any more (an fsync in flight at the cut
+  fails instead of landing: the kernel makes a killed process wait for it).
 
 Metadata is NOT modelled: create, mkdir, rename, link, unlink and rmdir go to the backing
 directory at once and survive any cut, with or without a directory fsync (`fsyncdir` is
@@ -82,6 +86,7 @@ class PowerLossOperations(pyfuse3.Operations):
         self.faults = {"fsync": [0, errno.EIO, ""], "write": [0, errno.EIO, ""],
                        "truncate": [0, errno.EIO, ""]}
         self.fsync_delay_s = 0.0
+        self.powered = True
 
     # Inodes and paths ----------------------------------------------------------------------
 
@@ -144,6 +149,10 @@ class PowerLossOperations(pyfuse3.Operations):
             log.warning("injected %s failure: %s", kind, errno.errorcode[fault[1]])
             raise pyfuse3.FUSEError(fault[1])
 
+    def _require_power(self) -> None:
+        if not self.powered:
+            raise pyfuse3.FUSEError(errno.EIO)
+
     # Lookups and directories -----------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
@@ -175,6 +184,7 @@ class PowerLossOperations(pyfuse3.Operations):
         self.counters["fsyncs"] += 1
 
     async def mkdir(self, parent_inode, name, mode, ctx):
+        self._require_power()
         path = self._child(parent_inode, name)
         try:
             os.mkdir(path, mode)
@@ -183,6 +193,7 @@ class PowerLossOperations(pyfuse3.Operations):
         return self._attributes(path)
 
     async def rmdir(self, parent_inode, name, ctx):
+        self._require_power()
         path = self._child(parent_inode, name)
         try:
             inode = self._inode_of(os.lstat(path))
@@ -192,6 +203,7 @@ class PowerLossOperations(pyfuse3.Operations):
         self._forget_path(inode, path)
 
     async def unlink(self, parent_inode, name, ctx):
+        self._require_power()
         path = self._child(parent_inode, name)
         try:
             inode = self._inode_of(os.lstat(path))
@@ -201,6 +213,7 @@ class PowerLossOperations(pyfuse3.Operations):
         self._forget_path(inode, path)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._require_power()
         if flags:
             raise pyfuse3.FUSEError(errno.EINVAL)
         old, new = self._child(parent_inode_old, name_old), self._child(parent_inode_new, name_new)
@@ -220,6 +233,7 @@ class PowerLossOperations(pyfuse3.Operations):
                     paths.add(new + path[len(old):])
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._require_power()
         path = self._child(new_parent_inode, new_name)
         try:
             os.link(self._path(inode), path)
@@ -257,6 +271,7 @@ class PowerLossOperations(pyfuse3.Operations):
         return self._open_handle(inode, self._path(inode), flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self._require_power()
         path = self._child(parent_inode, name)
         info = self._open_handle(0, path, flags | os.O_CREAT, mode)
         attributes = self._attributes(path)
@@ -279,6 +294,7 @@ class PowerLossOperations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         handle = self._handles[fh]
+        self._require_power()
         self._maybe_fail("write", handle.inode)
         if self.pending_bytes + len(buf) > self.pending_bytes_max:
             self.counters["writes_refused_full"] += 1
@@ -293,6 +309,7 @@ class PowerLossOperations(pyfuse3.Operations):
         return len(buf)
 
     async def _truncate(self, inode: int, size: int, descriptor: int | None = None) -> None:
+        self._require_power()
         self._maybe_fail("truncate", inode)
         if descriptor is None:
             handle = next((h for h in self._handles.values() if h.inode == inode), None)
@@ -307,6 +324,7 @@ class PowerLossOperations(pyfuse3.Operations):
         self._pending_of(inode, descriptor).truncate(size)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self._require_power()
         path = self._path(inode)
         try:
             if fields.update_size:
@@ -334,6 +352,7 @@ class PowerLossOperations(pyfuse3.Operations):
         if self.fsync_delay_s:
             # Other requests are served meanwhile; a cut during the delay drops this data.
             await trio.sleep(self.fsync_delay_s)
+        self._require_power()
         self._maybe_fail("fsync", handle.inode)
         if fh in self._handles:
             self._apply(handle.inode, handle.descriptor)
@@ -385,10 +404,13 @@ class PowerLossOperations(pyfuse3.Operations):
                                self._apply(inode, descriptor))
         return inodes
 
-    def cut(self, tear: bool, seed: int | None) -> tuple[dict, list[int]]:
+    def cut(self, tear: bool, seed: int | None,
+            power_off: bool = False) -> tuple[dict, list[int]]:
         """Power cut: drop every pending operation; with `tear`, the file written last keeps
-        its earlier operations and a random prefix (1..n-1 bytes) of its last write."""
+        its earlier operations and a random prefix (1..n-1 bytes) of its last write; with
+        `power_off`, nothing changes any more until `power_on`."""
         self.counters["cuts"] += 1
+        self.powered = not power_off
         torn = None
         inodes = list(self._pending)
         if tear and self._write_sequence:
@@ -406,6 +428,9 @@ class PowerLossOperations(pyfuse3.Operations):
         log.warning("power cut: dropped %d pending bytes of %d files; torn: %s", dropped,
                     len(inodes), torn)
         return {"dropped_bytes": dropped, "dropped_files": len(inodes), "torn": torn}, inodes
+
+    def power_on(self) -> None:
+        self.powered = True
 
     def _with_backing(self, inode: int, function) -> None:
         handle = next((h for h in self._handles.values() if h.inode == inode), None)

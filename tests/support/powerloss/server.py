@@ -6,7 +6,8 @@ when unmounted.
 Control protocol: one JSON object per line in each direction over the unix socket SOCKET.
 Requests `{"command": NAME, ...}`; answers `{"ok": true, ...}` or `{"ok": false, "error": ...}`.
 - `stats`: pending bytes and files, fsync / failure / cut counters;
-- `cut` (`tear`: bool, `seed`: int or null): a power cut (filesystem.py);
+- `cut` (`tear`: bool, `seed`: int or null, `power_off`: bool): a power cut (filesystem.py);
+- `power-on`: changes are accepted again after a cut with `power_off`;
 - `sync`: apply every pending write;
 - `fail-fsync` / `fail-write` / `fail-truncate` (`count`, `errno`: "EIO" or, for writes,
   "ENOSPC"; `path_contains`: only files whose path contains it): the next `count` such
@@ -56,9 +57,13 @@ async def answer(operations: PowerLossOperations, request: dict) -> dict:
     if command == "stats":
         return operations.stats()
     if command == "cut":
-        result, inodes = operations.cut(bool(request.get("tear", False)), request.get("seed"))
+        result, inodes = operations.cut(bool(request.get("tear", False)), request.get("seed"),
+                                        bool(request.get("power_off", False)))
         await _invalidate(inodes)
         return result
+    if command == "power-on":
+        operations.power_on()
+        return {}
     if command == "sync":
         inodes = operations.sync()
         return {"synced_files": len(inodes)}
