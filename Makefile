@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml setup.py engine/_fastpath.pyx engine/_fastpath_locator.
 	@# The receipt loops link OpenSSL's libcrypto (engine/_fastpath_crypto.pxi).
 	test -f /usr/include/openssl/sha.h || (apt-get update -q && apt-get install -y -q libssl-dev)
 	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless)
+	@# The power-loss filesystem of the tests (tests/support/powerloss) is a FUSE server (pyfuse3).
+	test -f /usr/include/fuse3/fuse_lowlevel.h -a -x /usr/bin/fusermount3 || (apt-get update -q && apt-get install -y -q fuse3 libfuse3-dev pkg-config)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -27,12 +27,16 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine import failpoints
 from engine.errors import InvariantViolation, LogCorrupt, OutcomeUnknown, WalUnavailable
 from shards.records import FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_BYTES_MAX
 
 SEGMENT_SUFFIX = ".log"
 # One group commit writes at most this much to one shard's log.
 WRITE_BYTES_MAX = 32 * 1024 * 1024
+# The segments' fsync: os.fsync itself unless a test switched it off (engine/failpoints.py,
+# `segment-log-skip-fsync`) to show that the power-loss test catches a missing fsync.
+_fsync_segment = failpoints.skipped_if_on("segment-log-skip-fsync", os.fsync)
 
 
 def segment_name(base_offset: int) -> str:
@@ -140,7 +144,7 @@ class SegmentLog:
             with open(path, "r+b") as handle:
                 handle.truncate(valid_end)
                 handle.flush()
-                os.fsync(handle.fileno())
+                _fsync_segment(handle.fileno())
         self._open_active(last_base)
         self.end_offset = last_base + valid_end
         return self.end_offset
@@ -155,7 +159,7 @@ class SegmentLog:
         self._active_descriptor = descriptor
         self._active_base = base
         if created:
-            os.fsync(self._active_descriptor)
+            _fsync_segment(self._active_descriptor)
             fsync_directory(self.directory)
 
     # Reading -----------------------------------------------------------------------------
@@ -211,7 +215,7 @@ class SegmentLog:
             segment_used = start - self._active_base
             if segment_used > 0 and segment_used + len(data) > self.segment_bytes_max:
                 self._open_active(start)
-            os.fsync(self._write_all(data))
+            _fsync_segment(self._write_all(data))
         except OSError as exc:
             try:
                 self._truncate_to_durable()
@@ -243,5 +247,5 @@ class SegmentLog:
             self._open_active(bases[-1] if bases else 0)
         descriptor = self._active()
         os.ftruncate(descriptor, self.end_offset - self._active_base)
-        os.fsync(descriptor)
+        _fsync_segment(descriptor)
         self._needs_truncate = False

@@ -1,16 +1,22 @@
 """Proves that a shard's durable state (records -> real segment log -> ShardState, snapshots,
 recovery) always equals a simple model: per poll a set of voters, the tallies and a closed
-flag, built only from records the log acknowledged. Hypothesis interleaves poll creation, vote
-batches (repeat voters, duplicates inside a batch, a ghost poll that never exists, option
+flag, built only from records the log reported durable. Hypothesis interleaves poll creation,
+vote batches (repeat voters, duplicates inside a batch, a ghost poll that never exists, option
 indexes past the options), closes, close-then-vote in one write, snapshots, damaged snapshots,
-plain restarts, crashes that tear a write, and replays of an overlap. After every step the
-bitmaps, tallies, closed flags, vote totals, receipt locators and log offsets match the model.
+restarts with and without a power cut, crashes that tear a write, and replays of an overlap.
+After every step the bitmaps, tallies, closed flags, vote totals, receipt locators and log
+offsets match the model.
 
-A crash writes a prefix of a multi-record write straight to the last segment (or a new one),
-never fsync'd, then recovers as ShardOwner.start does with the embedded log: fence, newest
-valid snapshot, cut of the torn tail, replay. A record whose frame reached the disk whole is
-durable, and recovery must keep it (its writer never got an answer: outcome unknown, counted
-at most once); a torn frame must never count.
+Every recovery is the real one: a `ShardOwner` on the embedded log (EmbeddedWal over
+SegmentLog) starts on the data dir: it takes the fence, loads the newest valid snapshot, cuts
+a torn tail and replays the log after the snapshot. Records are appended through that owner's
+WAL (the log writer thread: write, fsync, answer), and the model takes a record only once the
+append answered, so durable means fsynced: the data dir is on the power-loss filesystem
+(tests/support/powerloss), and a power cut drops whatever was not fsynced. A crash writes a
+multi-record write straight to the last segment (or a new one), never fsynced, and cuts the
+power, tearing that write: frames that reached the disk whole survive, and recovery must keep
+them (their writer never got an answer: outcome unknown, counted at most once); a torn frame
+must never count.
 
 Then, with a real ShardOwner on asyncio and uvloop: concurrent repeats of one voter resolve to
 one vote and every repeat gets that vote's receipt, also after a restart; a vote submitted
@@ -29,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,13 +47,22 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from engine import signing
 from engine.config import Config
 from engine.errors import AlreadyVoted, PollClosed
+from engine.keys import KeyRing, ensure_keys, load_keys
 from shards.owner import ShardOwner
 from shards.records import PollClosed as PollClosedRecord
-from shards.records import PollCreated, Record, VoteBatch, decode_record, frame_record
+from shards.records import (
+    PollCreated,
+    Record,
+    VoteBatch,
+    decode_record,
+    encode_record,
+    frame_record,
+)
 from shards.segment_log import SegmentLog, segment_name
-from shards.snapshots import DirectorySnapshotStore, freeze
+from shards.snapshots import DirectorySnapshotStore
 from shards.state import COUNTED, ShardState
 from shards.wal import EmbeddedWal
+from tests.support.powerloss import PowerLossFilesystem, mounted
 from tests.support.records import poll_created, vote_batch
 
 SHARD = 1
@@ -56,10 +72,24 @@ SEGMENT_BYTES_MAX = 1024
 SNAPSHOTS_KEPT = 2
 POLLS = ["song", "quiz", "dance"]
 GHOST_POLL = "ghost"  # never created: its votes must never count
-# Real files, on tmpfs when there is one: the machine runs thousands of steps (far more while
-# shrinking a failure), each with fsyncs that a disk would make slow and that no test can
-# observe anyway (nothing here loses power).
-SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# The machine's data dirs live on one power-loss filesystem per module (mounting one per
+# example would cost more than the example); it is set by the fixture below.
+DISK: PowerLossFilesystem | None = None
+MACHINE_KEYS: KeyRing | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def power_loss_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PowerLossFilesystem]:
+    global DISK, MACHINE_KEYS
+    keys_dir = tmp_path_factory.mktemp("shard-machine-keys")
+    ensure_keys(keys_dir)
+    MACHINE_KEYS = load_keys(keys_dir)
+    with mounted(tmp_path_factory.mktemp("shard-machine-disk")) as disk:
+        DISK = disk
+        try:
+            yield disk
+        finally:
+            DISK = None
 
 
 def numbered_poll(poll: str, option_count: int) -> PollCreated:
@@ -122,10 +152,6 @@ def fingerprint(state: ShardState) -> tuple:
     )
 
 
-def framed(records: list[Record]) -> list[bytes]:
-    return [frame_record(record) for record in records]
-
-
 # Strategies ------------------------------------------------------------------------------------
 
 # Mostly a small range, so voters repeat across batches and inside one; sometimes far out, so
@@ -146,48 +172,64 @@ def vote_lists(draw: st.DrawFn) -> list[tuple[int, int]]:
 class ShardMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.directory = Path(tempfile.mkdtemp(prefix="shard-machine-", dir=SCRATCH_DIR))
+        if DISK is None:
+            raise RuntimeError("the power-loss filesystem fixture is not set up")
+        self.directory = Path(tempfile.mkdtemp(prefix="shard-", dir=DISK.mount_point))
         self.wal_directory = self.directory / "wal"
-        self.store = DirectorySnapshotStore(self.directory / "snapshots", SHARD, SNAPSHOTS_KEPT)
+        self.config = Config(data_dir=str(self.directory), shards=SHARDS_TOTAL)
         self.model = Model()
         self.record_offsets: list[int] = []
-        self.log: SegmentLog | None = None
+        self.runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
+        self.owner: ShardOwner | None = None
         self.state: ShardState
         try:
-            self.recover()
+            self.start_owner()
         except BaseException:
             self.teardown()  # hypothesis only tears down a machine whose __init__ returned
             raise
 
     def teardown(self) -> None:
-        if self.log is not None:
-            self.log.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            self.stop_owner()
+        finally:
+            self.runner.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
 
-    def recover(self) -> None:
-        """The steps of ShardOwner.start with EmbeddedWal, synchronously: take the fence, load
-        the newest valid snapshot, cut a torn tail, replay the log after the snapshot."""
-        if self.log is not None:
-            self.log.close()
-        self.log = SegmentLog(self.wal_directory, SEGMENT_BYTES_MAX)
-        assert self.log.try_lock()
-        state = self.store.load_newest() or ShardState(SHARD, SHARDS_TOTAL)
-        end_offset = self.log.recover()
-        assert state.wal_offset_next <= end_offset
-        for offset, next_offset, payload in self.log.read_from(state.wal_offset_next):
-            state.apply(offset, next_offset, decode_record(payload))
-        self.state = state
+    @property
+    def log(self) -> SegmentLog:
+        return self.owner.wal.log
+
+    @property
+    def store(self) -> DirectorySnapshotStore:
+        return self.owner.snapshot_store
+
+    def start_owner(self) -> None:
+        """ShardOwner.start on the data dir: fence, newest valid snapshot, cut of a torn tail,
+        replay of the log after the snapshot."""
+        wal = EmbeddedWal(SegmentLog(self.wal_directory, SEGMENT_BYTES_MAX))
+        store = DirectorySnapshotStore(self.directory / "snapshots", SHARD, SNAPSHOTS_KEPT)
+        owner = ShardOwner(SHARD, self.config, wal, store, MACHINE_KEYS,
+                           signing.VoterHasher(MACHINE_KEYS.voter_hash_secret))
+        self.runner.run(owner.start())
+        self.owner = owner
+        self.state = owner.state
+
+    def stop_owner(self) -> None:
+        """The owner goes away: tasks cancelled, the log's files and fence closed. Stopping
+        writes nothing (the log keeps no buffer), so this is a process crash on the disk."""
+        if self.owner is not None:
+            owner, self.owner = self.owner, None
+            self.runner.run(owner.stop())
 
     def existing_polls(self) -> list[str]:
         return sorted(self.model.polls)
 
     def append(self, records: list[Record]) -> list[list[bytearray | None]]:
-        """One durable write, then apply: the live path. Returns each record's outcomes."""
-        frames = framed(records)
-        offset = self.log.append(b"".join(frames))
+        """One append through the owner's WAL, then apply: the live path. The model takes the
+        records only once the log answered (written and fsynced)."""
+        positions = self.runner.run(self._append([encode_record(record) for record in records]))
         outcomes = []
-        for record, framed_record in zip(records, frames):
-            next_offset = offset + len(framed_record)
+        for record, (offset, next_offset) in zip(records, positions):
             state_outcome = self.state.apply(offset, next_offset, record)
             model_outcome = self.model.apply(offset, record)
             self.record_offsets.append(offset)
@@ -195,8 +237,10 @@ class ShardMachine(RuleBasedStateMachine):
                 assert [None if flags is None else [flag == COUNTED for flag in flags]
                         for flags in state_outcome] == model_outcome
             outcomes.append(state_outcome)
-            offset = next_offset
         return outcomes
+
+    async def _append(self, payloads: list[bytes]) -> list[tuple[int, int]]:
+        return await self.owner.wal.append(payloads)
 
     def vote_batch(self, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
         return vote_batch(SHARD, self.state.batch_seq_next, groups)
@@ -233,7 +277,11 @@ class ShardMachine(RuleBasedStateMachine):
 
     @rule()
     def take_snapshot(self) -> None:
-        self.store.write(freeze(self.state), self.state.wal_offset_next)
+        # The owner's own snapshot: frozen at a batch boundary, written and fsynced by its store.
+        self.runner.run(self._snapshot())
+
+    async def _snapshot(self) -> None:
+        await self.owner.snapshot_now()
 
     @precondition(lambda self: self.store.read_manifest().snapshots)
     @rule()
@@ -241,39 +289,52 @@ class ShardMachine(RuleBasedStateMachine):
         path = self.store.directory / self.store.read_manifest().snapshots[0].name
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
+        with open(path, "r+b") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # the damage is on the disk, not only in the cache
 
-    @rule()
-    def restart(self) -> None:
+    @rule(cut_power=st.booleans())
+    def restart(self, cut_power: bool) -> None:
         before = fingerprint(self.state)
-        self.recover()
+        self.stop_owner()
+        if cut_power:
+            # Everything acknowledged was fsynced: a cut must not lose any of it.
+            DISK.cut()
+        self.start_owner()
         assert fingerprint(self.state) == before
 
     @rule(data=st.data(), new_segment=st.booleans())
     def crash_during_a_write(self, data: st.DataObject, new_segment: bool) -> None:
         records = self.planned_records(data)
-        frames = framed(records)
+        frames = [frame_record(record) for record in records]
         written = b"".join(frames)
-        cut = data.draw(st.integers(0, len(written) - 1), label="bytes that reached the disk")
         durable_end = self.log.end_offset
         last_base = self.log.segment_bases()[-1]
         base = durable_end if new_segment else last_base
+        self.stop_owner()
+        # The write reached the file (the page cache), never fsynced; then the power goes and
+        # tears it: the disk keeps a prefix of it (1 .. n-1 bytes, the seed picks how many).
         with open(self.wal_directory / segment_name(base), "ab") as handle:
-            handle.write(written[:cut])
+            handle.write(written)
+        cut = DISK.cut(tear=True, seed=data.draw(st.integers(0, 2**32 - 1), label="tear seed"))
+        torn = cut["torn"]
+        kept = torn["kept_bytes"] if torn is not None and len(written) > 1 else 0
+        assert torn is not None and torn["of_bytes"] == len(written), cut
 
-        self.recover()
+        self.start_owner()
 
         # Frames that reached the disk whole are in the log now; the torn one is not.
         offset = durable_end
-        kept = 0
+        kept_records = 0
         for record, framed_record in zip(records, frames):
-            if offset + len(framed_record) > durable_end + cut:
+            if offset + len(framed_record) > durable_end + kept:
                 break
             self.model.apply(offset, record)
             self.record_offsets.append(offset)
             offset += len(framed_record)
-            kept += 1
-        event(f"crash kept {kept} of {len(records)} records"
+            kept_records += 1
+        event(f"crash kept {kept_records} of {len(records)} records"
               f"{' in a new segment' if new_segment else ''}")
         assert self.log.end_offset == offset
         segment_bytes = sum((self.wal_directory / segment_name(b)).stat().st_size
@@ -306,8 +367,14 @@ class ShardMachine(RuleBasedStateMachine):
         start = data.draw(st.sampled_from(self.record_offsets), label="replay from")
         assert start < self.state.wal_offset_next
         before = fingerprint(self.state)
-        for offset, next_offset, payload in self.log.read_from(start):
-            self.state.apply(offset, next_offset, decode_record(payload))
+        state = self.state
+
+        def apply(offset: int, next_offset: int, payload) -> None:
+            state.apply(offset, next_offset, decode_record(payload))
+
+        # Through the owner's own WAL, as its recovery replays after a snapshot.
+        end_offset = self.runner.run(self.owner.wal.replay(start, apply))
+        assert end_offset == self.log.end_offset
         assert fingerprint(self.state) == before
 
     # Invariants ----------------------------------------------------------------------------
