@@ -33,7 +33,7 @@ from engine.receipts import decode_receipt
 from tests.support.cli import run_cli
 from tests.support.disk_count import counted_on_disk
 from tests.support.engine_process import EngineProcess
-from tests.support.http_client import ValidatingAsyncClient
+from tests.support.http_client import ValidatingAsyncClient, client_for
 from tests.support.powerloss import PowerLossFilesystem, mounted
 from tests.support.vote_client import (
     ACKED,
@@ -183,7 +183,7 @@ def check_after_restart(run: PowerLossRun) -> None:
     acked, unknown, not_counted = kinds[ACKED], kinds[UNKNOWN], kinds[NOT_COUNTED]
     if kinds[UNEXPECTED]:
         problems.append(f"unexpected answers: {list(kinds[UNEXPECTED].items())[:5]}")
-    with httpx.Client(base_url=engine.base_url, timeout=REQUEST_TIMEOUT_S) as client:
+    with client_for(engine.base_url, timeout_s=REQUEST_TIMEOUT_S) as client:
         before = client.get(f"/v1/polls/{POLL}/results").json()
 
     def again(answers: dict[int, Answer]) -> dict[int, httpx.Response]:
@@ -208,7 +208,7 @@ def check_after_restart(run: PowerLossRun) -> None:
                       if response.status_code != 201]
     if counted_anyway:
         problems.append(f"{len(counted_anyway)} voters told 'not counted' were counted")
-    with httpx.Client(base_url=engine.base_url, timeout=REQUEST_TIMEOUT_S) as client:
+    with client_for(engine.base_url, timeout_s=REQUEST_TIMEOUT_S) as client:
         after = client.get(f"/v1/polls/{POLL}/results").json()
     engine.stop()
     on_disk = asyncio.run(counted_on_disk(engine.data_dir, POLL))
