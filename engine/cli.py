@@ -27,16 +27,17 @@ CLUSTER_FILE = "cluster.json"
 
 def prepare_data_dir(config: Config) -> None:
     """Create keys and fix the shard count once, before any worker starts."""
-    from engine.keys import ensure_keys
+    from engine.keys import ensure_keys, publish_once
 
     data_dir = config.data_path
     data_dir.mkdir(parents=True, exist_ok=True)
     ensure_keys(data_dir)
     cluster_path = data_dir / CLUSTER_FILE
     if not cluster_path.exists():
-        temporary = cluster_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"format": 1, "shards": config.shards}) + "\n")
-        os.replace(temporary, cluster_path)
+        # Durable before any worker starts: after a power cut an empty or missing cluster.json
+        # would stop the engine from starting on its own data.
+        content = json.dumps({"format": 1, "shards": config.shards}) + "\n"
+        publish_once(cluster_path, content.encode(), mode=0o644)
     recorded = json.loads(cluster_path.read_text())
     if recorded.get("shards") != config.shards:
         raise VotesError(

@@ -135,7 +135,7 @@ def ensure_keys(data_dir: Path) -> None:
     for spec in _SPECS:
         path = directory / spec.file_name
         if not path.exists():
-            _publish_once(path, _encode_new_key_set(spec))
+            publish_once(path, _encode_new_key_set(spec))
     write_public_key_document(data_dir, load_keys(data_dir))
 
 
@@ -260,9 +260,10 @@ def _read_bounded(path: Path) -> bytes:
     return content
 
 
-def _publish_once(path: Path, content: bytes) -> None:
-    """Create `path` with `content` unless it exists; never replaces an existing file."""
-    temp_path = _write_temp_file(path.parent, path.name, content, mode=0o600)
+def publish_once(path: Path, content: bytes, *, mode: int = 0o600) -> None:
+    """Create `path` with `content` unless it exists, durably (file and directory fsynced,
+    so a power cut leaves it whole or absent); never replaces an existing file."""
+    temp_path = _write_temp_file(path.parent, path.name, content, mode=mode)
     try:
         os.link(temp_path, path)
     except FileExistsError:

@@ -35,6 +35,9 @@ from shards.commit import GroupCommitter
 from shards.owner import ShardOwner
 from shards.records import PollCreated
 
+# Failure reasons /readyz lists at most (one per shard that cannot start, the first ones).
+READINESS_FAILURES_MAX = 16
+
 log = logging.getLogger("votes.node")
 
 SLOT_RETRY_S = 0.2
@@ -106,8 +109,8 @@ class Node:
     async def _start_owner(self, owner: ShardOwner) -> None:
         try:
             await owner.start()
-        except VotesError:
-            return  # the owner recorded why; /readyz reports it
+        except Exception:  # noqa: BLE001 - the owner logged and recorded why; /readyz says it
+            return
         SHARDS_READY.inc()
         log.info("shard %d ready (log offset %d)", owner.shard, owner.wal_offset_next)
 
@@ -315,6 +318,9 @@ class Node:
             "shards_ready": ready,
             "workers": self.config.workers,
         }
+        if failures:
+            # Why shards cannot start, so an operator sees it without reading the logs.
+            readiness["failures"] = failures[:READINESS_FAILURES_MAX]
         return readiness, total, settled, failures
 
     def count_rejection(self, poll: str, reason: str) -> None:

@@ -167,6 +167,9 @@ class KafkaWal:
     def __repr__(self) -> str:
         return f"KafkaWal({self.topic_partition.topic}/{self.shard})"
 
+    def location(self) -> str:
+        return f"topic {self.topic_partition.topic} partition {self.topic_partition.partition}"
+
     def _new_producer(self) -> AIOKafkaProducer:
         config = self.config
         set_transaction_retry(config.kafka_transaction_retry_ms)

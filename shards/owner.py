@@ -29,6 +29,7 @@ from engine.config import Config
 from engine.errors import (
     AlreadyVoted,
     InvariantViolation,
+    LogCorrupt,
     NotReady,
     OutcomeUnknown,
     Overloaded,
@@ -53,7 +54,7 @@ from shards.pending import (
 )
 from shards.records import PollClosed as PollClosedRecord
 from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
-from shards.snapshots import SnapshotStore, freeze
+from shards.snapshots import SnapshotStore, freeze, snapshot_name
 from shards.state import COUNTED, PollState, ShardState
 from shards.wal import Wal
 
@@ -112,6 +113,12 @@ class ShardOwner:
             self.failure = f"shard {self.shard}: {exc}"
             log.error("shard %d cannot start: %s", self.shard, exc)
             raise
+        except Exception as exc:
+            # A defect, not an expected failure: keep the traceback, and still say on /readyz
+            # why the shard is not serving instead of leaving it silently not ready.
+            self.failure = f"shard {self.shard}: unexpected {type(exc).__name__}: {exc}"
+            log.exception("shard %d cannot start", self.shard)
+            raise
         self._batch_seq_next = self.state.batch_seq_next
         self._snapshot_votes_applied = self.state.votes_applied
         if self.committer is None:  # a lone owner (tests, tools) commits for itself
@@ -131,9 +138,12 @@ class ShardOwner:
 
         end_offset = await self.wal.replay(snapshot_offset, apply)
         if snapshot_offset > end_offset:
-            raise WalUnavailable(
-                f"snapshot covers the log up to {snapshot_offset} but the log ends at "
-                f"{end_offset}: the log lost acknowledged records"
+            # The snapshot holds votes the log no longer has: serving it would answer for
+            # records nobody can replay or audit. Stop, naming both sides for the operator.
+            raise LogCorrupt(
+                f"snapshot {snapshot_name(snapshot_offset)} in {self.snapshot_store.location()} "
+                f"covers the log up to {snapshot_offset} but the log ends at {end_offset} "
+                f"({self.wal.location()}): the log lost acknowledged records"
             )
         return state
 

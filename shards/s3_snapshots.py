@@ -88,6 +88,9 @@ class S3SnapshotStore:
         self._client_stack: contextlib.AsyncExitStack | None = None
         self._client_lock = asyncio.Lock()
 
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
     @property
     def manifest_key(self) -> str:
         return self.prefix + MANIFEST_NAME

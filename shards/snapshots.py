@@ -138,6 +138,8 @@ class SnapshotStore(Protocol):
 
     async def load(self) -> ShardState | None: ...
 
+    def location(self) -> str: ...
+
     async def close(self) -> None: ...
 
 
@@ -152,6 +154,9 @@ class DirectorySnapshotStore:
     @property
     def manifest_path(self) -> Path:
         return self.directory / "MANIFEST.json"
+
+    def location(self) -> str:
+        return str(self.directory)
 
     def read_manifest(self) -> Manifest:
         try:

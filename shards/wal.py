@@ -14,6 +14,8 @@ caller and an implementation keep (docs/design.md "Durability"):
 - At most `appends_in_flight_max` appends begun and not yet ended; they end in the order
   they began.
 - `read_at(offset)` gives the payload of one record (receipts of repeat votes).
+- `location()` says where the log's end is (a segment file, a topic partition), for messages
+  that must name what an operator should look at.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from shards.log_writer import LogWriter, shared_writer
 from shards.records import frame
-from shards.segment_log import SegmentLog
+from shards.segment_log import SEGMENT_SUFFIX, SegmentLog
 
 # One record as the log holds it: its offset, the offset after it, its payload.
 ApplyRecord = Callable[[int, int, bytes | memoryview], None]
@@ -44,6 +46,8 @@ class Wal(Protocol):
     def append(self, payloads: list[bytes]) -> Awaitable[Positions]: ...
 
     async def read_at(self, offset: int) -> bytes: ...
+
+    def location(self) -> str: ...
 
     async def close(self) -> None: ...
 
@@ -65,6 +69,12 @@ class EmbeddedWal:
         # the writer, so a long replay at start-up does not hold up other shards' appends.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-read")
         self._loop: asyncio.AbstractEventLoop | None = None  # see ShardOwner._loop
+
+    def location(self) -> str:
+        bases = self.log.segment_bases()
+        if not bases:
+            return f"{self.log.directory} (no segment)"
+        return str(self.log.directory / f"{bases[-1]:020d}{SEGMENT_SUFFIX}")
 
     async def acquire(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -208,9 +208,6 @@ def test_snapshot_ahead_of_the_log_end_is_refused(tmp_path: Path) -> None:
     assert str(refusal.snapshot_offset) in vote.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap, reported: the refusal names the shard and "
-                   "offsets but neither the snapshot nor the log file, and /readyz says only "
-                   "ready=false, not which shard failed or why")
 def test_snapshot_ahead_refusal_names_the_files_and_readyz_says_why(tmp_path: Path) -> None:
     refusal = start_after_losing_the_log_tail(tmp_path)
     assert refusal.snapshot_name in refusal.log_line, refusal.log_line
