@@ -66,6 +66,13 @@ lint() {
     for template in "${packer_templates[@]}"; do
         packer validate -syntax-only "$template"
     done
+    # The full validate also decodes every argument (a misspelt one fails) and needs no
+    # network or AWS credentials; it looks for ansible-playbook on PATH (.venv/bin).
+    step "packer validate"
+    for template in "${packer_templates[@]}"; do
+        packer validate "$template"
+        echo "ok  $template"
+    done
     step "all deploy checks passed in $((SECONDS - started)) s"
 }
 
