@@ -4,9 +4,11 @@ inventory on localhost (connection local) into a temporary prefix.
 The role installs a wheel of this checkout into `<prefix>/<version>` with `<prefix>/current`
 pointing at it, templates the TOML config (validated by the engine's own loader) and the
 systemd unit, and, with `engine_supervisor: direct` (no systemd in CI), runs the unit's own
-ExecStartPre and ExecStart in the background. The test then talks to that engine: /healthz,
-a poll created with an admin token from the CLI in the prefix, one vote (201), the vote in
-/metrics. A broken role (a config template the engine refuses, a missing task, a wrong
+ExecStartPre and ExecStart in the background. The engine's keys come the local inventory's way, from local
+files (`$VOTES_LOCAL_SECRETS_DIR/engine-keys/*.json`), as production's come from Secrets
+Manager. The test then talks to that engine: /healthz, a poll created with an admin token
+from the CLI in the prefix, one vote (201) with a voter token signed by the distributed
+keys outside the prefix, the vote in /metrics. A broken role (a config template the engine refuses, a missing task, a wrong
 path) fails the playbook or one of these checks.
 
 Slow (a wheel build and a virtualenv install, ~1-2 min); the Ansible tooling is installed by
@@ -38,6 +40,8 @@ CLI_TIMEOUT_S = 60.0
 HTTP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 30.0
 OUTPUT_TAIL_CHARS = 6000
+ENSURE_KEYS_CODE = ("import sys; from pathlib import Path; from engine.keys import ensure_keys; "
+                    "ensure_keys(Path(sys.argv[1]))")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -93,6 +97,19 @@ def _stop(pid_file: Path) -> None:
     pytest.fail(f"the engine (pid {pid}) did not stop within {STOP_TIMEOUT_S} s of SIGTERM")
 
 
+def _local_secrets(secrets_dir: Path) -> Path:
+    """Key files made by the engine's own code in a scratch data dir, laid out as the local
+    inventory reads them; returns that scratch data dir (for minting tokens outside the
+    prefix)."""
+    issuer_dir = secrets_dir / "issuer-data"
+    _run([sys.executable, "-c", ENSURE_KEYS_CODE, str(issuer_dir)], CLI_TIMEOUT_S)
+    keys_dir = secrets_dir / "engine-keys"
+    keys_dir.mkdir(parents=True)
+    for key_file in (issuer_dir / "keys").glob("*.json"):
+        (keys_dir / key_file.name).write_bytes(key_file.read_bytes())
+    return issuer_dir
+
+
 def _votes(prefix: Path, *args: str) -> str:
     return _run([str(prefix / "current" / "bin" / "votes"), *args], CLI_TIMEOUT_S).stdout.strip()
 
@@ -110,15 +127,17 @@ def test_engine_role_installs_configures_and_starts_a_serving_engine(engine_whee
     environment = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
                    "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                    "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
-                   "VOTES_LOCAL_SECRETS_DIR": str(tmp_path / "no-secrets")}
+                   "VOTES_LOCAL_SECRETS_DIR": str(tmp_path / "secrets")}
+    issuer_dir = _local_secrets(tmp_path / "secrets")
     pid_file = prefix / "run" / "votes-engine.pid"
     try:
         _run([str(VENV_BIN / "ansible-playbook"), "-i", "inventories/local/hosts.yml",
               "site.yml", "-e", json.dumps(extra_vars)],
              PLAYBOOK_TIMEOUT_S, cwd=ANSIBLE_DIR, env=environment)
         _check_layout(prefix, engine_wheel)
+        _check_keys(prefix, tmp_path / "secrets" / "engine-keys")
         _check_running_from_prefix(prefix, pid_file)
-        _check_serving(prefix, port)
+        _check_serving(prefix, port, issuer_dir)
     finally:
         _stop(pid_file)
 
@@ -135,16 +154,26 @@ def _check_layout(prefix: Path, engine_wheel: Path) -> None:
     assert 'data_dir = "' + str(prefix / "data") + '"' in config, config
 
 
+def _check_keys(prefix: Path, secret_keys_dir: Path) -> None:
+    """The role wrote every local secret key file, byte for byte, readable by its owner only."""
+    secret_files = sorted(secret_keys_dir.glob("*.json"))
+    assert secret_files
+    for secret_file in secret_files:
+        installed = prefix / "data" / "keys" / secret_file.name
+        assert installed.read_bytes() == secret_file.read_bytes(), installed
+        assert installed.stat().st_mode & 0o777 == 0o600, oct(installed.stat().st_mode)
+
+
 def _check_running_from_prefix(prefix: Path, pid_file: Path) -> None:
     pid = int(pid_file.read_text().strip())
     command_line = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert str(prefix / "current" / "bin" / "votes").encode() in command_line, command_line
 
 
-def _check_serving(prefix: Path, port: int) -> None:
-    data_dir = str(prefix / "data")
-    admin = _votes(prefix, "admin-token", "--data-dir", data_dir)
-    (voter,) = _votes(prefix, "token", "--data-dir", data_dir, "--voter", "7").split()
+def _check_serving(prefix: Path, port: int, issuer_dir: Path) -> None:
+    admin = _votes(prefix, "admin-token", "--data-dir", str(prefix / "data"))
+    # Minted outside the prefix with the secret keys: the engine must be using those.
+    (voter,) = _votes(prefix, "token", "--data-dir", str(issuer_dir), "--voter", "7").split()
     with ValidatingClient(base_url=f"http://127.0.0.1:{port}", timeout=HTTP_TIMEOUT_S) as client:
         assert client.get("/healthz").status_code == 200
         created = client.post("/v1/polls", json={"id": "ops", "options": ["yes", "no"]},
