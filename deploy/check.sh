@@ -44,6 +44,44 @@ PY
         > /dev/null)
 }
 
+# Every role's templates rendered for every host of production and staging, with placeholder
+# secrets (no AWS access), then each engine.toml loaded by the engine's own config loader and
+# each prometheus.yml parsed: ansible-lint does not render templates.
+render() {
+    step "render production and staging configs"
+    local rendered inventory
+    rendered=$(mktemp -d)
+    for inventory in production staging; do
+        "$bin/ansible-playbook" -i "inventories/$inventory" playbooks/render-configs.yml \
+            -e "render_dir=$rendered/$inventory" -e "ansible_python_interpreter=$bin/python" \
+            -e '{"votes_redis_password": "placeholder/password", "engine_keys": {},
+                 "kafka_cluster_id": "placeholder-cluster-id",
+                 "haproxy_tls_certificate_pem": "placeholder"}' > "$rendered/$inventory.log" 2>&1 \
+            || { cat "$rendered/$inventory.log"; return 1; }
+    done
+    "$bin/python" - "$rendered" <<'PY'
+import sys
+from pathlib import Path
+
+import yaml
+
+from engine.config import load_config
+
+root = Path(sys.argv[1])
+configs = sorted(root.glob("*/*/engine.toml"))
+if not configs:
+    sys.exit("no engine.toml was rendered")
+for path in configs:
+    config = load_config(str(path))
+    print(f"ok  {path.relative_to(root)}: node {config.node_name}, {config.shards} shards, "
+          f"kafka {config.uses_kafka}, cluster {config.uses_cluster}")
+for path in sorted(root.glob("*/*/prometheus.yml")):
+    jobs = [job["job_name"] for job in yaml.safe_load(path.read_text())["scrape_configs"]]
+    print(f"ok  {path.relative_to(root)}: jobs {', '.join(jobs)}")
+PY
+    rm -rf "$rendered"
+}
+
 lint() {
     local started=$SECONDS
     cd "$ansible_dir"
@@ -58,6 +96,7 @@ lint() {
         done
         echo "ok  $playbook"
     done
+    render
     cd "$packer_dir"
     step "packer fmt -check"
     packer fmt -check .
