@@ -49,8 +49,10 @@ PY
 # each prometheus.yml parsed: ansible-lint does not render templates.
 render() {
     step "render production and staging configs"
-    local rendered inventory
-    rendered=$(mktemp -d)
+    # Kept after a failure for a look (build/ is git-ignored); emptied at every run.
+    local rendered=$repo/build/deploy-render inventory
+    rm -rf "$rendered"
+    mkdir -p "$rendered"
     for inventory in production staging; do
         "$bin/ansible-playbook" -i "inventories/$inventory" playbooks/render-configs.yml \
             -e "render_dir=$rendered/$inventory" -e "ansible_python_interpreter=$bin/python" \
@@ -79,7 +81,6 @@ for path in sorted(root.glob("*/*/prometheus.yml")):
     jobs = [job["job_name"] for job in yaml.safe_load(path.read_text())["scrape_configs"]]
     print(f"ok  {path.relative_to(root)}: jobs {', '.join(jobs)}")
 PY
-    rm -rf "$rendered"
 }
 
 lint() {
