@@ -34,7 +34,8 @@ install() {
         # Only the extra's requirements: reinstalling the project itself would rebuild Cython.
         "$bin/python" - "$repo/pyproject.toml" > "$venv/deploy-requirements.txt" <<'PY'
 import sys, tomllib
-print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["deploy"]))
+extras = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]
+print("\n".join(extras["deploy"]))
 PY
         "$bin/pip" install -q -r "$venv/deploy-requirements.txt"
         touch "$stamp"

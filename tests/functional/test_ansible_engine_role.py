@@ -4,12 +4,13 @@ inventory on localhost (connection local) into a temporary prefix.
 The role installs a wheel of this checkout into `<prefix>/<version>` with `<prefix>/current`
 pointing at it, templates the TOML config (validated by the engine's own loader) and the
 systemd unit, and, with `engine_supervisor: direct` (no systemd in CI), runs the unit's own
-ExecStartPre and ExecStart in the background. The engine's keys come the local inventory's way, from local
-files (`$VOTES_LOCAL_SECRETS_DIR/engine-keys/*.json`), as production's come from Secrets
-Manager. The test then talks to that engine: /healthz, a poll created with an admin token
-from the CLI in the prefix, one vote (201) with a voter token signed by the distributed
-keys outside the prefix, the vote in /metrics. A broken role (a config template the engine refuses, a missing task, a wrong
-path) fails the playbook or one of these checks.
+ExecStartPre and ExecStart in the background. The engine's keys come the local inventory's
+way, from local files (`$VOTES_LOCAL_SECRETS_DIR/engine-keys/*.json`), as production's come
+from Secrets Manager. The test then talks to that engine: /healthz, a poll created with an
+admin token from the CLI in the prefix, one vote (201) with a voter token signed by the
+distributed keys outside the prefix, the vote in /metrics. A broken role (a config template
+the engine refuses, a unit systemd cannot parse, a missing task, a wrong path) fails the
+playbook or one of these checks.
 
 Slow (a wheel build and a virtualenv install, ~1-2 min); the Ansible tooling is installed by
 `deploy/check.sh install` (the `deploy` extra), like the lint.
@@ -120,6 +121,7 @@ def test_engine_role_installs_configures_and_starts_a_serving_engine(engine_whee
     prefix = tmp_path / "opt-votes"
     port = _free_port()
     extra_vars = {
+        "engine_version": _wheel_version(engine_wheel),
         "engine_prefix_root": str(prefix),
         "engine_wheel_path": str(engine_wheel),
         "engine_python": _base_python(),
@@ -144,8 +146,12 @@ def test_engine_role_installs_configures_and_starts_a_serving_engine(engine_whee
         _stop(pid_file)
 
 
+def _wheel_version(engine_wheel: Path) -> str:
+    return engine_wheel.name.split("-")[1]
+
+
 def _check_layout(prefix: Path, engine_wheel: Path) -> None:
-    version = engine_wheel.name.split("-")[1]
+    version = _wheel_version(engine_wheel)
     assert (prefix / "current").resolve() == (prefix / version).resolve()
     assert (prefix / version / "wheels" / engine_wheel.name).is_file()
     unit = (prefix / "etc" / "votes-engine.service").read_text()
