@@ -106,3 +106,8 @@ lint: setup $(LINT_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info engine/_fastpath.c engine/_fastpath*.so
+
+# The operators' deployment (deploy/ansible, deploy/packer): ansible-lint (production
+# profile, offline), playbook syntax checks, packer fmt/validate; installs the deploy extra.
+lint-deploy: setup
+	bash deploy/check.sh
