@@ -7,7 +7,7 @@ DATA_DIR ?= .data
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run serve test chaos bench bench-quick bench-ceiling lint cluster-up cluster-run cluster-down cluster-status clean
+.PHONY: setup run serve test chaos bench bench-quick bench-ceiling lint lint-deploy cluster-up cluster-run cluster-down cluster-status clean
 
 setup: $(STAMP)
 
@@ -91,7 +91,8 @@ cluster-status: setup
 
 # Static checks, run by .ci/run before the tests: ruff, the layer contract (import-linter,
 # pyproject's [tool.importlinter]), mypy ([tool.mypy]: strict on the kernel and shards/) and
-# the fast path's stub against the built extension (mypy.stubtest).
+# the fast path's stub against the built extension (mypy.stubtest), then the deployment
+# (deploy/check.sh).
 LINT_STAMP := $(VENV)/.installed-lint
 
 $(LINT_STAMP): $(STAMP) pyproject.toml
@@ -103,11 +104,12 @@ lint: setup $(LINT_STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest --allowlist engine/stubtest-allowlist.txt engine._fastpath
+	bash deploy/check.sh
 
-clean:
-	rm -rf $(VENV) build *.egg-info engine/_fastpath.c engine/_fastpath*.so
-
-# The operators' deployment (deploy/ansible, deploy/packer): ansible-lint (production
+# The operators' deployment alone (deploy/ansible, deploy/packer): ansible-lint (production
 # profile, offline), playbook syntax checks, packer fmt/validate; installs the deploy extra.
 lint-deploy: setup
 	bash deploy/check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info engine/_fastpath.c engine/_fastpath*.so
