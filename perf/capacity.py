@@ -47,7 +47,7 @@ def default_inputs() -> dict[str, Figure]:
     """Every input of the model, before any measured file or --set overrides it."""
     a = "assumption"
     return {
-        # The requirement (docs: DESIGN "What the system is for").
+        # The requirement (docs/design.md "Requirements").
         "peak_votes_per_s": Figure(250_000, "votes/s", "requirement"),
         "headroom": Figure(2.0, "x", "requirement"),
         "voters_eligible": Figure(300_000_000, "voters", "requirement"),
@@ -62,29 +62,29 @@ def default_inputs() -> dict[str, Figure]:
         # Two hyperthreads of one core do about 1.3x one thread's work: a vCPU is 0.65 of
         # the core the per-vote figure was measured on.
         "vcpu_share_of_core": Figure(0.65, "core/vCPU", a + ": hyperthread pair = 1.3 cores"),
-        "shards": Figure(1024, "shards", "DESIGN: S = 1024 in production = WAL partitions"),
+        "shards": Figure(1024, "shards", "docs/design.md Requirements: S = 1024 in production = WAL partitions"),
         # Kafka. Each shard commits one transaction per commit interval while it has
         # votes; the interval bounds latency (p99 target 25 ms with Kafka).
         "commit_interval_ms": Figure(20.0, "ms", a + ": commit cadence per shard, fits p99 25 ms"),
         "wal_bytes_per_vote": Figure(6.0, "B", "shards/records.py: u32 voter + u16 option"),
         "wal_bytes_per_record": Figure(140.0, "B", "a 1-vote VoteBatch record, framed"),
         "kafka_txn_overhead_bytes": Figure(250.0, "B", a + ": batch header, markers, txn log writes"),
-        "replication_factor": Figure(3, "copies", "DESIGN: RF 3, min ISR 2"),
+        "replication_factor": Figure(3, "copies", "docs/design.md Durability: RF 3, min ISR 2"),
         "broker_txn_per_s": Figure(2_500, "txn/s", a + ": transactions per broker per second; "
                                    "replaced by the measured broker CPU per transaction when "
                                    "perf/results/kafka_transactions.json exists"),
         "broker_write_mb_per_s": Figure(125.0, "MB/s", a + ": m7i.2xlarge + gp3, half its 250 MB/s"),
         "broker_partition_replicas_max": Figure(4_000, "replicas", a + ": per-broker guidance"),
-        # Redis (rate limits, tally publish): DESIGN "Security and anti-bot".
-        "redis_calls_per_vote": Figure(3, "calls", "DESIGN: per IP, per prefix, per voter limits"),
+        # Redis (rate limits, tally publish): planned, docs/design.md "Not built yet".
+        "redis_calls_per_vote": Figure(3, "calls", "planned: per IP, per prefix, per voter limits"),
         "redis_calls_per_s_per_primary": Figure(80_000, "calls/s", a + ": small Lua GCRA script, r7g.large"),
-        "tally_publish_per_s_per_owner": Figure(10, "msg/s", "DESIGN: tally publish every ~100 ms"),
+        "tally_publish_per_s_per_owner": Figure(10, "msg/s", "planned: tally publish every ~100 ms"),
         # Edge.
         "haproxy_req_per_s_per_vcpu": Figure(20_000, "req/s", a + ": TLS keep-alive, HAProxy 2.x"),
         "haproxy_vcpus_per_instance": Figure(8, "vCPU", "c7i.2xlarge"),
         # Results fan-out.
         "viewers_concurrent": Figure(5_000_000, "viewers", a + ": millions of viewers"),
-        "results_update_s": Figure(1.0, "s", "DESIGN: visible within a second"),
+        "results_update_s": Figure(1.0, "s", "docs/design.md Requirements: visible within a second"),
         "cdn_edge_locations": Figure(600, "PoPs", a + ": CloudFront edge locations asking the origin"),
         "results_req_per_s_per_vcpu": Figure(10_000, "req/s", a + ": cached JSON from a results worker"),
         "sse_connections_per_instance": Figure(50_000, "conns", a + ": c7i.2xlarge, uvloop, ~20 KB each"),

@@ -47,6 +47,7 @@ from tests.chaos.harness import (
     results_of,
 )
 from tests.chaos.load import ACKNOWLEDGED, DUPLICATE, LoadClient
+from tests.support import http_client
 from tests.support.cli import admin_token, voter_tokens
 from tests.support.engine_process import KAFKA_READINESS, EngineProcess, free_port, kafka_env
 
@@ -105,8 +106,9 @@ def restart_all(engines: Sequence[EngineProcess], label: str) -> None:
 def open_poll(engine: EngineProcess, schedule: str) -> str:
     poll = f"chaos-{schedule}-{uuid.uuid4().hex[:10]}"
     token = admin_token(engine.data_dir)
-    created = httpx.post(f"{engine.base_url}/v1/polls", json={"id": poll, "options": list(OPTIONS)},
-                         headers={"Authorization": f"Bearer {token}"}, timeout=POLL_TIMEOUT_S)
+    created = http_client.post(f"{engine.base_url}/v1/polls",
+                               json={"id": poll, "options": list(OPTIONS)},
+                               headers={"Authorization": f"Bearer {token}"}, timeout_s=POLL_TIMEOUT_S)
     assert created.status_code == 201, f"creating {poll}: {created.status_code} {created.text}"
     return poll
 
@@ -218,7 +220,7 @@ class LeaseKeys:
 async def readiness(engine: EngineProcess) -> dict | None:
     """The engine's /readyz body when it answers 200, else None."""
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        async with http_client.async_client_for(timeout_s=PROBE_TIMEOUT_S) as client:
             answer = await client.get(f"{engine.base_url}/readyz")
     except httpx.TransportError:
         return None

@@ -1,4 +1,4 @@
-"""The functional and integration suites talk HTTP to the engine only through
+"""The functional, integration and chaos suites talk HTTP to the engine only through
 tests/support/http_client.py, so every response they see is validated against
 engine/openapi.yaml. This fails if a module there (or a helper of tests/support they use)
 builds a plain httpx client or calls httpx's module-level request functions."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 TESTS_ROOT = Path(__file__).resolve().parents[1]
-CHECKED_FOLDERS = ("functional", "integration", "support")
+CHECKED_FOLDERS = ("functional", "integration", "chaos", "support")
 # tests/support/http_client.py is where the validating clients are built on httpx.
 EXEMPT = {TESTS_ROOT / "support" / "http_client.py"}
 FORBIDDEN = frozenset({"Client", "AsyncClient", "get", "post", "put", "patch", "delete",
