@@ -19,7 +19,7 @@ ansible_dir=$repo/deploy/ansible
 packer_dir=$repo/deploy/packer
 # Packer 1.6.6 (Debian's) has amazon-ebs and the ansible provisioner built in; a newer Packer
 # needs plugins.pkr.hcl (required_plugins), which 1.6.6 cannot parse, so it is not validated.
-packer_templates=(engine.pkr.hcl kafka.pkr.hcl redis.pkr.hcl)
+packer_templates=(images.pkr.hcl)
 
 step() { printf '== %s\n' "$*"; }
 
