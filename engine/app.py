@@ -25,6 +25,7 @@ from engine.errors import (
     AlreadyVoted,
     BadRequest,
     BodyTooLarge,
+    InvariantViolation,
     MethodNotAllowed,
     NotFound,
     NotReady,
@@ -190,9 +191,9 @@ class App:
             reason = _rejection_reason(exc)
             if reason is not None:
                 REJECTED.labels(reason).inc()
-                poll = _poll_of(scope.path)
-                if poll is not None:
-                    self.node.count_rejection(poll, reason)
+                poll, node = _poll_of(scope.path), self.node
+                if poll is not None and node is not None:
+                    node.count_rejection(poll, reason)
         except Exception:
             log.exception("unhandled error on %s %s", scope.method, scope.path)
             status, headers, body = self._problem(VotesError("internal error"))
@@ -204,7 +205,7 @@ class App:
         headers = PROBLEM_JSON
         allow = extra.pop("allow", None)
         if allow is not None:  # RFC 9110: a 405 names the methods the resource offers
-            headers = PROBLEM_JSON + [("allow", allow)]
+            headers = PROBLEM_JSON + [("allow", str(allow))]
         if isinstance(exc, BodyTooLarge):
             # The rest of the body was never read, so the connection cannot carry another
             # request: say so, or a keep-alive client sends its next request into a socket
@@ -245,9 +246,14 @@ class App:
             raise NotReady("the worker is starting")
         return self.node
 
+    def _config(self) -> Config:
+        if self.config is None:  # set by __rsgi_init__, before any request
+            raise InvariantViolation("a request reached the worker before __rsgi_init__")
+        return self.config
+
     async def _vote(self, scope, proto, poll: str):
         node = self._node()
-        body = await read_body(scope, proto, self.config.vote_body_bytes_max)
+        body = await read_body(scope, proto, self._config().vote_body_bytes_max)
         vote = _decode(_vote_decoder, body)
         if not IDENTIFIER_PATTERN.match(vote.option):
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
@@ -263,7 +269,7 @@ class App:
 
     async def _create(self, scope, proto):
         node = self._node()
-        body = await read_body(scope, proto, self.config.poll_body_bytes_max)
+        body = await read_body(scope, proto, self._config().poll_body_bytes_max)
         tokens.verify_admin_token(self.keyring, scope.headers.get("authorization"), int(time.time()))
         record = poll_record(_decode(_poll_decoder, body))
         try:
@@ -297,9 +303,10 @@ class App:
             BUFFERED.flush()
             body, content_type = exposition()
             return 200, [("content-type", content_type)], body
+        config = self._config()
         readiness = await self._node().readiness() if self.node else {
-            "ready": False, "durability": durability(self.config), "shards_total": self.config.shards,
-            "shards_ready": 0, "workers": self.config.workers}
+            "ready": False, "durability": durability(config), "shards_total": config.shards,
+            "shards_ready": 0, "workers": config.workers}
         return (200 if readiness["ready"] else 503), JSON, _json.encode(readiness)
 
 

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from typing import ParamSpec
 
 from engine.errors import ConfigError
 
@@ -35,6 +36,8 @@ KNOWN = frozenset({"s3-snapshot-before-manifest"})
 SWITCHES = frozenset({"segment-log-skip-fsync"})
 
 log = logging.getLogger("votes.failpoints")
+# The parameters of a switched function: its skipping stand-in takes the same ones.
+_Parameters = ParamSpec("_Parameters")
 
 
 def parse(text: str) -> dict[str, float | bool]:
@@ -70,11 +73,11 @@ async def pause(name: str) -> None:
     await asyncio.sleep(pause_s)
 
 
-def _skipped(*_arguments) -> None:
+def _skipped(*_arguments: object, **_keywords: object) -> None:
     return None
 
 
-def skipped_if_on(name: str, function: Callable) -> Callable:
+def skipped_if_on(name: str, function: Callable[_Parameters, None]) -> Callable[_Parameters, None]:
     """`function` itself, or a call that does nothing when switch `name` is on. Bind the
     result once (at import): the call site then costs what `function` costs."""
     if name not in SWITCHES:

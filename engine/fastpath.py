@@ -14,17 +14,25 @@ a hot loop.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-try:
+if TYPE_CHECKING:
+    # mypy types the facade by the compiled module's stub (engine/_fastpath.pyi), the one
+    # interface of both implementations; the parity tests hold the twin to it.
     from engine import _fastpath as _implementation
 
-    IMPLEMENTATION = "cython"
-except ImportError:
-    if os.environ.get("VOTES_REQUIRE_CYTHON") == "1":
-        raise
-    from engine import fastpath_py as _implementation
+    IMPLEMENTATION: str
+else:
+    try:
+        from engine import _fastpath as _implementation
 
-    IMPLEMENTATION = "python"
+        IMPLEMENTATION = "cython"
+    except ImportError:
+        if os.environ.get("VOTES_REQUIRE_CYTHON") == "1":
+            raise
+        from engine import fastpath_py as _implementation
+
+        IMPLEMENTATION = "python"
 
 from engine.fastpath_py import (  # shared by both implementations, see above
     TOKEN_KEY_UNKNOWN,

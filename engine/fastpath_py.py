@@ -10,7 +10,8 @@ import array
 import binascii
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 from pyroaring import BitMap
 
@@ -25,13 +26,13 @@ class Locator:
     __slots__ = ("_pages",)
 
     def __init__(self) -> None:
-        self._pages: dict[int, array.array] = {}
+        self._pages: dict[int, array.array[int]] = {}
 
     @property
     def pages(self) -> int:
         return len(self._pages)
 
-    def _page(self, number: int) -> array.array:
+    def _page(self, number: int) -> array.array[int]:
         page = self._pages.get(number)
         if page is None:
             page = self._pages[number] = array.array("Q", bytes(8 * PAGE_ENTRIES))
@@ -57,7 +58,7 @@ class Locator:
         return memoryview(self._pages[number]).cast("B").toreadonly()
 
     @staticmethod
-    def from_pages(pages) -> Locator:
+    def from_pages(pages: Iterable[tuple[int, bytes]]) -> Locator:
         locator = Locator()
         for number, page_bytes in pages:
             if len(page_bytes) != 8 * PAGE_ENTRIES or not 0 <= number < 2**20:
@@ -75,7 +76,7 @@ class Locator:
 
 def apply_group(
     voters_bitmap: BitMap,
-    tallies: array.array,
+    tallies: array.array[int],
     locator: Locator,
     voters_bytes: bytes,
     options_bytes: bytes,
@@ -137,6 +138,14 @@ class HmacSha256:
 
     def verify(self, message: bytes, expected: bytes) -> bool:
         return hmac.compare_digest(self.digest(message), expected)
+
+
+# batch_tree's input per run of one poll: the poll's voter hash MAC, the leaf head, the
+# options' leaf tails, packed uint64 voter ids and packed uint16 option indexes.
+VoteGroup = tuple[HmacSha256, bytes, Sequence[bytes], bytes, bytes]
+# receipt_bodies' input per run: its first leaf, vote count, packed uint16 option indexes,
+# the options' msgpack forms, the receipt's msgpack head and the body's JSON head.
+ReceiptGroup = tuple[int, int, bytes, Sequence[bytes], bytes, bytes]
 
 
 class MerkleTree:
@@ -226,10 +235,10 @@ class BatchTree(MerkleTree):
                 return index
         return None
 
-    def receipt_bodies(self, groups: list, batch_fields: bytes, leaf_count_field: bytes,
-                       time_field: bytes, commit_fields: bytes, json_batch: bytes,
-                       json_time: bytes) -> list[bytes]:
-        bodies: list = [None] * self.leaf_count
+    def receipt_bodies(self, groups: list[ReceiptGroup], batch_fields: bytes,
+                       leaf_count_field: bytes, time_field: bytes, commit_fields: bytes,
+                       json_batch: bytes, json_time: bytes) -> list[bytes]:
+        bodies: list[bytes | None] = [None] * self.leaf_count
         filled = 0
         for first, count, option_indexes, options, head, json_head in groups:
             if count < 0 or first < 0 or first + count > self.leaf_count:
@@ -254,10 +263,12 @@ class BatchTree(MerkleTree):
             filled += count
         if filled != self.leaf_count:
             raise ValueError(f"groups cover {filled} of {self.leaf_count} leaves")
-        return bodies
+        # Groups that cover every leaf once (as engine/signing.py cuts them) fill every body;
+        # overlapping ones would leave a None, as in the compiled twin, which is not checked.
+        return cast("list[bytes]", bodies)
 
 
-def batch_tree(shard: int, groups: list) -> BatchTree:
+def batch_tree(shard: int, groups: list[VoteGroup]) -> BatchTree:
     """Voter hashes, leaves and Merkle tree of one shard batch (see the compiled twin)."""
     voter_hashes: list[bytes] = []
     leaves: list[bytes] = []
@@ -291,7 +302,7 @@ _AUTHORIZATION_BYTES_MAX = 1024
 _FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/-_!")
 
 
-def token_payload(macs: dict, authorization: object) -> bytes | int:
+def token_payload(macs: dict[bytes, HmacSha256], authorization: object) -> bytes | int:
     """The decoded claims bytes of a valid `v1.<key_id>.<payload>.<signature>` bearer
     token (see the compiled twin), or an int saying what is wrong."""
     if authorization is None:

@@ -46,6 +46,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from engine.config import Config, parse_shard_map
+from engine.errors import InvariantViolation
 
 log = logging.getLogger("votes.ownership")
 
@@ -92,6 +93,11 @@ def parse_lease(value: str | bytes | None) -> tuple[str, str] | None:
         value = value.decode()
     node_id, _, rest = value.partition(" ")
     return node_id, rest.split(" ")[0]
+
+
+def _text(value: str | bytes | None) -> str | None:
+    """A reply as text: the client decodes responses (redis_client); its type says str or bytes."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def redis_client(config: Config) -> aioredis.Redis:
@@ -157,8 +163,10 @@ class LeaseManager:
         await self._renew_held(ttl_ms)
         shards = self.candidates
         leases = await self.redis.mget([lease_key(config, shard) for shard in shards])
-        moves = await self.redis.mget([move_key(config, shard) for shard in shards])
-        pins = await self.redis.mget([pin_key(config, shard) for shard in shards])
+        moves = [_text(move) for move in
+                 await self.redis.mget([move_key(config, shard) for shard in shards])]
+        pins = [_text(pin) for pin in
+                await self.redis.mget([pin_key(config, shard) for shard in shards])]
         preferred = {shard: pin or self.shard_map.get(shard)
                      for shard, pin in zip(shards, pins, strict=True)}
         self._preferred_cache = preferred
@@ -188,7 +196,7 @@ class LeaseManager:
                 log.warning("shard %d: lease lost (expired or taken); stopping at once", shard)
                 self.held.discard(shard)
                 if shard not in self.handing_over:  # a hand-over already stops it
-                    self._track(shard, self.stop_shard(shard))
+                    self._track(shard, self._stop(shard))
 
     async def _tick_held(self, shard: int, move: str | None, owner: str | None, alive: set[str]) -> None:
         if move and move != self.node_id:
@@ -212,7 +220,7 @@ class LeaseManager:
     def _hand_over(self, shard: int) -> None:
         """Stop serving (the lease is still renewed meanwhile), then release the lease."""
         async def hand_over() -> None:
-            await self.stop_shard(shard)
+            await self._stop(shard)
             self.held.discard(shard)
             try:
                 await self._delete_if(keys=[lease_key(self.config, shard)], args=[self.value])
@@ -221,6 +229,11 @@ class LeaseManager:
             log.info("shard %d: stopped and released", shard)
 
         self._track(shard, hand_over())
+
+    def _stop(self, shard: int) -> Awaitable[None]:
+        if self.stop_shard is None:
+            raise InvariantViolation(f"shard {shard} must stop, and no stop_shard was given")
+        return self.stop_shard(shard)
 
     def _track(self, shard: int, stopping: Awaitable[None]) -> None:
         # Stopping drains the shard (up to append_timeout_s): never inside a tick, whose

@@ -152,8 +152,14 @@ class SignedBatch:
     shard: int
     batch_seq: int
     time_ms: int
+    runs: Sequence[VoteRun]
+    run_starts: list[int]  # the leaf index of each run's first vote
+    run_forms: list[tuple[_PollCodec, list[bytes]]]  # each run's codec and options' msgpack
+    tree: fastpath.BatchTree
+    node: bytes
     batch_position: int
     batch_nodes: list[bytes]
+    commit_tree: fastpath.MerkleTree
     key_id: str
     signature: bytes
 
@@ -165,9 +171,9 @@ class SignedBatch:
         signed.batch_seq = batch_seq
         signed.time_ms = time_ms
         signed.runs = runs
-        groups = []
-        starts = []
-        forms = []
+        groups: list[tuple[object, ...]] = []  # the compiled batch_tree's input, per run
+        starts: list[int] = []
+        forms: list[tuple[_PollCodec, list[bytes]]] = []
         first = 0
         # The shard's part of every leaf head: u32 big-endian shard, then the hash length.
         shard_bytes = shard.to_bytes(4, "big") + bytes((VOTER_HASH_BYTES,))
@@ -249,7 +255,7 @@ class SignedBatch:
         receipt_document(receipt(i, offset)), cut in one compiled pass over the tree."""
         shard, batch_seq, time_ms = self.shard, self.batch_seq, self.time_ms
         json_batch_head = b',"shard":%d,"offset":%d,"index":' % (shard, offset)
-        groups = [
+        groups: list[tuple[object, ...]] = [
             (first, len(run.option_indexes) // 2, run.option_indexes, options_msgpack,
              codec.receipt_head, codec.json_poll + json_batch_head)
             for run, first, (codec, options_msgpack) in zip(self.runs, self.run_starts,
@@ -269,7 +275,10 @@ class SignedBatch:
         )
 
 
-def receipt_document(receipt: Receipt) -> dict:
+ReceiptDocument = dict[str, str | int]
+
+
+def receipt_document(receipt: Receipt) -> ReceiptDocument:
     """The 201 body (and the `receipt` of a 409): the compact receipt plus where it sits."""
     return {
         "receipt": encode_receipt(receipt),

@@ -231,7 +231,7 @@ _TOKEN_PROBLEMS = {
 def _verified_payload(macs: _MacSet, authorization_value: object) -> bytes:
     """The decoded claims bytes of a token whose signature checks out under `macs`."""
     payload = token_payload(macs.by_key_id, authorization_value)
-    if type(payload) is int:
+    if isinstance(payload, int):  # a status code: token_payload returns exactly int or bytes
         raise _TOKEN_PROBLEMS[payload]()
     return payload
 

@@ -27,7 +27,7 @@ from engine.config import Config
 from replay.chain import CHAIN_ALGORITHM
 from replay.context import wal_description
 from replay.errors import BadInput, DataDamaged
-from replay.recount import REJECTION_REASONS, recount_shard
+from replay.recount import REJECTION_REASONS, PollRecount, recount_shard
 
 EXPORT_FORMAT = "votes-export/v1"
 EXPORT_BYTES_MAX = 64 * 1024 * 1024
@@ -39,30 +39,28 @@ async def build_export(config: Config, poll: str, *, live: dict | None = None,
                        until_offsets: dict[int, int] | None = None) -> dict:
     """The export document of `poll` over every shard (each up to `until_offsets[shard]`
     when given)."""
-    shards = []
+    shards: list[dict[str, object]] = []
+    created: list[PollRecount] = []  # the poll in each shard whose log creates it
     for shard in range(config.shards):
         until = None if until_offsets is None else until_offsets.get(shard)
         recount = await recount_shard(config, shard, chain=[poll], until_offset=until)
         tally = recount.polls.get(poll)
+        if tally is not None:
+            created.append(tally)
         shards.append({
             "shard": shard, "created": tally is not None,
             "closed": tally is not None and tally.closed, "end_offset": recount.end_offset,
             "counts": {} if tally is None else tally.counts,
-            "rejected": dict.fromkeys(REJECTION_REASONS, 0) if tally is None else tally.rejected,
             "chain_digest": "" if tally is None else tally.chain_digest.hex(),
             "chained_votes": 0 if tally is None else tally.chained_votes,
-            "options": [] if tally is None else tally.options,
         })
-    created = [entry for entry in shards if entry["created"]]
     if not created:
         raise BadInput(f"unknown poll {poll!r}: no shard's log creates it")
-    options = created[0]["options"]
-    counts = {option: sum(entry["counts"].get(option, 0) for entry in shards) for option in options}
-    rejected = {reason: sum(entry["rejected"][reason] for entry in shards)
+    options = created[0].options
+    counts = {option: sum(tally.counts.get(option, 0) for tally in created) for option in options}
+    rejected = {reason: sum(tally.rejected[reason] for tally in created)
                 for reason in REJECTION_REASONS}
-    closed_shards = sum(entry["closed"] for entry in shards)
-    for entry in shards:
-        del entry["options"], entry["rejected"]
+    closed_shards = sum(tally.closed for tally in created)
     document = {
         "format": EXPORT_FORMAT, "poll": poll, "options": options, "counts": counts,
         "total": sum(counts.values()), "final": closed_shards == config.shards,

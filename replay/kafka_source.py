@@ -76,7 +76,7 @@ class KafkaReader:
         self.end_offset = max(end, from_offset)
         if from_offset >= end:
             return
-        consumer = self._consumer
+        consumer = await self._started()  # started by stable_end: the same consumer
         loop = asyncio.get_running_loop()
         consumer.seek(self.partition, from_offset)
         position = from_offset

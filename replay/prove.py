@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import Config
+from engine.errors import InvariantViolation
 from engine.keys import load_keys
 from engine.receipts import (
     Receipt,
@@ -76,8 +77,8 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
         proof.check(False, f"the log of shard {receipt.shard} holds a record at offset "
                            f"{receipt.offset}: no ({exc})")
         return proof
-    if not _check_record(proof, receipt, batch):
-        return proof
+    if not _check_record(proof, receipt, batch) or not isinstance(batch, Batch):
+        return proof  # _check_record found it is not a vote batch
     poll, voter_index, option_index = _vote_at(batch, receipt.index)
     voter_id = voter_index * config.shards + receipt.shard
     until = None if claimed is None else claimed["shards"].get(receipt.shard, {}).get("end_offset")
@@ -100,8 +101,12 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
         reason = "the recount did not reach it" if outcome is None else outcome.reason
         proof.check(False, f"counted by the recount of shard {receipt.shard}: no ({reason})")
         return proof
+    chain_position = outcome.chain_position
+    if tally is None or chain_position is None:
+        raise InvariantViolation(f"the recount counted vote {receipt.index} at offset "
+                                 f"{receipt.offset} outside poll {receipt.poll!r}'s chain")
     proof.counted = proof.check(
-        True, f"counted by the recount of shard {receipt.shard}: vote {outcome.chain_position} "
+        True, f"counted by the recount of shard {receipt.shard}: vote {chain_position} "
               f"of {tally.chained_votes} in the shard's chain for the poll")
     proof.checks.append((True, (f"shard {receipt.shard} chain digest "
                                 f"{tally.chain_digest.hex()} over {tally.chained_votes} votes")))
@@ -109,7 +114,7 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
         "still open in this shard: the count may grow, this vote stays counted"
     proof.checks.append((True, f"poll {receipt.poll!r} {closed}"))
     if claimed is not None:
-        _check_export(proof, claimed, recount, until, outcome.chain_position)
+        _check_export(proof, claimed, recount, until, chain_position)
     return proof
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import msgspec
 
 from engine.config import Config
-from engine.errors import LogCorrupt
+from engine.errors import InvariantViolation, LogCorrupt
 from replay.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
@@ -174,12 +174,19 @@ class ShardRebuild:
         self.records_since_checkpoint = 0
         self.checkpoint_time_s = time.monotonic()
 
+    @property
+    def started_state(self) -> ShardState:
+        """The state `begin` set: reading it before is a bug, not a damaged input."""
+        if self.state is None:
+            raise InvariantViolation(f"shard {self.shard}'s rebuild has no state before begin()")
+        return self.state
+
     async def begin(self, store) -> str:
         """Set the starting state; return how it began."""
         checkpoint = None if self.options.restart else read_checkpoint(self.path)
         if checkpoint is not None:
             await self._resume(checkpoint)
-            return f"checkpoint at offset {self.state.wal_offset_next}"
+            return f"checkpoint at offset {self.started_state.wal_offset_next}"
         if self.options.restart:
             remove_checkpoint(self.path)
         loaded = None if self.options.from_wal else await store.load()
@@ -223,7 +230,7 @@ class ShardRebuild:
     def apply(self, offset: int, next_offset: int, payload) -> None:
         try:
             record = decode_record(payload)
-            self.state.apply(offset, next_offset, record)
+            self.started_state.apply(offset, next_offset, record)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             raise DataDamaged(f"shard {self.shard}: the record at offset {offset} does not "
                               f"decode or apply: {exc}") from None
@@ -249,12 +256,12 @@ class ShardRebuild:
         write_checkpoint(self.path, Checkpoint(
             format=CHECKPOINT_FORMAT, shard=self.shard, shards_total=self.config.shards,
             source=self.source, wal=self.log.identity, started_offset=self.started_offset,
-            wal_offset_next=self.state.wal_offset_next,
+            wal_offset_next=self.started_state.wal_offset_next,
             last_record_offset=self.last_record_offset,
             last_record_sha256=self.last_record_sha256,
             records=self.records_before + self.records, votes=self.votes_before + self.votes,
             elapsed_s=self.elapsed_before_s + time.monotonic() - self.run_started_s,
-            state=freeze(self.state)))
+            state=freeze(self.started_state)))
         self.records_since_checkpoint = 0
         self.checkpoint_time_s = time.monotonic()
 
@@ -266,8 +273,8 @@ async def rebuild_shard(config: Config, shard: int, options: RebuildOptions, log
     try:
         rebuild = ShardRebuild(config, shard, options, log, progress)
         started_from = await rebuild.begin(store)
-        start_offset = rebuild.state.wal_offset_next
-        counted_before = rebuild.state.votes_applied
+        start_offset = rebuild.started_state.wal_offset_next
+        counted_before = rebuild.started_state.votes_applied
         started = time.perf_counter()
         rebuild.run_started_s = time.monotonic()
         try:
@@ -275,21 +282,21 @@ async def rebuild_shard(config: Config, shard: int, options: RebuildOptions, log
         except _Stop:
             raise RebuildPaused(
                 f"shard {shard}: stopped after {rebuild.records} records (--records-max) at "
-                f"offset {rebuild.state.wal_offset_next}; run again to resume from "
+                f"offset {rebuild.started_state.wal_offset_next}; run again to resume from "
                 f"{rebuild.path}") from None
         seconds = time.perf_counter() - started
         if start_offset > end_offset:
             raise DataDamaged(f"shard {shard}: the starting state covers the log up to offset "
                               f"{start_offset}, but the log ends at {end_offset}: the log lost "
                               "records")
-        data = freeze(rebuild.state)
-        entry = await store.save(data, rebuild.state.wal_offset_next)
+        data = freeze(rebuild.started_state)
+        entry = await store.save(data, rebuild.started_state.wal_offset_next)
         remove_checkpoint(rebuild.path)
     finally:
         close = getattr(store, "close", None)
         if close is not None:
             await close()
-    state = rebuild.state
+    state = rebuild.started_state
     return RebuildResult(
         shard=shard, started_from=started_from, start_offset=start_offset, end_offset=end_offset,
         records=rebuild.records, votes=rebuild.votes, records_earlier=rebuild.records_before,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pyroaring import BitMap
 
 from engine.config import Config
+from engine.errors import InvariantViolation
 from replay import chain as export_chain
 from replay.rawlog import Batch, Closed, Created, Frame, Group, RawRecord, decode_raw
 from replay.sources import read_frames
@@ -185,9 +186,9 @@ class Recounter:
                 tally.rejected[POLL_NOT_OPEN] += self.unknown_polls.pop(record.poll, 0)
                 self.polls[record.poll] = tally
         elif isinstance(record, Closed):
-            tally = self.polls.get(record.poll)
-            if tally is not None and tally.closed_ms is None:
-                tally.closed_ms = record.closed_ms
+            closing = self.polls.get(record.poll)
+            if closing is not None and closing.closed_ms is None:
+                closing.closed_ms = record.closed_ms
         self.last_offset = offset
         self.next_offset = next_offset
 
@@ -272,17 +273,20 @@ class Recounter:
                         + export_chain.index_voter_field(index, voter_id) + tally.tails[option]
                     ).digest()
                     tally.chained += 1
-            if watched_group is not None and index == self.watch[1]:
+            if watched_group is not None and self.watch is not None and index == self.watch[1]:
                 self._watch_outcome(offset, watched_group, first_index, reason is None, reason,
                                     tally.chained if reason is None and tally.chain is not None
                                     else None)
 
     def _watch_outcome(self, offset: int, group: Group, first_index: int, counted: bool,
                        reason: str | None, chain_position: int | None) -> None:
+        if self.watch is None:
+            raise InvariantViolation("a vote's outcome was reported while no vote is watched")
+        watched_index = self.watch[1]
         voters, options = _unpacked(group)
-        position = self.watch[1] - first_index
+        position = watched_index - first_index
         self.watched = VoteOutcome(
-            offset=offset, index=self.watch[1], poll=group.poll,
+            offset=offset, index=watched_index, poll=group.poll,
             voter_id=voters[position] * self.shards_total + self.shard,
             option_index=options[position], counted=counted, reason=reason,
             chain_position=chain_position)

@@ -123,8 +123,9 @@ class BatchSignatures:
         if batch.shard != shard:
             return f"the record says shard {batch.shard}, it sits in the log of shard {shard}"
         problem = self._signature_problem(batch, public_key)
-        if problem is None and self.voter_hash_secret is not None:
-            problem = self._node_problem(batch, options_of)
+        secret = self.voter_hash_secret
+        if problem is None and secret is not None:
+            problem = self._node_problem(batch, options_of, secret)
         return problem
 
     def _signature_problem(self, batch: Batch, public_key: bytes) -> str | None:
@@ -146,14 +147,15 @@ class BatchSignatures:
         self._verified.add(cached)
         return None
 
-    def _node_problem(self, batch: Batch, options_of: OptionsOf) -> str | None:
-        leaves = []
+    def _node_problem(self, batch: Batch, options_of: OptionsOf,
+                      voter_hash_secret: bytes) -> str | None:
+        leaves: list[bytes] = []
         for group in batch.groups:
             options = options_of(group.poll)
             if options is None:
                 self.nodes_not_rebuilt += 1
                 return None
-            poll_key = self._poll_key(group.poll)
+            poll_key = self._poll_key(group.poll, voter_hash_secret)
             head = _leaf_head(group.poll, batch.shard, VOTER_HASH_BYTES)
             tails = [_leaf_tail(option) for option in options]
             for position in range(group.size):
@@ -178,9 +180,9 @@ class BatchSignatures:
                     f"{batch.batch_position}: the votes are not the ones signed")
         return None
 
-    def _poll_key(self, poll: str) -> bytes:
+    def _poll_key(self, poll: str, voter_hash_secret: bytes) -> bytes:
         key = self._poll_keys.get(poll)
         if key is None:
-            key = hmac.digest(self.voter_hash_secret, b"poll:" + poll.encode(), "sha256")
+            key = hmac.digest(voter_hash_secret, b"poll:" + poll.encode(), "sha256")
             self._poll_keys[poll] = key
         return key

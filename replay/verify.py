@@ -189,7 +189,8 @@ async def verify(config: Config, shards: list[int], *, check_signatures: bool = 
         report.notes.append("batch signatures not checked (check_signatures=False)")
         return report
     report.notes += signatures.notes(sum(reading.signatures.nodes_not_rebuilt
-                                         for reading in readings))
+                                         for reading in readings
+                                         if reading.signatures is not None))
     not_asked = sum(reading.batches_not_asked for reading in readings)
     if not_asked:
         report.notes.append(f"{not_asked} vote batches hold no vote of the polls asked for: "
@@ -309,7 +310,7 @@ def _snapshot_differences(snapshot: ShardSnapshot, recount: ShardRecount,
                           names: list[str]) -> list[Difference]:
     if snapshot.state is None:
         return []
-    shard, offset = snapshot.shard, snapshot.offset
+    shard, offset = snapshot.shard, snapshot.state.wal_offset_next  # snapshot.offset
     capture = recount.captures[offset]
     if capture.polls is None:
         return [Difference("snapshot", shard, None, None,

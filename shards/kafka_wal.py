@@ -39,6 +39,8 @@ import logging
 import random
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -53,6 +55,7 @@ from engine.errors import (
     WalUnavailable,
 )
 from shards.kafka_topic import validate_wal_topic
+from shards.wal import ApplyRecord, Positions
 
 log = logging.getLogger("votes.kafka_wal")
 
@@ -72,7 +75,20 @@ class WalFenced(NotReady):
     """Another owner took this shard's fence: this process must stop serving the shard."""
 
 
-def is_owner_marker(headers) -> bool:
+class CommittedRecord(Protocol):
+    """What this module reads of an aiokafka ConsumerRecord (aiokafka ships no type
+    information). Every record of the WAL topic has a value; an owner marker's is empty."""
+
+    offset: int
+    value: bytes
+    headers: Sequence[tuple[str, bytes]]
+
+
+# The positions of an unconfirmed append if the log holds it, None if it does not.
+_Decision = Positions | None
+
+
+def is_owner_marker(headers: Sequence[tuple[str, bytes]] | None) -> bool:
     return any(key == OWNER_HEADER for key, _ in headers or ())
 
 
@@ -158,7 +174,7 @@ class KafkaWal:
         # Every committed record below this offset is known to the owner (replayed or
         # appended by us); a record above it that we did not write means another owner.
         self._known_end = 0
-        self._recovery: asyncio.Task | None = None
+        self._recovery: asyncio.Task[_Decision] | None = None
         self._recovery_error: BaseException | None = None
         self._fenced: str | None = None
         self._records_cached: OrderedDict[int, bytes] = OrderedDict()
@@ -254,9 +270,11 @@ class KafkaWal:
         """The last stable offset: read_committed readers see nothing at or above it."""
         ends = await asyncio.wait_for(reader.end_offsets([self.topic_partition]),
                                       self.config.kafka_request_timeout_s)
-        return ends[self.topic_partition]
+        end: int = ends[self.topic_partition]
+        return end
 
-    async def _read_range(self, reader: AIOKafkaConsumer, start: int, end: int, on_record) -> None:
+    async def _read_range(self, reader: AIOKafkaConsumer, start: int, end: int,
+                          on_record: Callable[[CommittedRecord], None]) -> None:
         """Call on_record(record) for every committed record in [start, end), in order;
         WalUnavailable after kafka_read_stall_s without progress."""
         partition = self.topic_partition
@@ -278,8 +296,8 @@ class KafkaWal:
                 raise WalUnavailable(f"{self!r}: no progress reading at offset {position} for "
                                      f"{self.config.kafka_read_stall_s} s (log end {end})")
 
-    async def replay(self, from_offset: int, apply) -> int:
-        def apply_record(record) -> None:
+    async def replay(self, from_offset: int, apply: ApplyRecord) -> int:
+        def apply_record(record: CommittedRecord) -> None:
             if not is_owner_marker(record.headers):
                 apply(record.offset, record.offset + 1, record.value)
 
@@ -321,7 +339,7 @@ class KafkaWal:
         while True:
             fetched = await reader.getmany(partition, timeout_ms=READ_POLL_MS,
                                            max_records=READ_AHEAD_RECORDS_MAX)
-            records = fetched.get(partition, [])
+            records: list[CommittedRecord] = fetched.get(partition, [])
             for record in records:
                 if not is_owner_marker(record.headers):
                     self._remember(record.offset, record.value)
@@ -341,9 +359,9 @@ class KafkaWal:
         while self._records_cached_bytes > RECORDS_CACHED_BYTES_MAX and len(cached) > 1:
             self._records_cached_bytes -= len(cached.popitem(last=False)[1])
 
-    async def _committed_since_known(self) -> tuple[list, int]:
+    async def _committed_since_known(self) -> tuple[list[CommittedRecord], int]:
         """The committed records from the offset we know up to the last stable offset."""
-        records: list = []
+        records: list[CommittedRecord] = []
         async with self._reader_lock:
             reader = await self._reader_started()
             end = await self._stable_end(reader)
@@ -409,7 +427,8 @@ class KafkaWal:
             raise WalUnavailable(f"{self!r}: the fence is not held")
         return self._producer
 
-    async def _settle(self, producer, payloads, commit_requested: bool, exc: BaseException):
+    async def _settle(self, producer: AIOKafkaProducer, payloads: list[bytes],
+                      commit_requested: bool, exc: BaseException) -> Positions:
         """Decide a failed append before answering (see the module docstring)."""
         if commit_requested:
             log.warning("%r: commit unconfirmed (%r); deciding it from the log", self, exc)
@@ -450,14 +469,14 @@ class KafkaWal:
 
     # Recovery: take the fence again, unless another owner has written ----------------------------
 
-    def _start_recovery(self, unresolved: list[bytes] | None) -> asyncio.Task:
+    def _start_recovery(self, unresolved: list[bytes] | None) -> asyncio.Task[_Decision]:
         if self._recovery is None:
             self._recovery = asyncio.create_task(self._recover(unresolved),
                                                  name=f"wal-recovery-{self.shard}")
             self._recovery.add_done_callback(self._recovery_done)
         return self._recovery
 
-    def _recovery_done(self, task: asyncio.Task) -> None:
+    def _recovery_done(self, task: asyncio.Task[_Decision]) -> None:
         self._recovery = None
         self._recovery_error = None
         if task.cancelled():
@@ -466,7 +485,7 @@ class KafkaWal:
         if error is not None and not isinstance(error, WalFenced):
             log.error("%r: recovery ended: %r", self, error)
 
-    async def _recover(self, unresolved: list[bytes] | None) -> list[tuple[int, int]] | None:
+    async def _recover(self, unresolved: list[bytes] | None) -> _Decision:
         """Replace the producer; return the positions of `unresolved` if the log holds them."""
         old, self._producer = self._producer, None
         if old is not None:
@@ -481,7 +500,7 @@ class KafkaWal:
             await self._backoff(attempt)
             attempt += 1
 
-    async def _recover_once(self, unresolved: list[bytes] | None):
+    async def _recover_once(self, unresolved: list[bytes] | None) -> _Decision:
         # Look first without fencing anyone: if another owner wrote, it keeps the shard.
         positions = self._only_ours(*await self._committed_since_known(), unresolved)
         if self._fenced is not None:
@@ -503,12 +522,13 @@ class KafkaWal:
             "; the unconfirmed append is " + ("in the log" if positions else "not in the log")))
         return positions
 
-    def _classify(self, records: list, end: int, unresolved: list[bytes] | None):
+    def _classify(self, records: list[CommittedRecord], end: int,
+                  unresolved: list[bytes] | None) -> tuple[_Decision, int | None]:
         """(positions of `unresolved` among the records or None, offset of the first record
         of another owner or None)."""
         expected = unresolved or []
-        found = []
-        foreign = None
+        found: Positions = []
+        foreign: int | None = None
         for record in records:
             if is_owner_marker(record.headers):
                 if dict(record.headers)[OWNER_HEADER] != self.owner_id and foreign is None:
@@ -522,7 +542,8 @@ class KafkaWal:
                              f"transaction are in the log below offset {end}")
         return found or None, foreign
 
-    def _only_ours(self, records: list, end: int, unresolved: list[bytes] | None):
+    def _only_ours(self, records: list[CommittedRecord], end: int,
+                   unresolved: list[bytes] | None) -> _Decision:
         """Positions of `unresolved` in the log (None if absent). If another owner wrote,
         the shard is lost: WalFenced, unless our records are in the log (then they stand,
         and the next append raises WalFenced)."""

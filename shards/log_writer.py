@@ -22,7 +22,9 @@ import asyncio
 import collections
 import os
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from shards.segment_log import WRITE_BYTES_MAX, SegmentLog
 
@@ -31,11 +33,22 @@ from shards.segment_log import WRITE_BYTES_MAX, SegmentLog
 ROUND_BYTES_MAX = WRITE_BYTES_MAX // 2
 FSYNC_THREADS_MAX = 16
 
+# An append's records' (offset, next offset) pairs (shards/wal.py's Positions).
+_Positions = list[tuple[int, int]]
+_Result = TypeVar("_Result")
+# What the writer hands an event loop: (future, result, error). Appends' and calls' futures
+# hold different results in one list, so the future's result type is open here.
+_Answer = tuple[asyncio.Future[Any], object, BaseException | None]
+_Answers = dict[asyncio.AbstractEventLoop, list[_Answer]]
+# One append's outcome in a round: (append, its positions, None) or (append, None, error).
+_WriteOutcome = tuple["_Append", _Positions | None, Exception | None]
+
 
 class _Append:
     __slots__ = ("log", "data", "lengths", "future", "loop")
 
-    def __init__(self, log, data, lengths, future, loop) -> None:
+    def __init__(self, log: SegmentLog, data: bytes, lengths: list[int],
+                 future: asyncio.Future[_Positions], loop: asyncio.AbstractEventLoop) -> None:
         self.log = log
         self.data = data
         self.lengths = lengths
@@ -48,14 +61,15 @@ class _Call:
 
     __slots__ = ("log", "function", "future", "loop")
 
-    def __init__(self, log, function, future, loop) -> None:
+    def __init__(self, log: SegmentLog, function: Callable[[], object],
+                 future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
         self.log = log
         self.function = function
         self.future = future
         self.loop = loop
 
 
-def _resolve(answers: list) -> None:
+def _resolve(answers: list[_Answer]) -> None:
     """On the event loop: answer a round's futures in queue order."""
     for future, result, error in answers:
         if future.done():  # cancelled by a shutdown; the log decided anyway
@@ -68,7 +82,7 @@ def _resolve(answers: list) -> None:
 
 class LogWriter:
     def __init__(self, fsync_threads: int = 8) -> None:
-        self._queue: collections.deque = collections.deque()
+        self._queue: collections.deque[_Append | _Call] = collections.deque()
         self._ready = threading.Condition()
         self._fsync_pool = ThreadPoolExecutor(max_workers=max(1, min(fsync_threads, FSYNC_THREADS_MAX)),
                                               thread_name_prefix="wal-fsync")
@@ -76,21 +90,21 @@ class LogWriter:
         self._thread.start()
 
     def append(self, log: SegmentLog, frames: list[bytes],
-               loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+               loop: asyncio.AbstractEventLoop) -> asyncio.Future[_Positions]:
         """Queue framed records for `log`; the future (of `loop`, the caller's running loop)
         gets their (offset, next offset) pairs."""
-        future = loop.create_future()
+        future: asyncio.Future[_Positions] = loop.create_future()
         self._put(_Append(log, b"".join(frames), [len(framed) for framed in frames], future, loop))
         return future
 
-    def call(self, log: SegmentLog, function) -> asyncio.Future:
+    def call(self, log: SegmentLog, function: Callable[[], _Result]) -> asyncio.Future[_Result]:
         """Run `function()` on the writer after every append to `log` queued before it."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[_Result] = loop.create_future()
         self._put(_Call(log, function, future, loop))
         return future
 
-    def _put(self, job) -> None:
+    def _put(self, job: _Append | _Call) -> None:
         with self._ready:
             self._queue.append(job)
             self._ready.notify()
@@ -100,7 +114,7 @@ class LogWriter:
     def _run(self) -> None:
         while True:
             jobs = self._take_round()
-            answers: dict = {}  # loop -> [(future, result, error)], in queue order
+            answers: _Answers = {}  # loop -> [(future, result, error)], in queue order
             for group in self._groups(jobs):
                 if isinstance(group, _Call):
                     self._run_call(group, answers)
@@ -112,7 +126,7 @@ class LogWriter:
                 except RuntimeError:  # that loop is closed: nobody waits for these answers
                     pass
 
-    def _take_round(self) -> list:
+    def _take_round(self) -> list[_Append | _Call]:
         with self._ready:
             while not self._queue:
                 self._ready.wait()
@@ -121,11 +135,12 @@ class LogWriter:
         return jobs
 
     @staticmethod
-    def _groups(jobs: list):
+    def _groups(
+            jobs: list[_Append | _Call]) -> Iterator[dict[SegmentLog, list[_Append]] | _Call]:
         """Cut the round at calls (a close must follow the appends queued before it): yield
         {log: [appends]} runs with a bounded size per log, and the calls between them."""
-        run: dict = {}
-        run_bytes: dict = {}
+        run: dict[SegmentLog, list[_Append]] = {}
+        run_bytes: dict[SegmentLog, int] = {}
         for job in jobs:
             if isinstance(job, _Call):
                 if run:
@@ -142,7 +157,7 @@ class LogWriter:
         if run:
             yield run
 
-    def _write_groups(self, run: dict, answers: dict) -> None:
+    def _write_groups(self, run: dict[SegmentLog, list[_Append]], answers: _Answers) -> None:
         if len(run) == 1:
             outcomes = [self._write_log(*next(iter(run.items())))]
         else:
@@ -152,16 +167,16 @@ class LogWriter:
                 answers.setdefault(job.loop, []).append((job.future, result, error))
 
     @staticmethod
-    def _write_log(log: SegmentLog, appends: list[_Append]) -> list:
+    def _write_log(log: SegmentLog, appends: list[_Append]) -> list[_WriteOutcome]:
         """One write and one fsync for a log's appends of this round."""
         try:
             start = log.append(b"".join(job.data for job in appends) if len(appends) > 1
                                else appends[0].data)
         except Exception as error:  # WalUnavailable / OutcomeUnknown, settled by the log
             return [(job, None, error) for job in appends]
-        outcome = []
+        outcome: list[_WriteOutcome] = []
         for job in appends:
-            positions = []
+            positions: _Positions = []
             for length in job.lengths:
                 positions.append((start, start + length))
                 start += length
@@ -169,7 +184,9 @@ class LogWriter:
         return outcome
 
     @staticmethod
-    def _run_call(call: _Call, answers: dict) -> None:
+    def _run_call(call: _Call, answers: _Answers) -> None:
+        result: object
+        error: Exception | None
         try:
             result, error = call.function(), None
         except Exception as exc:

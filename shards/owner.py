@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 from engine import signing
 from engine.config import Config
@@ -56,7 +57,7 @@ from shards.records import PollClosed as PollClosedRecord
 from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
 from shards.snapshots import SnapshotStore, freeze, snapshot_name
 from shards.state import COUNTED, PollState, ShardState
-from shards.wal import Wal
+from shards.wal import Positions, Wal
 
 log = logging.getLogger("votes.owner")
 
@@ -64,6 +65,12 @@ SIGNED_BATCHES_CACHED = 64
 AUTO_CLOSE_CHECK_S = 0.5
 # How long stopping a shard waits for a snapshot being written (the S3 store closes after).
 SNAPSHOT_FINISH_WAIT_S = 10.0
+
+
+# What a voter's vote in flight is held by: its own future (the 201 body), or the future of
+# a stalled or failed append's decision.
+_VoterWaiter = asyncio.Future[bytes] | asyncio.Future[None]
+_QueuedItem = PendingVote | PendingControl
 
 
 def now_ms() -> int:
@@ -86,18 +93,18 @@ class ShardOwner:
         self.state: ShardState | None = None
         self.ready = False
         self.failure: str | None = None
-        self._queue: deque[PendingVote | PendingControl] = deque()
+        self._queue: deque[_QueuedItem] = deque()
         self._queued_votes = 0
-        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
+        self._inflight: dict[tuple[str, int], _VoterWaiter] = {}
         self._closing: set[str] = set()
         self._stalled = False
         self._appends: deque[AppendInFlight] = deque()
         self._batch_seq_next = 0
         self._signed_batches: OrderedDict[int, signing.SignedBatch] = OrderedDict()
-        self._snapshot_task: asyncio.Task | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
         self._snapshot_votes_applied = 0
         self._snapshot_time_s = time.monotonic()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         # asyncio.get_running_loop() costs a getpid() system call each time (its fork check):
         # on the vote path that was a tenth of the event loop's time, so the loop is kept.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,6 +177,22 @@ class ShardOwner:
             raise NotReady(self.failure or f"shard {self.shard} is fencing or catching up")
         return self.state
 
+    # Set by `start`: the commit path and the owner's loops run only after it.
+    def _started_state(self) -> ShardState:
+        if self.state is None:
+            raise InvariantViolation(f"shard {self.shard} has no state before start()")
+        return self.state
+
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise InvariantViolation(f"shard {self.shard} has no event loop before start()")
+        return self._loop
+
+    def _started_committer(self) -> GroupCommitter:
+        if self.committer is None:
+            raise InvariantViolation(f"shard {self.shard} has no committer before start()")
+        return self.committer
+
     # The vote path ---------------------------------------------------------------------------
 
     async def submit_vote(self, poll_id: str, voter_id: int, option: str) -> bytes:
@@ -193,11 +216,11 @@ class ShardOwner:
             raise WalUnavailable(f"shard {self.shard}'s log has not answered its last append")
         if self._queued_votes >= self.config.shard_queue_votes_max:
             raise Overloaded(f"shard {self.shard} has {self._queued_votes} votes waiting")
-        future = self._loop.create_future()
+        future: asyncio.Future[bytes] = self._started_loop().create_future()
         self._inflight[key] = future
         self._queue.append(PendingVote(poll_id, voter_id, voter_index, option, option_index, future))
         self._queued_votes += 1
-        self.committer.notify()
+        self._started_committer().notify()
         # No per-vote timer: the commit resolves every future, and an append that outlives
         # append_timeout_s is answered outcome-unknown there (see append_and_apply).
         try:
@@ -217,7 +240,7 @@ class ShardOwner:
         if definition.opens_at_ms is not None and current_ms < definition.opens_at_ms:
             raise PollNotOpen(f"poll {definition.poll!r} opens later")
 
-    async def _outcome_of_earlier(self, earlier: asyncio.Future) -> None:
+    async def _outcome_of_earlier(self, earlier: _VoterWaiter) -> None:
         """Wait for the same voter's vote in flight; raise what its outcome means for this one."""
         try:
             await asyncio.wait_for(asyncio.shield(earlier), self.config.append_timeout_s)
@@ -228,8 +251,9 @@ class ShardOwner:
         except VotesError as exc:
             raise type(exc)(exc.detail)
 
-    async def _receipt_for(self, poll: PollState, voter_index: int) -> dict | None:
-        state = self.state
+    async def _receipt_for(self, poll: PollState,
+                           voter_index: int) -> signing.ReceiptDocument | None:
+        state = self._started_state()
         offset = state.record_of_voter(poll, voter_index)
         if offset is None:
             return None
@@ -244,7 +268,7 @@ class ShardOwner:
         return None if index is None else signing.receipt_document(signed.receipt(index, offset))
 
     def _rebuild_signed_batch(self, batch: VoteBatch) -> signing.SignedBatch:
-        state = self.state
+        state = self._started_state()
         runs = [signing.VoteRun(group.poll, state.polls[group.poll].definition.options,
                                 array.array("Q", [state.voter_id(voter_index) for voter_index
                                                   in array.array("I", group.voters)]).tobytes(),
@@ -285,9 +309,9 @@ class ShardOwner:
             self._closing.discard(poll_id)
 
     async def _submit_control(self, record: Record) -> None:
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(PendingControl(record, future))
-        self.committer.notify()
+        self._started_committer().notify()
         try:
             await asyncio.wait_for(asyncio.shield(future), self.config.append_timeout_s)
         except TimeoutError:
@@ -297,7 +321,7 @@ class ShardOwner:
         while True:
             await asyncio.sleep(AUTO_CLOSE_CHECK_S)
             current_ms = now_ms()
-            for poll_id, poll in list(self.state.polls.items()):
+            for poll_id, poll in list(self._started_state().polls.items()):
                 closes_at_ms = poll.definition.closes_at_ms
                 if closes_at_ms is not None and current_ms >= closes_at_ms and not poll.closed \
                         and poll_id not in self._closing:
@@ -315,9 +339,9 @@ class ShardOwner:
     def has_queued(self) -> bool:
         return bool(self._queue)
 
-    def take_items(self) -> list[PendingVote | PendingControl]:
+    def take_items(self) -> list[_QueuedItem]:
         """Up to batch_votes_max queued votes, with control records in arrival order."""
-        items = []
+        items: list[_QueuedItem] = []
         votes = 0
         queue = self._queue
         while queue and votes < self.config.batch_votes_max:
@@ -328,7 +352,7 @@ class ShardOwner:
         self._queued_votes -= votes
         return items
 
-    def plan_records(self, items: list[PendingVote | PendingControl]) -> list[PlannedRecord]:
+    def plan_records(self, items: list[_QueuedItem]) -> list[PlannedRecord]:
         """Cut the items into records in arrival order: one vote batch per run of votes.
         The committer signs every vote batch of the cycle at once before the append."""
         plan: list[PlannedRecord] = []
@@ -352,7 +376,7 @@ class ShardOwner:
         planned = PlannedRecord(None, [vote for group in by_poll.values() for vote in group])
         planned.groups = []
         planned.runs = []
-        polls = self.state.polls
+        polls = self._started_state().polls
         for poll, group in by_poll.items():
             options = array.array("H", [vote.option_index for vote in group]).tobytes()
             planned.groups.append(VoteGroup(
@@ -382,14 +406,15 @@ class ShardOwner:
         """Whether a vote taken here still waits for its answer (or its log's decision)."""
         return bool(self._inflight)
 
-    def begin_append(self, items, plan: list[PlannedRecord]) -> asyncio.Future:
+    def begin_append(self, items: list[_QueuedItem],
+                     plan: list[PlannedRecord]) -> asyncio.Future[None]:
         """Start making the planned records durable; never raises. When the log answers, the
         records are applied and their items answered, appends in the order they began.
 
         Returns a future that ends when this append is settled, or when it was answered
         outcome-unknown after append_timeout_s (its voters then stay held, and the shard
         takes no new votes, until the log answers it)."""
-        loop = self._loop
+        loop = self._started_loop()
         records = [planned.finished_record(self.shard) for planned in plan]
         append = asyncio.ensure_future(self.wal.append([encode_record(record) for record in records]))
         entry = AppendInFlight(items, plan, records, append, loop.create_future())
@@ -398,15 +423,16 @@ class ShardOwner:
         append.add_done_callback(self._append_done)
         return entry.ended
 
-    def _append_done(self, _: asyncio.Future) -> None:
+    def _append_done(self, _: asyncio.Future[Positions]) -> None:
         # Settle from the oldest append on, so records apply in log order whatever order the
         # callbacks run in; an append that ended behind an unanswered one waits for it.
         appends = self._appends
         while appends and appends[0].append.done():
             entry = appends.popleft()
-            entry.timer.cancel()
+            if entry.timer is not None:  # set as the append began
+                entry.timer.cancel()
             if entry.decision is not None:
-                self._decided(entry)
+                self._decided(entry, entry.decision)
             else:
                 self._settle(entry.append, entry.items, entry.plan, entry.records)
             if not entry.ended.done():
@@ -414,7 +440,8 @@ class ShardOwner:
             if self.committer is not None:
                 self.committer.append_ended(self, entry.started_s, len(entry.items))
 
-    def _settle(self, append: asyncio.Future, items, plan, records) -> None:
+    def _settle(self, append: asyncio.Future[Positions], items: Sequence[_QueuedItem],
+                plan: list[PlannedRecord], records: list[Record]) -> None:
         try:
             positions = append.result()
         except VotesError as exc:
@@ -427,8 +454,9 @@ class ShardOwner:
             log.error("append on shard %d failed unexpectedly: %r", self.shard, exc)
             self._fail_items(items, OutcomeUnknown(f"append failed unexpectedly: {exc}"))
             return
+        state = self._started_state()
         try:
-            check_positions(positions, len(records), self.state.wal_offset_next)
+            check_positions(positions, len(records), state.wal_offset_next)
         except InvariantViolation as exc:
             # The log broke its contract: the records may be in it, so their voters stay
             # held (outcome unknown) and the shard stops serving until it is recovered.
@@ -438,7 +466,7 @@ class ShardOwner:
             self._fail_items(items, OutcomeUnknown(f"the log broke its contract: {exc}"))
             return
         for planned, record, (offset, next_offset) in zip(plan, records, positions, strict=True):
-            outcomes = self.state.apply(offset, next_offset, record)
+            outcomes = state.apply(offset, next_offset, record)
             if planned.signed is None:
                 answer(planned.items[0].future)
                 continue
@@ -463,20 +491,24 @@ class ShardOwner:
                 self._inflight[(item.poll, item.voter_index)] = entry.decision
         entry.ended.set_result(None)
 
-    def _decided(self, entry: AppendInFlight) -> None:
+    def _decided(self, entry: AppendInFlight, decision: asyncio.Future[None]) -> None:
         """A stalled append ended: apply what the log decided (its waiters were answered
         already, so _answer leaves them alone) and let its voters go."""
         self._settle(entry.append, entry.items, entry.plan, entry.records)
         for item in entry.items:
             if isinstance(item, PendingVote) and self._inflight.get(
-                    (item.poll, item.voter_index)) is entry.decision:
+                    (item.poll, item.voter_index)) is decision:
                 del self._inflight[(item.poll, item.voter_index)]
-        entry.decision.set_result(None)
+        decision.set_result(None)
         if not any(other.decision is not None for other in self._appends):
             self._stalled = False
         log.warning("shard %d: the stalled append ended; shard resumes", self.shard)
 
-    def _answer_votes(self, record, votes, signed, outcomes, offset) -> None:
+    def _answer_votes(self, record: Record, votes: list[PendingVote],
+                      signed: signing.SignedBatch, outcomes: list[bytearray | None],
+                      offset: int) -> None:
+        if not isinstance(record, VoteBatch):
+            raise InvariantViolation(f"the signed record at offset {offset} is no vote batch")
         bodies = signed.receipt_bodies(offset)  # every 201 body in one compiled pass
         leaf = 0
         for group, flags in zip(record.groups, outcomes, strict=True):
@@ -492,10 +524,10 @@ class ShardOwner:
                     answer(vote.future, exception=AlreadyVoted("this voter's vote is already in the log"))
                 leaf += 1
 
-    def fail_unwritten(self, items, exc: VotesError) -> None:
+    def fail_unwritten(self, items: Sequence[_QueuedItem], exc: VotesError) -> None:
         self._fail_items(items, exc)
 
-    def _fail_items(self, items, exc: VotesError) -> None:
+    def _fail_items(self, items: Sequence[_QueuedItem], exc: VotesError) -> None:
         keep_inflight = isinstance(exc, OutcomeUnknown)
         for item in items:
             if isinstance(item, PendingVote) and not keep_inflight:
@@ -504,7 +536,7 @@ class ShardOwner:
         if keep_inflight:
             # The log decides on its next successful read: until the shard is recovered
             # (restart or handover), these voters stay held and answer outcome-unknown.
-            held = asyncio.get_running_loop().create_future()
+            held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fail(held, OutcomeUnknown("an earlier vote of this voter is undecided"))
             for item in items:
                 if isinstance(item, PendingVote):
@@ -519,16 +551,16 @@ class ShardOwner:
     # Snapshots -------------------------------------------------------------------------------
 
     def _maybe_snapshot(self) -> None:
-        state = self.state
+        state = self._started_state()
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
         if snapshot_due(self.config, self._snapshot_votes_applied, state.votes_applied,
                         time.monotonic() - self._snapshot_time_s):
             self.snapshot_now()
 
-    def snapshot_now(self) -> asyncio.Task:
+    def snapshot_now(self) -> asyncio.Task[None]:
         """Freeze now (a batch boundary: no record is half applied) and write it off the loop."""
-        state = self.state
+        state = self._started_state()
         data = freeze(state)
         self._snapshot_votes_applied = state.votes_applied
         self._snapshot_time_s = time.monotonic()

@@ -30,6 +30,8 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -42,6 +44,14 @@ from engine.config import Config
 from engine.errors import VotesError
 from shards.snapshots import Manifest, ManifestEntry, snapshot_name, thaw
 from shards.state import ShardState
+
+if TYPE_CHECKING:  # the types-aiobotocore stubs (the lint extra); aiobotocore has none
+    from aiobotocore.session import ClientCreatorContext
+    from types_aiobotocore_s3 import S3Client
+
+_Result = TypeVar("_Result")
+# An S3 operation's response, as botocore parses it (called by name in `_call`).
+_Response = dict[str, Any]
 
 log = logging.getLogger("votes.s3_snapshots")
 
@@ -84,7 +94,7 @@ class S3SnapshotStore:
         self.bucket = config.s3_bucket
         parts = [part for part in config.s3_prefix.strip("/").split("/") if part]
         self.prefix = "/".join([*parts, f"shard-{shard:04d}"]) + "/"
-        self._client = None
+        self._client: S3Client | None = None
         self._client_stack: contextlib.AsyncExitStack | None = None
         self._client_lock = asyncio.Lock()
 
@@ -216,15 +226,17 @@ class S3SnapshotStore:
 
     # The client -------------------------------------------------------------------------------
 
-    async def _call(self, operation: str, size_bytes: int, **arguments):
-        async def run():
+    async def _call(self, operation: str, size_bytes: int, **arguments: object) -> _Response:
+        async def run() -> _Response:
             client = await self._s3()
-            return await getattr(client, operation)(Bucket=self.bucket, **arguments)
+            response: _Response = await getattr(client, operation)(Bucket=self.bucket,
+                                                                   **arguments)
+            return response
 
         target = arguments.get("Key") or arguments.get("Prefix")
         return await self._deadline(f"{operation} {target}", size_bytes, run())
 
-    async def _deadline(self, what: str, size_bytes: int, call):
+    async def _deadline(self, what: str, size_bytes: int, call: Awaitable[_Result]) -> _Result:
         deadline_s = S3_CALL_DEADLINE_S + size_bytes / S3_TRANSFER_BYTES_PER_S_MIN
         try:
             async with asyncio.timeout(deadline_s):
@@ -241,7 +253,7 @@ class S3SnapshotStore:
         except OSError as exc:
             raise SnapshotStoreUnavailable(f"{what} on s3://{self.bucket} failed: {exc}") from exc
 
-    async def _s3(self):
+    async def _s3(self) -> S3Client:
         if self._client is not None:
             return self._client
         async with self._client_lock:
@@ -251,7 +263,7 @@ class S3SnapshotStore:
                 self._client_stack = stack
         return self._client
 
-    def _create_client(self):
+    def _create_client(self) -> ClientCreatorContext[S3Client]:
         config = self.config
         return get_session().create_client(
             "s3",

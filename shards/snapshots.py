@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Protocol, cast
 
 import msgspec
 from pyroaring import BitMap
@@ -92,7 +92,8 @@ def freeze(state: ShardState) -> bytes:
             closed_ms=poll.closed_ms,
             voters=poll.voters.serialize(),
             tallies=poll.tallies.tolist(),
-            locator=pages,
+            # The field is `bytes` because decoding yields bytes; encoding takes any buffer.
+            locator=cast("list[tuple[int, bytes]]", pages),
         ))
     snapshot = ShardSnapshot(
         shard=state.shard,
