@@ -20,6 +20,12 @@ from engine.errors import ConfigError, WalUnavailable
 REPLICATION_FACTOR = 3
 MIN_INSYNC_REPLICAS = 2
 
+KAFKA_ERROR_UNKNOWN_TOPIC_OR_PARTITION = 3
+# How often, and how far apart, an unknown topic is asked about again before it counts as
+# missing: metadata of a new topic reaches every broker within a second or two.
+UNKNOWN_TOPIC_ASKS_MAX = 15
+UNKNOWN_TOPIC_PAUSE_S = 0.2
+
 # Topics found valid by this process: checked once per process, not once per shard.
 _topics_valid: set[tuple[str, str, int]] = set()
 
@@ -46,6 +52,19 @@ def topic_problems(description: dict[str, Any], settings: dict[str, str], shards
     return problems
 
 
+async def _describe_topic(admin: AIOKafkaAdminClient, topic: str) -> dict[str, Any]:
+    """The topic's description. A broker that has not yet heard of a topic just created
+    answers UNKNOWN_TOPIC_OR_PARTITION although another broker knows it, so that answer is
+    asked again (the caller's timeout bounds it) before it stands as "does not exist"."""
+    for _ in range(UNKNOWN_TOPIC_ASKS_MAX - 1):
+        (description,) = await admin.describe_topics([topic])
+        if description.get("error_code", 0) != KAFKA_ERROR_UNKNOWN_TOPIC_OR_PARTITION:
+            return dict(description)
+        await asyncio.sleep(UNKNOWN_TOPIC_PAUSE_S)
+    (description,) = await admin.describe_topics([topic])
+    return dict(description)
+
+
 async def validate_wal_topic(config: Config) -> None:
     """Raise ConfigError naming every wrong setting of the WAL topic; WalUnavailable if
     Kafka cannot be asked within kafka_request_timeout_s. Checked once per process."""
@@ -59,7 +78,7 @@ async def validate_wal_topic(config: Config) -> None:
     try:
         async with asyncio.timeout(config.kafka_request_timeout_s):
             await admin.start()
-            (description,) = await admin.describe_topics([config.wal_topic])
+            description = await _describe_topic(admin, config.wal_topic)
             answers = await admin.describe_configs([resource])
     except (KafkaError, OSError, TimeoutError) as exc:
         raise WalUnavailable(f"cannot check WAL topic {config.wal_topic!r} at "
