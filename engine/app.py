@@ -2,7 +2,8 @@
 
 The vote path from here: `_vote` reads the bounded body, decodes it with a reused typed
 msgspec decoder, verifies the voter token, and hands (poll, voter, option) to
-`Node.vote`, which runs it on the owning shard (shards/owner.py) or forwards it there.
+`Node.vote`, which runs it on the owner of the voter's fencing group (shards/group_owner.py)
+or forwards it there.
 Every VotesError becomes one problem+json answer in `_problem`, as engine/problems.py
 says; anything else is a bug, logged with its traceback and answered 500 without details.
 """
@@ -306,7 +307,7 @@ class App:
         config = self._config()
         readiness = await self._node().readiness() if self.node else {
             "ready": False, "durability": durability(config), "shards_total": config.shards,
-            "shards_ready": 0, "workers": config.workers}
+            "shards_ready": 0, "groups_total": config.groups, "workers": config.workers}
         return (200 if readiness["ready"] else 503), JSON, _json.encode(readiness)
 
 

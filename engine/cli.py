@@ -25,8 +25,11 @@ from engine.errors import VotesError
 CLUSTER_FILE = "cluster.json"
 
 
+LAYOUT_FORMAT = 2  # 1: one log per shard; 2: one log per fencing group
+
+
 def prepare_data_dir(config: Config) -> None:
-    """Create keys and fix the shard count once, before any worker starts."""
+    """Create keys and fix the shard and group counts once, before any worker starts."""
     from engine.keys import ensure_keys, publish_once
 
     data_dir = config.data_path
@@ -36,13 +39,31 @@ def prepare_data_dir(config: Config) -> None:
     if not cluster_path.exists():
         # Durable before any worker starts: after a power cut an empty or missing cluster.json
         # would stop the engine from starting on its own data.
-        content = json.dumps({"format": 1, "shards": config.shards}) + "\n"
+        content = json.dumps({"format": LAYOUT_FORMAT, "shards": config.shards,
+                              "groups": config.groups}) + "\n"
         publish_once(cluster_path, content.encode(), mode=0o644)
-    recorded = json.loads(cluster_path.read_text())
+    check_layout(data_dir, json.loads(cluster_path.read_text()), config)
+
+
+def check_layout(data_dir: Path, recorded: dict, config: Config) -> None:
+    """Refuse a data dir of another layout, shard count or group count: never misread it."""
+    if recorded.get("format") != LAYOUT_FORMAT:
+        raise VotesError(
+            f"{data_dir} holds layout format {recorded.get('format')!r} (one log per shard, "
+            f"written before fencing groups); this engine reads format {LAYOUT_FORMAT} only. "
+            f"Export its results with `votes replay export --data-dir {data_dir}` using the "
+            f"release that wrote it, then start this one on a new data dir."
+        )
     if recorded.get("shards") != config.shards:
         raise VotesError(
             f"{data_dir} was created with {recorded.get('shards')} shards; this start asks for "
             f"{config.shards}. The shard count is fixed per deployment."
+        )
+    if recorded.get("groups") != config.groups:
+        raise VotesError(
+            f"{data_dir} was created with {recorded.get('groups')} fencing groups; this start "
+            f"asks for {config.groups}. The group count is fixed per deployment (set groups = "
+            f"{recorded.get('groups')})."
         )
 
 
@@ -61,12 +82,14 @@ def main() -> None:
 @click.option("--host")
 @click.option("--workers", type=int, help="Worker processes (default 1).")
 @click.option("--shards", type=int, help="Shard count, fixed when the data dir is created.")
+@click.option("--groups", type=int,
+              help="Fencing groups (divides --shards), fixed when the data dir is created.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
-def serve(data_dir, port, host, workers, shards, config_file) -> None:
+def serve(data_dir, port, host, workers, shards, groups, config_file) -> None:
     """Run the engine (Granian RSGI + uvloop) on the embedded durable log."""
     try:
         config = load_config(config_file, data_dir=data_dir, port=port, host=host,
-                             workers=workers, shards=shards)
+                             workers=workers, shards=shards, groups=groups)
         prepare_data_dir(config)
     except (VotesError, OSError) as exc:
         _fail(exc)
@@ -183,9 +206,14 @@ def receipt_verify(receipt_text, data_dir) -> None:
                f"offset={document['offset']}")
 
 
+@main.group("group")
+def group_commands() -> None:
+    """Fencing-group ownership across hosts (Kafka WAL + Redis leases)."""
+
+
 @main.group()
 def shard() -> None:
-    """Shard ownership across hosts (Kafka WAL + Redis leases)."""
+    """Shards: a shard moves with its fencing group (`votes group move`)."""
 
 
 def _cluster_config(config_file: str | None) -> Config:
@@ -205,66 +233,95 @@ def _redis(config: Config):
                                 decode_responses=True)
 
 
-@shard.command("status")
+@group_commands.command("status")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
-def shard_status(config_file) -> None:
-    """Print each shard's lease holder, pending move and pin."""
+def group_status(config_file) -> None:
+    """Print each group's lease holder, pending move and pin."""
     from redis.exceptions import RedisError
 
-    from engine.config import parse_shard_map
+    from engine.config import parse_group_map
     from engine.ownership import lease_key, move_key, parse_lease, pin_key
 
     config = _cluster_config(config_file)
-    shards = range(config.shards)
+    groups = range(config.groups)
     try:
         client = _redis(config)
-        leases = client.mget([lease_key(config, shard) for shard in shards])
-        moves = client.mget([move_key(config, shard) for shard in shards])
-        pins = client.mget([pin_key(config, shard) for shard in shards])
+        leases = client.mget([lease_key(config, group) for group in groups])
+        moves = client.mget([move_key(config, group) for group in groups])
+        pins = client.mget([pin_key(config, group) for group in groups])
     except RedisError as exc:
         raise click.ClickException(f"cannot read the leases from {config.redis_url}: {exc}") from None
-    preferred = parse_shard_map(config.shard_map, config.shards)
-    click.echo(f"{'shard':>5}  {'holder':<20} {'url':<28} {'preferred':<12} {'pin':<12} move")
-    for shard_number, lease, move, pin in zip(shards, leases, moves, pins, strict=True):
+    preferred = parse_group_map(config.group_map, config.groups)
+    click.echo(f"{'group':>5}  {'holder':<20} {'url':<28} {'preferred':<12} {'pin':<12} move")
+    for group_number, lease, move, pin in zip(groups, leases, moves, pins, strict=True):
         holder = parse_lease(lease) or ("-", "-")
-        click.echo(f"{shard_number:>5}  {holder[0]:<20} {holder[1]:<28} "
-                   f"{preferred.get(shard_number, '-'):<12} {pin or '-':<12} {move or '-'}")
+        click.echo(f"{group_number:>5}  {holder[0]:<20} {holder[1]:<28} "
+                   f"{preferred.get(group_number, '-'):<12} {pin or '-':<12} {move or '-'}")
+
+
+_MOVE_OPTIONS = [
+    click.option("--to", "target", required=True, help="Node id that should own the group."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file."),
+    click.option("--timeout-s", default=30.0, type=click.FloatRange(1, 3600), show_default=True),
+]
+
+
+def _with_move_options(command):
+    for option in reversed(_MOVE_OPTIONS):
+        command = option(command)
+    return command
+
+
+@group_commands.command("move")
+@click.argument("group_number", metavar="GROUP", type=int)
+@_with_move_options
+def group_move(group_number, target, config_file, timeout_s) -> None:
+    """Hand GROUP (all its shards) to node --to through the fence; wait until it serves there."""
+    config = _cluster_config(config_file)
+    if not 0 <= group_number < config.groups:
+        raise click.ClickException(f"unknown group {group_number}: groups are 0..{config.groups - 1}")
+    _move_group(config, group_number, target, timeout_s)
 
 
 @shard.command("move")
 @click.argument("shard_number", metavar="SHARD", type=int)
-@click.option("--to", "target", required=True, help="Node id that should own the shard.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--timeout-s", default=30.0, type=click.FloatRange(1, 3600), show_default=True)
+@_with_move_options
 def shard_move(shard_number, target, config_file, timeout_s) -> None:
-    """Hand SHARD to node --to through the fence, and wait until it serves there."""
+    """Move the fencing group that holds SHARD (a shard never moves alone)."""
+    config = _cluster_config(config_file)
+    if not 0 <= shard_number < config.shards:
+        raise click.ClickException(f"unknown shard {shard_number}: shards are 0..{config.shards - 1}")
+    group_number = config.group_of(shard_number)
+    click.echo(f"shard {shard_number} is in group {group_number}: moving the whole group "
+               f"({config.shards // config.groups} shards)")
+    _move_group(config, group_number, target, timeout_s)
+
+
+def _move_group(config: Config, group_number: int, target: str, timeout_s: float) -> None:
     from redis.exceptions import RedisError
 
     from engine.ownership import lease_key, move_key, node_key, parse_lease
 
-    config = _cluster_config(config_file)
-    if not 0 <= shard_number < config.shards:
-        raise click.ClickException(f"unknown shard {shard_number}: shards are 0..{config.shards - 1}")
     started = time.monotonic()
     try:
         client = _redis(config)
         if client.get(node_key(config, target)) is None:
             raise click.ClickException(f"node {target!r} is not alive (no live node key in Redis)")
-        before = parse_lease(client.get(lease_key(config, shard_number)))
-        client.set(move_key(config, shard_number), target, px=int(timeout_s * 1000))
+        before = parse_lease(client.get(lease_key(config, group_number)))
+        client.set(move_key(config, group_number), target, px=int(timeout_s * 1000))
         holder = before
         while time.monotonic() - started < timeout_s:
-            holder = parse_lease(client.get(lease_key(config, shard_number)))
-            moved = client.get(move_key(config, shard_number)) is None
+            holder = parse_lease(client.get(lease_key(config, group_number)))
+            moved = client.get(move_key(config, group_number)) is None
             if holder is not None and holder[0] == target and moved and _ready(holder[1]):
-                click.echo(f"shard {shard_number}: {before[0] if before else 'nobody'} -> {target} "
+                click.echo(f"group {group_number}: {before[0] if before else 'nobody'} -> {target} "
                            f"({holder[1]}), serving after {time.monotonic() - started:.1f} s")
                 return
             time.sleep(0.1)
     except RedisError as exc:
         raise click.ClickException(f"Redis at {config.redis_url}: {exc}") from None
     raise click.ClickException(
-        f"shard {shard_number} did not move to {target} within {timeout_s} s "
+        f"group {group_number} did not move to {target} within {timeout_s} s "
         f"(holder now: {holder[0] if holder else 'nobody'}); the move request expires by itself")
 
 

@@ -1,9 +1,10 @@
-"""The multi-host node: shards held by Redis leases, votes relayed to the lease holder.
+"""The multi-host node: fencing groups held by Redis leases, votes relayed to the lease holder.
 
 Chosen once at start-up instead of `Node` when the config names a Kafka WAL and a
-`redis_url` (`make_node`). A worker still considers only the shards `s mod workers == slot`,
+`redis_url` (`make_node`). A worker still considers only the groups `g mod workers == slot`,
 but holds the ones its LeaseManager (engine/ownership.py) leases, started and stopped as
-leases come and go. A vote for a shard held by another node is forwarded over HTTP to the
+leases come and go; a group moves as a whole, with all its shards. A vote for a group held
+by another node is forwarded over HTTP to the
 lease holder's advertised URL and its answer relayed; it is never counted where it landed
 (docs/design.md "Shards and ownership"). Poll creation and closing are forwarded to every
 other holder; results sum each shard's part from its holder
@@ -46,33 +47,33 @@ class ClusterNode(Node):
         self._starting: dict[int, asyncio.Task] = {}
         self._admin_token: tuple[float, str] | None = None
 
-    def _start_shards(self) -> None:
-        """Hold the shards the leases give this node, started and stopped as they move."""
+    def _start_groups(self) -> None:
+        """Hold the groups the leases give this node, started and stopped as they move."""
         config = self.config
         self.redis = redis_client(config)
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(config.forward_timeout_s, connect=min(1.0, config.forward_timeout_s)),
             limits=httpx.Limits(max_connections=config.forward_connections_max))
-        self.leases = LeaseManager(config, self.redis, slot=self._own_slot(), start_shard=self._gain_shard,
-                                   stop_shard=self._drop_shard, shard_ready=self._shard_ready)
+        self.leases = LeaseManager(config, self.redis, slot=self._own_slot(), start_group=self._gain_group,
+                                   stop_group=self._drop_group, group_ready=self._group_ready)
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
 
-    def _shard_ready(self, shard: int) -> bool:
-        owner = self.owners.get(shard)
+    def _group_ready(self, group: int) -> bool:
+        owner = self.owners.get(group)
         return owner is not None and owner.ready
 
-    def _gain_shard(self, shard: int) -> None:
-        """Begin serving a leased shard: fence + replay in the background; until it is done
-        the shard answers not-ready."""
-        owner = self._new_owner(shard)
-        self.owners[shard] = owner
-        self._starting[shard] = asyncio.create_task(self._start_owner(owner), name=f"start-{shard}")
+    def _gain_group(self, group: int) -> None:
+        """Begin serving a leased group: fence + replay in the background; until it is done
+        its shards answer not-ready."""
+        owner = self._new_owner(group)
+        self.owners[group] = owner
+        self._starting[group] = asyncio.create_task(self._start_owner(owner), name=f"start-g{group}")
 
-    async def _drop_shard(self, shard: int) -> None:
-        """Stop serving a shard: refuse new votes at once, let votes already queued or in an
-        append finish (bounded by append_timeout_s), then close the shard's WAL producer."""
-        owner = self.owners.pop(shard, None)
-        starting = self._starting.pop(shard, None)
+    async def _drop_group(self, group: int) -> None:
+        """Stop serving a group: refuse new votes at once, let votes already queued or in an
+        append finish (bounded by append_timeout_s), then close the group's WAL producer."""
+        owner = self.owners.pop(group, None)
+        starting = self._starting.pop(group, None)
         if owner is None:
             return
         was_ready = owner.ready
@@ -86,28 +87,28 @@ class ClusterNode(Node):
         deadline = asyncio.get_running_loop().time() + self.config.append_timeout_s
         while (owner.has_queued() or owner.has_votes_in_flight()) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
-        owner.fail_unwritten(owner.take_items(), NotReady(f"shard {shard} moved to another owner"))
+        owner.fail_unwritten(owner.take_items(), NotReady(f"group {group} moved to another owner"))
         self.committer.remove(owner)
         await owner.stop()
         if was_ready:
-            SHARDS_READY.dec()
-        log.info("shard %d stopped", shard)
+            SHARDS_READY.dec(len(owner.shards))
+        log.info("group %d stopped", group)
 
-    async def _holder(self, shard: int) -> tuple[str, str] | None:
+    async def _holder(self, group: int) -> tuple[str, str] | None:
         try:
-            return parse_lease(await self.redis.get(lease_key(self.config, shard)))
+            return parse_lease(await self.redis.get(lease_key(self.config, group)))
         except Exception as exc:  # noqa: BLE001 - any Redis failure: the holder is unknown
-            raise NotReady(f"cannot find the owner of shard {shard}: {exc!r}") from None
+            raise NotReady(f"cannot find the owner of group {group}: {exc!r}") from None
 
     async def _remote_holders(self) -> set[str]:
-        """Advertise URLs of the other nodes holding shards; NotReady if a shard has none."""
+        """Advertise URLs of the other nodes holding groups; NotReady if a group has none."""
         try:
             holders = await lease_holders(self.config, self.redis)
         except Exception as exc:  # noqa: BLE001
-            raise NotReady(f"cannot read the shard leases: {exc!r}") from None
-        missing = [shard for shard in range(self.config.shards) if shard not in holders]
+            raise NotReady(f"cannot read the group leases: {exc!r}") from None
+        missing = [group for group in range(self.config.groups) if group not in holders]
         if missing:
-            raise NotReady(f"shards {missing} have no owner yet")
+            raise NotReady(f"groups {missing} have no owner yet")
         return {url for node_id, url in holders.values() if node_id != self.config.node_name}
 
     async def _send(self, method: str, url: str, *, headers: dict[str, str],
@@ -129,21 +130,21 @@ class ClusterNode(Node):
 
     async def _cluster_vote(self, poll: str, voter_id: int, option: str,
                             request: ForwardedRequest | None) -> bytes:
-        shard = voter_id % self.config.shards
-        owner = self.owners.get(shard)
+        group = voter_id % self.config.groups
+        owner = self.owners.get(group)
         if owner is not None:
             return await owner.submit_vote(poll, voter_id, option)
-        holder = await self._holder(shard)
+        holder = await self._holder(group)
         if holder is None:
-            raise NotReady(f"shard {shard} has no owner yet")
+            raise NotReady(f"group {group} has no owner yet")
         node_id, url = holder
         if node_id == self.config.node_name:
-            slot = self._slot_of(shard)
+            slot = self._slot_of(group)
             if slot != self.slot:
                 return await self.peers[slot].call("vote", poll, voter_id, option, unknown_on_timeout=True)
-            raise NotReady(f"shard {shard} is being handed over")
+            raise NotReady(f"group {group} is being handed over")
         if request is None or request.forwarded:
-            raise NotReady(f"shard {shard} is held by {node_id}, not by this node")
+            raise NotReady(f"group {group} is held by {node_id}, not by this node")
         answer = await self._send("POST", f"{url}/v1/polls/{poll}/votes", headers=request.headers(),
                                   body=request.body, outcome_unknown=True)
         raise Relayed(answer.status_code, answer.headers.get("content-type", "application/json"),
@@ -201,7 +202,7 @@ class ClusterNode(Node):
 
     async def create_poll(self, record: PollCreated, request: ForwardedRequest | None = None) -> bool:
         if request is None or not request.forwarded:
-            await self._remote_holders()  # every shard must have an owner before any writes
+            await self._remote_holders()  # every group must have an owner before any writes
         created = await super().create_poll(record, request)
         answers = await self._fan_out("/v1/polls", request, ok=(201, 409))
         return created or any(answer.status_code == 201 for answer in answers)
@@ -213,7 +214,7 @@ class ClusterNode(Node):
 
     async def readiness(self) -> dict:
         readiness, held, settled, failures = await self._readiness_parts()
-        # A node is ready when it holds every shard it prefers and all it holds serve.
+        # A node is ready when it holds every group it prefers and all it holds serve.
         readiness.update(ready=settled and readiness["shards_ready"] == held and not failures,
                          node_id=self.config.node_name, shards_held=held)
         return readiness

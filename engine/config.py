@@ -18,6 +18,7 @@ import msgspec
 from engine.errors import ConfigError
 
 CONFIG_ENV = "VOTES_CONFIG_JSON"
+GROUPS_AUTOMATIC_MAX = 4
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -25,8 +26,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    # Fixed per deployment: shard = voter_id mod shards. Recorded in the data dir on first start.
-    shards: int = 8
+    # Fixed per deployment, recorded in the data dir (and the WAL topic's partition count) on
+    # first start: shard = voter_id mod shards (the unit of state); shard s is in fencing
+    # group s mod groups (the unit of ownership, fencing and durable writes: one log append
+    # per owned group per commit cycle). 32 shards in 4 groups: one worker runs 32 shards
+    # as production runs ~24 per worker (1,024 shards), while a commit cycle makes 4 durable
+    # writes, not 32; groups still spread over up to 4 workers (docs/design.md "Fencing
+    # groups"). groups = 0: the largest divisor of shards up to GROUPS_AUTOMATIC_MAX (it
+    # depends on shards alone, so the worker count never changes it).
+    shards: int = 32
+    groups: int = 0
     # Group commit: a commit cycle starts when votes wait, but at most every group_commit_ms
     # (sooner when batch_votes_max votes wait); the log's writer fsyncs what cycles queued.
     # 2 ms, not 1: at half the peak rate a worker spent 95-98 % of a core at 1 ms and 74-80 %
@@ -35,8 +44,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A commit cycle waits at most this long for its slowest shard before the next starts.
     group_commit_wait_ms: float = 100.0
     batch_votes_max: int = 4096
-    # Votes waiting for one shard beyond this are shed with 503 `overloaded`.
-    shard_queue_votes_max: int = 65536
+    # Votes waiting for one fencing group beyond this are shed with 503 `overloaded`.
+    group_queue_votes_max: int = 65536
     append_timeout_s: float = 5.0
     # Requests one worker serves at once (Granian's backpressure; also the listen backlog).
     # A vote is held until its commit, so a worker carries rate x commit latency of them:
@@ -89,25 +98,42 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     s3_prefix: str = "snapshots"
     # Shard ownership across hosts (engine/ownership.py), used when Kafka and Redis are both
     # configured. node_id defaults to "host:port", advertise_url to "http://host:port".
-    # shard_map ("node-a=0-3,node-b=4-7") names the shards each node prefers; empty: any
-    # node takes any free shard. Leases say who should own a shard; Kafka fences.
+    # group_map ("node-a=0-3,node-b=4-7") names the fencing groups each node prefers; empty:
+    # any node takes any free group. Leases say who should own a group; Kafka fences.
     node_id: str = ""
     advertise_url: str = ""
     redis_url: str = ""
-    shard_map: str = ""
+    group_map: str = ""
     lease_ttl_s: float = 3.0
     lease_renew_s: float = 1.0
 
+    def resolved(self) -> "Config":
+        """This config with `groups = 0` replaced by the number it stands for."""
+        if self.groups != 0 or not 1 <= self.shards <= 4096:
+            return self
+        groups = max(divisor for divisor in range(1, GROUPS_AUTOMATIC_MAX + 1)
+                     if self.shards % divisor == 0)
+        return msgspec.structs.replace(self, groups=groups)
+
     def validate(self) -> "Config":
+        """This config, `groups` resolved, or ConfigError naming the first broken rule."""
+        if self.groups == 0:
+            return self.resolved()._checked()
+        return self._checked()
+
+    def _checked(self) -> "Config":
         checks = [
             (1 <= self.shards <= 4096, "shards must be in 1..4096"),
-            (1 <= self.workers <= self.shards, "workers must be in 1..shards"),
+            (1 <= self.groups <= self.shards and self.shards % self.groups == 0,
+             "groups must divide shards (shard s is in group s mod groups)"),
+            (1 <= self.workers <= self.groups,
+             "workers must be in 1..groups (each worker owns whole fencing groups)"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (0 <= self.group_commit_ms <= 1000, "group_commit_ms must be in 0..1000"),
             (0 <= self.group_commit_wait_ms <= 60_000, "group_commit_wait_ms must be in 0..60000"),
             (1 <= self.batch_votes_max <= 65536, "batch_votes_max must be in 1..65536"),
-            (self.shard_queue_votes_max >= self.batch_votes_max,
-             "shard_queue_votes_max must be >= batch_votes_max"),
+            (self.group_queue_votes_max >= self.batch_votes_max,
+             "group_queue_votes_max must be >= batch_votes_max"),
             (self.append_timeout_s > 0, "append_timeout_s must be positive"),
             (128 <= self.requests_in_flight_max <= 65536,
              "requests_in_flight_max must be in 128..65536"),
@@ -130,8 +156,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        parse_shard_map(self.shard_map, self.shards)
+        parse_group_map(self.group_map, self.groups)
         return self
+
+    def group_of(self, shard: int) -> int:
+        return shard % self.groups
+
+    def shards_of_group(self, group: int) -> range:
+        return range(group, self.shards, self.groups)
 
     @property
     def uses_cluster(self) -> bool:
@@ -159,30 +191,30 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return bool(self.s3_bucket)
 
 
-def parse_shard_map(text: str, shards: int) -> dict[int, str]:
-    """`"node-a=0-3,node-b=4-7"` -> {shard: node id}; one range (N or N-M) per entry, and a
+def parse_group_map(text: str, groups: int) -> dict[int, str]:
+    """`"node-a=0-3,node-b=4-7"` -> {group: node id}; one range (N or N-M) per entry, and a
     node may have several entries. Empty text -> {} (no preferences). A non-empty map must
-    name every shard 0..shards-1 exactly once."""
+    name every group 0..groups-1 exactly once."""
     if not text.strip():
         return {}
     preferred: dict[int, str] = {}
     for entry in text.split(","):
-        node, _, shard_range = entry.strip().partition("=")
-        node, shard_range = node.strip(), shard_range.strip()
-        first, _, last = shard_range.partition("-")
+        node, _, group_range = entry.strip().partition("=")
+        node, group_range = node.strip(), group_range.strip()
+        first, _, last = group_range.partition("-")
         if not node or " " in node or not first.isdigit() or (last and not last.isdigit()):
-            raise ConfigError(f"shard_map entry {entry.strip()!r} is not NODE=N or NODE=N-M")
+            raise ConfigError(f"group_map entry {entry.strip()!r} is not NODE=N or NODE=N-M")
         low, high = int(first), int(last or first)
-        if low > high or high >= shards:
-            raise ConfigError(f"shard_map range {shard_range!r} is not inside 0..{shards - 1}")
-        for shard in range(low, high + 1):
-            if shard in preferred:
-                raise ConfigError(f"shard_map names shard {shard} twice "
-                                  f"({preferred[shard]!r} and {node!r})")
-            preferred[shard] = node
-    missing = [shard for shard in range(shards) if shard not in preferred]
+        if low > high or high >= groups:
+            raise ConfigError(f"group_map range {group_range!r} is not inside 0..{groups - 1}")
+        for group in range(low, high + 1):
+            if group in preferred:
+                raise ConfigError(f"group_map names group {group} twice "
+                                  f"({preferred[group]!r} and {node!r})")
+            preferred[group] = node
+    missing = [group for group in range(groups) if group not in preferred]
     if missing:
-        raise ConfigError(f"shard_map does not name shards {missing}: every shard needs one node")
+        raise ConfigError(f"group_map does not name groups {missing}: every group needs one node")
     return preferred
 
 

@@ -1,10 +1,12 @@
-"""One worker process: the shards it owns, and the way to every other shard of this host.
+"""One worker process: the fencing groups it owns, and the way to every other group of this host.
 
 A worker claims a slot (an flock on `<data>/run/slot-<i>.lock`, first free of 0..workers-1;
-a respawned worker takes the slot its dead predecessor freed) and owns the shards
-`s` with `s mod workers == slot`. Each owned shard is fenced by its own log lock, so even a
-stale process still holding a slot could not append. Requests for other shards go to their
-owner over the private forwarding socket; results and poll changes fan out to all slots.
+a respawned worker takes the slot its dead predecessor freed) and owns the fencing groups
+`g` with `g mod workers == slot`, with all their shards (shard s is in group s mod groups,
+so a voter's group is voter_id mod groups). Each owned group is fenced by its own log lock,
+so even a stale process still holding a slot could not append. Requests for other groups
+go to their owner over the private forwarding socket; results and poll changes fan out to
+all slots.
 
 This class is the single-host router; engine/cluster_node.py `ClusterNode` is the
 multi-host one (Redis leases, HTTP relay), chosen once at start-up by `make_node` there.
@@ -32,10 +34,10 @@ from engine.ownership import (
 )
 from shards.backends import choose_backends
 from shards.commit import GroupCommitter
-from shards.owner import ShardOwner
+from shards.group_owner import GroupOwner
 from shards.records import PollCreated
 
-# Failure reasons /readyz lists at most (one per shard that cannot start, the first ones).
+# Failure reasons /readyz lists at most (one per group that cannot start, the first ones).
 READINESS_FAILURES_MAX = 16
 
 log = logging.getLogger("votes.node")
@@ -55,7 +57,7 @@ class Node:
         self.data_dir = config.data_path
         self.hasher = signing.VoterHasher(keyring.voter_hash_secret)
         self.slot: int | None = None
-        self.owners: dict[int, ShardOwner] = {}
+        self.owners: dict[int, GroupOwner] = {}  # group -> its owner
         self.peers: dict[int, PeerClient] = {}
         self.rejected: dict[str, Counter] = {}
         self._slot_descriptor: int | None = None
@@ -86,13 +88,13 @@ class Node:
         self.metrics = metrics
         self.committer = GroupCommitter(self.config, self.keyring, self.hasher, metrics)
         self._tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
-        self._start_shards()
+        self._start_groups()
 
-    def _start_shards(self) -> None:
-        """Own the shards of this slot (`shard mod workers == slot`) for good."""
+    def _start_groups(self) -> None:
+        """Own the groups of this slot (`group mod workers == slot`) for good."""
         slot = self._own_slot()
-        for shard in range(slot, self.config.shards, self.config.workers):
-            self.owners[shard] = self._new_owner(shard)
+        for group in range(slot, self.config.groups, self.config.workers):
+            self.owners[group] = self._new_owner(group)
         for owner in self.owners.values():
             self._tasks.append(asyncio.create_task(self._start_owner(owner)))
 
@@ -101,18 +103,20 @@ class Node:
             raise NotReady("this worker is still starting")
         return self.slot
 
-    def _new_owner(self, shard: int) -> ShardOwner:
-        return ShardOwner(shard, self.config, self.backends.wal(shard),
-                          self.backends.snapshot_store(shard), self.keyring, self.hasher,
-                          self.metrics, self.committer)
+    def _new_owner(self, group: int) -> GroupOwner:
+        stores = {shard: self.backends.snapshot_store(shard)
+                  for shard in self.config.shards_of_group(group)}
+        return GroupOwner(group, self.config, self.backends.wal(group), stores, self.keyring,
+                          self.hasher, self.metrics, self.committer)
 
-    async def _start_owner(self, owner: ShardOwner) -> None:
+    async def _start_owner(self, owner: GroupOwner) -> None:
         try:
             await owner.start()
         except Exception:  # noqa: BLE001 - the owner logged and recorded why; /readyz says it
             return
-        SHARDS_READY.inc()
-        log.info("shard %d ready (log offset %d)", owner.shard, owner.wal_offset_next)
+        SHARDS_READY.inc(len(owner.shards))
+        log.info("group %d ready: %d shards (log offset %d)", owner.group, len(owner.shards),
+                 owner.wal_offset_next)
 
     async def _claim_slot(self) -> int:
         run_dir = self.data_dir / "run"
@@ -145,14 +149,16 @@ class Node:
 
     # Routing to owners -----------------------------------------------------------------------
 
-    def _slot_of(self, shard: int) -> int:
-        return shard % self.config.workers
+    def _slot_of(self, group: int) -> int:
+        return group % self.config.workers
 
     def vote(self, poll: str, voter_id: int, option: str,
              request: ForwardedRequest | None = None) -> Awaitable[bytes]:
         """The vote's 201 body, to await: the owner's own coroutine when this worker owns the
-        shard (not wrapped in one more coroutine: a frame less per vote), else a forward."""
-        slot = self._slot_of(voter_id % self.config.shards)
+        voter's group (not wrapped in one more coroutine: a frame less per vote), else a
+        forward. The voter's group: (voter_id mod shards) mod groups = voter_id mod groups,
+        since groups divides shards."""
+        slot = self._slot_of(voter_id % self.config.groups)
         if slot == self.slot:
             return self._local_vote(poll, voter_id, option)
         if self.slot is None:
@@ -176,12 +182,12 @@ class Node:
                 raise result
         return results
 
-    # Operations on this worker's own shards ------------------------------------------------
+    # Operations on this worker's own groups ------------------------------------------------
 
     def _local_vote(self, poll: str, voter_id: int, option: str) -> Awaitable[bytes]:
-        owner = self.owners.get(voter_id % self.config.shards)
+        owner = self.owners.get(voter_id % self.config.groups)
         if owner is None:
-            raise NotReady("this worker does not own the voter's shard")
+            raise NotReady("this worker does not own the voter's group")
         return owner.submit_vote(poll, voter_id, option)
 
     async def _local_create(self, definition: list) -> bool:
@@ -197,7 +203,7 @@ class Node:
         if not self.knows_poll(poll):
             raise PollNotFound(f"poll {poll!r} does not exist")
         results = await asyncio.gather(*(owner.close_poll(poll) for owner in self.owners.values()
-                                         if owner.state and poll in owner.state.polls),
+                                         if owner.knows_poll(poll)),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -209,14 +215,11 @@ class Node:
         tallies: list[int] = []
         closed_shards = 0
         for owner in self.owners.values():
-            summary = owner.poll_summary(poll)
-            if summary is None:
-                continue
-            shard_definition, shard_tallies, closed = summary
-            if definition is None:
-                definition, tallies = shard_definition, [0] * len(shard_tallies)
-            tallies = [total + count for total, count in zip(tallies, shard_tallies, strict=True)]
-            closed_shards += closed
+            for _, shard_definition, shard_tallies, closed in owner.poll_summaries(poll):
+                if definition is None:
+                    definition, tallies = shard_definition, [0] * len(shard_tallies)
+                tallies = [total + count for total, count in zip(tallies, shard_tallies, strict=True)]
+                closed_shards += closed
         if definition is None:
             return None
         return {"definition": fields_of(definition),
@@ -226,22 +229,24 @@ class Node:
     async def _local_shard_summaries(self, poll: str) -> dict:
         """Per shard (ready ones only): [definition fields, tallies, closed] or None."""
         shards: dict[str, list | None] = {}
-        for shard, owner in self.owners.items():
+        for owner in self.owners.values():
             if not owner.ready:
                 continue
-            summary = owner.poll_summary(poll)
-            shards[str(shard)] = None if summary is None else [
-                fields_of(summary[0]), summary[1], summary[2]]
+            summaries = {shard: [fields_of(definition), tallies, closed]
+                         for shard, definition, tallies, closed in owner.poll_summaries(poll)}
+            for shard in owner.shards:
+                shards[str(shard)] = summaries.get(shard)
         return {"shards": shards, "rejected": dict(self.rejected.get(poll, {}))}
 
     async def _local_ready(self) -> list:
-        ready = sum(owner.ready for owner in self.owners.values())
+        """[shards ready, shards held, failures]: a group's shards serve together."""
+        ready = sum(len(owner.shards) for owner in self.owners.values() if owner.ready)
+        held = sum(len(owner.shards) for owner in self.owners.values())
         failures = [owner.failure for owner in self.owners.values() if owner.failure]
-        return [ready, len(self.owners), failures]
+        return [ready, held, failures]
 
     def knows_poll(self, poll: str) -> bool:
-        return any(owner.state is not None and poll in owner.state.polls
-                   for owner in self.owners.values())
+        return any(owner.knows_poll(poll) for owner in self.owners.values())
 
     # Fleet-wide views ----------------------------------------------------------------------
 
@@ -316,10 +321,11 @@ class Node:
             "durability": self.backends.durability,
             "shards_total": self.config.shards,
             "shards_ready": ready,
+            "groups_total": self.config.groups,
             "workers": self.config.workers,
         }
         if failures:
-            # Why shards cannot start, so an operator sees it without reading the logs.
+            # Why groups cannot start, so an operator sees it without reading the logs.
             readiness["failures"] = failures[:READINESS_FAILURES_MAX]
         return readiness, total, settled, failures
 

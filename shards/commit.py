@@ -1,23 +1,27 @@
-"""Group commit across the shards of one worker: one cycle, one signature, pipelined appends.
+"""Group commit across the fencing groups of one worker: one cycle, one signature, one
+append per group, pipelined.
 
 Why per worker and not per shard: an Ed25519 signature costs ~50 us, and with many shards
 per worker each shard's own batches would be tiny, so signing per shard batch would cost
 more CPU than everything else on the vote path. A cycle starts when votes wait, but at most
 every `group_commit_ms` (sooner if `batch_votes_max` votes wait), takes the queued items of
-each shard that may start another append, signs all their vote batches at once
-(signing.sign_commit: a Merkle tree per shard batch under one tree per cycle), then begins every shard's append; each shard
-applies and answers its own when its log answers, in the order its appends began.
+each group that may start another append, signs all their vote batches at once
+(signing.sign_commit: a Merkle tree per shard batch under one tree per cycle), then begins
+every group's ONE append (all its shards' batches and control records); each group applies
+and answers its own when its log answers, in the order its appends began. So a cycle costs
+one signature, and one durable write per owned group, whatever the number of shards.
 
-How many appends a shard may have begun and not seen end is its log's
+How many appends a group may have begun and not seen end is its log's
 `appends_in_flight_max`, and at most COMMIT_CYCLES_IN_FLIGHT_MAX cycles are in flight. The
 embedded log pipelines (shards/log_writer.py): while one cycle's round fsyncs, the next
 cycle is signed and queued behind it, so the event loop does not idle waiting for the disk.
-A Kafka shard has one transaction at a time: there the cycle waits for its appends, but at most `group_commit_wait_ms`, so batches stay large while one slow shard (a
-partition without a leader) does not hold up the others.
+A Kafka group has one transaction at a time: there the cycle waits for its appends, but at
+most `group_commit_wait_ms`, so batches stay large while one slow group (a partition without
+a leader) does not hold up the others.
 
-A failure of one shard's append fails that shard's items only. More than
+A failure of one group's append fails that group's items only. More than
 COMMIT_CYCLES_IN_FLIGHT_MAX cycles in flight is an InvariantViolation (checked on every
-cycle, in production too). Shards are added and removed through `add` / `remove`.
+cycle, in production too). Groups are added and removed through `add` / `remove`.
 """
 
 from __future__ import annotations
@@ -48,10 +52,10 @@ class CommitMetrics(Protocol):
     def observe_commit(self, seconds: float, items: int) -> None: ...
 
 
-class CommitShard(Protocol):
-    """What the committer needs of a shard's owner (shards/owner.py `ShardOwner`)."""
+class CommitGroup(Protocol):
+    """What the committer needs of a group's owner (shards/group_owner.py `GroupOwner`)."""
 
-    shard: int
+    group: int
 
     @property
     def queued_votes(self) -> int: ...
@@ -93,15 +97,15 @@ class GroupCommitter:
         self.keyring = keyring
         self.hasher = hasher
         self.metrics = metrics
-        self._owners: list[CommitShard] = []
+        self._owners: list[CommitGroup] = []
         self._wakeup = asyncio.Event()
         self._cycles_in_flight = 0
 
-    def add(self, owner: CommitShard) -> None:
+    def add(self, owner: CommitGroup) -> None:
         self._owners.append(owner)
 
-    def remove(self, owner: CommitShard) -> None:
-        """Stop committing for `owner` (its shard moved away); a no-op if it was not added."""
+    def remove(self, owner: CommitGroup) -> None:
+        """Stop committing for `owner` (its group moved away); a no-op if it was not added."""
         if owner in self._owners:
             self._owners.remove(owner)
 
@@ -137,7 +141,7 @@ class GroupCommitter:
             cycle_started_s = loop.time()
             work = []
             for owner in self._owners:
-                # A shard at its log's limit of appends in flight is left for a later cycle
+                # A group at its log's limit of appends in flight is left for a later cycle
                 # (append_ended wakes the committer); the others go on.
                 if owner.has_queued() and owner.appends_in_flight < owner.appends_in_flight_max:
                     items = owner.take_items()
@@ -147,23 +151,23 @@ class GroupCommitter:
                 if waits:
                     # Logs with one append at a time: wait for this cycle's, so the next
                     # cycle carries what queued meanwhile (fewer signatures and
-                    # transactions); but only so long, so one slow shard does not hold up
+                    # transactions); but only so long, so one slow group does not hold up
                     # the others.
                     await asyncio.wait(waits, timeout=self.config.group_commit_wait_ms / 1000)
 
-    def _sign(self, work: Sequence[tuple[CommitShard, list[Any], list[Any]]]) -> None:
+    def _sign(self, work: Sequence[tuple[CommitGroup, list[Any], list[Any]]]) -> None:
         vote_batches = [(owner, planned) for owner, _, plan in work for planned in plan
                         if planned.votes is not None]
         if not vote_batches:
             return
         signed_batches = signing.sign_commit(
             self.keyring, self.hasher, now_ms(),
-            [(owner.shard, planned.batch_seq, planned.runs) for owner, planned in vote_batches],
+            [(planned.shard, planned.batch_seq, planned.runs) for _, planned in vote_batches],
         )
         for (_, planned), signed in zip(vote_batches, signed_batches, strict=True):
             planned.signed = signed
 
-    def _start_commit(self, work: Sequence[tuple[CommitShard, list[Any], list[Any]]],
+    def _start_commit(self, work: Sequence[tuple[CommitGroup, list[Any], list[Any]]],
                       ) -> list[asyncio.Future[None]]:
         """Sign the cycle and begin its appends; the futures of those to wait for."""
         if self._cycles_in_flight >= COMMIT_CYCLES_IN_FLIGHT_MAX:
@@ -193,8 +197,8 @@ class GroupCommitter:
         if any(owner.has_queued() for owner in self._owners):
             self._wakeup.set()
 
-    def append_ended(self, owner: CommitShard, started_s: float, items: int) -> None:
-        """Called by a shard when an append it began is settled."""
+    def append_ended(self, owner: CommitGroup, started_s: float, items: int) -> None:
+        """Called by a group's owner when an append it began is settled."""
         if self.metrics is not None:
             self.metrics.observe_commit(time.perf_counter() - started_s, items)
         if owner.has_queued():

@@ -1,5 +1,5 @@
-"""The WAL topic's safety check: before a shard takes its fence on Kafka, the topic must have
-one partition per shard, replication factor 3, `min.insync.replicas=2` and unclean leader
+"""The WAL topic's safety check: before a group takes its fence on Kafka, the topic must have
+one partition per fencing group, replication factor 3, `min.insync.replicas=2` and unclean leader
 election off (docs/design.md "Durability"): with anything less an acknowledged vote could
 be lost when a broker fails. Every wrong setting is named at once (ConfigError); a Kafka
 that does not answer within `kafka_request_timeout_s` is WalUnavailable.
@@ -26,19 +26,20 @@ KAFKA_ERROR_UNKNOWN_TOPIC_OR_PARTITION = 3
 UNKNOWN_TOPIC_ASKS_MAX = 15
 UNKNOWN_TOPIC_PAUSE_S = 0.2
 
-# Topics found valid by this process: checked once per process, not once per shard.
+# Topics found valid by this process: checked once per process, not once per group.
 _topics_valid: set[tuple[str, str, int]] = set()
 
 
-def topic_problems(description: dict[str, Any], settings: dict[str, str], shards: int) -> list[str]:
+def topic_problems(description: dict[str, Any], settings: dict[str, str], groups: int) -> list[str]:
     """What is wrong with a WAL topic, from describe_topics / describe_configs answers."""
     if description.get("error_code", 0) != 0:
         return [f"the topic cannot be described (error code {description['error_code']}: "
                 "does it exist?)"]
     problems = []
     partitions = description["partitions"]
-    if len(partitions) != shards:
-        problems.append(f"partitions is {len(partitions)}, must equal shards ({shards})")
+    if len(partitions) != groups:
+        problems.append(f"partitions is {len(partitions)}, must equal the fencing groups "
+                        f"({groups}: one partition per group)")
     factors = sorted({len(partition["replicas"]) for partition in partitions})
     if factors != [REPLICATION_FACTOR]:
         problems.append(f"replication factor is {'/'.join(map(str, factors)) or 'unknown'}, "
@@ -68,7 +69,7 @@ async def _describe_topic(admin: AIOKafkaAdminClient, topic: str) -> dict[str, A
 async def validate_wal_topic(config: Config) -> None:
     """Raise ConfigError naming every wrong setting of the WAL topic; WalUnavailable if
     Kafka cannot be asked within kafka_request_timeout_s. Checked once per process."""
-    key = (config.kafka_bootstrap_servers, config.wal_topic, config.shards)
+    key = (config.kafka_bootstrap_servers, config.wal_topic, config.groups)
     if key in _topics_valid:
         return
     admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap_servers,
@@ -98,7 +99,7 @@ async def validate_wal_topic(config: Config) -> None:
         # just created): not a wrong setting, so the fence waits and asks again.
         raise WalUnavailable(f"WAL topic {config.wal_topic!r}: configs not readable yet "
                              f"(error codes {unknown_to})")
-    problems = topic_problems(description, settings, config.shards)
+    problems = topic_problems(description, settings, config.groups)
     if problems:
         raise ConfigError(f"WAL topic {config.wal_topic!r} is not safe to use: "
                           + "; ".join(problems))

@@ -1,14 +1,19 @@
-"""Kafka as a shard's write-ahead log: shard `s` is partition `s` of `config.wal_topic`.
+"""Kafka as a fencing group's write-ahead log: group `g` is partition `g` of `config.wal_topic`.
+
+Every shard of the group writes into that one partition (records name their shard), in
+the group's one transaction per commit cycle: one partition per group, not one per shard,
+because a transaction's cost grows with the partitions it touches (docs/performance.md
+"Kafka layout").
 
 Rules this module keeps (docs/design.md "Shards and ownership", "The vote path", "Durability"):
-- The fence is Kafka's own. Each shard has one transactional producer with the stable
-  transactional_id `wal-<shard>`; starting it (InitProducerId) bumps the epoch, which fences
+- The fence is Kafka's own. Each group has one transactional producer with the stable
+  transactional_id `wal-g<group>`; starting it (InitProducerId) bumps the epoch, which fences
   every older producer of that id and makes the coordinator finish or abort the transaction
   that producer left open. Nothing in the engine checks ownership before an append.
 - After taking the fence, `acquire` commits one owner marker: a record with the header
   `votes-owner` (this instance's id) and an empty value. Replay and every reader skip such
   records (`is_owner_marker`). Markers let an owner whose producer lost its epoch tell "another
-  owner took the shard" (a committed record it did not write, after the offset it knows) from
+  owner took the group" (a committed record it did not write, after the offset it knows) from
   "the coordinator timed out my transaction" (nothing foreign): only in the second case does
   it take the fence again, so a resumed zombie never fences the owner that replaced it.
 - One append is one transaction; readers are `read_committed`. Offsets come from the broker
@@ -18,16 +23,16 @@ Rules this module keeps (docs/design.md "Shards and ownership", "The vote path",
   only this producer could commit it and it never will; the answer is WalUnavailable. Its
   commit was requested but not confirmed: the append stays pending until the log decides:
   recovery takes the fence again (which finishes or aborts the transaction) and reads the
-  partition; the append then returns its offsets or raises WalUnavailable. The shard owner
+  partition; the append then returns its offsets or raises WalUnavailable. The group owner
   answers the waiting voters outcome-unknown after `append_timeout_s` and applies the
-  decision when it comes. When another owner has written, the shard is lost for good:
+  decision when it comes. When another owner has written, the group is lost for good:
   WalFenced (a NotReady), and the owner stops serving it.
 - After any failed append the producer is replaced (recovery, in the background): aiokafka
   keeps no usable sequence numbers after a failed batch. An append waits for a recovery
   within its own deadline (`kafka_append_timeout_s` for waiting, sending and committing),
   else answers WalUnavailable without sending anything. A settled failure answers within
   `kafka_append_timeout_s + kafka_abort_timeout_s`.
-- The WAL topic must have `config.shards` partitions, replication factor 3,
+- The WAL topic must have `config.groups` partitions, replication factor 3,
   `min.insync.replicas=2` and unclean leader election off (shards/kafka_topic.py
   `validate_wal_topic`, checked before the fence is taken).
 """
@@ -63,7 +68,7 @@ OWNER_HEADER = "votes-owner"
 RETRY_BACKOFF_S_MIN = 0.1
 READ_POLL_MS = 200
 READ_RECORDS_MAX = 2000
-# Records kept for read_at (receipts of repeat votes), per shard; neighbours are read along.
+# Records kept for read_at (receipts of repeat votes), per group; neighbours are read along.
 RECORDS_CACHED_BYTES_MAX = 4 * 1024 * 1024
 READ_AHEAD_RECORDS_MAX = 64
 PRODUCER_CANCEL_ROUNDS_MAX = 50
@@ -72,7 +77,7 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 class WalFenced(NotReady):
-    """Another owner took this shard's fence: this process must stop serving the shard."""
+    """Another owner took this group's fence: this process must stop serving the group."""
 
 
 class CommittedRecord(Protocol):
@@ -161,11 +166,11 @@ class KafkaWal:
     # One transaction at a time per fenced producer: an append starts when the last one ended.
     appends_in_flight_max = 1
 
-    def __init__(self, config: Config, shard: int) -> None:
+    def __init__(self, config: Config, group: int) -> None:
         self.config = config
-        self.shard = shard
-        self.topic_partition = TopicPartition(config.wal_topic, shard)
-        self.transactional_id = f"wal-{shard}"
+        self.group = group
+        self.topic_partition = TopicPartition(config.wal_topic, group)
+        self.transactional_id = f"wal-g{group}"
         self.owner_id = uuid.uuid4().hex.encode()
         self._producer: AIOKafkaProducer | None = None
         self._reader: AIOKafkaConsumer | None = None
@@ -181,7 +186,7 @@ class KafkaWal:
         self._records_cached_bytes = 0
 
     def __repr__(self) -> str:
-        return f"KafkaWal({self.topic_partition.topic}/{self.shard})"
+        return f"KafkaWal({self.topic_partition.topic}/{self.group})"
 
     def location(self) -> str:
         return f"topic {self.topic_partition.topic} partition {self.topic_partition.partition}"
@@ -191,7 +196,7 @@ class KafkaWal:
         set_transaction_retry(config.kafka_transaction_retry_ms)
         return AIOKafkaProducer(
             bootstrap_servers=config.kafka_bootstrap_servers,
-            client_id=f"votes-wal-{self.shard}",
+            client_id=f"votes-wal-{self.group}",
             transactional_id=self.transactional_id,
             acks="all",
             enable_idempotence=True,
@@ -219,7 +224,7 @@ class KafkaWal:
 
     async def acquire(self) -> None:
         """Validate the topic, take the fence and commit our owner marker; retry while Kafka
-        cannot be reached (the shard stays not-ready meanwhile)."""
+        cannot be reached (the group stays not-ready meanwhile)."""
         attempt = 0
         while True:
             try:
@@ -248,7 +253,7 @@ class KafkaWal:
         await producer.begin_transaction()
         batch = producer.create_batch()
         batch.append(key=None, value=b"", timestamp=None, headers=[(OWNER_HEADER, self.owner_id)])
-        await (await producer.send_batch(batch, self.topic_partition.topic, partition=self.shard))
+        await (await producer.send_batch(batch, self.topic_partition.topic, partition=self.group))
         await producer.commit_transaction()
 
     # Reading ---------------------------------------------------------------------------------------
@@ -256,7 +261,7 @@ class KafkaWal:
     async def _reader_started(self) -> AIOKafkaConsumer:
         if self._reader is None:
             config = self.config
-            reader = committed_reader(config, f"votes-wal-reader-{self.shard}")
+            reader = committed_reader(config, f"votes-wal-reader-{self.group}")
             try:
                 await asyncio.wait_for(reader.start(), config.kafka_request_timeout_s)
             except BaseException:
@@ -321,7 +326,7 @@ class KafkaWal:
         try:
             async with self._reader_lock:
                 value = await self._read_around(await self._reader_started(), offset)
-        # ConsumerStoppedError: close() stopped the reader meanwhile (the shard was handed
+        # ConsumerStoppedError: close() stopped the reader meanwhile (the group was handed
         # over while a repeat vote read its receipt); it is not a KafkaError.
         except (KafkaError, OSError, TimeoutError, ConsumerStoppedError) as exc:
             raise WalUnavailable(f"{self!r}: cannot read offset {offset}: {exc!r}") from exc
@@ -372,7 +377,7 @@ class KafkaWal:
     # Appending ------------------------------------------------------------------------------------
 
     async def append(self, payloads: list[bytes]) -> list[tuple[int, int]]:
-        # Appends of one shard are sequential; a second one (a control record queued while
+        # Appends of one group are sequential; a second one (a control record queued while
         # the owner waits out a stalled append) waits here for the first.
         async with self._append_lock:
             # One deadline for waiting out a recovery, sending and committing.
@@ -403,7 +408,7 @@ class KafkaWal:
         sent = []
         for builder in batches:
             sent.append(await producer.send_batch(builder, self.topic_partition.topic,
-                                                  partition=self.shard))
+                                                  partition=self.group))
         positions = []
         for builder, metadata in zip(batches, await asyncio.gather(*sent), strict=True):
             if metadata is None or metadata.offset < 0:
@@ -472,7 +477,7 @@ class KafkaWal:
     def _start_recovery(self, unresolved: list[bytes] | None) -> asyncio.Task[_Decision]:
         if self._recovery is None:
             self._recovery = asyncio.create_task(self._recover(unresolved),
-                                                 name=f"wal-recovery-{self.shard}")
+                                                 name=f"wal-recovery-{self.group}")
             self._recovery.add_done_callback(self._recovery_done)
         return self._recovery
 
@@ -501,7 +506,7 @@ class KafkaWal:
             attempt += 1
 
     async def _recover_once(self, unresolved: list[bytes] | None) -> _Decision:
-        # Look first without fencing anyone: if another owner wrote, it keeps the shard.
+        # Look first without fencing anyone: if another owner wrote, it keeps the group.
         positions = self._only_ours(*await self._committed_since_known(), unresolved)
         if self._fenced is not None:
             return positions
@@ -545,13 +550,13 @@ class KafkaWal:
     def _only_ours(self, records: list[CommittedRecord], end: int,
                    unresolved: list[bytes] | None) -> _Decision:
         """Positions of `unresolved` in the log (None if absent). If another owner wrote,
-        the shard is lost: WalFenced, unless our records are in the log (then they stand,
+        the group is lost: WalFenced, unless our records are in the log (then they stand,
         and the next append raises WalFenced)."""
         positions, foreign = self._classify(records, end, unresolved)
         if foreign is not None:
-            self._fenced = (f"shard {self.shard}: another owner wrote to "
-                            f"{self.topic_partition.topic}/{self.shard} at offset {foreign}")
-            log.error("%r: %s; this process stops serving the shard", self, self._fenced)
+            self._fenced = (f"group {self.group}: another owner wrote to "
+                            f"{self.topic_partition.topic}/{self.group} at offset {foreign}")
+            log.error("%r: %s; this process stops serving the group", self, self._fenced)
             if positions is None:
                 raise WalFenced(self._fenced)
         return positions

@@ -1,4 +1,4 @@
-"""What a shard owner holds between a vote's arrival and its answer, and the checks on it.
+"""What a group owner holds between a vote's arrival and its answer, and the checks on it.
 
 - `PendingVote` / `PendingControl`: an item queued at the owner with the future its caller
   awaits; `PlannedRecord`: one record of a commit cycle (a control record, or a vote batch
@@ -6,7 +6,7 @@
 - `answer` / `fail`: resolve a waiter at most once (a stalled append's voters were answered
   outcome-unknown already).
 - `check_positions`: the log's answer to an append must hold one (offset, next offset) per
-  record, each offset at or after the end of what the shard has applied and each record
+  record, each offset at or after the end of what the group has applied and each record
   after the one before (docs/design.md "Invariants"). A log that breaks this would leave
   votes unanswered or apply records out of order, so it is an InvariantViolation, checked
   in production too.
@@ -27,7 +27,7 @@ from shards.records import Record, VoteBatch, VoteGroup
 def check_positions(positions: Sequence[tuple[int, int]], records: int,
                     wal_offset_next: int) -> None:
     """Raise InvariantViolation unless `positions` is one growing (offset, next offset) per
-    record, starting at or after `wal_offset_next` (the end of what the shard applied)."""
+    record, starting at or after `wal_offset_next` (the end of what the group applied)."""
     if len(positions) != records:
         raise InvariantViolation(f"the log gave {len(positions)} positions for {records} records")
     floor = wal_offset_next
@@ -39,12 +39,13 @@ def check_positions(positions: Sequence[tuple[int, int]], records: int,
 
 
 class PendingVote:
-    __slots__ = ("poll", "voter_id", "voter_index", "option", "option_index", "future")
+    __slots__ = ("poll", "voter_id", "shard", "voter_index", "option", "option_index", "future")
 
-    def __init__(self, poll: str, voter_id: int, voter_index: int, option: str,
+    def __init__(self, poll: str, voter_id: int, shard: int, voter_index: int, option: str,
                  option_index: int, future: asyncio.Future[bytes]) -> None:
         self.poll = poll
         self.voter_id = voter_id
+        self.shard = shard
         self.voter_index = voter_index
         self.option = option
         self.option_index = option_index
@@ -54,11 +55,12 @@ class PendingVote:
 class PlannedRecord:
     """One record of a commit cycle: a control record, or a vote batch to be signed."""
 
-    __slots__ = ("record", "items", "groups", "runs", "batch_seq", "signed")
+    __slots__ = ("record", "items", "shard", "groups", "runs", "batch_seq", "signed")
 
     def __init__(self, record: Record | None, items: list[Any]) -> None:
         self.record = record
         self.items = items
+        self.shard = -1  # a vote batch's shard
         self.groups: list[VoteGroup] | None = None
         self.runs: list[signing.VoteRun] | None = None  # the groups as signing takes them
         self.batch_seq = 0
@@ -68,20 +70,20 @@ class PlannedRecord:
     def votes(self) -> list[PendingVote] | None:
         return self.items if self.record is None else None
 
-    def finished_record(self, shard: int) -> Record:
+    def finished_record(self) -> Record:
         if self.record is not None:
             return self.record
         signed, groups = self.signed, self.groups
         if signed is None or groups is None:
             raise InvariantViolation("a vote batch was appended before the cycle signed it")
-        return VoteBatch(shard=shard, batch_seq=self.batch_seq, time_ms=signed.time_ms,
+        return VoteBatch(shard=self.shard, batch_seq=self.batch_seq, time_ms=signed.time_ms,
                          groups=groups, batch_position=signed.batch_position,
                          batch_nodes=signed.batch_nodes, signature=signed.signature,
                          key_id=signed.key_id)
 
 
 class AppendInFlight:
-    """One append begun and not yet settled (ShardOwner.begin_append)."""
+    """One append begun and not yet settled (GroupOwner.begin_append)."""
 
     __slots__ = ("items", "plan", "records", "append", "ended", "timer", "decision", "started_s")
 

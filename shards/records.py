@@ -1,13 +1,18 @@
 """The WAL record format, shared by the embedded log, Kafka, snapshots' offsets and replay.
 
-A record is msgspec msgpack of one of three tagged structs. On the embedded log each record
+A record is msgspec msgpack of one of four tagged structs. On the embedded log each record
 is framed as `[u32 payload length][u32 crc32 of payload][payload]` (little-endian); on Kafka
 the payload is the record value (Kafka checksums it). Votes travel in batches: one record
 holds a group commit's votes, grouped by poll, as packed little-endian arrays (uint32 voter
 index = voter_id div shards, uint16 option index), so applying them is a tight loop.
 
+Each fencing group has one log; its first record is a `LogHeader` naming the layout (format,
+shards, groups, group), so a log written by another layout or for another group is refused,
+never misread. Vote batches name their shard (shard s is in group s mod groups); poll
+created / closed records hold for every shard of the group.
+
 Invariants: records are applied in log order; a vote counts only if its poll was created
-earlier in the same shard's log and not yet closed there; applying a record twice changes
+earlier in its group's log and not yet closed there; applying a record twice changes
 nothing (test-and-set).
 """
 
@@ -22,6 +27,18 @@ FRAME_HEADER = struct.Struct("<II")
 FRAME_HEADER_BYTES = FRAME_HEADER.size
 # A group commit of 65536 votes is ~400 KiB; anything near this bound is corruption.
 RECORD_BYTES_MAX = 16 * 1024 * 1024
+
+
+LOG_FORMAT = 2  # 1 (no header): one log per shard, before fencing groups
+
+
+class LogHeader(msgspec.Struct, tag="h", array_like=True, frozen=True):
+    """The first record of a group's log: what layout wrote it."""
+
+    format: int
+    shards: int
+    groups: int
+    group: int
 
 
 class PollCreated(msgspec.Struct, tag="p", array_like=True, frozen=True):
@@ -61,7 +78,7 @@ class VoteBatch(msgspec.Struct, tag="v", array_like=True, frozen=True):
     key_id: str
 
 
-Record = PollCreated | PollClosed | VoteBatch
+Record = LogHeader | PollCreated | PollClosed | VoteBatch
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Record)

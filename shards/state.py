@@ -22,7 +22,7 @@ from pyroaring import BitMap
 
 from engine.errors import LogCorrupt
 from engine.fastpath import Locator, apply_group
-from shards.records import PollClosed, PollCreated, Record, VoteBatch
+from shards.records import LogHeader, PollClosed, PollCreated, Record, VoteBatch
 
 # Outcome of one vote when its record is applied.
 COUNTED = 1
@@ -81,6 +81,8 @@ class ShardState:
             poll = self.polls.get(record.poll)
             if poll is not None and poll.closed_ms is None:
                 poll.closed_ms = record.closed_ms
+        elif isinstance(record, LogHeader):
+            pass  # checked by whoever opens the log (shards/recovery.py)
         else:
             # decode_record only gives the types above: anything else means the log or the
             # decoder disagrees with this code, and guessing would lose or invent votes.
@@ -88,6 +90,11 @@ class ShardState:
                              f"{type(record).__name__}")
         self.wal_offset_next = max(self.wal_offset_next, next_offset)
         return outcomes
+
+    def advance_to(self, wal_offset_next: int) -> None:
+        """Records up to `wal_offset_next` of the group's log are applied: the ones this
+        shard had no part in change nothing here, and a snapshot of it covers them."""
+        self.wal_offset_next = max(self.wal_offset_next, wal_offset_next)
 
     def _apply_votes(self, offset: int, batch: VoteBatch) -> list[bytearray | None]:
         self.batch_seq_next = max(self.batch_seq_next, batch.batch_seq + 1)

@@ -1,15 +1,18 @@
-"""The live owner of one shard: fence, recover, then group-commit votes and acknowledge them.
+"""The live owner of one fencing group: fence, recover, then group-commit votes and answer them.
 
-The vote path for one shard (docs/design.md "The vote path"):
-- `submit_vote` checks the poll and the bitmap; a repeat gets AlreadyVoted with the original
-  receipt; a vote of a voter already in flight waits for that one's outcome and never
-  becomes a second vote; the queue is bounded (Overloaded beyond it).
-- Each commit cycle (shards/commit.py, one per worker) takes up to `batch_votes_max`
-  queued items, plans one VoteBatch per run of votes and keeps control records (poll
-  created / closed) in arrival order; the cycle signs all its batches at once, then each
-  shard begins the append of its records (`begin_append`) and, once the log has made them
-  durable, applies them and answers. A shard may have several appends in flight (the
-  embedded log pipelines them); they are applied in the order they began.
+A fencing group (docs/design.md "Fencing groups") is the unit of ownership, fencing and
+durable writes; its shards are the units of state (shard s is in group s mod groups). The
+owner holds the group's one log (`Wal`: its flock, or its Kafka transactional producer) and
+every shard's `ShardState`:
+- `submit_vote` checks the poll and the shard's bitmap; a repeat gets AlreadyVoted with the
+  original receipt; a vote of a voter already in flight waits for that one's outcome and
+  never becomes a second vote; the group's queue is bounded (Overloaded beyond it).
+- Each commit cycle (shards/commit.py, one per worker) takes up to `batch_votes_max` queued
+  items and cuts them into records (shards/planning.py: a vote batch per shard, control
+  records in arrival order); the cycle signs all batches at once, then each group begins
+  ONE append of all its records (`begin_append`) and, once the log has made them durable,
+  applies them to their shards and answers. A group may have several appends in flight
+  (the embedded log pipelines them); they are applied in the order they began.
 - A failed append is settled by the WAL before it raises (WalUnavailable: nothing counted);
   OutcomeUnknown keeps the voter's in-flight entry until the log decides.
 
@@ -23,14 +26,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from engine import signing
 from engine.config import Config
 from engine.errors import (
     AlreadyVoted,
     InvariantViolation,
-    LogCorrupt,
     NotReady,
     OutcomeUnknown,
     Overloaded,
@@ -53,9 +55,11 @@ from shards.pending import (
     check_positions,
     fail,
 )
+from shards.planning import QueuedItem, plan_records, take_items
+from shards.records import PollCreated, Record, VoteBatch, decode_record, encode_record
 from shards.records import PollClosed as PollClosedRecord
-from shards.records import PollCreated, Record, VoteBatch, VoteGroup, decode_record, encode_record
-from shards.snapshots import SnapshotStore, freeze, snapshot_name
+from shards.recovery import apply_record, recover_group
+from shards.snapshots import SnapshotStore, freeze
 from shards.state import COUNTED, PollState, ShardState
 from shards.wal import Positions, Wal
 
@@ -63,47 +67,51 @@ log = logging.getLogger("votes.owner")
 
 SIGNED_BATCHES_CACHED = 64
 AUTO_CLOSE_CHECK_S = 0.5
-# How long stopping a shard waits for a snapshot being written (the S3 store closes after).
+# How long stopping a group waits for a snapshot being written (the S3 store closes after).
 SNAPSHOT_FINISH_WAIT_S = 10.0
 
 
 # What a voter's vote in flight is held by: its own future (the 201 body), or the future of
 # a stalled or failed append's decision.
 _VoterWaiter = asyncio.Future[bytes] | asyncio.Future[None]
-_QueuedItem = PendingVote | PendingControl
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class ShardOwner:
-    def __init__(self, shard: int, config: Config, wal: Wal, snapshot_store: SnapshotStore,
-                 keyring: KeyRing, hasher: signing.VoterHasher,
-                 metrics: CommitMetrics | None = None,
+class GroupOwner:
+    def __init__(self, group: int, config: Config, wal: Wal,
+                 snapshot_stores: Mapping[int, SnapshotStore], keyring: KeyRing,
+                 hasher: signing.VoterHasher, metrics: CommitMetrics | None = None,
                  committer: GroupCommitter | None = None) -> None:
-        self.shard = shard
+        self.group = group
         self.config = config
+        self.shards = list(config.shards_of_group(group))
+        if sorted(snapshot_stores) != self.shards:
+            raise InvariantViolation(f"group {group} needs one snapshot store per shard "
+                                     f"{self.shards}, got {sorted(snapshot_stores)}")
         self.wal = wal
-        self.snapshot_store = snapshot_store
+        self.snapshot_stores = dict(snapshot_stores)
         self.keyring = keyring
         self.hasher = hasher
         self.metrics = metrics
         self.committer = committer
-        self.state: ShardState | None = None
+        self.states: dict[int, ShardState] = {}
         self.ready = False
         self.failure: str | None = None
-        self._queue: deque[_QueuedItem] = deque()
+        self._queue: deque[QueuedItem] = deque()
         self._queued_votes = 0
         self._inflight: dict[tuple[str, int], _VoterWaiter] = {}
         self._closing: set[str] = set()
         self._stalled = False
         self._appends: deque[AppendInFlight] = deque()
-        self._batch_seq_next = 0
+        self._wal_offset_next = 0
+        self._batch_seq_next: dict[int, int] = {}
         self._signed_batches: OrderedDict[int, signing.SignedBatch] = OrderedDict()
-        self._snapshot_task: asyncio.Task[None] | None = None
-        self._snapshot_votes_applied = 0
-        self._snapshot_time_s = time.monotonic()
+        self._snapshot_tasks: dict[int, asyncio.Task[None]] = {}
+        self._snapshot_votes_applied: dict[int, int] = {}
+        self._snapshot_time_s: dict[int, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # asyncio.get_running_loop() costs a getpid() system call each time (its fork check):
         # on the vote path that was a tenth of the event loop's time, so the loop is kept.
@@ -115,44 +123,37 @@ class ShardOwner:
         self._loop = asyncio.get_running_loop()
         try:
             await self.wal.acquire()
-            self.state = await self._recover()
+            self.states = await self._recover()
         except VotesError as exc:
-            self.failure = f"shard {self.shard}: {exc}"
-            log.error("shard %d cannot start: %s", self.shard, exc)
+            self.failure = f"group {self.group}: {exc}"
+            log.error("group %d cannot start: %s", self.group, exc)
             raise
         except Exception as exc:
             # A defect, not an expected failure: keep the traceback, and still say on /readyz
-            # why the shard is not serving instead of leaving it silently not ready.
-            self.failure = f"shard {self.shard}: unexpected {type(exc).__name__}: {exc}"
-            log.exception("shard %d cannot start", self.shard)
+            # why the group is not serving instead of leaving it silently not ready.
+            self.failure = f"group {self.group}: unexpected {type(exc).__name__}: {exc}"
+            log.exception("group %d cannot start", self.group)
             raise
-        self._batch_seq_next = self.state.batch_seq_next
-        self._snapshot_votes_applied = self.state.votes_applied
+        started_s = time.monotonic()
+        for shard, state in self.states.items():
+            self._batch_seq_next[shard] = state.batch_seq_next
+            self._snapshot_votes_applied[shard] = state.votes_applied
+            self._snapshot_time_s[shard] = started_s
         if self.committer is None:  # a lone owner (tests, tools) commits for itself
             self.committer = GroupCommitter(self.config, self.keyring, self.hasher, self.metrics)
-            self._tasks.append(asyncio.create_task(self.committer.run(), name=f"commit-{self.shard}"))
+            self._tasks.append(asyncio.create_task(self.committer.run(), name=f"commit-g{self.group}"))
         self.committer.add(self)
-        self._tasks.append(asyncio.create_task(self._auto_close_loop(), name=f"close-{self.shard}"))
+        self._tasks.append(asyncio.create_task(self._auto_close_loop(), name=f"close-g{self.group}"))
         self.ready = True
 
-    async def _recover(self) -> ShardState:
-        """Newest valid snapshot + replay of the log after it, through the live apply."""
-        state = await self.snapshot_store.load() or ShardState(self.shard, self.config.shards)
-        snapshot_offset = state.wal_offset_next
+    async def _recover(self) -> dict[int, ShardState]:
+        states, self._wal_offset_next = await recover_group(
+            self.group, self.config, self.wal, self.snapshot_stores)
+        return states
 
-        def apply(offset: int, next_offset: int, payload: bytes | memoryview) -> None:
-            state.apply(offset, next_offset, decode_record(payload))
-
-        end_offset = await self.wal.replay(snapshot_offset, apply)
-        if snapshot_offset > end_offset:
-            # The snapshot holds votes the log no longer has: serving it would answer for
-            # records nobody can replay or audit. Stop, naming both sides for the operator.
-            raise LogCorrupt(
-                f"snapshot {snapshot_name(snapshot_offset)} in {self.snapshot_store.location()} "
-                f"covers the log up to {snapshot_offset} but the log ends at {end_offset} "
-                f"({self.wal.location()}): the log lost acknowledged records"
-            )
-        return state
+    def _apply_record(self, states: Mapping[int, ShardState], offset: int, next_offset: int,
+                      record: Record) -> list[bytearray | None]:
+        return apply_record(states, self.group, offset, next_offset, record)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -164,40 +165,41 @@ class ShardOwner:
                 pass
         self.ready = False
         await self.wal.close()
-        snapshot = self._snapshot_task
-        if snapshot is not None and not snapshot.done():
-            # Let a snapshot being written finish before its store closes (bounded: if it
+        writing = [task for task in self._snapshot_tasks.values() if not task.done()]
+        if writing:
+            # Let snapshots being written finish before their stores close (bounded: if one
             # does not, its manifest is not replaced and the previous snapshot stays in use).
-            await asyncio.wait({snapshot}, timeout=SNAPSHOT_FINISH_WAIT_S)
-        # An S3 store holds a client session; a shard handed over must not leak it.
-        await self.snapshot_store.close()
+            await asyncio.wait(writing, timeout=SNAPSHOT_FINISH_WAIT_S)
+        # An S3 store holds a client session; a group handed over must not leak it.
+        for store in self.snapshot_stores.values():
+            await store.close()
 
-    def _ready_state(self) -> ShardState:
-        if not self.ready or self.state is None:
-            raise NotReady(self.failure or f"shard {self.shard} is fencing or catching up")
-        return self.state
+    def _ready_state(self, shard: int) -> ShardState:
+        if not self.ready:
+            raise NotReady(self.failure or f"group {self.group} is fencing or catching up")
+        return self.states[shard]
 
-    # Set by `start`: the commit path and the owner's loops run only after it.
-    def _started_state(self) -> ShardState:
-        if self.state is None:
-            raise InvariantViolation(f"shard {self.shard} has no state before start()")
-        return self.state
+    def _any_ready_state(self) -> ShardState:
+        """A shard of the group as polls see it: control records hold for every shard."""
+        return self._ready_state(self.shards[0])
 
     def _started_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
-            raise InvariantViolation(f"shard {self.shard} has no event loop before start()")
+            raise InvariantViolation(f"group {self.group} has no event loop before start()")
         return self._loop
 
     def _started_committer(self) -> GroupCommitter:
         if self.committer is None:
-            raise InvariantViolation(f"shard {self.shard} has no committer before start()")
+            raise InvariantViolation(f"group {self.group} has no committer before start()")
         return self.committer
 
     # The vote path ---------------------------------------------------------------------------
 
     async def submit_vote(self, poll_id: str, voter_id: int, option: str) -> bytes:
         """The vote's 201 body once its record is durable; raises the VotesError to answer."""
-        state = self._ready_state()
+        shards_total = self.config.shards
+        shard = voter_id % shards_total
+        state = self._ready_state(shard)
         poll = state.polls.get(poll_id)
         if poll is None:
             raise PollNotFound(f"poll {poll_id!r} does not exist")
@@ -205,28 +207,29 @@ class ShardOwner:
         if option_index is None:
             raise UnknownOption(f"poll {poll_id!r} has no option {option!r}")
         self._check_open(poll)
-        voter_index = voter_id // self.config.shards
-        key = (poll_id, voter_index)
+        voter_index = voter_id // shards_total
+        key = (poll_id, voter_id)
         while (earlier := self._inflight.get(key)) is not None:
             await self._outcome_of_earlier(earlier)
         if voter_index in poll.voters:
             raise AlreadyVoted("this voter's vote is already in the log",
-                               receipt=await self._receipt_for(poll, voter_index))
+                               receipt=await self._receipt_for(state, poll, voter_index))
         if self._stalled:
-            raise WalUnavailable(f"shard {self.shard}'s log has not answered its last append")
-        if self._queued_votes >= self.config.shard_queue_votes_max:
-            raise Overloaded(f"shard {self.shard} has {self._queued_votes} votes waiting")
+            raise WalUnavailable(f"group {self.group}'s log has not answered its last append")
+        if self._queued_votes >= self.config.group_queue_votes_max:
+            raise Overloaded(f"group {self.group} has {self._queued_votes} votes waiting")
         future: asyncio.Future[bytes] = self._started_loop().create_future()
         self._inflight[key] = future
-        self._queue.append(PendingVote(poll_id, voter_id, voter_index, option, option_index, future))
+        self._queue.append(PendingVote(poll_id, voter_id, shard, voter_index, option,
+                                       option_index, future))
         self._queued_votes += 1
         self._started_committer().notify()
         # No per-vote timer: the commit resolves every future, and an append that outlives
-        # append_timeout_s is answered outcome-unknown there (see append_and_apply).
+        # append_timeout_s is answered outcome-unknown there (see _append_timed_out).
         try:
             return await future
         except AlreadyVoted as exc:
-            raise AlreadyVoted(exc.detail, receipt=await self._receipt_for(poll, voter_index))
+            raise AlreadyVoted(exc.detail, receipt=await self._receipt_for(state, poll, voter_index))
 
     def _check_open(self, poll: PollState) -> None:
         definition = poll.definition
@@ -251,24 +254,22 @@ class ShardOwner:
         except VotesError as exc:
             raise type(exc)(exc.detail)
 
-    async def _receipt_for(self, poll: PollState,
+    async def _receipt_for(self, state: ShardState, poll: PollState,
                            voter_index: int) -> signing.ReceiptDocument | None:
-        state = self._started_state()
         offset = state.record_of_voter(poll, voter_index)
         if offset is None:
             return None
         signed = self._signed_batches.get(offset)
         if signed is None:
             batch = decode_record(await self.wal.read_at(offset))
-            if not isinstance(batch, VoteBatch) or batch.shard != self.shard:
-                raise VotesError(f"record at offset {offset} is not a vote batch of this shard")
-            signed = self._rebuild_signed_batch(batch)
+            if not isinstance(batch, VoteBatch) or batch.shard != state.shard:
+                raise VotesError(f"record at offset {offset} is not a vote batch of shard {state.shard}")
+            signed = self._rebuild_signed_batch(state, batch)
         poll_id = poll.definition.poll
         index = signed.index_of(poll_id, self.hasher(poll_id, state.voter_id(voter_index)))
         return None if index is None else signing.receipt_document(signed.receipt(index, offset))
 
-    def _rebuild_signed_batch(self, batch: VoteBatch) -> signing.SignedBatch:
-        state = self._started_state()
+    def _rebuild_signed_batch(self, state: ShardState, batch: VoteBatch) -> signing.SignedBatch:
         runs = [signing.VoteRun(group.poll, state.polls[group.poll].definition.options,
                                 array.array("Q", [state.voter_id(voter_index) for voter_index
                                                   in array.array("I", group.voters)]).tobytes(),
@@ -280,24 +281,23 @@ class ShardOwner:
             key_id=batch.key_id, signature=batch.signature,
         )
 
-    # Control records: polls created and closed ------------------------------------------------
+    # Control records: polls created and closed, one record for the whole group --------------
 
     async def create_poll(self, record: PollCreated) -> bool:
-        """Append the poll's creation to this shard's log; False if it already exists alike."""
-        state = self._ready_state()
+        """Append the poll's creation to this group's log; False if it already exists alike."""
+        state = self._any_ready_state()
         existing = state.polls.get(record.poll)
         if existing is not None:
             if _same_definition(existing.definition, record):
                 return False
             raise PollExists(f"poll {record.poll!r} exists with another definition")
         if len(state.polls) >= self.config.polls_max:
-            raise Overloaded(f"shard {self.shard} already holds {len(state.polls)} polls")
+            raise Overloaded(f"group {self.group} already holds {len(state.polls)} polls")
         await self._submit_control(record)
         return True
 
     async def close_poll(self, poll_id: str) -> None:
-        state = self._ready_state()
-        poll = state.polls.get(poll_id)
+        poll = self._any_ready_state().polls.get(poll_id)
         if poll is None:
             raise PollNotFound(f"poll {poll_id!r} does not exist")
         if poll.closed:
@@ -307,6 +307,9 @@ class ShardOwner:
             await self._submit_control(PollClosedRecord(poll=poll_id, closed_ms=now_ms()))
         finally:
             self._closing.discard(poll_id)
+
+    def knows_poll(self, poll_id: str) -> bool:
+        return bool(self.states) and poll_id in self.states[self.shards[0]].polls
 
     async def _submit_control(self, record: Record) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -321,14 +324,14 @@ class ShardOwner:
         while True:
             await asyncio.sleep(AUTO_CLOSE_CHECK_S)
             current_ms = now_ms()
-            for poll_id, poll in list(self._started_state().polls.items()):
+            for poll_id, poll in list(self.states[self.shards[0]].polls.items()):
                 closes_at_ms = poll.definition.closes_at_ms
                 if closes_at_ms is not None and current_ms >= closes_at_ms and not poll.closed \
                         and poll_id not in self._closing:
                     try:
                         await self.close_poll(poll_id)
                     except VotesError as exc:
-                        log.warning("auto-close of %s on shard %d failed: %s", poll_id, self.shard, exc)
+                        log.warning("auto-close of %s on group %d failed: %s", poll_id, self.group, exc)
 
     # Group commit (cycles are driven by the worker's GroupCommitter) -------------------------
 
@@ -339,55 +342,16 @@ class ShardOwner:
     def has_queued(self) -> bool:
         return bool(self._queue)
 
-    def take_items(self) -> list[_QueuedItem]:
+    def take_items(self) -> list[QueuedItem]:
         """Up to batch_votes_max queued votes, with control records in arrival order."""
-        items: list[_QueuedItem] = []
-        votes = 0
-        queue = self._queue
-        while queue and votes < self.config.batch_votes_max:
-            item = queue.popleft()
-            if isinstance(item, PendingVote):
-                votes += 1
-            items.append(item)
+        items, votes = take_items(self._queue, self.config.batch_votes_max)
         self._queued_votes -= votes
         return items
 
-    def plan_records(self, items: list[_QueuedItem]) -> list[PlannedRecord]:
-        """Cut the items into records in arrival order: one vote batch per run of votes.
-        The committer signs every vote batch of the cycle at once before the append."""
-        plan: list[PlannedRecord] = []
-        run: list[PendingVote] = []
-        for item in items:
-            if isinstance(item, PendingVote):
-                run.append(item)
-                continue
-            if run:
-                plan.append(self._plan_vote_batch(run))
-                run = []
-            plan.append(PlannedRecord(item.record, [item]))
-        if run:
-            plan.append(self._plan_vote_batch(run))
-        return plan
-
-    def _plan_vote_batch(self, votes: list[PendingVote]) -> PlannedRecord:
-        by_poll: dict[str, list[PendingVote]] = {}
-        for vote in votes:
-            by_poll.setdefault(vote.poll, []).append(vote)
-        planned = PlannedRecord(None, [vote for group in by_poll.values() for vote in group])
-        planned.groups = []
-        planned.runs = []
-        polls = self._started_state().polls
-        for poll, group in by_poll.items():
-            options = array.array("H", [vote.option_index for vote in group]).tobytes()
-            planned.groups.append(VoteGroup(
-                poll=poll, voters=array.array("I", [vote.voter_index for vote in group]).tobytes(),
-                options=options))
-            planned.runs.append(signing.VoteRun(
-                poll, polls[poll].definition.options,
-                array.array("Q", [vote.voter_id for vote in group]).tobytes(), options))
-        planned.batch_seq = self._batch_seq_next
-        self._batch_seq_next += 1  # never reused, even if this append fails
-        return planned
+    def plan_records(self, items: list[QueuedItem]) -> list[PlannedRecord]:
+        """The records of one append (shards/planning.py); the committer signs every vote
+        batch of the cycle at once before the append begins."""
+        return plan_records(items, self.states, self._batch_seq_next)
 
     @property
     def appends_in_flight(self) -> int:
@@ -396,7 +360,7 @@ class ShardOwner:
     @property
     def wal_offset_next(self) -> int:
         """The log offset just after the last record applied (0 before recovery)."""
-        return 0 if self.state is None else self.state.wal_offset_next
+        return self._wal_offset_next
 
     @property
     def appends_in_flight_max(self) -> int:
@@ -406,16 +370,17 @@ class ShardOwner:
         """Whether a vote taken here still waits for its answer (or its log's decision)."""
         return bool(self._inflight)
 
-    def begin_append(self, items: list[_QueuedItem],
+    def begin_append(self, items: list[QueuedItem],
                      plan: list[PlannedRecord]) -> asyncio.Future[None]:
-        """Start making the planned records durable; never raises. When the log answers, the
-        records are applied and their items answered, appends in the order they began.
+        """Start making the planned records durable in ONE append; never raises. When the log
+        answers, the records are applied and their items answered, appends in the order they
+        began.
 
         Returns a future that ends when this append is settled, or when it was answered
-        outcome-unknown after append_timeout_s (its voters then stay held, and the shard
+        outcome-unknown after append_timeout_s (its voters then stay held, and the group
         takes no new votes, until the log answers it)."""
         loop = self._started_loop()
-        records = [planned.finished_record(self.shard) for planned in plan]
+        records = [planned.finished_record() for planned in plan]
         append = asyncio.ensure_future(self.wal.append([encode_record(record) for record in records]))
         entry = AppendInFlight(items, plan, records, append, loop.create_future())
         entry.timer = loop.call_later(self.config.append_timeout_s, self._append_timed_out, entry)
@@ -440,45 +405,49 @@ class ShardOwner:
             if self.committer is not None:
                 self.committer.append_ended(self, entry.started_s, len(entry.items))
 
-    def _settle(self, append: asyncio.Future[Positions], items: Sequence[_QueuedItem],
+    def _stop_serving(self, reason: str) -> None:
+        self.ready = False
+        self.failure = f"group {self.group}: {reason}"
+
+    def _settle(self, append: asyncio.Future[Positions], items: Sequence[QueuedItem],
                 plan: list[PlannedRecord], records: list[Record]) -> None:
         try:
             positions = append.result()
         except VotesError as exc:
             if isinstance(exc, NotReady):  # the log fenced this owner out: stop serving
-                self.ready = False
-                self.failure = f"shard {self.shard}: {exc}"
+                self._stop_serving(str(exc))
             self._fail_items(items, exc)
             return
         except Exception as exc:  # a bug or an unexpected client error: outcome unknown
-            log.error("append on shard %d failed unexpectedly: %r", self.shard, exc)
+            log.error("append on group %d failed unexpectedly: %r", self.group, exc)
             self._fail_items(items, OutcomeUnknown(f"append failed unexpectedly: {exc}"))
             return
-        state = self._started_state()
         try:
-            check_positions(positions, len(records), state.wal_offset_next)
+            check_positions(positions, len(records), self._wal_offset_next)
         except InvariantViolation as exc:
             # The log broke its contract: the records may be in it, so their voters stay
-            # held (outcome unknown) and the shard stops serving until it is recovered.
-            log.error("shard %d stops: %s", self.shard, exc)
-            self.ready = False
-            self.failure = f"shard {self.shard}: {exc}"
+            # held (outcome unknown) and the group stops serving until it is recovered.
+            log.error("group %d stops: %s", self.group, exc)
+            self._stop_serving(str(exc))
             self._fail_items(items, OutcomeUnknown(f"the log broke its contract: {exc}"))
             return
+        states = self.states
         for planned, record, (offset, next_offset) in zip(plan, records, positions, strict=True):
-            outcomes = state.apply(offset, next_offset, record)
+            outcomes = self._apply_record(states, offset, next_offset, record)
             if planned.signed is None:
                 answer(planned.items[0].future)
                 continue
             self._remember_signed(offset, planned.signed)
             self._answer_votes(record, planned.items, planned.signed, outcomes, offset)
-        self._maybe_snapshot()
+        if positions:
+            self._wal_offset_next = positions[-1][1]
+        self._maybe_snapshot(planned.shard for planned in plan if planned.signed is not None)
 
     def _append_timed_out(self, entry: AppendInFlight) -> None:
         if entry.append.done():
             return
-        log.warning("shard %d: append unanswered after %.1f s; holding its voters",
-                    self.shard, self.config.append_timeout_s)
+        log.warning("group %d: append unanswered after %.1f s; holding its voters",
+                    self.group, self.config.append_timeout_s)
         self._stalled = True
         for item in entry.items:
             answer(item.future, exception=OutcomeUnknown("the log did not confirm in time; "
@@ -488,7 +457,7 @@ class ShardOwner:
         entry.decision = asyncio.get_running_loop().create_future()
         for item in entry.items:
             if isinstance(item, PendingVote):
-                self._inflight[(item.poll, item.voter_index)] = entry.decision
+                self._inflight[(item.poll, item.voter_id)] = entry.decision
         entry.ended.set_result(None)
 
     def _decided(self, entry: AppendInFlight, decision: asyncio.Future[None]) -> None:
@@ -497,12 +466,12 @@ class ShardOwner:
         self._settle(entry.append, entry.items, entry.plan, entry.records)
         for item in entry.items:
             if isinstance(item, PendingVote) and self._inflight.get(
-                    (item.poll, item.voter_index)) is decision:
-                del self._inflight[(item.poll, item.voter_index)]
+                    (item.poll, item.voter_id)) is decision:
+                del self._inflight[(item.poll, item.voter_id)]
         decision.set_result(None)
         if not any(other.decision is not None for other in self._appends):
             self._stalled = False
-        log.warning("shard %d: the stalled append ended; shard resumes", self.shard)
+        log.warning("group %d: the stalled append ended; group resumes", self.group)
 
     def _answer_votes(self, record: Record, votes: list[PendingVote],
                       signed: signing.SignedBatch, outcomes: list[bytearray | None],
@@ -510,12 +479,13 @@ class ShardOwner:
         if not isinstance(record, VoteBatch):
             raise InvariantViolation(f"the signed record at offset {offset} is no vote batch")
         bodies = signed.receipt_bodies(offset)  # every 201 body in one compiled pass
+        inflight = self._inflight
         leaf = 0
         for group, flags in zip(record.groups, outcomes, strict=True):
             group_size = len(group.voters) // 4
             for position in range(group_size):
                 vote = votes[leaf]
-                self._inflight.pop((vote.poll, vote.voter_index), None)
+                inflight.pop((vote.poll, vote.voter_id), None)
                 if flags is None:
                     answer(vote.future, exception=PollClosed(f"poll {vote.poll!r} closed before this vote"))
                 elif flags[position] == COUNTED:
@@ -524,23 +494,23 @@ class ShardOwner:
                     answer(vote.future, exception=AlreadyVoted("this voter's vote is already in the log"))
                 leaf += 1
 
-    def fail_unwritten(self, items: Sequence[_QueuedItem], exc: VotesError) -> None:
+    def fail_unwritten(self, items: Sequence[QueuedItem], exc: VotesError) -> None:
         self._fail_items(items, exc)
 
-    def _fail_items(self, items: Sequence[_QueuedItem], exc: VotesError) -> None:
+    def _fail_items(self, items: Sequence[QueuedItem], exc: VotesError) -> None:
         keep_inflight = isinstance(exc, OutcomeUnknown)
         for item in items:
             if isinstance(item, PendingVote) and not keep_inflight:
-                self._inflight.pop((item.poll, item.voter_index), None)
+                self._inflight.pop((item.poll, item.voter_id), None)
             answer(item.future, exception=type(exc)(exc.detail))
         if keep_inflight:
-            # The log decides on its next successful read: until the shard is recovered
+            # The log decides on its next successful read: until the group is recovered
             # (restart or handover), these voters stay held and answer outcome-unknown.
             held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fail(held, OutcomeUnknown("an earlier vote of this voter is undecided"))
             for item in items:
                 if isinstance(item, PendingVote):
-                    self._inflight[(item.poll, item.voter_index)] = held
+                    self._inflight[(item.poll, item.voter_id)] = held
 
     def _remember_signed(self, offset: int, signed: signing.SignedBatch) -> None:
         """Keep recent batches' trees by record offset: repeats come soon after the vote."""
@@ -548,41 +518,51 @@ class ShardOwner:
         while len(self._signed_batches) > SIGNED_BATCHES_CACHED:
             self._signed_batches.popitem(last=False)
 
-    # Snapshots -------------------------------------------------------------------------------
+    # Snapshots, per shard ---------------------------------------------------------------------
 
-    def _maybe_snapshot(self) -> None:
-        state = self._started_state()
-        if self._snapshot_task is not None and not self._snapshot_task.done():
-            return
-        if snapshot_due(self.config, self._snapshot_votes_applied, state.votes_applied,
-                        time.monotonic() - self._snapshot_time_s):
-            self.snapshot_now()
+    def _maybe_snapshot(self, shards: Iterable[int]) -> None:
+        elapsed_s = time.monotonic()
+        for shard in set(shards):
+            task = self._snapshot_tasks.get(shard)
+            if task is not None and not task.done():
+                continue
+            if snapshot_due(self.config, self._snapshot_votes_applied[shard],
+                            self.states[shard].votes_applied,
+                            elapsed_s - self._snapshot_time_s[shard]):
+                self.snapshot_now(shard)
 
-    def snapshot_now(self) -> asyncio.Task[None]:
-        """Freeze now (a batch boundary: no record is half applied) and write it off the loop."""
-        state = self._started_state()
+    def snapshot_now(self, shard: int) -> asyncio.Task[None]:
+        """Freeze the shard now (a batch boundary: no record is half applied) and write it off
+        the loop. It covers the group's log up to what the group applied."""
+        state = self.states[shard]
+        state.advance_to(self._wal_offset_next)
         data = freeze(state)
-        self._snapshot_votes_applied = state.votes_applied
-        self._snapshot_time_s = time.monotonic()
+        self._snapshot_votes_applied[shard] = state.votes_applied
+        self._snapshot_time_s[shard] = time.monotonic()
         loop = asyncio.get_running_loop()
-        self._snapshot_task = loop.create_task(self._write_snapshot(data, state.wal_offset_next))
-        return self._snapshot_task
+        task = loop.create_task(self._write_snapshot(shard, data, state.wal_offset_next))
+        self._snapshot_tasks[shard] = task
+        return task
 
-    async def _write_snapshot(self, data: bytes, wal_offset_next: int) -> None:
+    def snapshot_all(self) -> list[asyncio.Task[None]]:
+        return [self.snapshot_now(shard) for shard in self.shards]
+
+    async def _write_snapshot(self, shard: int, data: bytes, wal_offset_next: int) -> None:
         try:
-            await self.snapshot_store.save(data, wal_offset_next)
+            await self.snapshot_stores[shard].save(data, wal_offset_next)
         except OSError as exc:
-            log.warning("snapshot of shard %d failed: %s (the previous one stays in use)",
-                        self.shard, exc)
+            log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)
 
     # Results ----------------------------------------------------------------------------------
 
-    def poll_summary(self, poll_id: str) -> tuple[PollCreated, list[int], bool] | None:
-        state = self._ready_state()
-        poll = state.polls.get(poll_id)
-        if poll is None:
-            return None
-        return poll.definition, poll.tallies.tolist(), poll.closed
+    def poll_summaries(self, poll_id: str) -> list[tuple[int, PollCreated, list[int], bool]]:
+        """Per shard of the group: (shard, definition, tallies, closed); [] for an unknown poll."""
+        summaries = []
+        for shard in self.shards:
+            poll = self._ready_state(shard).polls.get(poll_id)
+            if poll is not None:
+                summaries.append((shard, poll.definition, poll.tallies.tolist(), poll.closed))
+        return summaries
 
 
 def snapshot_due(config: Config, votes_at_last: int, votes_now: int, elapsed_s: float) -> bool:

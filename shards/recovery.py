@@ -1,0 +1,92 @@
+"""Recovering a fencing group: each shard's snapshot, then one replay of the group's log.
+
+Each shard has its own snapshots, each covering the group's log up to an offset; the group's
+log is replayed once from the oldest of them, every record through the live apply
+(`apply_record`), and a shard skips what its snapshot already holds (ShardState.apply). The
+log's first record is its `LogHeader`: a log that starts with anything else, or with the
+header of another layout or group, is refused (LogCorrupt naming the file or partition),
+never misread; a new, empty log gets its header before the group serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from engine.config import Config
+from engine.errors import LogCorrupt
+from shards.pending import check_positions
+from shards.records import LOG_FORMAT, LogHeader, Record, VoteBatch, decode_record, encode_record
+from shards.snapshots import SnapshotStore, snapshot_name
+from shards.state import ShardState
+from shards.wal import Wal
+
+
+def log_header(config: Config, group: int) -> LogHeader:
+    return LogHeader(format=LOG_FORMAT, shards=config.shards, groups=config.groups, group=group)
+
+
+def apply_record(states: Mapping[int, ShardState], group: int, offset: int, next_offset: int,
+                 record: Record) -> list[bytearray | None]:
+    """Apply one record of a group's log: a vote batch to its shard, anything else to every
+    shard of the group. The vote batch's outcomes (ShardState.apply); [] for the others."""
+    if isinstance(record, VoteBatch):
+        state = states.get(record.shard)
+        if state is None:
+            raise LogCorrupt(f"record at offset {offset} is a vote batch of shard {record.shard}, "
+                             f"which is not in group {group}")
+        return state.apply(offset, next_offset, record)
+    for state in states.values():
+        state.apply(offset, next_offset, record)
+    return []
+
+
+def check_header(record: Record, expected: LogHeader, offset: int, location: str) -> None:
+    if record == expected:
+        return
+    found = (f"the header {record!r}" if isinstance(record, LogHeader)
+             else f"a {type(record).__name__} record (a log of layout 1, one log per shard, has "
+                  f"no header)")
+    raise LogCorrupt(
+        f"the log {location} starts at offset {offset} with {found}, not {expected!r}: it was "
+        f"written by another layout or for another group. Export its results with the release "
+        f"that wrote it; do not point this group at it.")
+
+
+async def recover_group(group: int, config: Config, wal: Wal,
+                        snapshot_stores: Mapping[int, SnapshotStore],
+                        ) -> tuple[dict[int, ShardState], int]:
+    """Every shard's state of the group and the log offset after the last record applied."""
+    shards = sorted(snapshot_stores)
+    loaded = await asyncio.gather(*(snapshot_stores[shard].load() for shard in shards))
+    states = {shard: state or ShardState(shard, config.shards)
+              for shard, state in zip(shards, loaded, strict=True)}
+    replay_from = min(state.wal_offset_next for state in states.values())
+    header = log_header(config, group)
+    records_seen = 0
+
+    def apply(offset: int, next_offset: int, payload: bytes | memoryview) -> None:
+        nonlocal records_seen
+        record = decode_record(payload)
+        if records_seen == 0 and replay_from == 0:
+            check_header(record, header, offset, wal.location())
+        records_seen += 1
+        apply_record(states, group, offset, next_offset, record)
+
+    end_offset = await wal.replay(replay_from, apply)
+    for shard, state in states.items():
+        if state.wal_offset_next > end_offset:
+            # The snapshot holds votes the log no longer has: serving it would answer for
+            # records nobody can replay or audit. Stop, naming both sides for the operator.
+            raise LogCorrupt(
+                f"snapshot {snapshot_name(state.wal_offset_next)} of shard {shard} in "
+                f"{snapshot_stores[shard].location()} covers the log up to "
+                f"{state.wal_offset_next} but the log ends at {end_offset} "
+                f"({wal.location()}): the log lost acknowledged records")
+    if records_seen == 0 and end_offset == 0:
+        positions = await wal.append([encode_record(header)])
+        check_positions(positions, 1, 0)
+        end_offset = positions[0][1]
+    for state in states.values():
+        state.advance_to(end_offset)
+    return states, end_offset
