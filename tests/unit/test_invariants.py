@@ -1,6 +1,6 @@
 """Proves that the invariants the data depends on are checked in production code, not
 assumed: a log that answers an append with too few positions, or with an offset that does
-not grow past what the shard applied, stops the shard and answers its voters (outcome
+not grow past what the group applied, stops the group and answers its voters (outcome
 unknown) instead of leaving them waiting forever or applying records out of order; an
 unknown record type is LogCorrupt; commit cycles in flight never exceed their bound.
 
@@ -23,7 +23,7 @@ from engine.config import Config
 from engine.errors import InvariantViolation, LogCorrupt, OutcomeUnknown
 from engine.keys import KeyRing
 from shards.commit import COMMIT_CYCLES_IN_FLIGHT_MAX, GroupCommitter
-from shards.owner import ShardOwner
+from shards.group_owner import GroupOwner
 from shards.pending import check_positions
 from shards.snapshots import DirectorySnapshotStore
 from shards.state import ShardState
@@ -31,6 +31,8 @@ from tests.support.records import poll_created
 
 SHARD = 1
 SHARDS_TOTAL = 4
+GROUPS = 2
+GROUP = SHARD % GROUPS  # shards 1 and 3
 RECORD_BYTES = 10
 ANSWER_WAIT_S = 5.0
 
@@ -67,21 +69,26 @@ class FakeWal:
     async def read_at(self, offset: int) -> bytes:
         raise AssertionError("no record is read back in these tests")
 
+    def location(self) -> str:
+        return "fake log"
+
     async def close(self) -> None:
         return None
 
 
-async def _started_owner(tmp_path: Path, keyring: KeyRing, wal: FakeWal) -> ShardOwner:
-    config = Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL, group_commit_ms=1.0)
-    store = DirectorySnapshotStore(tmp_path / "snapshots", SHARD, 2)
-    owner = ShardOwner(SHARD, config, wal, store, keyring,
+async def _started_owner(tmp_path: Path, keyring: KeyRing, wal: FakeWal) -> GroupOwner:
+    config = Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL, groups=GROUPS,
+                    group_commit_ms=1.0).validate()
+    stores = {shard: DirectorySnapshotStore(tmp_path / f"snapshots-{shard}", shard, 2)
+              for shard in config.shards_of_group(GROUP)}
+    owner = GroupOwner(GROUP, config, wal, stores, keyring,
                        signing.VoterHasher(keyring.voter_hash_secret))
     await owner.start()
     assert await owner.create_poll(poll_created("p", ["a", "b"]))
     return owner
 
 
-def _broken_append_stops_the_shard(tmp_path: Path, keyring: KeyRing,
+def _broken_append_stops_the_group(tmp_path: Path, keyring: KeyRing,
                                    positions_for: Callable[[int, int], Positions]) -> None:
     async def scenario() -> None:
         wal = FakeWal()
@@ -94,23 +101,24 @@ def _broken_append_stops_the_shard(tmp_path: Path, keyring: KeyRing,
             assert all(isinstance(answer, OutcomeUnknown) for answer in answers), answers
             assert not owner.ready
             assert owner.failure is not None and "log" in owner.failure
-            assert owner.state is not None and owner.state.votes_applied == 0
+            assert sum(state.votes_applied for state in owner.states.values()) == 0
         finally:
             await owner.stop()
 
     asyncio.run(scenario())
 
 
-def test_an_append_answered_with_too_few_positions_stops_the_shard(
+def test_an_append_answered_with_too_few_positions_stops_the_group(
         tmp_path: Path, keyring: KeyRing) -> None:
-    _broken_append_stops_the_shard(
+    _broken_append_stops_the_group(
         tmp_path, keyring, lambda offset_next, records: honest(offset_next, records)[:-1])
 
 
-def test_an_append_answered_with_an_offset_already_applied_stops_the_shard(
+def test_an_append_answered_with_an_offset_already_applied_stops_the_group(
         tmp_path: Path, keyring: KeyRing) -> None:
-    # The poll's creation took 0..10: an answer starting at 0 again goes backwards.
-    _broken_append_stops_the_shard(tmp_path, keyring,
+    # The log's header took 0..10 and the poll's creation 10..20: an answer starting at 0
+    # again goes backwards.
+    _broken_append_stops_the_group(tmp_path, keyring,
                                    lambda offset_next, records: honest(0, records))
 
 
@@ -138,10 +146,10 @@ def test_an_unknown_record_type_is_log_corrupt() -> None:
     assert state.wal_offset_next == 10
 
 
-class NeverEndingShard:
-    """A shard whose appends never end, so every cycle started stays in flight."""
+class NeverEndingGroup:
+    """A group whose appends never end, so every cycle started stays in flight."""
 
-    shard = SHARD
+    group = GROUP
     queued_votes = 0
     appends_in_flight = 0
     appends_in_flight_max = 8
@@ -164,9 +172,9 @@ class NeverEndingShard:
 
 def test_a_commit_cycle_beyond_the_bound_is_refused(keyring: KeyRing) -> None:
     async def scenario() -> None:
-        committer = GroupCommitter(Config(shards=SHARDS_TOTAL), keyring,
+        committer = GroupCommitter(Config(shards=SHARDS_TOTAL).validate(), keyring,
                                    signing.VoterHasher(keyring.voter_hash_secret))
-        shard = NeverEndingShard()
+        shard = NeverEndingGroup()
         for _ in range(COMMIT_CYCLES_IN_FLIGHT_MAX):
             committer._start_commit([(shard, [], [])])
         assert committer.cycles_in_flight == COMMIT_CYCLES_IN_FLIGHT_MAX
