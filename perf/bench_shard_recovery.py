@@ -48,7 +48,8 @@ from perf import RESULTS_DIR
 from perf.machine import describe_machine, package_version
 from perf.output import merged_results, print_conditions, write_json
 from shards.backends import make_snapshot_store, make_wal
-from shards.owner import ShardOwner
+from shards.group_owner import GroupOwner
+from shards.recovery import log_header
 from shards.records import (
     PollClosed,
     PollCreated,
@@ -194,7 +195,8 @@ async def seed_shard(config: Config, plan: Plan, store) -> Seeded:
     try:  # the bulk writer: fence, find the log's end (another test's records may be there)
         await asyncio.wait_for(wal.acquire(), STEP_TIMEOUT_S)
         state = ShardState(plan.shard, config.shards)
-        await replay_into(wal, state, 0)
+        if await replay_into(wal, state, 0) == 0:  # a new log starts with its header
+            await wal.append([encode_record(log_header(config, plan.shard))])
         writer = BulkWriter(wal, plan, seeded, state.batch_seq_next)
         await writer.control(poll_created(plan.poll))
         await writer.control(poll_created(plan.closed_poll))
@@ -276,19 +278,20 @@ class TimedWal:
         return self.end_offset
 
 
-async def start_owner(config: Config, shard: int, store, keyring) -> tuple[ShardOwner, Recovery]:
-    """A fresh owner on the shard (step 3) with a new WAL client and the given snapshot store,
-    started and timed until ready. The caller stops the owner and closes the store."""
+async def start_owner(config: Config, shard: int, store, keyring) -> tuple[GroupOwner, Recovery]:
+    """A fresh owner on the shard's group (step 3; the bench runs one shard per group) with
+    a new WAL client and the given snapshot store, started and timed until ready. The
+    caller stops the owner and closes the store."""
     timed_store = TimedStore(store)
     timed_wal = TimedWal(make_wal(config, shard))
-    owner = ShardOwner(shard, config, timed_wal, timed_store, keyring,
+    owner = GroupOwner(shard, config, timed_wal, {shard: timed_store}, keyring,
                        signing.VoterHasher(keyring.voter_hash_secret))
     started = time.perf_counter()
     await asyncio.wait_for(owner.start(), STEP_TIMEOUT_S)
     if not owner.ready:
         raise RuntimeError(f"shard {shard} did not become ready: {owner.failure}")
     ready_s = time.perf_counter() - started
-    counts = {poll: owner.poll_summary(poll)[1] for poll in owner.state.polls}
+    counts = {poll: owner.poll_summaries(poll)[0][2] for poll in owner.states[shard].polls}
     return owner, Recovery(
         ready_s=ready_s, load_s=timed_store.load_s, replay_s=timed_wal.replay_s,
         snapshot_found=timed_store.found, replay_from_offset=timed_wal.from_offset,
@@ -309,9 +312,11 @@ def stack_config(stack, data_dir: Path, wal_kind: str, prefix: str, wal_topic: s
         "s3_prefix": prefix,
     }
     values.update(extra)
-    if wal_kind == "kafka":  # shard s is partition s, so the topic fixes the shard count
+    # One shard per fencing group: the bench recovers one shard, whose group's log is its own.
+    values["groups"] = values.get("shards", Config.shards)
+    if wal_kind == "kafka":  # group g is partition g, so the topic fixes the group count
         values.update(kafka_bootstrap_servers=stack.bootstrap_servers, shards=stack.partitions,
-                      wal_topic=wal_topic or stack.wal_topic)
+                      groups=stack.partitions, wal_topic=wal_topic or stack.wal_topic)
     return Config(**values).validate()
 
 

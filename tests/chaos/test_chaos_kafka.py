@@ -229,7 +229,7 @@ class TwoNodes:
             port = free_port()
             self.envs[name] = cluster.stack_env(
                 local_stack, s3_prefix, **SNAPSHOTS, VOTES_REDIS_URL=local_stack.redis_url,
-                VOTES_SHARD_MAP=shard_map, VOTES_NODE_ID=self.ids[name],
+                VOTES_GROUP_MAP=shard_map, VOTES_NODE_ID=self.ids[name],
                 VOTES_ADVERTISE_URL=f"http://127.0.0.1:{port}", VOTES_LEASE_TTL_S=str(LEASE_TTL_S))
             self.engines[name] = cluster.new_engine(tmp_path, name, self.envs[name], keys, port)
         self.leases = cluster.LeaseKeys(local_stack)

@@ -3,7 +3,7 @@
 votes, and takes votes again once the burst is over.
 
 The server runs one shard with the smallest queue the configuration allows
-(`shard_queue_votes_max` = `batch_votes_max` = 1, engine/config.py, through VOTES_<FIELD>):
+(`group_queue_votes_max` = `batch_votes_max` = 1, engine/config.py, through VOTES_<FIELD>):
 a burst of concurrent votes then finds the queue holding a vote not yet taken by a commit
 cycle, and the shard sheds the rest instead of queueing them.
 """
@@ -22,7 +22,7 @@ from tests.support.vote_client import bearer, problem_type
 POLL = "shed"
 OPTIONS = ["yes", "no"]
 TINY_QUEUE = {"VOTES_SHARDS": "1", "VOTES_BATCH_VOTES_MAX": "1",
-              "VOTES_SHARD_QUEUE_VOTES_MAX": "1"}
+              "VOTES_GROUP_QUEUE_VOTES_MAX": "1"}
 BURST_VOTES = 300
 CONCURRENCY = 64
 # Bursts tried until one is shed (each almost surely is; the bound keeps a miss a failure).

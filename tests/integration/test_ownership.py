@@ -80,7 +80,7 @@ class Cluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         return kafka_env(self.stack, VOTES_REDIS_URL=self.stack.redis_url,
-                         VOTES_SHARD_MAP=self.shard_map, **extra)
+                         VOTES_GROUP_MAP=self.shard_map, **extra)
 
     def clear_keys(self) -> None:
         keys = list(self.redis.scan_iter(f"votes:{self.stack.wal_topic}:*"))
@@ -208,8 +208,8 @@ def test_shard_move_hands_over_through_the_fence(cluster):
     assert completed.returncode == 0, completed.stderr + completed.stdout
     print(f"move: {completed.stdout.strip()} (cli {time.monotonic() - moving:.1f} s)")
     assert cluster.holders()[moved_shard] == cluster.a_id
-    assert f"shard {moved_shard} stopped" in cluster.b.log_text()
-    status = cluster.cli("shard", "status")
+    assert f"group {moved_shard} stopped" in cluster.b.log_text()
+    status = cluster.cli("group", "status")
     assert status.returncode == 0 and cluster.a_id in status.stdout, status.stderr
 
     # Acknowledged before the move: 409 with the same receipt, asked at A or through B.

@@ -10,7 +10,7 @@ off at the store's deadline.
 The engine-level test, once per WAL kind (embedded log, Kafka), seeds one shard's WAL with
 1,000,000 distinct voters through the engine's own record encoder (perf/bench_shard_recovery.py,
 which this file imports), saves a snapshot to S3 at 900,000 voters, kills the owner, and times
-a fresh ShardOwner until it serves: the counts must come back exactly, the replay must start at
+a fresh GroupOwner (one shard per group) until it serves: the counts must come back exactly, the replay must start at
 the snapshot's offset, and a new vote must be accepted. Each test uses its own S3 prefix.
 """
 
@@ -33,7 +33,7 @@ from aiobotocore.session import get_session
 from engine.config import Config
 from engine.keys import ensure_keys, load_keys
 from shards import s3_snapshots
-from shards.owner import ShardOwner
+from shards.group_owner import GroupOwner
 from shards.records import PollClosed
 from shards.s3_snapshots import S3SnapshotStore, SnapshotStoreUnavailable
 from shards.snapshots import Manifest, freeze, snapshot_name
@@ -69,7 +69,8 @@ def s3_prefix(local_stack, tmp_path: Path):
 def s3_config(local_stack, tmp_path: Path, prefix: str, **extra) -> Config:
     s3 = local_stack.endpoints()["s3"]
     values = {
-        "data_dir": str(tmp_path), "shards": SHARDS_TOTAL, "snapshots_kept": KEPT,
+        "data_dir": str(tmp_path), "shards": SHARDS_TOTAL, "groups": SHARDS_TOTAL,
+        "snapshots_kept": KEPT,
         "s3_endpoint_url": s3["endpoint_url"], "s3_bucket": s3["bucket"], "s3_region": s3["region"],
         "s3_access_key_id": s3["access_key_id"], "s3_secret_access_key": s3["secret_access_key"],
         "s3_prefix": prefix,
@@ -277,11 +278,11 @@ def test_unreachable_s3_raises_an_oserror_in_time(local_stack, tmp_path: Path, c
                 await store.load()  # unknown is not "no snapshot": start-up must not guess
         print(f"unreachable S3: save and load failed after {time.monotonic() - started:.1f} s")
         # The owner's snapshot writer logs the failure and goes on.
-        owner = ShardOwner(SHARD, config, wal=None, snapshot_store=store, keyring=None,
-                           hasher=None)
-        owner.state = state
+        owner = GroupOwner(SHARD, config, wal=None, snapshot_stores={SHARD: store},
+                           keyring=None, hasher=None)
+        owner.states = {SHARD: state}
         with caplog.at_level(logging.WARNING, logger="votes.owner"):
-            await owner.snapshot_now()
+            await owner.snapshot_now(SHARD)
         assert f"snapshot of shard {SHARD} failed" in caplog.text
 
     run_with_store(config, scenario)
@@ -371,7 +372,7 @@ def test_fresh_owner_recovers_a_million_voters_from_s3_and_wal(
                 voter_id = plan.voters * config.shards + shard
                 receipt = json.loads(await owner.submit_vote(plan.poll, voter_id, "a"))
                 assert receipt["shard"] == shard
-                tallies = owner.poll_summary(plan.poll)[1]
+                tallies = owner.poll_summaries(plan.poll)[0][2]
                 expected = list(seeded.expected[plan.poll])
                 expected[0] += 1
                 assert tallies == expected

@@ -52,9 +52,11 @@ def free_port() -> int:
 
 
 def kafka_env(local_stack, **extra: str) -> dict[str, str]:
-    """Environment that points `votes serve` at the stack's WAL topic."""
+    """Environment that points `votes serve` at the stack's WAL topic: one fencing group per
+    partition, one shard per group (the lease, fence and move tests count in shards)."""
     return {"VOTES_KAFKA_BOOTSTRAP_SERVERS": local_stack.bootstrap_servers,
             "VOTES_SHARDS": str(local_stack.partitions),
+            "VOTES_GROUPS": str(local_stack.partitions),
             "VOTES_WAL_TOPIC": local_stack.wal_topic, **extra}
 
 
