@@ -157,3 +157,11 @@ def test_measured_transaction_costs_by_partitions_per_transaction(tmp_path: Path
     _, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
     assert inputs["broker_cpu_ms_per_transaction"].value == 3.7
     assert len(used) == 1
+    # A run on a machine busy with other work (load average above its cores) is not used.
+    busy = {"conditions": {"load_average_at_start": [9.4, 5.6, 2.3], "cores_usable": 2},
+            "cases": cases}
+    (tmp_path / "kafka_transactions.json").write_text(json.dumps(busy))
+    _, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    assert inputs["broker_cpu_ms_per_transaction"].value == capacity.default_inputs()[
+        "broker_cpu_ms_per_transaction"].value
+    assert used and used[0].startswith("NOT kafka_transactions.json")
