@@ -9,11 +9,14 @@ change one input at a time (``--set name=value``, repeatable).
 
     python -m perf.capacity [--json] [--set engine_cpu_us_per_vote=120] [--results-dir DIR]
 
-What it sizes: engine instances (one Granian worker per vCPU), the Kafka WAL (partitions =
-shards, brokers from transactions, bandwidth and partition count), the Redis cluster
+What it sizes: engine instances (one Granian worker per vCPU), the Kafka WAL (one
+transaction per fencing group per commit cycle; partitions = groups or shards by the
+layout; brokers from transactions, bandwidth and partition count), the balance of G groups
+over the workers for G in GROUP_CANDIDATES, the Redis cluster
 (rate limits and tally publishing), the edge (HAProxy) and the results fan-out to
 viewers (CDN-cached JSON, or SSE connections served directly), plus the per-poll memory
-of the voter bitmaps and receipt locators.
+of the voter bitmaps and receipt locators. Its last line is the verdict on issue 10's
+broker target: ``PASS: Kafka brokers <= 9 ...`` or ``FAIL: ...``.
 """
 
 from __future__ import annotations
