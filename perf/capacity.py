@@ -9,11 +9,14 @@ change one input at a time (``--set name=value``, repeatable).
 
     python -m perf.capacity [--json] [--set engine_cpu_us_per_vote=120] [--results-dir DIR]
 
-What it sizes: engine instances (one Granian worker per vCPU), the Kafka WAL (partitions =
-shards, brokers from transactions, bandwidth and partition count), the Redis cluster
+What it sizes: engine instances (one Granian worker per vCPU), the Kafka WAL (one
+transaction per fencing group per commit cycle; partitions = groups or shards by the
+layout; brokers from transactions, bandwidth and partition count), the balance of G groups
+over the workers for G in GROUP_CANDIDATES, the Redis cluster
 (rate limits and tally publishing), the edge (HAProxy) and the results fan-out to
 viewers (CDN-cached JSON, or SSE connections served directly), plus the per-poll memory
-of the voter bitmaps and receipt locators.
+of the voter bitmaps and receipt locators. Its last line is the verdict on issue 10's
+broker target: ``PASS: Kafka brokers <= 9 ...`` or ``FAIL: ...``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ ENGINE_BUSY_PERCENT_MIN = 50.0
 BROKER_VCPUS = 8
 BROKER_CPU_BUDGET = 0.6
 ENGINE_TRANSACTION_RETRY_MS = 2.0  # engine/config.py kafka_transaction_retry_ms
+# The target of issue 10: 3 brokers per AZ for the design rate.
+KAFKA_BROKERS_TARGET = 9
+# The fencing-group counts the model compares (S = 1024: each divides it).
+GROUP_CANDIDATES = (64, 128, 256, 1024)
 
 
 @dataclass
@@ -54,25 +61,44 @@ def default_inputs() -> dict[str, Figure]:
         "azs": Figure(3, "AZs", "requirement"),
         "polls_concurrent": Figure(10, "polls", a + ": several polls open at once"),
         # The engine. CPU per vote of the engine process alone (the WAL's brokers are a
-        # separate fleet); default: the Kafka-WAL engine at 512 connections,
-        # docs/performance.md (148 us); the embedded engine measured 104-158 us.
-        "engine_cpu_us_per_vote": Figure(148.0, "us/vote", "docs/performance.md, kafka c512"),
+        # separate fleet); default: the Kafka-WAL engine measured by make bench --kafka
+        # (docs/capacity.md, 38.3 us), replaced by perf/results/peers.json when present.
+        "engine_cpu_us_per_vote": Figure(38.3, "us/vote", "docs/capacity.md: make bench --kafka "
+                                         "2026-12-01 14:53Z, kafka engine, closed_max"),
         "engine_vcpus_per_instance": Figure(8, "vCPU", "c7i.2xlarge: 8 vCPU, 16 GiB"),
         "engine_vcpus_reserved": Figure(1, "vCPU", a + ": OS, metrics, log shipping"),
         # Two hyperthreads of one core do about 1.3x one thread's work: a vCPU is 0.65 of
         # the core the per-vote figure was measured on.
         "vcpu_share_of_core": Figure(0.65, "core/vCPU", a + ": hyperthread pair = 1.3 cores"),
-        "shards": Figure(1024, "shards", "docs/design.md Requirements: S = 1024 in production = WAL partitions"),
-        # Kafka. Each shard commits one transaction per commit interval while it has
-        # votes; the interval bounds latency (p99 target 25 ms with Kafka).
-        "commit_interval_ms": Figure(20.0, "ms", a + ": commit cadence per shard, fits p99 25 ms"),
+        "shards": Figure(1024, "shards", "docs/design.md Requirements: S = 1024 in production"),
+        # Fencing groups (docs/design.md "Shards, fencing groups and ownership"): G groups of
+        # S/G shards, one owner, one transactional producer and one durable write per group
+        # per commit cycle. 128: see docs/capacity.md "Fencing groups" (the sweep below).
+        "fencing_groups": Figure(128, "groups", "choice: balance over 42 workers vs writes per cycle"),
+        # The Kafka layout: 0 = one partition per group (the group's records in one batch),
+        # 1 = one partition per shard, the group's shards in its one transaction.
+        "kafka_partition_per_shard": Figure(0, "0/1", "choice: docs/performance.md "
+                                            "\"Kafka layout: one partition per group or per shard\""),
+        # Kafka. Each group commits one transaction per commit interval while it has votes;
+        # the interval bounds latency (p99 target 25 ms with Kafka).
+        "commit_interval_ms": Figure(20.0, "ms", a + ": commit cadence per group, fits p99 25 ms"),
         "wal_bytes_per_vote": Figure(6.0, "B", "shards/records.py: u32 voter + u16 option"),
         "wal_bytes_per_record": Figure(140.0, "B", "a 1-vote VoteBatch record, framed"),
         "kafka_txn_overhead_bytes": Figure(250.0, "B", a + ": batch header, markers, txn log writes"),
         "replication_factor": Figure(3, "copies", "docs/design.md Durability: RF 3, min ISR 2"),
-        "broker_txn_per_s": Figure(2_500, "txn/s", a + ": transactions per broker per second; "
-                                   "replaced by the measured broker CPU per transaction when "
-                                   "perf/results/kafka_transactions.json exists"),
+        # Brokers' CPU (three brokers together: leader, followers, coordinator) per
+        # transaction of one partition, and what each further partition in it adds
+        # (AddPartitionsToTxn entries, a batch and a commit marker per partition).
+        "broker_cpu_ms_per_transaction": Figure(3.7, "ms", "docs/performance.md 2026-12-01: 8 "
+                                                "producers, one partition per transaction"),
+        # 2.7 % of a one-partition transaction per added partition: the least-squares slope
+        # over K = 1, 4, 16, 64 (same bytes) relative to K = 1, in one run on a busy machine
+        # (docs/performance.md "Kafka layout"), times the quiet run's 3.7 ms.
+        "broker_cpu_ms_per_added_partition": Figure(0.1, "ms", "docs/performance.md 2026-12-02: "
+                                                    "slope of the partitions sweep, relative"),
+        "broker_vcpus": Figure(BROKER_VCPUS, "vCPU", "m7i.2xlarge"),
+        "broker_cpu_budget": Figure(BROKER_CPU_BUDGET, "share", a + ": at most 60 % busy "
+                                    "(replication bursts, GC, a broker's share after an AZ loss)"),
         "broker_write_mb_per_s": Figure(125.0, "MB/s", a + ": m7i.2xlarge + gp3, half its 250 MB/s"),
         "broker_partition_replicas_max": Figure(4_000, "replicas", a + ": per-broker guidance"),
         # Redis (rate limits, tally publish): planned, docs/design.md "Not built yet".
@@ -145,27 +171,49 @@ def measured_engine_cpu(results_dir: Path, inputs: dict[str, Figure]) -> list[st
 
 
 def measured_transactions(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
-    """Broker transactions per second from kafka_transactions.json, if present."""
-    used = []
+    """Brokers' CPU per transaction, and per added partition, from kafka_transactions.json."""
     transactions_path = results_dir / "kafka_transactions.json"
-    transactions = read_json(transactions_path)
-    cases = [case for case in (transactions or {}).get("cases", [])
+    transactions = read_json(transactions_path) or {}
+    cases = [case for case in transactions.get("cases", [])
              if case.get("retry_ms") == ENGINE_TRANSACTION_RETRY_MS]
-    if cases:
-        # The busiest case: the most producers, so per-transaction costs are shared as in a
-        # loaded cluster. Its CPU is the three brokers' together (leader, followers,
-        # coordinator): the fleet needs that much CPU per transaction in all.
-        case = max(cases, key=lambda c: c["producers"])
-        ms = case["brokers_cpu_ms_per_transaction"]
-        budget_ms = BROKER_VCPUS * inputs["vcpu_share_of_core"].value * BROKER_CPU_BUDGET * 1000
-        when = transactions.get("conditions", {}).get("time_utc", "?")
-        inputs["broker_txn_per_s"] = Figure(round(budget_ms / ms), "txn/s",
-            f"measured: {transactions_path.name} {when}, {ms:g} ms of broker CPU per "
-            f"transaction ({case['producers']} producers, 3 brokers); a broker of "
-            f"{BROKER_VCPUS} vCPU x {inputs['vcpu_share_of_core'].value:g} at "
-            f"{BROKER_CPU_BUDGET:.0%} busy")  # fmt: skip
-        used.append(f"broker transactions from {transactions_path.name}")
+    if not cases:
+        return []
+    # The busiest producer count, so per-transaction costs are shared as in a loaded
+    # cluster. Files from before the partition sweep hold one partition per transaction.
+    producers = max(case["producers"] for case in cases)
+    cases = [case for case in cases if case["producers"] == producers]
+    by_count = {case.get("partitions_per_transaction", 1): case["brokers_cpu_ms_per_transaction"]
+                for case in cases if case.get("bytes_mode", "split") == "split"}
+    conditions = transactions.get("conditions", {})
+    when = conditions.get("time_utc", "?")
+    load = (conditions.get("load_average_at_start") or [0.0])[0]
+    cores = conditions.get("cores_usable") or 1
+    if load > cores:
+        # Other work was running (a shared machine): the brokers were starved, and their
+        # CPU per transaction then holds their fixed costs spread over few transactions.
+        return [f"NOT {transactions_path.name} ({when}): load average {load:.1f} on {cores} "
+                "cores at its start; defaults kept"]
+    used = []
+    if 1 in by_count:
+        inputs["broker_cpu_ms_per_transaction"] = Figure(by_count[1], "ms",
+            f"measured: {transactions_path.name} {when}, {producers} producers, one partition "
+            "per transaction, three brokers together")  # fmt: skip
+        used.append(f"broker CPU per transaction from {transactions_path.name}")
+    if len(by_count) > 1:
+        slope = least_squares_slope(by_count)
+        inputs["broker_cpu_ms_per_added_partition"] = Figure(round(slope, 3), "ms",
+            f"measured: {transactions_path.name} {when}, slope over "
+            f"{', '.join(map(str, sorted(by_count)))} partitions per transaction (same bytes)")  # fmt: skip
+        used.append(f"broker CPU per added partition from {transactions_path.name}")
     return used
+
+
+def least_squares_slope(points: dict[int, float]) -> float:
+    """The slope of the least-squares line through (x, y) points."""
+    mean_x = sum(points) / len(points)
+    mean_y = sum(points.values()) / len(points)
+    spread = sum((x - mean_x) ** 2 for x in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points.items()) / spread
 
 
 def measured_micro(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
@@ -214,6 +262,7 @@ class Model:
         """Every tier in turn; a later tier reads what an earlier one put in ``out``."""
         self._engine()
         self._kafka()
+        self._groups()
         self._redis_and_edge()
         self._results_and_memory()
         s = "fleet"
@@ -255,40 +304,117 @@ class Model:
         self.put(s, "peak_votes_per_s_per_shard", round(i["peak_votes_per_s"] / i["shards"], 1),
                  f"{i['peak_votes_per_s']:,.0f} / {i['shards']:g}")  # fmt: skip
 
+    def _broker_txn_per_s(self, partitions_per_transaction: float) -> tuple[float, str]:
+        """Transactions per second one broker carries, for transactions over K partitions."""
+        i = self.i
+        cpu_ms = i["broker_cpu_ms_per_transaction"] + \
+            i["broker_cpu_ms_per_added_partition"] * (partitions_per_transaction - 1)
+        budget_ms = i["broker_vcpus"] * i["vcpu_share_of_core"] * i["broker_cpu_budget"] * 1000
+        return budget_ms / cpu_ms, (
+            f"{i['broker_vcpus']:g} vCPU x {i['vcpu_share_of_core']:g} x {i['broker_cpu_budget']:g} "
+            f"x 1000 ms / ({i['broker_cpu_ms_per_transaction']:g} + "
+            f"{i['broker_cpu_ms_per_added_partition']:g} x {partitions_per_transaction - 1:g}) ms")
+
+    def brokers_for(self, transactions_per_s: float, partitions_per_transaction: float,
+                    partitions: float) -> tuple[int, dict[str, int]]:
+        """Brokers for a transaction rate, by CPU, replicated bytes and partition replicas."""
+        i, design = self.i, self.out["design_votes_per_s"]
+        bytes_per_s = design * i["wal_bytes_per_vote"] + transactions_per_s * (
+            i["wal_bytes_per_record"] * partitions_per_transaction + i["kafka_txn_overhead_bytes"])
+        per_broker, _ = self._broker_txn_per_s(partitions_per_transaction)
+        bounds = {"txn": math.ceil(transactions_per_s / per_broker),
+                  "bytes": math.ceil(bytes_per_s * i["replication_factor"] / 1e6 / i["broker_write_mb_per_s"]),
+                  "replicas": math.ceil(partitions * i["replication_factor"] / i["broker_partition_replicas_max"]),
+                  "rf": int(i["replication_factor"])}  # fmt: skip
+        return round_up_to(max(bounds.values()), int(i["azs"])), bounds
+
     def _kafka(self) -> None:
         i, o = self.i, self.out
-        design, instances = o["design_votes_per_s"], o["engine_instances"]
-        workers_per_instance = o["workers_per_instance"]
+        design = o["design_votes_per_s"]
+        groups, shards = i["fencing_groups"], i["shards"]
+        per_shard = bool(i["kafka_partition_per_shard"])
         s = "kafka"
-        partitions = self.put(s, "wal_partitions", i["shards"], "= shards (shard s is partition s)")
-        txn_per_s = self.put(s, "transactions_per_s", partitions * 1000 / i["commit_interval_ms"],
-                             f"{partitions:g} shards x 1000 / {i['commit_interval_ms']:g} ms (one "
-                             "transaction per shard per commit at peak)")  # fmt: skip
+        partitions = self.put(s, "wal_partitions", shards if per_shard else groups,
+                              "= shards (partition per shard)" if per_shard else
+                              "= fencing groups (one partition per group)")  # fmt: skip
+        count = self.put(s, "partitions_per_transaction", shards / groups if per_shard else 1,
+                         f"{shards:g} / {groups:g} shards of a group" if per_shard else "the group's one partition")  # fmt: skip
+        txn_per_s = self.put(s, "transactions_per_s", groups * 1000 / i["commit_interval_ms"],
+                             f"{groups:g} groups x 1000 / {i['commit_interval_ms']:g} ms (one "
+                             "transaction per group per commit cycle at peak)")  # fmt: skip
         self.put(s, "votes_per_transaction_at_design", round(design / txn_per_s, 1),
-                                 f"{design:,.0f} / {txn_per_s:,.0f}")  # fmt: skip
+                 f"{design:,.0f} / {txn_per_s:,.0f}")  # fmt: skip
         bytes_per_s = design * i["wal_bytes_per_vote"] + txn_per_s * (
-            i["wal_bytes_per_record"] + i["kafka_txn_overhead_bytes"])
+            i["wal_bytes_per_record"] * count + i["kafka_txn_overhead_bytes"])
         self.put(s, "wal_mb_per_s", round(bytes_per_s / 1e6, 2),
                  f"({design:,.0f} x {i['wal_bytes_per_vote']:g} B + {txn_per_s:,.0f} txn x "
-                 f"({i['wal_bytes_per_record']:g} + {i['kafka_txn_overhead_bytes']:g}) B) / 1e6")  # fmt: skip
-        by_txn = math.ceil(txn_per_s / i["broker_txn_per_s"])
-        by_bytes = math.ceil(bytes_per_s * i["replication_factor"] / 1e6 / i["broker_write_mb_per_s"])
-        by_partitions = math.ceil(partitions * i["replication_factor"] / i["broker_partition_replicas_max"])
-        brokers = self.put(s, "kafka_brokers",
-                           round_up_to(max(by_txn, by_bytes, by_partitions, i["replication_factor"]), int(i["azs"])),
-                           f"max(txn {txn_per_s:,.0f}/{i['broker_txn_per_s']:,.0f} = {by_txn}, bytes x RF "
-                           f"= {by_bytes}, partition replicas = {by_partitions}, RF {i['replication_factor']:g}) "
-                           f"up to a multiple of {i['azs']:g}")  # fmt: skip
+                 f"({i['wal_bytes_per_record']:g} B x {count:g} + {i['kafka_txn_overhead_bytes']:g} B)) / 1e6")  # fmt: skip
+        per_broker, formula = self._broker_txn_per_s(count)
+        self.put(s, "broker_txn_per_s", round(per_broker), formula)
+        brokers, bounds = self.brokers_for(txn_per_s, count, partitions)
+        self.put(s, "kafka_brokers", brokers,
+                 f"max(txn {txn_per_s:,.0f}/{per_broker:,.0f} = {bounds['txn']}, bytes x RF "
+                 f"= {bounds['bytes']}, partition replicas = {bounds['replicas']}, RF {bounds['rf']}) "
+                 f"up to a multiple of {i['azs']:g}")  # fmt: skip
         self.put(s, "kafka_brokers_per_az", brokers / i["azs"], f"{brokers} / {i['azs']:g}")
-        workers_total = instances * workers_per_instance
+        self.put(s, "kafka_brokers_target_met", float(brokers <= KAFKA_BROKERS_TARGET),
+                 f"{brokers} <= {KAFKA_BROKERS_TARGET} (3 per AZ)")
+        self._kafka_alternatives(bounds)
+
+    def _kafka_alternatives(self, bounds: dict[str, int]) -> None:
+        """The layouts not chosen, with the same inputs, to show what the choice is worth."""
+        i, o = self.i, self.out
+        s = "kafka"
+        groups, shards = i["fencing_groups"], i["shards"]
+        other = not i["kafka_partition_per_shard"]
+        txn_per_s = o["transactions_per_s"]
+        other_count = shards / groups if other else 1
+        self.put(s, "kafka_brokers_other_layout",
+                 self.brokers_for(txn_per_s, other_count, shards if other else groups)[0],
+                 f"{'partition per shard' if other else 'partition per group'}: {txn_per_s:,.0f} "
+                 f"transactions of {other_count:g} partitions")  # fmt: skip
+        txn_per_shard = self.put(s, "transactions_per_s_if_one_txn_per_shard", shards * 1000 / i["commit_interval_ms"],
+                                 f"{shards:g} shards x 1000 / {i['commit_interval_ms']:g} ms (the layout before "
+                                 "fencing groups: a producer per shard)")  # fmt: skip
+        self.put(s, "kafka_brokers_if_one_txn_per_shard", self.brokers_for(txn_per_shard, 1, shards)[0],
+                 "the same max() with a transaction per shard")  # fmt: skip
+        workers_total = o["engine_instances"] * o["workers_per_instance"]
         txn_per_worker = workers_total * 1000 / i["commit_interval_ms"]
         self.put(s, "transactions_per_s_if_one_txn_per_worker", txn_per_worker,
-                 f"{workers_total:g} workers x 1000 / {i['commit_interval_ms']:g} ms (alternative: one "
-                 "transaction spanning a worker's shards; needs fencing per worker, not per shard)")  # fmt: skip
+                 f"{workers_total:g} workers x 1000 / {i['commit_interval_ms']:g} ms (fencing per "
+                 "worker: G = workers, a move fences a whole worker)")  # fmt: skip
         self.put(s, "kafka_brokers_if_one_txn_per_worker",
-                 round_up_to(max(math.ceil(txn_per_worker / i["broker_txn_per_s"]), by_bytes,
-                                 by_partitions, i["replication_factor"]), int(i["azs"])),
+                 self.brokers_for(txn_per_worker, 1, o["wal_partitions"])[0],
                  "the same max() with the per-worker transaction rate")  # fmt: skip
+
+    def _groups(self) -> None:
+        """For each candidate G: balance over the workers and durable writes per cycle."""
+        i, o = self.i, self.out
+        s = "groups"
+        workers = o["engine_instances"] * o["workers_per_instance"]
+        after_az_loss = workers * (i["azs"] - 1) / i["azs"]
+        for groups in GROUP_CANDIDATES:
+            most = math.ceil(groups / workers)
+            self.put(s, f"g{groups}_groups_per_worker_max_over_mean", round(most / (groups / workers), 3),
+                     f"ceil({groups} / {workers:g}) = {most} / {groups / workers:.2f}")  # fmt: skip
+            most_after = math.ceil(groups / after_az_loss)
+            self.put(s, f"g{groups}_max_over_mean_after_az_loss",
+                     round(most_after / (groups / after_az_loss), 3),
+                     f"ceil({groups} / {after_az_loss:g}) = {most_after} / {groups / after_az_loss:.2f}")  # fmt: skip
+            self.put(s, f"g{groups}_durable_writes_per_cycle_per_worker_max", most,
+                     f"{most} group(s), one transaction each")  # fmt: skip
+            txn_per_s = groups * 1000 / i["commit_interval_ms"]
+            count = i["shards"] / groups if i["kafka_partition_per_shard"] else 1
+            partitions = i["shards"] if i["kafka_partition_per_shard"] else groups
+            self.put(s, f"g{groups}_kafka_brokers", self.brokers_for(txn_per_s, count, partitions)[0],
+                     f"{txn_per_s:,.0f} transactions/s of {count:g} partition(s)")  # fmt: skip
+        groups = i["fencing_groups"]
+        most = math.ceil(groups / workers)
+        per_vcpu = o["votes_per_s_per_vcpu"]
+        self.put(s, "busiest_worker_load_at_design", round(most * i["shards"] / groups * o["design_votes_per_s"]
+                                                           / i["shards"] / per_vcpu, 2),
+                 f"{most} groups x {i['shards'] / groups:g} shards x {o['design_votes_per_s'] / i['shards']:,.0f} "
+                 f"votes/s per shard / {per_vcpu:,.0f} votes/s per worker (must stay below 1)")  # fmt: skip
 
     def _redis_and_edge(self) -> None:
         i, o = self.i, self.out
@@ -371,12 +497,16 @@ def render(model: Model, inputs: dict[str, Figure], used: list[str]) -> str:
     out.append("")
     out.append(
         f"Fleet: {o['engine_instances']:.0f} engine instances ({o['workers_needed']:.0f} workers needed), "
-        f"{o['kafka_brokers']:.0f} Kafka brokers ({o['wal_partitions']:.0f} partitions), "
+        f"{o['kafka_brokers']:.0f} Kafka brokers ({o['wal_partitions']:.0f} partitions, "
+        f"{inputs['fencing_groups'].value:g} fencing groups), "
         f"{o['redis_nodes']:.0f} Redis nodes, {o['haproxy_instances']:.0f} HAProxy, "
         f"{o['results_instances_with_cdn']:.0f} results instances behind a CDN "
         f"({o['results_instances_sse_direct']:.0f} if every viewer held an SSE connection), "
-        f"over {inputs['azs'].value:g} AZs."
+        f"over {inputs['azs'].value:g} AZs: {o['ec2_instances_total']:.0f} EC2 instances in all."
     )
+    verdict = "PASS" if o["kafka_brokers_target_met"] else "FAIL"
+    out.append(f"{verdict}: Kafka brokers <= {KAFKA_BROKERS_TARGET} (3 per AZ) for the "
+               f"{o['design_votes_per_s']:,.0f} votes/s design rate: {o['kafka_brokers']:.0f}")
     return "\n".join(out)
 
 

@@ -1,6 +1,8 @@
 """perf/capacity.py runs with no arguments, and its fleet arithmetic is self-consistent:
 every tier it sizes carries the design rate (peak x headroom), survives the loss of one AZ
-at peak, is spread evenly over the AZs, and follows its inputs in the right direction."""
+at peak, is spread evenly over the AZs, and follows its inputs in the right direction; the
+Kafka tier makes one transaction per fencing group per commit cycle, in the layout chosen,
+and the broker target's verdict follows the arithmetic."""
 
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ def test_every_tier_carries_the_design_rate_and_is_spread_over_the_azs() -> None
                  "results_instances_with_cdn", "results_instances_sse_direct"):
         assert out[tier] % azs == 0, tier
     assert out["kafka_brokers"] >= i["replication_factor"]
-    assert out["transactions_per_s"] == i["shards"] * 1000 / i["commit_interval_ms"]
-    assert out["kafka_brokers"] * i["broker_txn_per_s"] >= out["transactions_per_s"]
+    assert out["transactions_per_s"] == i["fencing_groups"] * 1000 / i["commit_interval_ms"]
+    assert out["kafka_brokers"] * out["broker_txn_per_s"] >= out["transactions_per_s"]
     assert out["votes_per_transaction_at_design"] * out["transactions_per_s"] == pytest.approx(
         design, rel=0.01)
     assert out["redis_primaries"] * i["redis_calls_per_s_per_primary"] >= out["redis_calls_per_s"]
@@ -56,6 +58,52 @@ def test_every_tier_carries_the_design_rate_and_is_spread_over_the_azs() -> None
     assert out["ec2_instances_total"] == (out["engine_instances"] + out["kafka_brokers"]
                                           + out["redis_nodes"] + out["haproxy_instances"]
                                           + out["results_instances_with_cdn"])
+
+
+def test_one_transaction_per_group_per_cycle_and_the_broker_target() -> None:
+    out, i = model_of()
+    # The chosen layout: one partition per group, a one-partition transaction per group.
+    assert i["kafka_partition_per_shard"] == 0
+    assert out["wal_partitions"] == i["fencing_groups"]
+    assert out["partitions_per_transaction"] == 1
+    budget_ms = i["broker_vcpus"] * i["vcpu_share_of_core"] * i["broker_cpu_budget"] * 1000
+    assert out["broker_txn_per_s"] == round(budget_ms / i["broker_cpu_ms_per_transaction"])
+    # A transaction per shard (the layout before groups) costs S/G times the transactions.
+    assert out["transactions_per_s_if_one_txn_per_shard"] == \
+        out["transactions_per_s"] * i["shards"] / i["fencing_groups"]
+    assert out["kafka_brokers_if_one_txn_per_shard"] > out["kafka_brokers"]
+    assert out["kafka_brokers_target_met"] == float(out["kafka_brokers"] <= 9)
+    per_shard, _ = model_of("--set", "kafka_partition_per_shard=1")
+    assert per_shard["wal_partitions"] == i["shards"]
+    assert per_shard["partitions_per_transaction"] == i["shards"] / i["fencing_groups"]
+    assert per_shard["transactions_per_s"] == out["transactions_per_s"]
+    assert per_shard["broker_txn_per_s"] < out["broker_txn_per_s"]
+    assert per_shard["kafka_brokers"] == out["kafka_brokers_other_layout"]
+    assert per_shard["kafka_brokers_other_layout"] == out["kafka_brokers"]
+
+
+def test_groups_balance_and_durable_writes_per_worker() -> None:
+    out, i = model_of("--set", "fencing_groups=128")
+    workers = out["engine_instances"] * out["workers_per_instance"]
+    for groups in capacity.GROUP_CANDIDATES:
+        most = -(-groups // int(workers))
+        assert out[f"g{groups}_durable_writes_per_cycle_per_worker_max"] == most
+        assert out[f"g{groups}_groups_per_worker_max_over_mean"] == round(most * workers / groups, 3)
+        assert out[f"g{groups}_groups_per_worker_max_over_mean"] >= 1.0
+    # More groups: better balance, more transactions, never fewer brokers.
+    assert out["g1024_groups_per_worker_max_over_mean"] < out["g128_groups_per_worker_max_over_mean"]
+    assert out["g1024_kafka_brokers"] >= out["g256_kafka_brokers"] >= out["g128_kafka_brokers"]
+    assert out["g128_kafka_brokers"] == out["kafka_brokers"]
+    # The busiest worker (most groups) must carry its share of the design rate.
+    assert out["busiest_worker_load_at_design"] < 1.0
+
+
+def test_the_broker_verdict_is_printed_and_follows_the_groups() -> None:
+    model, inputs, _, _ = capacity.build(["--no-measured"])
+    assert "PASS: Kafka brokers <= 9" in capacity.render(model, inputs, [])
+    model, inputs, _, _ = capacity.build(["--no-measured", "--set", "fencing_groups=1024"])
+    assert model.out["kafka_brokers"] > 9
+    assert "FAIL: Kafka brokers <= 9" in capacity.render(model, inputs, [])
 
 
 def test_outputs_follow_their_inputs() -> None:
@@ -83,3 +131,37 @@ def test_measured_results_replace_the_defaults(tmp_path: Path) -> None:
     assert inputs["bitmap_bits_per_eligible"].value == 1.5
     assert len(used) == 3
     assert model.out["votes_per_s_per_core"] == 5000.0
+
+
+def test_measured_transaction_costs_by_partitions_per_transaction(tmp_path: Path) -> None:
+    def case(producers: int, count: int, mode: str, ms: float) -> dict:
+        return {"producers": producers, "partitions_per_transaction": count, "bytes_mode": mode,
+                "retry_ms": 2.0, "brokers_cpu_ms_per_transaction": ms}
+    # ms = 3 + 0.5 x (K - 1) over the split cases; the "each" cases and the 2-producer case
+    # carry other figures and must not be used.
+    cases = [case(4, 1, "split", 3.0), case(4, 4, "split", 4.5), case(4, 16, "split", 10.5),
+             case(4, 16, "each", 40.0), case(2, 1, "split", 9.0)]
+    (tmp_path / "kafka_transactions.json").write_text(json.dumps({"cases": cases}))
+    model, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    assert inputs["broker_cpu_ms_per_transaction"].value == 3.0
+    assert inputs["broker_cpu_ms_per_added_partition"].value == pytest.approx(0.5)
+    assert len(used) == 2
+    per_shard, _, _, _ = capacity.build(["--results-dir", str(tmp_path),
+                                         "--set", "kafka_partition_per_shard=1"])
+    count = per_shard.out["partitions_per_transaction"]
+    budget_ms = 8 * 0.65 * 0.6 * 1000
+    assert per_shard.out["broker_txn_per_s"] == round(budget_ms / (3.0 + 0.5 * (count - 1)))
+    # A file from before the sweep (no partitions_per_transaction) still gives the base cost.
+    old = [{"producers": 8, "retry_ms": 2.0, "brokers_cpu_ms_per_transaction": 3.7}]
+    (tmp_path / "kafka_transactions.json").write_text(json.dumps({"cases": old}))
+    _, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    assert inputs["broker_cpu_ms_per_transaction"].value == 3.7
+    assert len(used) == 1
+    # A run on a machine busy with other work (load average above its cores) is not used.
+    busy = {"conditions": {"load_average_at_start": [9.4, 5.6, 2.3], "cores_usable": 2},
+            "cases": cases}
+    (tmp_path / "kafka_transactions.json").write_text(json.dumps(busy))
+    _, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    assert inputs["broker_cpu_ms_per_transaction"].value == capacity.default_inputs()[
+        "broker_cpu_ms_per_transaction"].value
+    assert used and used[0].startswith("NOT kafka_transactions.json")
