@@ -36,7 +36,7 @@ from engine.errors import (
     UnknownOption,
     VotesError,
 )
-from engine.keys import load_keys
+from engine.keys import TokenKeyWatch, load_keys, reload_token_keys
 from engine.logs import configure_logging
 from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
@@ -51,6 +51,7 @@ IDENTIFIER = r"^[A-Za-z0-9_-]{1,64}$"
 IDENTIFIER_PATTERN = re.compile(IDENTIFIER)
 OPTIONS_MAX = 64
 GC_YOUNG_THRESHOLD = 20_000
+TOKEN_KEYS_CHECK_S_MIN = 0.05
 
 JSON = [("content-type", "application/json")]
 PROBLEM_JSON = [("content-type", "application/problem+json")]
@@ -168,6 +169,7 @@ class App:
         self.node = make_node(self.config, self.keyring)
         self._start_task = loop.create_task(self.node.start())
         self._flush_task = loop.create_task(_flush_metrics())
+        self._token_keys_task = loop.create_task(self._watch_token_keys())
         # Every request allocates dozens of objects, so the default young-generation
         # threshold (700) ran a collection every few requests (~5% of the loop). Objects of
         # the start-up are frozen out of collections; young ones are collected every
@@ -309,6 +311,26 @@ class App:
             "ready": False, "durability": durability(config), "shards_total": config.shards,
             "shards_ready": 0, "groups_total": config.groups, "workers": config.workers}
         return (200 if readiness["ready"] else 503), JSON, _json.encode(readiness)
+
+
+    async def _watch_token_keys(self) -> None:
+        """Reload the token keys when `votes keys rotate|retire` replaced their files, within
+        token_keys_check_s; off the vote path, which reads self.keyring and nothing more."""
+        config = self._config()
+        watch = TokenKeyWatch(config.data_path)
+        while True:
+            await asyncio.sleep(max(config.token_keys_check_s, TOKEN_KEYS_CHECK_S_MIN))
+            if not watch.changed():
+                continue
+            try:
+                self.keyring = reload_token_keys(config.data_path, self.keyring)
+            except VotesError as exc:  # a broken file: keep serving with the keys we have
+                log.error("token keys not reloaded, keeping the previous ones: %s", exc)
+                continue
+            if self.node is not None:  # its forwarded requests carry admin tokens it signs
+                self.node.keyring = self.keyring
+            log.info("token keys reloaded: voter key %s, admin key %s",
+                     self.keyring.voter_key_current, self.keyring.admin_key_current)
 
 
 async def _flush_metrics() -> None:

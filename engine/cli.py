@@ -407,5 +407,14 @@ def _add_replay() -> None:
 _add_replay()
 
 
+def _add_issuer() -> None:
+    from engine.issuer_cli import keys_commands
+
+    main.add_command(keys_commands)
+
+
+_add_issuer()
+
+
 if __name__ == "__main__":
     main()

@@ -67,6 +67,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     polls_max: int = 1024
     voter_token_ttl_s_default: int = 3600
     admin_token_ttl_s_default: int = 3600
+    # A running worker looks at the token key files this often and reloads them when they
+    # changed (`votes keys rotate|retire`): the bound on how long a rotation takes to apply.
+    token_keys_check_s: float = 1.0
     region: str = "local"
     # Kafka write-ahead log: used when bootstrap servers are given, else the embedded log.
     kafka_bootstrap_servers: str = ""

@@ -16,15 +16,20 @@ Invariants:
   starting together) each write a private temp file and publish it with `os.link`, which
   fails if the name exists, so exactly one candidate wins and everyone loads the winner's.
 - A secret file is never rewritten in place; a reader sees either no file or a complete one.
+  Rotation (`rotate_key_set`) and retirement (`retire_key`) of the token key sets publish a
+  whole new file with `os.replace`, one change at a time under an exclusive lock on
+  `<keys>/.rotation.lock`, so two operators never lose each other's change.
+- The current key of a set is never retired: rotate first, then retire the old one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import msgspec
@@ -39,6 +44,8 @@ ADMIN_TOKEN_FILE = "admin-token-keys.json"
 RECEIPT_SIGNING_FILE = "receipt-signing-keys.json"
 VOTER_HASH_FILE = "voter-hash-keys.json"
 RECEIPT_PUBLIC_FILE = "receipt-public.json"
+
+ROTATION_LOCK_FILE = ".rotation.lock"
 
 KEY_FILE_BYTES_MAX = 64 * 1024
 KEYS_PER_SET_MAX = 64
@@ -59,6 +66,10 @@ class KeysMissing(VotesError):
 
 class KeysCorrupt(VotesError):
     """Key material is malformed."""
+
+
+class KeyRotationRefused(VotesError):
+    """The rotation or retirement asked for would break the key set; says why."""
 
 
 class KeySetDocument(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,6 +106,8 @@ _RECEIPT_SIGNING = _KeySpec(RECEIPT_SIGNING_FILE, "receipt-ed25519", "r", ED2551
 _VOTER_HASH = _KeySpec(VOTER_HASH_FILE, "voter-hash-hmac-sha256", "h", VOTER_HASH_SECRET_BYTES,
                        VOTER_HASH_SECRET_BYTES, VOTER_HASH_SECRET_BYTES)
 _SPECS = (_VOTER_TOKEN, _ADMIN_TOKEN, _RECEIPT_SIGNING, _VOTER_HASH)
+# The key sets an operator rotates while servers run (they reload them, see TokenKeyWatch).
+TOKEN_KEY_SETS = {"voter": _VOTER_TOKEN, "admin": _ADMIN_TOKEN}
 
 _key_set_encoder = msgspec.json.Encoder()
 _key_set_decoder = msgspec.json.Decoder(KeySetDocument)
@@ -299,3 +312,132 @@ def _public_bytes(private_key: Ed25519PrivateKey) -> bytes:
     return private_key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
+
+
+# --- rotation of the token key sets ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySetView:
+    """What an operator sees of a key set: its key ids and the current one, never secrets."""
+
+    name: str
+    current: str
+    key_ids: tuple[str, ...]
+
+
+def key_set_view(data_dir: Path, name: str) -> KeySetView:
+    spec = _token_spec(name)
+    current, keys = _load_key_set(keys_dir(data_dir), spec)
+    return KeySetView(name, current, tuple(sorted(keys)))
+
+
+def rotate_key_set(data_dir: Path, name: str) -> KeySetView:
+    """Add a fresh key to the token key set `name` ("voter" or "admin") and make it current.
+
+    Older keys stay in the set, so tokens they signed keep verifying until retired."""
+    spec = _token_spec(name)
+    with _rotation_lock(data_dir):
+        current, keys = _load_key_set(keys_dir(data_dir), spec)
+        if len(keys) >= KEYS_PER_SET_MAX:
+            raise KeyRotationRefused(f"the {name} key set holds {len(keys)} keys already; "
+                                     "retire old ones first")
+        key_id = new_key_id(spec.key_id_prefix)
+        while key_id in keys:
+            key_id = new_key_id(spec.key_id_prefix)
+        keys[key_id] = secrets.token_bytes(spec.secret_bytes)
+        _replace_key_set(data_dir, spec, key_id, keys)
+    return KeySetView(name, key_id, tuple(sorted(keys)))
+
+
+def retire_key(data_dir: Path, name: str, key_id: str) -> KeySetView:
+    """Remove `key_id` from the token key set `name`: tokens it signed stop verifying."""
+    spec = _token_spec(name)
+    with _rotation_lock(data_dir):
+        current, keys = _load_key_set(keys_dir(data_dir), spec)
+        if key_id not in keys:
+            raise KeyRotationRefused(f"the {name} key set has no key {key_id!r}")
+        if key_id == current:
+            raise KeyRotationRefused(f"{key_id!r} is the current {name} key; rotate first")
+        del keys[key_id]
+        _replace_key_set(data_dir, spec, current, keys)
+    return KeySetView(name, current, tuple(sorted(keys)))
+
+
+def _token_spec(name: str) -> _KeySpec:
+    spec = TOKEN_KEY_SETS.get(name)
+    if spec is None:
+        raise KeyRotationRefused(f"unknown key set {name!r}; expected one of "
+                                 f"{', '.join(TOKEN_KEY_SETS)}")
+    return spec
+
+
+def _replace_key_set(data_dir: Path, spec: _KeySpec, current: str,
+                     keys: dict[str, bytes]) -> None:
+    document = KeySetDocument(kind=spec.kind, current=current,
+                              keys={key_id: key.hex() for key_id, key in keys.items()})
+    problem = _key_set_problem(document, spec)
+    if problem:  # what we are about to publish must load again
+        raise KeyRotationRefused(f"the new {spec.file_name} would be malformed: {problem}")
+    path = keys_dir(data_dir) / spec.file_name
+    temp_path = _write_temp_file(path.parent, path.name,
+                                 _key_set_encoder.encode(document) + b"\n", mode=0o600)
+    os.replace(temp_path, path)
+    _fsync_directory(path.parent)
+
+
+class _rotation_lock:
+    """An exclusive flock on <keys>/.rotation.lock for one read-modify-replace of a key set."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = keys_dir(data_dir) / ROTATION_LOCK_FILE
+        self.descriptor = -1
+
+    def __enter__(self) -> None:
+        if not self.path.parent.is_dir():
+            raise KeysMissing(f"key directory {self.path.parent} does not exist")
+        self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.descriptor, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self.descriptor)  # closing releases the lock
+
+
+class TokenKeyWatch:
+    """Tells a running server when the token key files changed, so it can reload them.
+
+    `changed()` costs two stat calls; the server calls it every `token_keys_check_s`, so a
+    rotation or retirement reaches every worker within that bound, without a restart.
+    Rotation replaces the files (new inode), so (inode, mtime, size) always moves."""
+
+    def __init__(self, data_dir: Path) -> None:
+        directory = keys_dir(data_dir)
+        self.paths = tuple(directory / spec.file_name for spec in TOKEN_KEY_SETS.values())
+        self.seen = self._stamp()
+
+    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
+        stamps = []
+        for path in self.paths:
+            try:
+                status = os.stat(path)
+                stamps.append((status.st_ino, status.st_mtime_ns, status.st_size))
+            except OSError:
+                stamps.append((0, 0, 0))
+        return tuple(stamps)
+
+    def changed(self) -> bool:
+        stamp = self._stamp()
+        if stamp == self.seen:
+            return False
+        self.seen = stamp
+        return True
+
+
+def reload_token_keys(data_dir: Path, keyring: KeyRing) -> KeyRing:
+    """`keyring` with its voter and admin token key sets read again from disk (receipt keys
+    unchanged: a running node keeps signing receipts with the key it started with)."""
+    directory = keys_dir(data_dir)
+    voter_current, voter_keys = _load_key_set(directory, _VOTER_TOKEN)
+    admin_current, admin_keys = _load_key_set(directory, _ADMIN_TOKEN)
+    return replace(keyring, voter_keys=voter_keys, voter_key_current=voter_current,
+                   admin_keys=admin_keys, admin_key_current=admin_current)
