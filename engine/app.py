@@ -41,6 +41,7 @@ from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from engine.problems import problem_of
+from engine.results_publisher import start_publisher
 from shards.backends import durability
 from shards.records import PollCreated
 
@@ -167,6 +168,8 @@ class App:
         self.node = make_node(self.config, self.keyring)
         self._start_task = loop.create_task(self.node.start())
         self._flush_task = loop.create_task(_flush_metrics())
+        # Results go to Redis only when one is configured (engine/results_publisher.py).
+        self._results_task = start_publisher(loop, self.config, self.node)
         # Every request allocates dozens of objects, so the default young-generation
         # threshold (700) ran a collection every few requests (~5% of the loop). Objects of
         # the start-up are frozen out of collections; young ones are collected every

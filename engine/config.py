@@ -59,6 +59,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     voter_token_ttl_s_default: int = 3600
     admin_token_ttl_s_default: int = 3600
     region: str = "local"
+    # Results (engine/results_publisher.py): each worker merges its tallies into Redis
+    # (redis_url) this often; the results role streams what changed.
+    results_publish_ms: float = 100.0
     # Kafka write-ahead log: used when bootstrap servers are given, else the embedded log.
     kafka_bootstrap_servers: str = ""
     wal_topic: str = "votes-wal"
@@ -126,6 +129,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (self.lease_ttl_s >= 2 * self.lease_renew_s,
              "lease_ttl_s must be at least twice lease_renew_s (one missed renewal is tolerated)"),
             (" " not in self.node_name and self.node_name, "node_id must be non-empty without spaces"),
+            (10 <= self.results_publish_ms <= 60_000, "results_publish_ms must be in 10..60000"),
         ]
         for ok, message in checks:
             if not ok:
