@@ -162,5 +162,8 @@ async def stream_results(read: Callable[[], Awaitable[Snapshot]],
         try:
             await asyncio.wait_for(event.wait(), KEEPALIVE_S)
         except TimeoutError:
+            pass
+        if time.monotonic() - sent_at >= KEEPALIVE_S:
             await send(KEEPALIVE_BYTES)
+            sent_at = time.monotonic()
         await asyncio.sleep(max(0.0, sent_at + EVENT_INTERVAL_S - time.monotonic()))
