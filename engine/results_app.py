@@ -6,6 +6,8 @@ from Redis and holds no shard state.
   edge per second) and a strong ETag (the merge version), 304 on If-None-Match.
 - GET /v1/polls/{poll}/results/stream: Server-Sent Events (engine/results_sse.py), a
   bounded number per process (503 `overloaded` beyond it, with Retry-After).
+- GET /polls/{poll}: the results page (engine/results_page.py; its receipt box needs the
+  ingest role's GET /v1/receipts, which this role does not serve).
 - GET /healthz.
 Bad input answers problem+json through engine/problems.py, as the ingest role does.
 """
@@ -20,6 +22,7 @@ from engine.config import Config, config_from_parent
 from engine.errors import MethodNotAllowed, NotFound, Overloaded, PollNotFound, VotesError
 from engine.logs import configure_logging
 from engine.problems import problem_of
+from engine.results_page import page_response
 from engine.results_sse import ResultsHub, stream_results
 
 log = logging.getLogger("votes.results")
@@ -81,6 +84,8 @@ class ResultsApp:
                     "results", "stream"]:
                 await self._stream(scope, proto, poll_id(parts[2]))
                 return
+            elif parts[0] == "polls" and (page := page_response(parts)) is not None:
+                status, headers, body = page
             elif parts == ["healthz"]:
                 status, headers, body = 200, [("content-type", "application/json")], \
                     b'{"status":"ok"}'

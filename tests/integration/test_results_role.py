@@ -140,6 +140,9 @@ def test_results_role_serves_caches_and_streams(tmp_path: Path, stack_endpoints)
                                headers={"if-none-match": etag})
         assert same.status_code == 304 and same.content == b""
         assert http_client.get(f"{results_url}/v1/polls/nope-{poll}/results").status_code == 404
+        page = http_client.get(f"{results_url}/polls/{poll}")
+        assert page.status_code == 200 and "default-src 'none'" in page.headers[
+            "content-security-policy"]
         asyncio.run(stream_scenario(results_url, poll, voting))
         changed = http_client.get(f"{results_url}/v1/polls/{poll}/results",
                                   headers={"if-none-match": etag})
