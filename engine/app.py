@@ -42,6 +42,8 @@ from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from engine.problems import problem_of
+from engine.results_page import LocalStreams, page_response, receipt_status
+from engine.results_publisher import start_publisher
 from shards.backends import durability
 from shards.records import PollCreated
 
@@ -170,6 +172,9 @@ class App:
         self._start_task = loop.create_task(self.node.start())
         self._flush_task = loop.create_task(_flush_metrics())
         self._token_keys_task = loop.create_task(self._watch_token_keys())
+        # Results go to Redis only when one is configured (engine/results_publisher.py).
+        self._results_task = start_publisher(loop, self.config, self.node)
+        self._streams = LocalStreams(self.config.results_subscribers_max)
         # Every request allocates dozens of objects, so the default young-generation
         # threshold (700) ran a collection every few requests (~5% of the loop). Objects of
         # the start-up are frozen out of collections; young ones are collected every
@@ -200,7 +205,8 @@ class App:
         except Exception:
             log.exception("unhandled error on %s %s", scope.method, scope.path)
             status, headers, body = self._problem(VotesError("internal error"))
-        proto.response_bytes(status, headers, body)
+        if headers is not None:  # None: a stream, already answered
+            proto.response_bytes(status, headers, body)
         BUFFERED.request(route, status, time.perf_counter() - started)
 
     def _problem(self, exc: VotesError):
@@ -236,6 +242,17 @@ class App:
         elif len(parts) == 5 and parts[:3] == ["internal", "v1", "polls"] and parts[4] == "summary":
             _require(method, "GET")
             return ("internal-summary",) + await self._internal_summary(scope, parts[3])
+        elif len(parts) == 5 and parts[:2] == ["v1", "polls"] and parts[3:] == ["results", "stream"]:
+            _require(method, "GET")
+            await self._streams.serve(self._node(), scope, proto, parts[2])
+            return "results-stream", 200, None, b""  # answered as a stream already
+        elif len(parts) == 3 and parts[:2] == ["v1", "receipts"]:
+            _require(method, "GET")
+            status = await receipt_status(self._node(), self.keyring, parts[2])
+            return "receipt", 200, JSON, _json.encode(status)
+        elif parts[0] == "polls" and (page := page_response(parts)) is not None:
+            _require(method, "GET")
+            return ("page",) + page
         elif parts == ["v1", "polls"]:
             _require(method, "POST")
             return ("create",) + await self._create(scope, proto)

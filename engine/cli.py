@@ -133,6 +133,30 @@ def serve(data_dir, port, host, workers, shards, groups, config_file) -> None:
 
 
 @main.command()
+@click.option("--port", type=int)
+@click.option("--host")
+@click.option("--redis-url", help="The Redis the ingest workers publish results to.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+def results(port, host, redis_url, config_file) -> None:
+    """Run the results role: merged results and their live stream from Redis, no shards."""
+    try:
+        config = load_config(config_file, port=port, host=host, redis_url=redis_url)
+    except VotesError as exc:
+        _fail(exc)
+    if not config.redis_url:
+        raise click.ClickException("the results role needs --redis-url (or redis_url)")
+    os.environ[CONFIG_ENV] = config_for_workers(config)
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    Granian("engine.results_app:app", address=config.host, port=config.port,
+            interface=Interfaces.RSGI, workers=1, loop=Loops.uvloop, log_access=False,
+            backlog=config.requests_in_flight_max,
+            backpressure=config.results_subscribers_max + config.requests_in_flight_max,
+            ).serve()
+
+
+@main.command()
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--voter", required=True, type=click.IntRange(0, 2**32 - 1), help="First voter id.")
 @click.option("--count", default=1, type=click.IntRange(1, 100_000_000))

@@ -71,6 +71,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # changed (`votes keys rotate|retire`): the bound on how long a rotation takes to apply.
     token_keys_check_s: float = 1.0
     region: str = "local"
+    # Results (engine/results_publisher.py): each worker merges its tallies into Redis
+    # (redis_url) this often; the results role streams what changed.
+    results_publish_ms: float = 100.0
+    # Server-Sent Events streams one `votes results` process holds at once (then 503).
+    results_subscribers_max: int = 20_000
     # Kafka write-ahead log: used when bootstrap servers are given, else the embedded log.
     kafka_bootstrap_servers: str = ""
     wal_topic: str = "votes-wal"
@@ -155,6 +160,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (self.lease_ttl_s >= 2 * self.lease_renew_s,
              "lease_ttl_s must be at least twice lease_renew_s (one missed renewal is tolerated)"),
             (" " not in self.node_name and self.node_name, "node_id must be non-empty without spaces"),
+            (10 <= self.results_publish_ms <= 60_000, "results_publish_ms must be in 10..60000"),
+            (1 <= self.results_subscribers_max <= 1_000_000,
+             "results_subscribers_max must be in 1..1000000"),
         ]
         for ok, message in checks:
             if not ok:

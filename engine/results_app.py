@@ -1,0 +1,141 @@
+"""The `results` role (`votes results`): an RSGI app (Granian) that serves merged results
+from Redis and holds no shard state.
+
+- GET /v1/polls/{poll}/results: the merged results, `Cache-Control: public, max-age=1,
+  stale-while-revalidate=5` (a CDN turns many viewers into about one origin request per
+  edge per second) and a strong ETag (the merge version), 304 on If-None-Match.
+- GET /v1/polls/{poll}/results/stream: Server-Sent Events (engine/results_sse.py), a
+  bounded number per process (503 `overloaded` beyond it, with Retry-After).
+- GET /polls/{poll}: the results page (engine/results_page.py; its receipt box needs the
+  ingest role's GET /v1/receipts, which this role does not serve).
+- GET /healthz.
+Bad input answers problem+json through engine/problems.py, as the ingest role does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from engine.config import Config, config_from_parent
+from engine.errors import MethodNotAllowed, NotFound, Overloaded, PollNotFound, VotesError
+from engine.logs import configure_logging
+from engine.problems import problem_of
+from engine.results_page import page_response
+from engine.results_sse import ResultsHub, stream_results
+
+log = logging.getLogger("votes.results")
+
+IDENTIFIER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+CACHE_CONTROL = "public, max-age=1, stale-while-revalidate=5"
+REDIS_TIMEOUT_S = 2.0
+RETRY_AFTER_S = "1"
+
+
+def poll_id(text: str) -> str:
+    if not 1 <= len(text) <= 64 or not set(text) <= IDENTIFIER_CHARS:
+        raise PollNotFound(f"no poll {text[:64]!r}: ids are 1-64 characters of A-Z a-z 0-9 _ -")
+    return text
+
+
+def problem_response(exc: VotesError) -> tuple[int, list[tuple[str, str]], bytes]:
+    problem = problem_of(exc)
+    headers = [("content-type", "application/problem+json")]
+    if isinstance(exc, MethodNotAllowed):
+        headers.append(("allow", "GET"))
+    if isinstance(exc, Overloaded):
+        headers.append(("retry-after", RETRY_AFTER_S))
+    body = {"type": f"/problems/{problem.slug}", "title": problem.title,
+            "status": problem.status, "detail": exc.detail or problem.title}
+    return problem.status, headers, json.dumps(body).encode()
+
+
+class ResultsApp:
+    def __init__(self) -> None:
+        self.hub: ResultsHub | None = None
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        import redis.asyncio
+
+        config: Config = config_from_parent()
+        configure_logging()
+        client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                              socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.hub = ResultsHub(client, config.results_subscribers_max)
+        self.hub.start(loop)
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.hub is not None:
+            loop.run_until_complete(self.hub.stop())
+
+    async def __rsgi__(self, scope, proto) -> None:
+        if scope.proto != "http":
+            return
+        try:
+            parts = scope.path.strip("/").split("/")
+            if scope.method != "GET":
+                if parts[:2] == ["v1", "polls"] or parts == ["healthz"]:
+                    raise MethodNotAllowed("use GET", allow="GET")
+                raise NotFound(f"no route for {scope.path}")
+            if len(parts) == 4 and parts[:2] == ["v1", "polls"] and parts[3] == "results":
+                status, headers, body = await self._results(scope, poll_id(parts[2]))
+            elif len(parts) == 5 and parts[:2] == ["v1", "polls"] and parts[3:] == [
+                    "results", "stream"]:
+                await self._stream(scope, proto, poll_id(parts[2]))
+                return
+            elif parts[0] == "polls" and (page := page_response(parts)) is not None:
+                status, headers, body = page
+            elif parts == ["healthz"]:
+                status, headers, body = 200, [("content-type", "application/json")], \
+                    b'{"status":"ok"}'
+            else:
+                raise NotFound(f"no route for {scope.path}")
+        except VotesError as exc:
+            status, headers, body = problem_response(exc)
+        except Exception:  # Redis down or a defect: no details to the client
+            log.exception("results: error on %s %s", scope.method, scope.path)
+            status, headers, body = problem_response(_unavailable())
+        proto.response_bytes(status, headers, body)
+
+    def _hub(self) -> ResultsHub:
+        if self.hub is None:
+            raise _unavailable()
+        return self.hub
+
+    async def _results(self, scope, poll: str):
+        snapshot = await self._hub().snapshot(poll)
+        etag = f'"{snapshot.event_id}"'
+        headers = [("cache-control", CACHE_CONTROL), ("etag", etag)]
+        if scope.headers.get("if-none-match") == etag:
+            return 304, headers, b""
+        return 200, [("content-type", "application/json"), *headers], snapshot.body
+
+    async def _stream(self, scope, proto, poll: str) -> None:
+        hub = self._hub()
+        await hub.snapshot(poll)  # 404 before the stream starts
+        hub.admit()
+        try:
+            transport = proto.response_stream(200, [
+                ("content-type", "text/event-stream"), ("cache-control", "no-store"),
+                ("x-accel-buffering", "no")])
+            streaming = asyncio.ensure_future(stream_results(
+                lambda: hub.snapshot(poll), lambda: hub.watch(poll).changed,
+                transport.send_bytes, scope.headers.get("last-event-id")))
+            disconnected = asyncio.ensure_future(proto.client_disconnect())
+            await asyncio.wait([streaming, disconnected], return_when=asyncio.FIRST_COMPLETED)
+            for task in (streaming, disconnected):
+                task.cancel()
+            if streaming.done() and not streaming.cancelled() and streaming.exception():
+                log.info("results stream of %s ended: %r", poll, streaming.exception())
+        finally:
+            hub.leave()
+
+
+def _unavailable() -> VotesError:
+    from engine.errors import NotReady
+
+    return NotReady("the results store (Redis) cannot be reached; retry shortly")
+
+
+app = ResultsApp()

@@ -1,0 +1,169 @@
+"""The results role's shared state: merged results per poll read from Redis, change
+notifications, and the Server-Sent Events loop of one subscriber.
+
+One process holds one pub/sub connection (PSUBSCRIBE on every poll's `changed` channel) and,
+per poll being watched, one `PollWatch`: the last snapshot read and an event that is set and
+replaced on every change, so a change costs one Redis read per process and one wake-up per
+subscriber, whatever the number of subscribers. Bounds: `subscribers_max` streams per
+process (beyond: 503 `overloaded`), at most one event per EVENT_INTERVAL_S per subscriber
+(changes in between are folded into the next event), polls watched at most WATCHES_MAX.
+A subscriber re-reads the snapshot at every keep-alive too, so a lost notification delays
+an event by at most KEEPALIVE_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+from engine import crdt
+from engine.errors import Overloaded, PollNotFound
+from engine.results_publisher import KEY_PREFIX, definition_key, merged_key, version_key
+from engine.results_view import parse_definition, results_document
+
+log = logging.getLogger("votes.results")
+
+EVENT_INTERVAL_S = 0.1  # at most ~10 events per second per subscriber
+KEEPALIVE_S = 15.0
+WATCHES_MAX = 1024
+SNAPSHOT_FRESH_S = 0.05  # a request within this of the last read reuses it
+CHANNEL_PATTERN = KEY_PREFIX + "{*}:changed"
+RESUBSCRIBE_S = 1.0
+
+
+class Snapshot(NamedTuple):
+    document: dict[str, Any]
+    body: bytes  # the JSON of `document`
+    event_id: str  # the document's version: ETag and SSE id
+    read_at: float
+
+
+class PollWatch:
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self.snapshot = None
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class ResultsHub:
+    def __init__(self, redis: Any, subscribers_max: int) -> None:
+        self.redis = redis
+        self.subscribers_max = subscribers_max
+        self.subscribers = 0
+        self.watches: dict[str, PollWatch] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._listener = loop.create_task(self._listen(), name="results-listener")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+        await self.redis.aclose()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.redis.pubsub()
+                await pubsub.psubscribe(CHANNEL_PATTERN)
+                async for message in pubsub.listen():
+                    if message.get("type") == "pmessage":
+                        self._changed(message["channel"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep-alive re-reads cover it
+                log.warning("results listener: %r; subscribing again", exc)
+                for watch in self.watches.values():
+                    watch.notify()
+                await asyncio.sleep(RESUBSCRIBE_S)
+
+    def _changed(self, channel: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        poll = name[len(KEY_PREFIX) + 1:name.rfind("}")]
+        watch = self.watches.get(poll)
+        if watch is not None:
+            watch.notify()
+
+    def watch(self, poll: str) -> PollWatch:
+        watch = self.watches.get(poll)
+        if watch is None:
+            if len(self.watches) >= WATCHES_MAX:  # drop the oldest: it is re-read on demand
+                self.watches.pop(next(iter(self.watches)))
+            watch = self.watches[poll] = PollWatch()
+        return watch
+
+    async def snapshot(self, poll: str) -> Snapshot:
+        """The poll's merged results now (PollNotFound if no owner published it yet)."""
+        watch = self.watch(poll)
+        cached = watch.snapshot
+        if cached is not None and time.monotonic() - cached.read_at < SNAPSHOT_FRESH_S:
+            return cached
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(definition_key(poll))
+            pipe.get(version_key(poll))
+            pipe.hgetall(merged_key(poll))
+            raw_definition, raw_version, fields = await pipe.execute()
+        if raw_definition is None:
+            raise PollNotFound(f"poll {poll!r} has no published results")
+        state = crdt.counters_from_fields(poll, [(name.decode(), int(value))
+                                                 for name, value in fields.items()])
+        document = results_document(poll, parse_definition(raw_definition), state,
+                                    int(raw_version or 0))
+        event_id = f"{document['version']}{'f' if document['final'] else ''}"
+        snapshot = Snapshot(document, json.dumps(document, separators=(",", ":")).encode(),
+                            event_id, time.monotonic())
+        watch.snapshot = snapshot
+        return snapshot
+
+    def admit(self) -> None:
+        if self.subscribers >= self.subscribers_max:
+            raise Overloaded(f"this results process already streams to {self.subscribers_max} "
+                             f"subscribers; retry shortly or poll GET .../results")
+        self.subscribers += 1
+
+    def leave(self) -> None:
+        self.subscribers -= 1
+
+
+def sse_event(snapshot: Snapshot) -> bytes:
+    return b"id: " + snapshot.event_id.encode() + b"\nevent: results\ndata: " + \
+        snapshot.body + b"\n\n"
+
+
+KEEPALIVE_BYTES = b": keep-alive\n\n"
+
+
+async def stream_results(read: Callable[[], Awaitable[Snapshot]],
+                         changed: Callable[[], asyncio.Event],
+                         send: Callable[[bytes], Awaitable[None]],
+                         last_event_id: str | None) -> None:
+    """Send an event whenever the snapshot's id changes (at most every EVENT_INTERVAL_S),
+    a comment every KEEPALIVE_S otherwise, and stop after the final event. The caller
+    cancels it when the client goes away. With `last_event_id` equal to the current id
+    (a resuming client that saw it), nothing is sent until the next change."""
+    sent_id = last_event_id
+    sent_at = 0.0
+    while True:
+        event = changed()  # taken before the read, so no change between them is missed
+        snapshot = await read()
+        if snapshot.event_id != sent_id:
+            await send(sse_event(snapshot))
+            sent_id, sent_at = snapshot.event_id, time.monotonic()
+        if snapshot.document["final"]:
+            return
+        try:
+            await asyncio.wait_for(event.wait(), KEEPALIVE_S)
+        except TimeoutError:
+            pass
+        if time.monotonic() - sent_at >= KEEPALIVE_S:
+            await send(KEEPALIVE_BYTES)
+            sent_at = time.monotonic()
+        await asyncio.sleep(max(0.0, sent_at + EVENT_INTERVAL_S - time.monotonic()))

@@ -1,0 +1,65 @@
+"""The results document of a poll, built from its merged CRDT state (pure: no I/O).
+
+Rules: a poll is final once, in every region that holds tallies of it, all `shards` shards
+applied its close record; provisional before. While an embargoed poll is not final, counts,
+totals and the region breakdown are hidden (empty / 0), and so is the merge version: the
+document's `version` stays 0, so neither an ETag nor an SSE event id reveals activity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, NamedTuple
+
+from engine import crdt
+
+REJECTION_REASONS = ("duplicate", "bad-token", "closed-poll", "not-open", "unknown-option")
+
+
+class Definition(NamedTuple):
+    options: list[str]
+    embargo: bool
+    shards: int
+
+
+def parse_definition(raw: bytes | str) -> Definition:
+    document = json.loads(raw)
+    return Definition(list(document["options"]), bool(document["embargo"]),
+                      int(document["shards"]))
+
+
+def is_final(state: crdt.Counters, poll: str, shards: int) -> bool:
+    closed = crdt.closed_shards(state, poll)
+    regions = {region for region, _, key_poll, _ in state.tallies if key_poll == poll}
+    regions |= set(closed)
+    return bool(regions) and all(len(closed.get(region, ())) >= shards for region in regions)
+
+
+def now_iso() -> str:
+    moment = datetime.datetime.now(datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def results_document(poll: str, definition: Definition, state: crdt.Counters,
+                     version: int) -> dict[str, Any]:
+    final = is_final(state, poll, definition.shards)
+    embargoed = definition.embargo and not final
+    totals = crdt.totals(state, poll)
+    counts = {} if embargoed else {option: totals.get(option, 0)
+                                   for option in definition.options}
+    regions = {} if embargoed else {
+        region: {option: region_counts.get(option, 0) for option in definition.options}
+        for region, region_counts in sorted(crdt.region_totals(state, poll).items())}
+    rejected = crdt.rejected_totals(state, poll)
+    return {
+        "poll": poll,
+        "counts": counts,
+        "total": sum(counts.values()),
+        "final": final,
+        "embargoed": embargoed,
+        "rejected": {reason: rejected.get(reason, 0) for reason in REJECTION_REASONS},
+        "as_of": now_iso(),
+        "regions": regions,
+        "version": 0 if embargoed else version,
+    }
