@@ -1,4 +1,4 @@
-"""The embedded write-ahead log: append-only, checksummed segments per shard, fsync'd.
+"""The embedded write-ahead log: append-only, checksummed segments per fencing group, fsync'd.
 
 Layout: `<shard dir>/wal/<20-digit base offset>.log`, plus `<shard dir>/wal/LOCK`. Offsets are
 byte positions in the shard's whole log, so a segment's name is the offset of its first
