@@ -194,6 +194,7 @@ class App:
         try:
             route, status, headers, body = await self._route(scope, proto, span)
         except VotesError as exc:
+            route = _route_of(scope.path)  # the error left _route before it named the route
             status, headers, body = self._problem(exc)
             reason = _rejection_reason(exc)
             if reason is not None:
@@ -348,6 +349,23 @@ def _forwarded(scope, body: bytes) -> ForwardedRequest:
 def _require(method: str, allowed: str) -> None:
     if method != allowed:
         raise MethodNotAllowed(f"use {allowed}", allow=allowed)
+
+
+_ACTION_ROUTES = {"votes": "vote", "close": "close", "results": "results"}
+
+
+def _route_of(path: str) -> str:
+    """The route label `_route` would have given `path` (for answers it raised)."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 4 and parts[:2] == ["v1", "polls"] and parts[3] in _ACTION_ROUTES:
+        return _ACTION_ROUTES[parts[3]]
+    if len(parts) == 5 and parts[:3] == ["internal", "v1", "polls"] and parts[4] == "summary":
+        return "internal-summary"
+    if parts == ["v1", "polls"]:
+        return "create"
+    if len(parts) == 1 and parts[0] in ("healthz", "readyz", "metrics"):
+        return parts[0]
+    return "unmatched"
 
 
 def _poll_of(path: str) -> str | None:
