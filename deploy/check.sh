@@ -41,7 +41,7 @@ PY
         touch "$stamp"
     fi
     (cd "$repo" && "$bin/python" -c \
-        "from deploy.local.installer import ensure_debian_package as e; e('packer', 'packer')" \
+        "from deploy.local.installer import ensure_debian_package as e; e('packer', 'packer'); e('promtool', 'prometheus')" \
         > /dev/null)
 }
 
@@ -84,6 +84,14 @@ for path in sorted(root.glob("*/*/prometheus.yml")):
 PY
 }
 
+# The monitoring role's alert and SLO rules: valid, and as their promtool unit tests say.
+rules() {
+    local files=$repo/deploy/ansible/roles/monitoring/files
+    step "promtool check rules / test rules"
+    promtool check rules "$files"/rules/*.yml
+    promtool test rules "$files"/rules-tests/*.test.yml
+}
+
 lint() {
     local started=$SECONDS
     cd "$ansible_dir"
@@ -99,6 +107,7 @@ lint() {
         echo "ok  $playbook"
     done
     render
+    rules
     cd "$packer_dir"
     step "packer fmt -check"
     packer fmt -check .

@@ -19,7 +19,7 @@ import time
 
 import msgspec
 
-from engine import tokens
+from engine import tokens, tracing
 from engine.cluster_node import make_node
 from engine.config import Config, config_from_parent
 from engine.errors import (
@@ -37,7 +37,7 @@ from engine.errors import (
     VotesError,
 )
 from engine.keys import TokenKeyWatch, load_keys, reload_token_keys
-from engine.logs import configure_logging
+from engine.logs import REQUEST_ID_HEADER, configure_logging, request_id, request_id_of
 from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
@@ -167,6 +167,7 @@ class App:
         self.config = config_from_parent()
         self._cluster = self.config.uses_cluster  # a property: read once, not per vote
         configure_logging()
+        tracing.configure(self.config.trace_sample_ratio, self.config.trace_otlp_endpoint)
         self.keyring = load_keys(self.config.data_path)
         self.node = make_node(self.config, self.keyring)
         self._start_task = loop.create_task(self.node.start())
@@ -186,15 +187,21 @@ class App:
         if self.node is not None:
             loop.run_until_complete(self.node.stop())
         BUFFERED.flush()
+        tracing.shutdown()
 
     async def __rsgi__(self, scope, proto) -> None:
         if scope.proto != "http":
             return
         started = time.perf_counter()
         route = "unmatched"
+        # Granian runs each request in its own task, so this id is this request's alone.
+        current_request_id = request_id_of(scope.headers.get(REQUEST_ID_HEADER))
+        request_id.set(current_request_id)
+        span = tracing.start_request(scope.method)
         try:
-            route, status, headers, body = await self._route(scope, proto)
+            route, status, headers, body = await self._route(scope, proto, span)
         except VotesError as exc:
+            route = _route_of(scope.path)  # the error left _route before it named the route
             status, headers, body = self._problem(exc)
             reason = _rejection_reason(exc)
             if reason is not None:
@@ -206,8 +213,10 @@ class App:
             log.exception("unhandled error on %s %s", scope.method, scope.path)
             status, headers, body = self._problem(VotesError("internal error"))
         if headers is not None:  # None: a stream, already answered
-            proto.response_bytes(status, headers, body)
+            proto.response_bytes(status, headers + [(REQUEST_ID_HEADER, current_request_id)], body)
         BUFFERED.request(route, status, time.perf_counter() - started)
+        if span is not None:
+            tracing.finish_request(span, route, status, _poll_of(scope.path))
 
     def _problem(self, exc: VotesError):
         extra = dict(exc.extra)
@@ -225,14 +234,14 @@ class App:
                     "status": problem.status, "detail": exc.detail or problem.title, **extra}
         return problem.status, headers, _json.encode(document)
 
-    async def _route(self, scope, proto):
+    async def _route(self, scope, proto, span=None):
         method = scope.method
         parts = scope.path.strip("/").split("/")
         if len(parts) == 4 and parts[0] == "v1" and parts[1] == "polls":
             poll, action = parts[2], parts[3]
             if action == "votes":
                 _require(method, "POST")
-                return ("vote",) + await self._vote(scope, proto, poll)
+                return ("vote",) + await self._vote(scope, proto, poll, span)
             if action == "close":
                 _require(method, "POST")
                 return ("close",) + await self._close(scope, poll)
@@ -271,12 +280,14 @@ class App:
             raise InvariantViolation("a request reached the worker before __rsgi_init__")
         return self.config
 
-    async def _vote(self, scope, proto, poll: str):
+    async def _vote(self, scope, proto, poll: str, span=None):
         node = self._node()
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
         vote = _decode(_vote_decoder, body)
         if not IDENTIFIER_PATTERN.match(vote.option):
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
+        if span is not None:  # a sampled request: the same steps, each in a child span
+            return await self._vote_traced(scope, poll, body, vote, span)
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
         # Only cluster mode can forward to another node; the embedded path builds nothing.
@@ -284,6 +295,19 @@ class App:
         try:
             body = await node.vote(poll, claims.voter, vote.option, request)
         except Relayed as relayed:  # the shard's owner on another node answered
+            return relayed.status, [("content-type", relayed.content_type)], relayed.body
+        return 201, JSON, body
+
+    async def _vote_traced(self, scope, poll: str, body: bytes, vote: VoteBody, span):
+        node = self._node()
+        with tracing.child(span, "verify-voter-token"):
+            claims = tokens.verify_voter_token(
+                self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
+        request = _forwarded(scope, body) if self._cluster else None
+        try:
+            with tracing.child(span, "node.vote"):
+                body = await node.vote(poll, claims.voter, vote.option, request)
+        except Relayed as relayed:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body
 
@@ -364,6 +388,23 @@ def _forwarded(scope, body: bytes) -> ForwardedRequest:
 def _require(method: str, allowed: str) -> None:
     if method != allowed:
         raise MethodNotAllowed(f"use {allowed}", allow=allowed)
+
+
+_ACTION_ROUTES = {"votes": "vote", "close": "close", "results": "results"}
+
+
+def _route_of(path: str) -> str:
+    """The route label `_route` would have given `path` (for answers it raised)."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 4 and parts[:2] == ["v1", "polls"] and parts[3] in _ACTION_ROUTES:
+        return _ACTION_ROUTES[parts[3]]
+    if len(parts) == 5 and parts[:3] == ["internal", "v1", "polls"] and parts[4] == "summary":
+        return "internal-summary"
+    if parts == ["v1", "polls"]:
+        return "create"
+    if len(parts) == 1 and parts[0] in ("healthz", "readyz", "metrics"):
+        return parts[0]
+    return "unmatched"
 
 
 def _poll_of(path: str) -> str | None:

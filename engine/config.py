@@ -76,6 +76,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     results_publish_ms: float = 100.0
     # Server-Sent Events streams one `votes results` process holds at once (then 503).
     results_subscribers_max: int = 20_000
+    # Traces (engine/tracing.py): off while trace_otlp_endpoint is empty; when on, this
+    # share of requests is traced (1 %: its cost per vote is measured in perf/bench_tracing.py).
+    trace_sample_ratio: float = 0.01
+    trace_otlp_endpoint: str = ""
     # Kafka write-ahead log: used when bootstrap servers are given, else the embedded log.
     kafka_bootstrap_servers: str = ""
     wal_topic: str = "votes-wal"
@@ -150,6 +154,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (self.segment_bytes_max >= 1 << 16, "segment_bytes_max must be >= 64 KiB"),
             (self.snapshots_kept >= 1, "snapshots_kept must be >= 1"),
             (0 <= self.snapshot_votes_share <= 10, "snapshot_votes_share must be in 0..10"),
+            (0 <= self.trace_sample_ratio <= 1, "trace_sample_ratio must be in 0..1"),
             (self.forward_timeout_s > 0, "forward_timeout_s must be positive"),
             (not self.uses_kafka
              or self.kafka_append_timeout_s + self.kafka_abort_timeout_s < self.append_timeout_s,

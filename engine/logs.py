@@ -1,11 +1,35 @@
-"""Structured JSON logs on stderr, one object per line, so log shippers need no parsing rules."""
+"""Structured JSON logs on stderr, one object per line, so log shippers need no parsing rules.
+
+Every line written while a request is handled carries that request's id (`request_id`), kept
+in a context variable that `engine/app.py` sets per request: asyncio copies the context into
+each task, so concurrent requests on one event loop never see each other's ids. Lines
+identify a voter by the voter id alone, never by token, address or header contents.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
+import re
+import secrets
 import time
+
+REQUEST_ID_HEADER = "x-request-id"
+# An incoming id is taken as is only when it is short and plain: it is echoed in a header
+# and written into logs, so anything else (long, control characters, JSON) is replaced.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID_GENERATED_BYTES = 8
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def request_id_of(incoming: str | None) -> str:
+    """The incoming X-Request-Id when well-formed and bounded, else a fresh random one."""
+    if incoming is not None and REQUEST_ID_PATTERN.fullmatch(incoming):
+        return incoming
+    return secrets.token_hex(REQUEST_ID_GENERATED_BYTES)
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,6 +42,9 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "message": record.getMessage(),
         }
+        current = request_id.get()
+        if current is not None:
+            document["request_id"] = current
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document)
