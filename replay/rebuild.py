@@ -49,7 +49,7 @@ from replay.context import by_group
 from replay.errors import BadInput, DataDamaged, Paused, Unavailable
 from replay.sources import GroupLog, wal_directory
 from shards.backends import make_snapshot_store
-from shards.records import Record, VoteBatch, decode_record
+from shards.records import LogHeader, Record, VoteBatch, decode_record
 from shards.segment_log import SegmentLog
 from shards.snapshots import freeze, thaw
 from shards.state import ShardState
@@ -248,6 +248,8 @@ class ShardRebuild:
         except ValueError as exc:
             raise DataDamaged(f"shard {self.shard}: the record at offset {offset} does not "
                               f"apply: {exc}") from None
+        if isinstance(record, LogHeader):
+            return None  # layout, not data: not counted as a record (as the recount does)
         votes = sum(len(group.voters) // 4 for group in record.groups) \
             if isinstance(record, VoteBatch) else 0
         self.records += 1
