@@ -284,17 +284,28 @@ def inspect_wal(data_dir, config_file, shard, group, from_offset, limit, as_json
 
 @inspect_group.command("snapshots")
 @common_options
-@click.option("--shard", required=True, type=click.IntRange(0, 4095))
+@click.option("--shard", type=click.IntRange(0, 4095), default=None)
+@click.option("--group", type=click.IntRange(0, 4095), default=None,
+              help="Every shard of the group, one after the other.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_snapshots(data_dir, config_file, shard, as_json) -> None:
+def inspect_snapshots(data_dir, config_file, shard, group, as_json) -> None:
     """The shard's snapshot manifest and a summary of the newest valid snapshot."""
-    from replay.context import chosen_shards
+    from replay.context import chosen_by_shard_or_group
     from replay.inspection import render_snapshots, snapshot_summary
 
+    if (shard is None) == (group is None):
+        _fail("give exactly one of --shard S or --group G", EXIT_CANNOT)
     config = _run(lambda: _config(data_dir, config_file))
-    _run(lambda: chosen_shards(config, [shard]))
-    summary = _run(lambda: asyncio.run(snapshot_summary(config, shard)))
-    click.echo(json.dumps(summary, indent=2) if as_json else render_snapshots(summary))
+    chosen = _run(lambda: chosen_by_shard_or_group(config, [] if shard is None else [shard],
+                                                   [] if group is None else [group]))
+    async def summaries_of() -> list[dict]:
+        return [await snapshot_summary(config, number) for number in chosen]
+
+    summaries = _run(lambda: asyncio.run(summaries_of()))
+    if as_json:
+        click.echo(json.dumps(summaries[0] if shard is not None else summaries, indent=2))
+    else:
+        click.echo("\n".join(render_snapshots(summary) for summary in summaries))
 
 
 # prove -----------------------------------------------------------------------------------------

@@ -143,6 +143,13 @@ def test_rebuild_of_a_group_matches_the_engine_apply_from_one_read(tmp_path, rea
         assert fingerprint(state) == fingerprint(expected[shard]), shard
         assert state.polls["a"].counts() == expected_counts(shard)
     assert not (shard_directory(tmp_path, 0) / "snapshots").exists()
+    listed = CliRunner().invoke(replay_main, ["inspect", "snapshots", "--data-dir",
+                                              str(tmp_path), "--group", str(GROUP), "--json"])
+    assert listed.exit_code == EXIT_OK, listed.output
+    summaries = json.loads(listed.output)
+    assert [summary["shard"] for summary in summaries] == MEMBERS
+    assert all(summary["newest_valid"]["wal_offset_next"] == positions[-1][1]
+               for summary in summaries)
 
 
 WRONG_HEADERS = {
