@@ -22,10 +22,9 @@ import click
 from engine.config import CONFIG_ENV, Config, config_for_workers, load_config
 from engine.errors import VotesError
 
-CLUSTER_FILE = "cluster.json"
-
-
-LAYOUT_FORMAT = 2  # 1: one log per shard; 2: one log per fencing group
+# The layout record and its check live in shards/layout.py, so the replay tool (below this
+# layer) refuses what `votes serve` refuses; the names stay importable from here.
+from shards.layout import CLUSTER_FILE, LAYOUT_FORMAT, check_layout
 
 
 def prepare_data_dir(config: Config) -> None:
@@ -43,28 +42,6 @@ def prepare_data_dir(config: Config) -> None:
                               "groups": config.groups}) + "\n"
         publish_once(cluster_path, content.encode(), mode=0o644)
     check_layout(data_dir, json.loads(cluster_path.read_text()), config)
-
-
-def check_layout(data_dir: Path, recorded: dict, config: Config) -> None:
-    """Refuse a data dir of another layout, shard count or group count: never misread it."""
-    if recorded.get("format") != LAYOUT_FORMAT:
-        raise VotesError(
-            f"{data_dir} holds layout format {recorded.get('format')!r} (one log per shard, "
-            f"written before fencing groups); this engine reads format {LAYOUT_FORMAT} only. "
-            f"Export its results with `votes replay export --data-dir {data_dir}` using the "
-            f"release that wrote it, then start this one on a new data dir."
-        )
-    if recorded.get("shards") != config.shards:
-        raise VotesError(
-            f"{data_dir} was created with {recorded.get('shards')} shards; this start asks for "
-            f"{config.shards}. The shard count is fixed per deployment."
-        )
-    if recorded.get("groups") != config.groups:
-        raise VotesError(
-            f"{data_dir} was created with {recorded.get('groups')} fencing groups; this start "
-            f"asks for {config.groups}. The group count is fixed per deployment (set groups = "
-            f"{recorded.get('groups')})."
-        )
 
 
 def _fail(exc: Exception) -> None:

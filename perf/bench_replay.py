@@ -1,9 +1,13 @@
 """How fast the replay tool rebuilds a shard and recounts it (replay/, `votes replay`).
 
-The scenario, on one shard of an embedded log (no HTTP, no services):
+The scenario, on one shard of an embedded log (no HTTP, no services). The log is the one of
+the shard's fencing group (`--shards` in `--groups`; DATA/groups/group-<gggg>/wal), starting
+with the group's LogHeader; only `--shard` writes votes into it, so the figures are one
+shard's, read through the group layout (a group's log is read once for all its shards, so a
+group of n equally busy shards takes about n times as long, once):
 
 1. A writer appends, with the engine's record encoder and segment log (shards/records.py,
-   shards/segment_log.py), a poll and `--voters` distinct voters of one shard in VoteBatch
+   shards/segment_log.py), the header, a poll and `--voters` distinct voters of one shard in VoteBatch
    records of `--batch-votes` votes (voters in a scrambled order, options at random;
    signature fields zeroed: neither rebuild nor the recount checks them), `--records-per-append`
    records per fsync'd append. After `--snapshot-fraction` of the voters, `rebuild --from-wal`
@@ -43,8 +47,9 @@ from perf.output import merged_results, print_conditions, write_json
 from replay.rebuild import RebuildOptions, RebuildResult, rebuild
 from replay.recount import recount_shard
 from replay.verify import verify
-from shards.backends import shard_directory
+from shards.backends import group_directory, shard_directory
 from shards.records import PollCreated, VoteBatch, VoteGroup, encode_record, frame
+from shards.recovery import log_header
 from shards.segment_log import SegmentLog
 
 POLL = "bench"
@@ -65,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records-per-append", type=int, default=32)
     parser.add_argument("--snapshot-fraction", type=float, default=0.9)
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--groups", type=int, default=0,
+                        help="fencing groups (0: as the engine chooses for --shards)")
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each measurement; the fastest is reported (others share "
@@ -77,15 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Writer:
-    """Appends vote batches of voters first..last (in scrambled order) to the shard's log."""
+    """Appends vote batches of voters first..last (in scrambled order) to the log of the
+    shard's group, its LogHeader first when the log is new."""
 
     def __init__(self, config: Config, args: argparse.Namespace) -> None:
         self.args = args
-        self.log = SegmentLog(shard_directory(config.data_path, args.shard) / "wal",
+        group = config.group_of(args.shard)
+        self.log = SegmentLog(group_directory(config.data_path, group) / "wal",
                               config.segment_bytes_max)
         if not self.log.try_lock():
             raise RuntimeError("the bench's log is locked by another process")
-        self.log.recover()
+        if self.log.recover() == 0:
+            self.log.append(frame(encode_record(log_header(config, group))))
         self.rng = random.Random(args.seed)
         self.batch_seq = 0
         self.records = 0
@@ -175,7 +185,7 @@ def write_until_cut(config: Config, args: argparse.Namespace, cut: int) -> int:
 
 
 async def run(args: argparse.Namespace, work_dir: Path) -> dict:
-    config = Config(data_dir=str(work_dir), shards=args.shards).validate()
+    config = Config(data_dir=str(work_dir), shards=args.shards, groups=args.groups).validate()
     check_coprime(args.voters)
     cut = int(args.voters * args.snapshot_fraction)
     batch_seq_next = write_until_cut(config, args, cut)

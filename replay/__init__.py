@@ -1,6 +1,7 @@
 """The recovery engineers' tool: rebuild, verify, export, inspect and prove (`votes replay`).
 
-Two independent ways to read a shard's write-ahead log live here, on purpose:
+Two independent ways to read a fencing group's write-ahead log (one per group, holding all
+its shards' records, read once for all the shards asked for) live here, on purpose:
 - `rebuild` goes through the engine's own path (shards.segment_log / shards.kafka_wal to
   read, shards.records.decode_record to decode, ShardState.apply and the compiled
   engine.fastpath.apply_group to apply), so what it writes is what an engine would hold.
@@ -10,5 +11,5 @@ Two independent ways to read a shard's write-ahead log live here, on purpose:
 
 Nothing here writes to a write-ahead log. Only `rebuild` writes at all (a snapshot, and a
 checkpoint under `<data dir>/replay/`), and on the embedded log only while it holds the
-shard's fence.
+group's fence.
 """

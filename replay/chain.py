@@ -1,6 +1,6 @@
 """The export hash chain (v1): one digest per (poll, shard) over the votes that counted.
 
-Anyone holding a shard's log can recount it and recompute the digest, and so check an
+Anyone holding the log of a shard's fencing group can recount the shard and recompute the digest, and so check an
 export (or the engine's results) without trusting the tool that made it.
 
 Definition. H is SHA-256, `||` is concatenation, every integer is unsigned big-endian, and
@@ -9,20 +9,21 @@ strings are UTF-8 without a terminator:
     h_0 = H("votes/export-chain/v1" || 0x00 || u16 len(poll) || poll || u32 shard)
     h_k = H(h_{k-1} || u64 offset || u32 index || u64 voter_id || u16 len(option) || option)
 
-for k = 1..n, one step per COUNTED vote of `poll` in the shard's log, in log order (record
+for k = 1..n, one step per COUNTED vote of `poll` in the shard's vote batches of its group's log (one log
+holds every shard of the group; a batch names its shard), in log order (record
 order, then group order within the record, then vote order within the group). The digest is
 h_n (h_0 when no vote counted), and the export states n beside it.
 
 - offset: the log position of the vote's record. Embedded log: the byte position of the
-  record's frame in the shard's whole log (segment base offset + position in the segment
-  file). Kafka: the record's offset in partition `shard` of the WAL topic.
+  record's frame in the group's whole log (segment base offset + position in the segment
+  file). Kafka: the record's offset in partition `group` (shard mod groups) of the WAL topic.
 - index: the vote's position among ALL votes of its batch record, counted or not, from 0:
   groups in record order, votes in group order. It is the `index` a receipt carries.
 - voter_id: voter index (the uint32 stored in the group) x shard count + shard.
 - option: the option id, `options[option index]` of the poll's creation record.
 
 Which votes count (the engine's rule, docs/design.md "Outcomes the client can see"): a vote
-counts iff the poll's creation record comes earlier in the same shard's log (a later creation record of
+counts iff the poll's creation record comes earlier in the shard's group's log (a later creation record of
 the same poll id changes nothing), no close record of the poll comes earlier in that log,
 its option index is below the number of options, and its voter has no counted vote in the
 poll earlier in the log (an earlier vote of the same group included).

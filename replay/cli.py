@@ -1,7 +1,9 @@
 """`votes replay` (also installed as `votes-replay`): rebuild, verify, export, inspect, prove.
 
-Every verb takes `--data-dir` and `--config` exactly like `votes serve`; the shard count comes
-from the data dir's cluster.json, and Kafka / S3 are used when the config names them. A user
+Every verb takes `--data-dir` and `--config` exactly like `votes serve`; the shard and group
+counts come from the data dir's cluster.json (a data dir of layout format 1 is refused),
+`--shard S` names a shard and `--group G` all the shards of a fencing group (each group's
+one log is read once for all its shards asked for), and Kafka / S3 are used when the config names them. A user
 error ends with one line on stderr and a non-zero exit, never a traceback; the exit codes
 are listed in replay/errors.py. Heavy imports stay inside the verbs, so `votes serve` does
 not pay for them.
@@ -77,6 +79,8 @@ def main() -> None:
 @common_options
 @click.option("--shard", "shards", type=click.IntRange(0, 4095), multiple=True,
               help="Shard to rebuild (repeatable; default: all).")
+@click.option("--group", "groups", type=click.IntRange(0, 4095), multiple=True,
+              help="Fencing group: all its shards, from one read of its log (repeatable).")
 @click.option("--from-wal", is_flag=True, help="Ignore snapshots: replay the WAL from offset 0.")
 @click.option("--restart", is_flag=True, help="Ignore (and drop) an interrupted run's checkpoint.")
 @click.option("--checkpoint-records", type=click.IntRange(1, 10**9), default=200_000,
@@ -86,17 +90,17 @@ def main() -> None:
 @click.option("--records-max", type=click.IntRange(1, 10**12), default=None,
               help="Stop after this many records (checkpoint kept, exit 3); run again to resume.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def rebuild(data_dir, config_file, shards, from_wal, restart, checkpoint_records,
+def rebuild(data_dir, config_file, shards, groups, from_wal, restart, checkpoint_records,
             checkpoint_interval_s, records_max, quiet) -> None:
-    """Rebuild shards from snapshot + WAL and write a fresh snapshot for each."""
+    """Rebuild shards from snapshot + their group's WAL and write a fresh snapshot for each."""
     from tqdm import tqdm
 
-    from replay.context import chosen_shards, snapshot_description, wal_description
+    from replay.context import chosen_by_shard_or_group, snapshot_description, wal_description
     from replay.rebuild import RebuildOptions, RebuildResult
     from replay.rebuild import rebuild as run_rebuild
 
     config = _run(lambda: _config(data_dir, config_file))
-    chosen = _run(lambda: chosen_shards(config, shards))
+    chosen = _run(lambda: chosen_by_shard_or_group(config, shards, groups))
     options = RebuildOptions(from_wal=from_wal, restart=restart,
                              checkpoint_records=checkpoint_records,
                              checkpoint_interval_s=checkpoint_interval_s, records_max=records_max)
@@ -117,9 +121,9 @@ def rebuild(data_dir, config_file, shards, from_wal, restart, checkpoint_records
         bars.pop(result.shard).close()
         earlier = (f" (+{result.records_earlier:,} records in earlier runs)"
                    if result.records_earlier else "")
-        click.echo(f"shard {result.shard}: {result.records:,} records{earlier}, "
-                   f"{result.votes:,} votes ({result.votes_counted:,} counted) in "
-                   f"{result.seconds:.3f} s = {result.votes_per_s:,.0f} votes/s; started from "
+        click.echo(f"shard {result.shard} (group {result.group}): {result.records:,} "
+                   f"records{earlier}, {result.votes:,} votes ({result.votes_counted:,} counted) "
+                   f"in the group's read of {result.seconds:.3f} s; started from "
                    f"{result.started_from}; snapshot {result.snapshot_name} written (wal offset "
                    f"{result.end_offset:,}, {result.snapshot_bytes:,} bytes)")
 
@@ -130,8 +134,10 @@ def rebuild(data_dir, config_file, shards, from_wal, restart, checkpoint_records
         for bar in bars.values():
             bar.close()
     votes = sum(result.votes for result in results)
-    seconds = sum(result.seconds for result in results)
-    click.echo(f"rebuilt {len(results)} shards: {votes:,} votes in {seconds:.3f} s = "
+    # The shards of a group share one read of its log: count each group's time once.
+    seconds = sum({result.group: result.seconds for result in results}.values())
+    click.echo(f"rebuilt {len(results)} shards of {len({result.group for result in results})} "
+               f"groups: {votes:,} votes in {seconds:.3f} s = "
                f"{votes / seconds if seconds > 0 else 0:,.0f} votes/s")
 
 
@@ -148,20 +154,22 @@ def _ranges(shards: list[int]) -> str:
 @common_options
 @click.option("--shard", "shards", type=click.IntRange(0, 4095), multiple=True,
               help="Shard to verify (repeatable; default: all).")
+@click.option("--group", "groups", type=click.IntRange(0, 4095), multiple=True,
+              help="Fencing group: all its shards, from one read of its log (repeatable).")
 @click.option("--poll", "polls", multiple=True, help="Poll to report (repeatable; default: all).")
 @click.option("--url", default=None, help="The engine's base URL, to compare live results.")
 @click.option("--live-attempts", type=click.IntRange(1, 100), default=5, show_default=True,
               help="Reads of the log between two live fetches before giving up on stability.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
-def verify(data_dir, config_file, shards, polls, url, live_attempts, as_json) -> None:
+def verify(data_dir, config_file, shards, groups, polls, url, live_attempts, as_json) -> None:
     """Recount the raw WAL and compare it with the snapshots and the live results."""
-    from replay.context import chosen_shards
+    from replay.context import chosen_by_shard_or_group
     from replay.live import check_base_url
     from replay.verify import render
     from replay.verify import verify as run_verify
 
     config = _run(lambda: _config(data_dir, config_file))
-    chosen = _run(lambda: chosen_shards(config, shards))
+    chosen = _run(lambda: chosen_by_shard_or_group(config, shards, groups))
     base_url = None if url is None else _run(lambda: check_base_url(url))
     report = _run(lambda: asyncio.run(run_verify(config, chosen, polls=list(polls),
                                                  url=base_url, live_attempts=live_attempts)))
@@ -233,26 +241,35 @@ def _live_results(base_url: str, poll: str) -> dict:
 
 @main.group("inspect")
 def inspect_group() -> None:
-    """Show a shard's WAL records or snapshots."""
+    """Show a group's or a shard's WAL records, or a shard's snapshots."""
 
 
 @inspect_group.command("wal")
 @common_options
-@click.option("--shard", required=True, type=click.IntRange(0, 4095))
+@click.option("--shard", type=click.IntRange(0, 4095), default=None,
+              help="The shard's records of its group's log (header, polls, its batches).")
+@click.option("--group", type=click.IntRange(0, 4095), default=None,
+              help="Every record of the group's log.")
 @click.option("--from", "from_offset", type=click.IntRange(0), default=0, show_default=True,
               help="Offset of the first record (a record boundary).")
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def inspect_wal(data_dir, config_file, shard, from_offset, limit, as_json) -> None:
+def inspect_wal(data_dir, config_file, shard, group, from_offset, limit, as_json) -> None:
     """List WAL records: offset, next offset, kind, poll, batch_seq, time, votes per group."""
-    from replay.context import chosen_shards
+    from replay.context import chosen_by_shard_or_group
     from replay.inspection import render_record, wal_records
 
+    if (shard is None) == (group is None):
+        _fail("give exactly one of --shard S or --group G", EXIT_CANNOT)
     config = _run(lambda: _config(data_dir, config_file))
-    _run(lambda: chosen_shards(config, [shard]))
-    entries, tail = _run(lambda: asyncio.run(wal_records(config, shard, from_offset, limit)))
+    _run(lambda: chosen_by_shard_or_group(config, [] if shard is None else [shard],
+                                          [] if group is None else [group]))
+    log_group = group if shard is None else config.group_of(shard)
+    entries, tail = _run(lambda: asyncio.run(wal_records(config, log_group, from_offset, limit,
+                                                         shard)))
     if as_json:
-        click.echo(json.dumps({"shard": shard, "records": entries, **tail}, indent=2))
+        click.echo(json.dumps({"group": log_group, "shard": shard, "records": entries, **tail},
+                              indent=2))
         return
     for entry in entries:
         click.echo(render_record(entry))
@@ -267,17 +284,28 @@ def inspect_wal(data_dir, config_file, shard, from_offset, limit, as_json) -> No
 
 @inspect_group.command("snapshots")
 @common_options
-@click.option("--shard", required=True, type=click.IntRange(0, 4095))
+@click.option("--shard", type=click.IntRange(0, 4095), default=None)
+@click.option("--group", type=click.IntRange(0, 4095), default=None,
+              help="Every shard of the group, one after the other.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_snapshots(data_dir, config_file, shard, as_json) -> None:
+def inspect_snapshots(data_dir, config_file, shard, group, as_json) -> None:
     """The shard's snapshot manifest and a summary of the newest valid snapshot."""
-    from replay.context import chosen_shards
+    from replay.context import chosen_by_shard_or_group
     from replay.inspection import render_snapshots, snapshot_summary
 
+    if (shard is None) == (group is None):
+        _fail("give exactly one of --shard S or --group G", EXIT_CANNOT)
     config = _run(lambda: _config(data_dir, config_file))
-    _run(lambda: chosen_shards(config, [shard]))
-    summary = _run(lambda: asyncio.run(snapshot_summary(config, shard)))
-    click.echo(json.dumps(summary, indent=2) if as_json else render_snapshots(summary))
+    chosen = _run(lambda: chosen_by_shard_or_group(config, [] if shard is None else [shard],
+                                                   [] if group is None else [group]))
+    async def summaries_of() -> list[dict]:
+        return [await snapshot_summary(config, number) for number in chosen]
+
+    summaries = _run(lambda: asyncio.run(summaries_of()))
+    if as_json:
+        click.echo(json.dumps(summaries[0] if shard is not None else summaries, indent=2))
+    else:
+        click.echo("\n".join(render_snapshots(summary) for summary in summaries))
 
 
 # prove -----------------------------------------------------------------------------------------

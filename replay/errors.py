@@ -4,8 +4,8 @@ Exit codes of every `votes replay` verb:
 - 0: done, and everything checked agrees (verify), the vote counted (prove), the export
   matches (export --check);
 - 1: a finding about the data: a difference, a vote not counted, a damaged log or export;
-- 2: the tool could not do its job: bad input, a missing data dir, an engine holding the
-  log, Kafka or S3 or the engine's HTTP endpoint not answering within its bound;
+- 2: the tool could not do its job: bad input, a missing data dir, a data dir or log of
+  another layout (format 1, or another group's header), an engine holding the log, Kafka or S3 or the engine's HTTP endpoint not answering within its bound;
 - 3: `rebuild --records-max` stopped early on purpose; its checkpoint resumes the work.
 
 `exit_code_of` decides by class (the nearest listed base class of the error), never by
@@ -38,6 +38,10 @@ class DataDamaged(ReplayError):
     """Damaged data: the log, a snapshot or an export is damaged (a finding, not misuse)."""
 
 
+class WrongLayout(ReplayError):
+    """Another layout: a log whose first record is not this layout's header for its group."""
+
+
 class Paused(ReplayError):
     """Paused on purpose; a checkpoint holds the work done so far."""
 
@@ -46,6 +50,7 @@ EXIT_CODES: dict[type[VotesError], int] = {
     VotesError: EXIT_CANNOT,
     DataDamaged: EXIT_FINDING,
     LogCorrupt: EXIT_FINDING,
+    WrongLayout: EXIT_CANNOT,
     Paused: EXIT_PAUSED,
 }
 

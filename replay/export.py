@@ -6,11 +6,13 @@ The JSON document (format "votes-export/v1"):
     shards_total, rejected_in_log {duplicate, poll-not-open, option-invalid},
     engine_rejected_in_memory (only with --url: the engine's own counters since it started,
     from its results endpoint, NOT from the log), chain {algorithm, definition},
-    shards [{shard, created, closed, end_offset, counts, chain_digest, chained_votes}],
+    shards [{shard, group, created, closed, end_offset, counts, chain_digest, chained_votes}],
     wal, generated_at.
 The CSV holds the same facts one per row, `section,shard,key,value`.
 
-A check recounts every shard only up to the export's `end_offset` of that shard, so an
+A shard's `end_offset` is an offset in its fencing group's log (one log holds all the shards
+of a group, and is read once for them). A check recounts every shard only up to the export's
+`end_offset` of that shard, so an
 export of a poll that was still open checks out later too, as long as the log still holds
 what it held.
 """
@@ -27,7 +29,7 @@ from engine.config import Config
 from replay.chain import CHAIN_ALGORITHM
 from replay.context import wal_description
 from replay.errors import BadInput, DataDamaged
-from replay.recount import REJECTION_REASONS, PollRecount, recount_shard
+from replay.recount import REJECTION_REASONS, PollRecount, ShardRecount, recount_group
 
 EXPORT_FORMAT = "votes-export/v1"
 EXPORT_BYTES_MAX = 64 * 1024 * 1024
@@ -40,22 +42,20 @@ async def build_export(config: Config, poll: str, *, live: dict | None = None,
     """The export document of `poll` over every shard (each up to `until_offsets[shard]`
     when given)."""
     shards: list[dict[str, object]] = []
-    created: list[PollRecount] = []  # the poll in each shard whose log creates it
-    for shard in range(config.shards):
-        until = None if until_offsets is None else until_offsets.get(shard)
-        recount = await recount_shard(config, shard, chain=[poll], until_offset=until)
+    created: list[PollRecount] = []  # the poll in each shard whose group's log creates it
+    for shard, recount in (await _recounts(config, poll, until_offsets)).items():
         tally = recount.polls.get(poll)
         if tally is not None:
             created.append(tally)
         shards.append({
-            "shard": shard, "created": tally is not None,
+            "shard": shard, "group": config.group_of(shard), "created": tally is not None,
             "closed": tally is not None and tally.closed, "end_offset": recount.end_offset,
             "counts": {} if tally is None else tally.counts,
             "chain_digest": "" if tally is None else tally.chain_digest.hex(),
             "chained_votes": 0 if tally is None else tally.chained_votes,
         })
     if not created:
-        raise BadInput(f"unknown poll {poll!r}: no shard's log creates it")
+        raise BadInput(f"unknown poll {poll!r}: no group's log creates it")
     options = created[0].options
     counts = {option: sum(tally.counts.get(option, 0) for tally in created) for option in options}
     rejected = {reason: sum(tally.rejected[reason] for tally in created)
@@ -76,6 +76,21 @@ async def build_export(config: Config, poll: str, *, live: dict | None = None,
             "note": "the engine's in-memory rejection counters since it started, from its "
                     "results endpoint; not recounted from the log"}
     return document
+
+
+async def _recounts(config: Config, poll: str,
+                    until_offsets: dict[int, int] | None) -> dict[int, ShardRecount]:
+    """Every shard's recount of `poll`, each group's log read once for the shards that stop
+    at the same offset of it (all of them, for an export this tool wrote)."""
+    reads: dict[tuple[int, int | None], list[int]] = {}
+    for shard in range(config.shards):
+        until = None if until_offsets is None else until_offsets.get(shard)
+        reads.setdefault((config.group_of(shard), until), []).append(shard)
+    recounts: dict[int, ShardRecount] = {}
+    for (group, until), shards in reads.items():
+        recounts.update(await recount_group(config, group, shards, chain=[poll],
+                                            until_offset=until))
+    return dict(sorted(recounts.items()))
 
 
 def export_csv(document: dict) -> str:

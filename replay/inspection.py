@@ -1,6 +1,8 @@
-"""`inspect wal` and `inspect snapshots`: a shard's records and snapshots, readable.
+"""`inspect wal` and `inspect snapshots`: a group's or a shard's records, a shard's snapshots.
 
-Records come from the independent reader (replay/rawlog.py), read-only; each is described by
+Records come from the independent reader (replay/rawlog.py), read-only, from the fencing
+group's one log: for a group every record, for a shard the records that concern it (the
+header, poll created / closed, and its own vote batches); each is described by
 its offset, next offset, kind and fields, a vote batch by its batch_seq, time, key id and
 per group the poll and vote count. Snapshots: the manifest entries, and a summary of the
 newest snapshot that checks out.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import datetime
 
 from engine.config import Config
-from replay.rawlog import Batch, Closed, Created, Frame, decode_raw
+from replay.rawlog import Batch, Closed, Created, Frame, Header, decode_raw
 from replay.snapshot_view import newest_snapshot
 from replay.sources import read_frames
 
@@ -29,11 +31,17 @@ def _time(epoch_ms: int | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def describe(frame: Frame, shard: int) -> dict:
-    record = decode_raw(frame.payload, f"shard {shard} record at offset {frame.offset}")
+def describe(frame: Frame, group: int, shard: int | None = None) -> dict | None:
+    """The record as a dict; None when `shard` is given and the record is another shard's."""
+    record = decode_raw(frame.payload, f"group {group} record at offset {frame.offset}")
+    if shard is not None and isinstance(record, Batch) and record.shard != shard:
+        return None
     entry: dict = {"offset": frame.offset, "next_offset": frame.next_offset,
                    "bytes": len(frame.payload)}
-    if isinstance(record, Created):
+    if isinstance(record, Header):
+        entry.update(kind="log-header", format=record.format, shards=record.shards,
+                     groups=record.groups, group=record.group)
+    elif isinstance(record, Created):
         entry.update(kind="poll-created", poll=record.poll, options=record.options,
                      opens_at=_time(record.opens_at_ms), closes_at=_time(record.closes_at_ms),
                      embargo=record.embargo, created=_time(record.created_ms))
@@ -55,25 +63,33 @@ def render_record(entry: dict) -> str:
         return (f"{head} poll={entry['poll']} options={','.join(entry['options'])} "
                 f"opens_at={entry['opens_at']} closes_at={entry['closes_at']} "
                 f"embargo={entry['embargo']} created={entry['created']}")
+    if entry["kind"] == "log-header":
+        return (f"{head} format={entry['format']} shards={entry['shards']} "
+                f"groups={entry['groups']} group={entry['group']}")
     if entry["kind"] == "poll-closed":
         return f"{head} poll={entry['poll']} closed_ms={entry['closed_ms']} ({entry['closed']})"
     groups = " ".join(f"{group['poll']}:{group['votes']}" for group in entry["groups"])
-    return (f"{head} batch_seq={entry['batch_seq']} time={entry['time']} votes={entry['votes']} "
+    return (f"{head} shard={entry['shard']} batch_seq={entry['batch_seq']} time={entry['time']} votes={entry['votes']} "
             f"groups=[{groups}] key={entry['key_id']} batch {entry['batch_position'] + 1}/"
             f"{entry['batch_count']}")
 
 
-async def wal_records(config: Config, shard: int, from_offset: int, limit: int) -> tuple[list[dict], dict]:
-    """Up to `limit` records from `from_offset`, and where the listing stopped."""
+async def wal_records(config: Config, group: int, from_offset: int, limit: int,
+                      shard: int | None = None) -> tuple[list[dict], dict]:
+    """Up to `limit` records of the group's log from `from_offset` (only those of `shard`
+    when given), and where the listing stopped."""
     entries: list[dict] = []
 
     def take(frame: Frame) -> None:
+        entry = describe(frame, group, shard)
+        if entry is None:
+            return
         if len(entries) >= limit:
             raise _Enough
-        entries.append(describe(frame, shard))
+        entries.append(entry)
 
     try:
-        end = await read_frames(config, shard, take, from_offset=from_offset)
+        end = await read_frames(config, group, take, from_offset=from_offset)
         tail = {"end_offset": end.end_offset, "torn_tail": end.torn_tail, "more": False}
     except _Enough:
         tail = {"end_offset": None, "torn_tail": None, "more": True}

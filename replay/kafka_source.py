@@ -1,6 +1,6 @@
-"""Read one shard's partition of the Kafka WAL topic, read-only, for verify, export and prove.
+"""Read one fencing group's partition of the Kafka WAL topic, read-only, for every verb.
 
-Partition `shard` of `config.wal_topic`, with a consumer of no group (`group_id=None`, nothing
+Partition `group` of `config.wal_topic`, with a consumer of no group (`group_id=None`, nothing
 committed) in `read_committed`, from an offset to the partition's last stable offset taken
 when the read starts. Owner markers (shards/kafka_wal.is_owner_marker) are skipped; a
 record's next offset is its offset + 1 (transaction markers take offsets, so offsets have
@@ -28,22 +28,22 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 class KafkaReader:
-    def __init__(self, config: Config, shard: int) -> None:
+    def __init__(self, config: Config, group: int) -> None:
         self.config = config
-        self.shard = shard
-        self.partition = TopicPartition(config.wal_topic, shard)
+        self.group = group
+        self.partition = TopicPartition(config.wal_topic, group)
         self.end_offset = 0
         self.torn_tail: str | None = None  # Kafka has no torn writes; kept for symmetry
         self._consumer: AIOKafkaConsumer | None = None
 
     def __repr__(self) -> str:
-        return f"{self.config.wal_topic}/{self.shard}"
+        return f"{self.config.wal_topic}/{self.group}"
 
     async def _started(self) -> AIOKafkaConsumer:
         if self._consumer is not None:
             return self._consumer
         config = self.config
-        consumer = committed_reader(config, f"votes-replay-{self.shard}")
+        consumer = committed_reader(config, f"votes-replay-g{self.group}")
         try:
             await asyncio.wait_for(consumer.start(), config.kafka_request_timeout_s)
         except (KafkaError, OSError, TimeoutError) as exc:

@@ -3,11 +3,12 @@
 Steps, each of which can fail the proof:
 1. The receipt's signature and Merkle paths verify offline with the engine's public key for
    its key id (engine/receipts.verify_receipt).
-2. The record at the receipt's offset is vote batch `batch_seq` of `shard`, holds
+2. The record at the receipt's offset of the log of the shard's fencing group (group
+   shard mod groups; the log's header checked first) is vote batch `batch_seq` of `shard`, holds
    `leaf_count` votes and carries the receipt's signature and batch node.
 3. Vote `index` of that batch is in the receipt's poll, and its voter hash (keyed with the
    data dir's voter hash secret) and option rebuild the receipt's leaf.
-4. An independent recount of the shard (replay/recount.py) says whether the vote counted
+4. An independent recount of the shard from its group's log (replay/recount.py) says whether the vote counted
    (its voter's first vote in the poll, the poll open at that point of the log), where it
    sits in the shard's hash chain for the poll, and whether the poll is closed (final).
 5. With an export file: the shard's chain digest at the export's end offset must equal the
@@ -69,13 +70,14 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
     if not proof.check(public_key is not None and verify_receipt(receipt, public_key),
                        f"signature by key {receipt.key_id} over the receipt's Merkle paths"):
         return proof
+    group = config.group_of(receipt.shard)
     try:
-        batch = decode_raw(await read_record(config, receipt.shard, receipt.offset),
-                           f"shard {receipt.shard} record at offset {receipt.offset}")
+        batch = decode_raw(await read_record(config, group, receipt.offset),
+                           f"group {group} record at offset {receipt.offset}")
     except (BadInput, DataDamaged) as exc:
         # The engine signed this batch, so a log without it at that offset lost or moved it.
-        proof.check(False, f"the log of shard {receipt.shard} holds a record at offset "
-                           f"{receipt.offset}: no ({exc})")
+        proof.check(False, f"the log of group {group} (shard {receipt.shard}'s) holds a record "
+                           f"at offset {receipt.offset}: no ({exc})")
         return proof
     if not _check_record(proof, receipt, batch) or not isinstance(batch, Batch):
         return proof  # _check_record found it is not a vote batch

@@ -3,9 +3,9 @@
 It shares no code with the engine's reader (shards/segment_log.py) or decoder
 (shards/records.py), so a bug there shows up as a difference instead of being repeated.
 
-Embedded log: segments `<shard dir>/wal/<20-digit base offset>.log`, each a run of frames
-`[u32 payload length][u32 crc32 of payload][payload]` (little-endian). A record's offset is
-its frame's position in the shard's whole log (the segment's base + the position in the
+Embedded log: one per fencing group, segments `<group dir>/wal/<20-digit base offset>.log`,
+each a run of frames `[u32 payload length][u32 crc32 of payload][payload]` (little-endian).
+A record's offset is its frame's position in the group's whole log (the segment's base + the position in the
 file), the next offset is the position after its frame. Reading follows recovery's rule:
 after the last valid frame of the LAST segment, a short header, a frame running to or past
 the end of the file, or only zeros is a torn write, reported and ignored; anything else
@@ -14,6 +14,7 @@ naming the file and offset. Reading never takes the lock and never writes.
 
 Payloads decode with plain `msgspec.msgpack.decode` into lists; a tagged array-like struct
 encodes as `[tag, field, ...]`:
+- "h" LogHeader:   [format, shards, groups, group]; the first record of every group's log
 - "p" PollCreated: [poll, options, opens_at_ms, closes_at_ms, embargo, created_ms]
 - "c" PollClosed:  [poll, closed_ms]
 - "v" VoteBatch:   [shard, batch_seq, time_ms, groups, batch_position, batch_nodes,
@@ -43,6 +44,13 @@ HEADER_BYTES = HEADER.size
 PAYLOAD_BYTES_MAX = 16 * 1024 * 1024
 SEGMENT_SUFFIX = ".log"
 SEGMENT_STEM_DIGITS = 20
+
+
+class Header(NamedTuple):
+    format: int
+    shards: int
+    groups: int
+    group: int
 
 
 class Created(NamedTuple):
@@ -84,7 +92,7 @@ class Batch(NamedTuple):
         return sum(group.size for group in self.groups)
 
 
-RawRecord = Created | Closed | Batch
+RawRecord = Header | Created | Closed | Batch
 
 
 # Decoding --------------------------------------------------------------------------------
@@ -104,7 +112,7 @@ def _check(condition: bool, where: str, what: str) -> None:
 
 
 def decode_raw(payload: bytes | memoryview, where: str) -> RawRecord:
-    """One record's payload as Created / Closed / Batch; `where` names it in errors."""
+    """One record's payload as Header / Created / Closed / Batch; `where` names it in errors."""
     try:
         fields = msgspec.msgpack.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
@@ -112,6 +120,10 @@ def decode_raw(payload: bytes | memoryview, where: str) -> RawRecord:
     _check(isinstance(fields, list) and bool(fields) and isinstance(fields[0], str), where,
            "payload is not a tagged array")
     tag = fields[0]
+    if tag == "h":
+        _check(len(fields) == 5 and all(_is_int(value) for value in fields[1:]), where,
+               f"log header is not 4 integers: {fields[1:]!r}")
+        return Header(*fields[1:])
     if tag == "p":
         _check(len(fields) == 7, where, f"poll-created record has {len(fields) - 1} fields, not 6")
         _, poll, options, opens_at_ms, closes_at_ms, embargo, created_ms = fields
@@ -201,7 +213,7 @@ def _torn(rest) -> bool:
 
 
 class SegmentReader:
-    """Read-only view of one shard's embedded log (see the module docstring).
+    """Read-only view of one group's embedded log (see the module docstring).
 
     After `frames()` has run to the end, `end_offset` is the end of the last valid frame and
     `torn_tail` describes an ignored torn write (None when there was none)."""

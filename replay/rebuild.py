@@ -1,22 +1,29 @@
 """Rebuild shards from snapshot + WAL through the engine's own path, and write a snapshot.
 
-For each shard: start from a checkpoint of an interrupted rebuild (unless `restart`), else
-from the newest valid snapshot (unless `from_wal`), else from an empty state; read the log
-from that state's offset to its end with the engine's reader (shards/segment_log.py, or
-KafkaWal.replay), decode each record with shards.records.decode_record and apply it with
-ShardState.apply (the compiled apply_group); then freeze the state and save it in the
-shard's snapshot store (shards.backends.make_snapshot_store), and remove the checkpoint.
+Each fencing group has one log holding all its shards' records; the rebuild reads it ONCE
+for every chosen shard of the group (`--group G`: all of them). For each shard: start from a
+checkpoint of an interrupted rebuild (unless `restart`), else from the newest valid snapshot
+(unless `from_wal`), else from an empty state; the group's log is read from the lowest of
+those offsets to its end with the engine's reader (shards/segment_log.py, or
+KafkaWal.replay), each record decoded once with shards.records.decode_record and applied
+with ShardState.apply (the compiled apply_group) to the shard it concerns (a vote batch to
+its shard, poll created / closed to every shard; a shard skips what its state already
+holds); then each state is frozen and saved in the shard's snapshot store
+(shards.backends.make_snapshot_store), and its checkpoint removed.
 
 Rules:
-- Embedded log: the rebuild takes every chosen shard's fence (the flock on wal/LOCK) before
-  it starts and holds it to the end, and refuses when an engine holds one: a rebuild never
-  runs beside an engine that appends. Holding the fence, it recovers the log as an owner
-  does at start-up (a torn last write is cut, exactly as the next engine start would).
+- The log's first record must be this layout's header for the group (replay/sources.py
+  checks it before anything is applied); a log of another layout or group is refused.
+- Embedded log: the rebuild takes every chosen group's fence (the flock on the group's
+  wal/LOCK) before it starts and holds it to the end, and refuses when an engine holds one:
+  a rebuild never runs beside an engine that appends. Holding the fence, it recovers the log
+  as an owner does at start-up (a torn last write is cut, as the next engine start would).
 - Kafka: the tool never writes to the log, so it takes no fence; the snapshot it saves is
   correct at its offset, and stores order snapshots by offset, so it may run beside an
   engine.
-- A checkpoint is written every `checkpoint_records` records or `checkpoint_interval_s`
-  seconds, and when `records_max` stops a run early (`RebuildPaused`).
+- A checkpoint (one per shard) is written every `checkpoint_records` records of the group's
+  log or `checkpoint_interval_s` seconds, and when `records_max` stops a run early
+  (`RebuildPaused`).
 """
 
 from __future__ import annotations
@@ -38,10 +45,11 @@ from replay.checkpoint import (
     remove_checkpoint,
     write_checkpoint,
 )
+from replay.context import by_group
 from replay.errors import BadInput, DataDamaged, Paused, Unavailable
-from replay.sources import wal_directory
+from replay.sources import GroupLog, wal_directory
 from shards.backends import make_snapshot_store
-from shards.records import VoteBatch, decode_record
+from shards.records import LogHeader, Record, VoteBatch, decode_record
 from shards.segment_log import SegmentLog
 from shards.snapshots import freeze, thaw
 from shards.state import ShardState
@@ -66,14 +74,15 @@ class RebuildOptions:
 @dataclass
 class RebuildResult:
     shard: int
+    group: int
     started_from: str  # how the state began: snapshot / empty / checkpoint
     start_offset: int
     end_offset: int
-    records: int  # applied by this run
+    records: int  # applied to this shard by this run (its batches, the group's control records)
     votes: int  # votes in those records
+    seconds: float  # the group's read, shared by its shards
     records_earlier: int  # applied by earlier, interrupted runs (from the checkpoint)
     votes_counted: int
-    seconds: float
     snapshot_name: str
     snapshot_bytes: int
     polls: dict[str, dict[str, int]]
@@ -87,18 +96,18 @@ class RebuildResult:
 
 
 class EmbeddedRebuildLog:
-    def __init__(self, config: Config, shard: int) -> None:
-        self.directory = wal_directory(config, shard)
-        self.shard = shard
+    def __init__(self, config: Config, group: int) -> None:
+        self.directory = wal_directory(config, group)
+        self.group = group
         self.log = SegmentLog(self.directory, config.segment_bytes_max)
         self.identity = f"embedded:{self.directory.resolve()}"
         self.end_offset = 0
 
     def fence(self) -> None:
         if not self.directory.is_dir():
-            raise BadInput(f"shard {self.shard} has no write-ahead log at {self.directory}")
+            raise BadInput(f"group {self.group} has no write-ahead log at {self.directory}")
         if not self.log.try_lock():
-            raise Unavailable(f"shard {self.shard}: an engine holds the log's lock "
+            raise Unavailable(f"group {self.group}: an engine holds the log's lock "
                               f"({self.directory / 'LOCK'}); stop it before rebuilding")
         # As an owner at start-up: find the durable end, cutting only a torn last write.
         self.end_offset = self.log.recover()
@@ -118,10 +127,10 @@ class EmbeddedRebuildLog:
 
 
 class KafkaRebuildLog:
-    def __init__(self, config: Config, shard: int) -> None:
+    def __init__(self, config: Config, group: int) -> None:
         from shards.kafka_wal import KafkaWal
 
-        self.wal = KafkaWal(config, shard)
+        self.wal = KafkaWal(config, group)
         self.identity = f"kafka:{config.wal_topic}"
 
     def fence(self) -> None:
@@ -137,8 +146,8 @@ class KafkaRebuildLog:
         await self.wal.close()
 
 
-def open_rebuild_log(config: Config, shard: int):
-    return KafkaRebuildLog(config, shard) if config.uses_kafka else EmbeddedRebuildLog(config, shard)
+def open_rebuild_log(config: Config, group: int):
+    return KafkaRebuildLog(config, group) if config.uses_kafka else EmbeddedRebuildLog(config, group)
 
 
 # One shard --------------------------------------------------------------------------------------
@@ -171,8 +180,6 @@ class ShardRebuild:
         self.last_record_offset = 0
         self.last_record_sha256 = ""
         self._last_payload: bytes | memoryview | None = None
-        self.records_since_checkpoint = 0
-        self.checkpoint_time_s = time.monotonic()
 
     @property
     def started_state(self) -> ShardState:
@@ -227,27 +234,30 @@ class ShardRebuild:
             raise DataDamaged(f"{what} is of shard {state.shard} of {state.shards_total}, "
                               f"not shard {self.shard} of {self.config.shards}")
 
-    def apply(self, offset: int, next_offset: int, payload) -> None:
+    def take(self, offset: int, next_offset: int, record: Record, payload) -> int | None:
+        """Apply one record of the group's log if it concerns this shard and the state does
+        not hold it yet; the votes it held for this shard, None when it was not applied."""
+        state = self.started_state
+        if next_offset <= state.wal_offset_next:
+            return None  # the snapshot or checkpoint already holds it
+        if isinstance(record, VoteBatch) and record.shard != self.shard:
+            state.advance_to(next_offset)
+            return None
         try:
-            record = decode_record(payload)
-            self.started_state.apply(offset, next_offset, record)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            state.apply(offset, next_offset, record)
+        except ValueError as exc:
             raise DataDamaged(f"shard {self.shard}: the record at offset {offset} does not "
-                              f"decode or apply: {exc}") from None
+                              f"apply: {exc}") from None
+        if isinstance(record, LogHeader):
+            return None  # layout, not data: not counted as a record (as the recount does)
         votes = sum(len(group.voters) // 4 for group in record.groups) \
             if isinstance(record, VoteBatch) else 0
         self.records += 1
         self.votes += votes
-        self.records_since_checkpoint += 1
         self.progress(votes)
         self.last_record_offset = offset
         self._last_payload = payload
-        if self.options.records_max is not None and self.records >= self.options.records_max:
-            self.checkpoint()
-            raise _Stop
-        if (self.records_since_checkpoint >= self.options.checkpoint_records
-                or time.monotonic() - self.checkpoint_time_s >= self.options.checkpoint_interval_s):
-            self.checkpoint()
+        return votes
 
     def checkpoint(self) -> None:
         if self._last_payload is not None:
@@ -262,65 +272,129 @@ class ShardRebuild:
             records=self.records_before + self.records, votes=self.votes_before + self.votes,
             elapsed_s=self.elapsed_before_s + time.monotonic() - self.run_started_s,
             state=freeze(self.started_state)))
+
+
+
+class GroupRebuild:
+    """One group's log streaming through `apply`, decoded once, to its chosen shards."""
+
+    def __init__(self, config: Config, group: int, options: RebuildOptions,
+                 shards: list[ShardRebuild]) -> None:
+        self.config = config
+        self.group = group
+        self.options = options
+        self.shards = shards
+        self.records = 0
+        self.records_since_checkpoint = 0
+        self.checkpoint_time_s = time.monotonic()
+
+    def apply(self, offset: int, next_offset: int, payload) -> None:
+        try:
+            record = decode_record(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise DataDamaged(f"group {self.group}: the record at offset {offset} does not "
+                              f"decode: {exc}") from None
+        if isinstance(record, VoteBatch) and self.config.group_of(record.shard) != self.group:
+            raise DataDamaged(f"group {self.group}: the record at offset {offset} is a vote "
+                              f"batch of shard {record.shard}, which is not in the group")
+        applied = [shard.take(offset, next_offset, record, payload) for shard in self.shards]
+        if all(votes is None for votes in applied):
+            return
+        self.records += 1
+        self.records_since_checkpoint += 1
+        if self.options.records_max is not None and self.records >= self.options.records_max:
+            self.checkpoint()
+            raise _Stop
+        if (self.records_since_checkpoint >= self.options.checkpoint_records
+                or time.monotonic() - self.checkpoint_time_s >= self.options.checkpoint_interval_s):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        for shard in self.shards:
+            shard.checkpoint()
         self.records_since_checkpoint = 0
         self.checkpoint_time_s = time.monotonic()
 
 
-async def rebuild_shard(config: Config, shard: int, options: RebuildOptions, log,
-                        progress: Callable[[int], None]) -> RebuildResult:
-    """Rebuild one shard whose log is fenced (`log.fence()` done); see the module docstring."""
-    store = make_snapshot_store(config, shard)
+async def rebuild_group(config: Config, group: int, shards: list[int], options: RebuildOptions,
+                        log, progress_for: Callable[[int], Callable[[int], None]]
+                        ) -> list[RebuildResult]:
+    """Rebuild the chosen shards of one group whose log is fenced (`log.fence()` done) from
+    one read of the log; see the module docstring."""
+    stores = {shard: make_snapshot_store(config, shard) for shard in shards}
     try:
-        rebuild = ShardRebuild(config, shard, options, log, progress)
-        started_from = await rebuild.begin(store)
-        start_offset = rebuild.started_state.wal_offset_next
-        counted_before = rebuild.started_state.votes_applied
+        rebuilds = [ShardRebuild(config, shard, options, log, progress_for(shard))
+                    for shard in shards]
+        started_from = {rebuild.shard: await rebuild.begin(stores[rebuild.shard])
+                        for rebuild in rebuilds}
+        start_offsets = {rebuild.shard: rebuild.started_state.wal_offset_next
+                         for rebuild in rebuilds}
+        counted_before = {rebuild.shard: rebuild.started_state.votes_applied
+                          for rebuild in rebuilds}
+        group_rebuild = GroupRebuild(config, group, options, rebuilds)
         started = time.perf_counter()
-        rebuild.run_started_s = time.monotonic()
+        for rebuild in rebuilds:
+            rebuild.run_started_s = time.monotonic()
         try:
-            end_offset = await log.replay(start_offset, rebuild.apply)
+            end_offset = await log.replay(min(start_offsets.values()), group_rebuild.apply)
         except _Stop:
             raise RebuildPaused(
-                f"shard {shard}: stopped after {rebuild.records} records (--records-max) at "
-                f"offset {rebuild.started_state.wal_offset_next}; run again to resume from "
-                f"{rebuild.path}") from None
+                f"group {group}: stopped after {group_rebuild.records} records (--records-max) "
+                f"at offset {max(r.started_state.wal_offset_next for r in rebuilds)}; run again "
+                f"to resume from the checkpoints in "
+                f"{checkpoint_path(config.data_path, shards[0]).parent}") from None
         seconds = time.perf_counter() - started
-        if start_offset > end_offset:
-            raise DataDamaged(f"shard {shard}: the starting state covers the log up to offset "
-                              f"{start_offset}, but the log ends at {end_offset}: the log lost "
-                              "records")
-        data = freeze(rebuild.started_state)
-        entry = await store.save(data, rebuild.started_state.wal_offset_next)
-        remove_checkpoint(rebuild.path)
+        results = []
+        for rebuild in rebuilds:
+            shard, state = rebuild.shard, rebuild.started_state
+            if start_offsets[shard] > end_offset:
+                raise DataDamaged(f"shard {shard}: the starting state covers group {group}'s log "
+                                  f"up to offset {start_offsets[shard]}, but the log ends at "
+                                  f"{end_offset}: the log lost records")
+            state.advance_to(end_offset)
+            entry = await stores[shard].save(freeze(state), state.wal_offset_next)
+            remove_checkpoint(rebuild.path)
+            results.append(RebuildResult(
+                shard=shard, group=group, started_from=started_from[shard],
+                start_offset=start_offsets[shard], end_offset=end_offset,
+                records=rebuild.records, votes=rebuild.votes, seconds=seconds,
+                records_earlier=rebuild.records_before,
+                votes_counted=state.votes_applied - counted_before[shard],
+                snapshot_name=entry.name, snapshot_bytes=entry.size_bytes,
+                polls={name: poll.counts() for name, poll in state.polls.items()}))
+        return results
     finally:
-        close = getattr(store, "close", None)
-        if close is not None:
-            await close()
-    state = rebuild.started_state
-    return RebuildResult(
-        shard=shard, started_from=started_from, start_offset=start_offset, end_offset=end_offset,
-        records=rebuild.records, votes=rebuild.votes, records_earlier=rebuild.records_before,
-        votes_counted=state.votes_applied - counted_before, seconds=seconds,
-        snapshot_name=entry.name, snapshot_bytes=entry.size_bytes,
-        polls={name: poll.counts() for name, poll in state.polls.items()})
+        for store in stores.values():
+            close = getattr(store, "close", None)
+            if close is not None:
+                await close()
 
 
 async def rebuild(config: Config, shards: list[int], options: RebuildOptions,
                   progress_for: Callable[[int], Callable[[int], None]],
                   report: Callable[[RebuildResult], None]) -> list[RebuildResult]:
-    """Fence every chosen shard first (refusing all when one is held), then rebuild them one
-    after the other; `progress_for(shard)` gives the per-record progress callback."""
-    logs = [open_rebuild_log(config, shard) for shard in shards]
+    """Fence every chosen shard's group first (refusing all when one is held) and check each
+    log's header, then rebuild the groups one after the other, each from one read of its log;
+    `progress_for(shard)` gives the per-record progress callback."""
+    groups = by_group(config, shards)
+    logs = {group: open_rebuild_log(config, group) for group in groups}
     fenced = []
     try:
-        for log in logs:
+        for log in logs.values():
             log.fence()
             fenced.append(log)
+        for group in groups:
+            reader = GroupLog(config, group)
+            try:
+                await reader.check_header()
+            finally:
+                await reader.close()
         results = []
-        for shard, log in zip(shards, logs, strict=True):
-            result = await rebuild_shard(config, shard, options, log, progress_for(shard))
-            report(result)
-            results.append(result)
+        for group, group_shards in groups.items():
+            for result in await rebuild_group(config, group, group_shards, options, logs[group],
+                                              progress_for):
+                report(result)
+                results.append(result)
         return results
     finally:
         for log in fenced:

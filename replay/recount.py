@@ -1,9 +1,12 @@
-"""An independent recount of shards' logs: the audit side of replay.
+"""An independent recount of shards from their groups' logs: the audit side of replay.
 
-It reads each shard's raw log with replay/rawlog.py (or replay/kafka_source.py), decodes
-records into plain lists, and counts with its own simple logic, never through the engine's
-decoder, ShardState or apply_group. The rule (replay/chain.py states it for third parties):
-a vote counts iff its poll was created earlier in that shard's log and not closed yet there,
+It reads each fencing group's raw log with replay/rawlog.py (or replay/kafka_source.py) ONCE
+for all the shards asked for in that group, decodes records into plain lists, and counts with
+its own simple logic, never through the engine's decoder, ShardState or apply_group. A vote
+batch belongs to the shard it names (which must be in the group); poll created / closed
+records hold for every shard of the group. The rule (replay/chain.py states it for third
+parties): a vote counts iff its poll was created earlier in its group's log and not closed
+yet there,
 its option index is valid, and its voter has not voted in that poll before. Votes that do
 not count are tallied per poll by reason: `duplicate`, `poll-not-open` (the poll was not
 created yet, or already closed, at that point of the log) and `option-invalid`.
@@ -14,8 +17,10 @@ all valid counts whole, with bulk operations; any other group takes a per-vote l
 order. Optionally (`chain`) the export hash chain is computed per poll, and (`keep_voters`)
 each counted voter's option is kept.
 
-`Recounter` is the pure part (records in, counts out) and can be fed incrementally;
-`recount_shard` / `recount` read the logs. Every read is bounded (see replay/sources.py).
+`Recounter` is the pure part (one shard: the group's records in, counts out) and can be fed
+incrementally; `GroupRecounter` feeds one group's records to its shards' recounters;
+`recount_group` / `recount_shard` / `recount` read the logs. Every read is bounded (see
+replay/sources.py).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from pyroaring import BitMap
 from engine.config import Config
 from engine.errors import InvariantViolation
 from replay import chain as export_chain
+from replay.context import by_group
+from replay.errors import DataDamaged
 from replay.rawlog import Batch, Closed, Created, Frame, Group, RawRecord, decode_raw
 from replay.sources import read_frames
 
@@ -40,7 +47,7 @@ DUPLICATE = "duplicate"
 POLL_NOT_OPEN = "poll-not-open"
 OPTION_INVALID = "option-invalid"
 REJECTION_REASONS = (DUPLICATE, POLL_NOT_OPEN, OPTION_INVALID)
-# Shards recounted at once by `recount` (each is one thread or one Kafka consumer).
+# Group logs recounted at once by `recount` (each is one thread or one Kafka consumer).
 RECOUNT_CONCURRENCY = 4
 _NATIVE_LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -91,7 +98,7 @@ class ShardRecount:
     polls: dict[str, PollRecount]
     shards_total: int = 0
     torn_tail: str | None = None
-    # Votes for polls never created in this shard's log (counted nowhere), by poll.
+    # Votes for polls never created in this shard's group's log (counted nowhere), by poll.
     unknown_polls: dict[str, int] = field(default_factory=dict)
     captures: dict[int, Capture] = field(default_factory=dict)
     watched: VoteOutcome | None = None
@@ -172,8 +179,15 @@ class Recounter:
         self.apply(frame.offset, frame.next_offset, decode_raw(frame.payload, where))
 
     def apply(self, offset: int, next_offset: int, record: RawRecord) -> None:
+        """Apply one record of the group's log: another shard's vote batch and the header only
+        move the offsets (captures are at offsets of the group's log)."""
         while self._captures_pending and self._captures_pending[0] <= offset:
             self._capture(self._captures_pending.pop(0))
+        if isinstance(record, Batch) and record.shard != self.shard or \
+                not isinstance(record, Batch | Created | Closed):
+            self.last_offset = offset
+            self.next_offset = next_offset
+            return
         self.records += 1
         if isinstance(record, Batch):
             index = 0
@@ -320,36 +334,78 @@ class Recounter:
             watched=self.watched)
 
 
+class GroupRecounter:
+    """One group's log, decoded once, fed to the recounter of each shard asked for."""
+
+    def __init__(self, config: Config, group: int, recounters: dict[int, Recounter]) -> None:
+        self.group = group
+        self.groups_total = config.groups
+        self.shards_total = config.shards
+        self.recounters = recounters
+
+    def decode(self, frame: Frame) -> RawRecord:
+        """The frame's record; a vote batch of a shard outside the group is DataDamaged."""
+        record = decode_raw(frame.payload, f"group {self.group} record at offset {frame.offset}")
+        if isinstance(record, Batch) and not (0 <= record.shard < self.shards_total
+                                              and record.shard % self.groups_total == self.group):
+            raise DataDamaged(f"group {self.group} record at offset {frame.offset}: a vote batch "
+                              f"of shard {record.shard}, which is not in group {self.group}")
+        return record
+
+    def apply(self, offset: int, next_offset: int, record: RawRecord) -> None:
+        for recounter in self.recounters.values():
+            recounter.apply(offset, next_offset, record)
+
+    def feed(self, frame: Frame) -> None:
+        self.apply(frame.offset, frame.next_offset, self.decode(frame))
+
+
 # Reading the logs ----------------------------------------------------------------------------
 
 
-async def recount_shard(config: Config, shard: int, *, keep_voters: bool = False,
-                        chain: bool | Collection[str] = True, capture_at: Iterable[int] = (),
-                        watch: tuple[int, int] | None = None,
-                        until_offset: int | None = None) -> ShardRecount:
-    """Recount one shard's log from its start to its end (or to `until_offset`).
+async def recount_group(config: Config, group: int, shards: Iterable[int] | None = None, *,
+                        keep_voters: bool = False, chain: bool | Collection[str] = True,
+                        capture_at: Iterable[int] = (), watch: tuple[int, int] | None = None,
+                        until_offset: int | None = None) -> dict[int, ShardRecount]:
+    """Recount the shards of a group (all by default) from ONE read of the group's log, from
+    its start to its end (or to `until_offset`).
 
     chain: compute the export chain for every poll (True), none (False) or the polls named.
-    capture_at: offsets at which to keep a copy of the polls (e.g. a snapshot's offset).
+    capture_at: offsets of the group's log at which to keep a copy of each shard's polls.
     watch: (record offset, vote index) of one vote whose outcome to report."""
-    recounter = Recounter(shard, config.shards, keep_voters=keep_voters, chain=chain,
-                          capture_at=capture_at, watch=watch)
-    end = await read_frames(config, shard, recounter.feed, until_offset=until_offset)
-    return recounter.result(end.end_offset, end.torn_tail)
+    chosen = list(config.shards_of_group(group)) if shards is None else sorted(set(shards))
+    captures = list(capture_at)
+    recounters = {shard: Recounter(shard, config.shards, keep_voters=keep_voters, chain=chain,
+                                   capture_at=captures, watch=watch) for shard in chosen}
+    feeder = GroupRecounter(config, group, recounters)
+    end = await read_frames(config, group, feeder.feed, until_offset=until_offset)
+    return {shard: recounter.result(end.end_offset, end.torn_tail)
+            for shard, recounter in recounters.items()}
+
+
+async def recount_shard(config: Config, shard: int, **options) -> ShardRecount:
+    """Recount one shard from its group's log; `options` are recount_group's."""
+    recounts = await recount_group(config, config.group_of(shard), [shard], **options)
+    return recounts[shard]
 
 
 async def recount(config: Config, shards: Iterable[int] | None = None, *,
                   keep_voters: bool = False, **options) -> dict[int, ShardRecount]:
-    """recount_shard for each shard (all by default), a few at a time; `options` are
-    recount_shard's keyword arguments."""
+    """Recount the shards (all by default), each group's log read once for its shards, a few
+    groups at a time; `options` are recount_group's keyword arguments."""
     chosen = list(range(config.shards)) if shards is None else list(shards)
     slots = asyncio.Semaphore(RECOUNT_CONCURRENCY)
 
-    async def one(shard: int) -> ShardRecount:
+    async def one(group: int, group_shards: list[int]) -> dict[int, ShardRecount]:
         async with slots:
-            return await recount_shard(config, shard, keep_voters=keep_voters, **options)
+            return await recount_group(config, group, group_shards, keep_voters=keep_voters,
+                                       **options)
 
-    return dict(zip(chosen, await gather_all(one(shard) for shard in chosen), strict=True))
+    merged: dict[int, ShardRecount] = {}
+    for part in await gather_all(one(group, group_shards)
+                                 for group, group_shards in by_group(config, chosen).items()):
+        merged.update(part)
+    return {shard: merged[shard] for shard in chosen}
 
 
 async def gather_all(coroutines) -> list:

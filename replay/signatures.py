@@ -44,7 +44,7 @@ from engine.receipts import (
 )
 from replay.rawlog import Batch
 
-# Options of a poll as the shard's log created it, or None when the log has not created it.
+# Options of a poll as the shard's group's log created it, or None when the log has not created it.
 OptionsOf = Callable[[str], Sequence[str] | None]
 
 
@@ -105,7 +105,7 @@ class BatchSignatures:
                          "data dir's keys (signatures over the stored nodes were checked)")
         if nodes_not_rebuilt:
             notes.append(f"{nodes_not_rebuilt} batches' nodes not rebuilt from their votes: "
-                         "they hold votes for a poll their shard's log has not created")
+                         "they hold votes for a poll their group's log has not created")
         return notes
 
     def problem_of(self, batch: Batch, shard: int, options_of: OptionsOf) -> str | None:

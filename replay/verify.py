@@ -1,5 +1,6 @@
 """`verify`: recount the raw WAL from its start and compare it with the snapshots and, when
-given the engine's URL, with the live results.
+given the engine's URL, with the live results. Each fencing group's log is read once for all
+the chosen shards of the group; a snapshot's offset is an offset in its group's log.
 
 - Snapshots: for each shard, the newest snapshot that checks out is compared with the
   recount's state at that snapshot's `wal_offset_next`: the polls it holds, each option's
@@ -28,20 +29,21 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from engine.config import Config
-from replay.context import snapshot_description, wal_description
+from replay.context import by_group, snapshot_description, wal_description
 from replay.errors import BadInput
 from replay.live import fetch_results, live_view
-from replay.rawlog import Batch, Frame, decode_raw
+from replay.rawlog import Batch, Frame
 from replay.recount import (
     RECOUNT_CONCURRENCY,
     REJECTION_REASONS,
+    GroupRecounter,
     Recounter,
     ShardRecount,
     gather_all,
 )
 from replay.signatures import BatchSignatures
 from replay.snapshot_view import ShardSnapshot, newest_snapshots
-from replay.sources import ReadEnd, ShardLog
+from replay.sources import GroupLog, ReadEnd
 
 LIVE_ATTEMPTS_DEFAULT = 5
 LIVE_ATTEMPTS_MAX = 100
@@ -99,16 +101,21 @@ class VerifyReport:
                 "notes": self.notes}
 
 
-class _ShardReading:
-    """One shard's recount, fed incrementally (each read resumes where the last stopped)."""
+class _GroupReading:
+    """The recount of the chosen shards of one group, from one read of the group's log, fed
+    incrementally (each read resumes where the last stopped)."""
 
-    def __init__(self, config: Config, shard: int, snapshot: ShardSnapshot,
+    def __init__(self, config: Config, group: int, snapshots: list[ShardSnapshot],
                  signatures: BatchSignatures | None, polls: list[str] | None = None) -> None:
-        self.shard = shard
-        self.snapshot = snapshot
-        captures = [] if snapshot.offset is None else [snapshot.offset]
-        self.recounter = Recounter(shard, config.shards, chain=False, capture_at=captures)
-        self.log = ShardLog(config, shard)
+        self.group = group
+        self.snapshots = {snapshot.shard: snapshot for snapshot in snapshots}
+        self.recounters = {
+            snapshot.shard: Recounter(snapshot.shard, config.shards, chain=False,
+                                      capture_at=[] if snapshot.offset is None
+                                      else [snapshot.offset])
+            for snapshot in snapshots}
+        self.feeder = GroupRecounter(config, group, self.recounters)
+        self.log = GroupLog(config, group)
         self.end = ReadEnd(0, None)
         self.signatures = signatures
         self.bad_signatures: list[Difference] = []
@@ -123,45 +130,62 @@ class _ShardReading:
 
     def _feed(self, frame: Frame) -> None:
         """Check a vote batch's signature before the recount applies it (the poll's options
-        are the ones the log created before this record)."""
-        record = decode_raw(frame.payload, f"shard {self.shard} record at offset {frame.offset}")
-        if isinstance(record, Batch) and self.signatures is not None and \
-                not self._asked(record):
+        are the ones the log created before this record); batches of shards not asked for
+        are only passed by."""
+        record = self.feeder.decode(frame)
+        recounter = self.recounters.get(record.shard) if isinstance(record, Batch) else None
+        if not isinstance(record, Batch) or recounter is None or self.signatures is None:
+            pass
+        elif not self._asked(record):
             self.batches_not_asked += 1
-        elif isinstance(record, Batch) and self.signatures is not None:
-            problem = self.signatures.problem_of(record, self.shard, self._options_of)
+        else:
+            problem = self.signatures.problem_of(record, record.shard,
+                                                 self._options_of(recounter))
             if problem is not None:
                 self.bad_signatures_total += 1
                 if len(self.bad_signatures) < SIGNATURE_FINDINGS_MAX:
                     self.bad_signatures.append(Difference(
-                        "signature", self.shard, None, None,
+                        "signature", record.shard, None, None,
                         f"offset {frame.offset}: vote batch {record.batch_seq}: {problem}"))
-        self.recounter.apply(frame.offset, frame.next_offset, record)
+        self.feeder.apply(frame.offset, frame.next_offset, record)
 
     def _asked(self, batch: Batch) -> bool:
         return self.signed_polls is None or \
             any(group.poll in self.signed_polls for group in batch.groups)
 
-    def _options_of(self, poll: str) -> list[str] | None:
-        tally = self.recounter.polls.get(poll)
-        return None if tally is None else tally.options
+    @staticmethod
+    def _options_of(recounter: Recounter):
+        def options_of(poll: str) -> list[str] | None:
+            tally = recounter.polls.get(poll)
+            return None if tally is None else tally.options
+
+        return options_of
 
     def signature_differences(self) -> list[Difference]:
         unlisted = self.bad_signatures_total - len(self.bad_signatures)
         if unlisted <= 0:
             return list(self.bad_signatures)
         return self.bad_signatures + [Difference(
-            "signature", self.shard, None, None,
-            f"{unlisted} more vote batches whose signature does not hold (not listed)")]
+            "signature", None, None, None,
+            f"group {self.group}: {unlisted} more vote batches whose signature does not hold "
+            "(not listed)")]
 
-    def result(self) -> ShardRecount:
-        return self.recounter.result(self.end.end_offset, self.end.torn_tail)
+    def results(self) -> dict[int, ShardRecount]:
+        return {shard: recounter.result(self.end.end_offset, self.end.torn_tail)
+                for shard, recounter in self.recounters.items()}
 
 
-async def _read_all(readings: list[_ShardReading]) -> None:
+def _results(readings: list[_GroupReading]) -> dict[int, ShardRecount]:
+    recounts: dict[int, ShardRecount] = {}
+    for reading in readings:
+        recounts.update(reading.results())
+    return dict(sorted(recounts.items()))
+
+
+async def _read_all(readings: list[_GroupReading]) -> None:
     slots = asyncio.Semaphore(RECOUNT_CONCURRENCY)
 
-    async def one(reading: _ShardReading) -> None:
+    async def one(reading: _GroupReading) -> None:
         async with slots:
             await reading.read()
 
@@ -176,10 +200,11 @@ async def verify(config: Config, shards: list[int], *, check_signatures: bool = 
     snapshots = await newest_snapshots(config, shards)
     signatures = (BatchSignatures.from_data_dir(config.data_path, config.shards)
                   if check_signatures else None)
-    readings = [_ShardReading(config, shard, snapshot,
+    of_shard = dict(zip(shards, snapshots, strict=True))
+    readings = [_GroupReading(config, group, [of_shard[shard] for shard in group_shards],
                               None if signatures is None else signatures.for_shard(),
                               options.get("polls"))
-                for shard, snapshot in zip(shards, snapshots, strict=True)]
+                for group, group_shards in by_group(config, shards).items()]
     try:
         report = await _verify(config, shards, readings, snapshots, **options)
     finally:
@@ -203,12 +228,12 @@ async def verify(config: Config, shards: list[int], *, check_signatures: bool = 
     return report
 
 
-async def _verify(config: Config, shards: list[int], readings: list[_ShardReading],
+async def _verify(config: Config, shards: list[int], readings: list[_GroupReading],
                   snapshots: list[ShardSnapshot], *, polls: list[str] | None = None,
                   url: str | None = None,
                   live_attempts: int = LIVE_ATTEMPTS_DEFAULT) -> VerifyReport:
     await _read_all(readings)
-    recounts = {reading.shard: reading.result() for reading in readings}
+    recounts = _results(readings)
     names = sorted({name for recount in recounts.values() for name in recount.polls})
     if polls:
         missing = [poll for poll in polls if poll not in names]
@@ -224,26 +249,26 @@ async def _verify(config: Config, shards: list[int], readings: list[_ShardReadin
                      "recounted")
     elif url is not None:
         live, live_status = await _read_with_live(readings, names, url, live_attempts)
-        recounts = {reading.shard: reading.result() for reading in readings}
+        recounts = _results(readings)
     differences = []
-    for reading in readings:
-        differences += _snapshot_differences(reading.snapshot, recounts[reading.shard], names)
+    for snapshot in snapshots:
+        differences += _snapshot_differences(snapshot, recounts[snapshot.shard], names)
     rows = {name: _row(name, recounts, snapshots, live.get(name), live_status[name],
                        config.shards) for name in names}
     for name, row in rows.items():
         differences += _live_differences(name, row, live.get(name), config.shards)
     for shard, recount in recounts.items():
         for poll, votes in sorted(recount.unknown_polls.items()):
-            notes.append(f"shard {shard}: {votes} votes for poll {poll!r}, which its log never "
-                         "creates (not counted)")
+            notes.append(f"shard {shard}: {votes} votes for poll {poll!r}, which its group's "
+                         "log never creates (not counted)")
     return VerifyReport(
         wal=wal_description(config), snapshot_store=snapshot_description(config),
-        live_url=url, shards=[_shard_line(recounts[reading.shard], reading.snapshot)
-                              for reading in readings],
+        live_url=url, shards=[_shard_line(recounts[snapshot.shard], snapshot)
+                              for snapshot in snapshots],
         polls=rows, differences=differences, notes=notes)
 
 
-async def _read_with_live(readings: list[_ShardReading], names: list[str], url: str,
+async def _read_with_live(readings: list[_GroupReading], names: list[str], url: str,
                           attempts: int) -> tuple[dict, dict]:
     """Fetch, read on, fetch again, until two fetches agree (at most `attempts` rounds)."""
     with httpx.Client() as client:

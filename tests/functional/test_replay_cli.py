@@ -44,7 +44,7 @@ from engine.keys import load_keys
 from engine.receipts import decode_receipt, encode_receipt
 from engine.signing import VoterHasher, sign_commit, vote_runs
 from replay.recount import recount
-from shards.backends import shard_directory
+from shards.backends import group_directory, shard_directory
 from shards.records import VoteBatch, VoteGroup, frame_record
 from shards.snapshots import DirectorySnapshotStore, freeze, thaw
 from tests.support import http_client
@@ -56,7 +56,8 @@ from tests.support.vote_client import bearer, open_poll
 POLL = "fn"
 OPTIONS = ["red", "green", "blue"]
 CLOSED_POLL = "done"
-SHARDS = 8
+SHARDS = 32  # `votes serve` defaults: 32 shards in 4 fencing groups
+GROUPS = 4
 VOTERS = 96
 CLOSED_VOTERS = 6
 SENDERS = 12
@@ -140,11 +141,12 @@ def copy_data_dir(cast: Cast, destination: Path) -> Path:
 
 
 def last_segment(data_dir: Path, shard: int) -> Path:
-    return max((shard_directory(data_dir, shard) / "wal").glob("*.log"))
+    """The last segment of the log of the shard's fencing group."""
+    return max((group_directory(data_dir, shard % GROUPS) / "wal").glob("*.log"))
 
 
 def append_record(data_dir: Path, shard: int, record) -> int:
-    """Append one framed record to the shard's last segment; return its offset."""
+    """Append one framed record to the shard's group's last segment; return its offset."""
     segment = last_segment(data_dir, shard)
     offset = int(segment.name[:-4]) + segment.stat().st_size
     with open(segment, "ab") as handle:
@@ -153,7 +155,8 @@ def append_record(data_dir: Path, shard: int, record) -> int:
 
 
 def busiest_shard(data_dir: Path) -> tuple[int, int]:
-    results = asyncio.run(recount(Config(data_dir=str(data_dir), shards=SHARDS), chain=False))
+    config = Config(data_dir=str(data_dir), shards=SHARDS, groups=GROUPS).validate()
+    results = asyncio.run(recount(config, chain=False))
     shard = max(results, key=lambda number: results[number].records)
     return shard, results[shard].records
 
@@ -162,6 +165,8 @@ def busiest_shard(data_dir: Path) -> tuple[int, int]:
 
 
 def test_live_results_match_what_the_voters_were_told(cast):
+    assert json.loads((cast.data_dir / "cluster.json").read_text()) == {
+        "format": 2, "shards": SHARDS, "groups": GROUPS}
     assert cast.live["counts"] == expected_counts(cast)
     assert cast.live["rejected"]["duplicate"] == 1
     assert cast.live_closed["final"] is True
@@ -202,24 +207,40 @@ def test_verify_finds_votes_appended_to_the_log(cast, tmp_path):
 
 def test_inspect_lists_the_records_and_snapshots(cast):
     shard = 5
+    group = shard % GROUPS
     code, out, _ = replay("inspect", "wal", "--data-dir", str(cast.data_dir), "--shard",
                           str(shard), "--json")
     assert code == 0
     listing = json.loads(out)
     kinds = [record["kind"] for record in listing["records"]]
-    assert kinds[:2] == ["poll-created", "vote-batch"] and "poll-closed" in kinds
+    assert kinds[:2] == ["log-header", "poll-created"] and "poll-closed" in kinds
+    assert {record["shard"] for record in listing["records"]
+            if record["kind"] == "vote-batch"} == {shard}
     votes = sum(group["votes"] for record in listing["records"] if record["kind"] == "vote-batch"
                 for group in record["groups"] if group["poll"] == POLL)
     assert votes == sum(1 for voter in cast.options if voter % SHARDS == shard)
-    offsets = [(record["offset"], record["next_offset"]) for record in listing["records"]]
-    assert all(left[1] == right[0] for left, right in itertools.pairwise(offsets))
-    assert listing["end_offset"] == offsets[-1][1]
-    code, out, _ = replay("inspect", "wal", "--data-dir", str(cast.data_dir), "--shard",
-                          str(shard), "--from", str(offsets[1][0]), "--limit", "1")
+    code, out, _ = replay("inspect", "wal", "--data-dir", str(cast.data_dir), "--group",
+                          str(group), "--json")
     assert code == 0
-    assert out.splitlines()[0].split()[:4] == [str(offsets[1][0]), "->", str(offsets[1][1]),
+    whole = json.loads(out)
+    header = whole["records"][0]
+    assert (header["kind"], header["offset"], header["shards"], header["groups"],
+            header["group"]) == ("log-header", 0, SHARDS, GROUPS, group)
+    assert {record["shard"] for record in whole["records"] if record["kind"] == "vote-batch"} \
+        <= set(range(group, SHARDS, GROUPS))
+    offsets = [(record["offset"], record["next_offset"]) for record in whole["records"]]
+    assert all(left[1] == right[0] for left, right in itertools.pairwise(offsets))
+    assert whole["end_offset"] == offsets[-1][1] == listing["end_offset"]
+    first_batch = kinds.index("vote-batch")
+    at = listing["records"][first_batch]
+    code, out, _ = replay("inspect", "wal", "--data-dir", str(cast.data_dir), "--shard",
+                          str(shard), "--from", str(at["offset"]), "--limit", "1")
+    assert code == 0
+    assert out.splitlines()[0].split()[:4] == [str(at["offset"]), "->", str(at["next_offset"]),
                                                "vote-batch"]
     assert "more records after these 1" in out
+    code, out, _ = replay("inspect", "wal", "--data-dir", str(cast.data_dir))
+    assert code == 2
     code, out, _ = replay("inspect", "snapshots", "--data-dir", str(cast.data_dir), "--shard",
                           str(shard))
     assert code == 0 and f"shard {shard}:" in out
@@ -263,7 +284,7 @@ def test_export_writes_results_and_check_catches_tampering(cast, tmp_path):
     assert closed["final"] is True and closed["counts"] == cast.live_closed["counts"]
     code, _, err = replay("export", "--data-dir", str(cast.data_dir), "--poll", "nope",
                           "--out-dir", str(out_dir))
-    assert code == 2 and err.strip() == "error: unknown poll 'nope': no shard's log creates it"
+    assert code == 2 and err.strip() == "error: unknown poll 'nope': no group's log creates it"
 
 
 def test_prove_a_real_receipt(cast, tmp_path):
@@ -351,6 +372,27 @@ def test_rebuild_with_the_engine_stopped_matches_the_live_results(cast):
     assert dict(totals) == cast.live["counts"]
     code, out, _ = replay("verify", "--data-dir", str(cast.data_dir))
     assert code == 0 and "OK: the log and the snapshots agree" in out
+
+
+def test_rebuild_of_a_group_rebuilds_each_of_its_shards(cast):
+    group = 2
+    members = range(group, SHARDS, GROUPS)
+    code, out, err = replay("rebuild", "--data-dir", str(cast.data_dir), "--group", str(group),
+                            "--from-wal", "--quiet")
+    assert code == 0, out + err
+    assert out.count("snapshot snapshot-") == len(members)
+    assert f"rebuilt {len(members)} shards of 1 groups" in out
+    for shard in members:
+        assert f"shard {shard} (group {group}):" in out
+        store = DirectorySnapshotStore(shard_directory(cast.data_dir, shard) / "snapshots",
+                                       shard, 3)
+        assert store.load_newest().polls[POLL].counts() == expected_counts(cast, {shard})
+    code, out, err = replay("verify", "--data-dir", str(cast.data_dir), "--group", str(group),
+                            "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert [line["shard"] for line in report["shards"]] == list(members)
+    assert report["polls"][POLL]["wal"] == expected_counts(cast, set(members))
 
 
 def test_verify_finds_a_snapshot_with_wrong_counts(cast, tmp_path):

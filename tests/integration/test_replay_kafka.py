@@ -3,10 +3,13 @@ this test's own) and S3 snapshots (SeaweedFS, a prefix of this test's own).
 
 An engine takes ~80 votes from concurrent senders, snapshotting to S3 after every commit
 cycle. With the engine still running, the test proves that:
-- verify reads every partition (read_committed, owner markers skipped), matches each shard's
+- the topic has one partition per fencing group (GROUPS groups of the stack's shards), each
+  starting with its LogHeader;
+- verify reads every partition once for all its shards (read_committed, owner markers
+  skipped), matches each shard's
   newest S3 snapshot at its offset and the live results, and exits 0;
-- inspect lists a partition's records at Kafka offsets (next offset = offset + 1) and the S3
-  manifest;
+- inspect lists a partition's records at Kafka offsets (next offset = offset + 1), a shard's
+  (its batches only) or the whole group's, and the S3 manifest;
 - export writes counts equal to the live results and `--check` recomputes it from Kafka;
 - prove says COUNTED for a real receipt, also against the export;
 - rebuild (allowed beside a running engine on Kafka: it only reads the log) writes snapshots
@@ -45,6 +48,9 @@ VOTERS = 80
 SENDERS = 16
 TIMEOUT_S = 20.0
 SNAPSHOTS_WAIT_S = 60.0
+# The stack's shard count in this many fencing groups: several shards share each group's
+# partition (the topic has one partition per group).
+GROUPS = 2
 
 
 def replay(*args: str) -> tuple[int, str, str]:
@@ -55,7 +61,7 @@ def replay(*args: str) -> tuple[int, str, str]:
 
 def write_config(path: Path, local_stack, topic: str, prefix: str, **extra) -> Path:
     s3 = local_stack.endpoints()["s3"]
-    values = {"shards": local_stack.partitions,
+    values = {"shards": local_stack.partitions, "groups": GROUPS,
               "kafka_bootstrap_servers": local_stack.bootstrap_servers, "wal_topic": topic,
               "s3_endpoint_url": s3["endpoint_url"], "s3_bucket": s3["bucket"],
               "s3_region": s3["region"], "s3_access_key_id": s3["access_key_id"],
@@ -95,9 +101,9 @@ def test_replay_on_kafka_and_s3(local_stack, tmp_path):
     run_id = uuid.uuid4().hex[:8]
     topic, prefix = f"test-replay-{run_id}", f"test-replay/{run_id}"
     shards = local_stack.partitions
-    asyncio.run(create_topic(local_stack.bootstrap_servers, topic, partitions=shards))
+    asyncio.run(create_topic(local_stack.bootstrap_servers, topic, partitions=GROUPS))
     s3 = local_stack.endpoints()["s3"]
-    env = kafka_env(local_stack, VOTES_WAL_TOPIC=topic, VOTES_S3_ENDPOINT_URL=s3["endpoint_url"],
+    env = kafka_env(local_stack, VOTES_WAL_TOPIC=topic, VOTES_GROUPS=str(GROUPS), VOTES_S3_ENDPOINT_URL=s3["endpoint_url"],
                     VOTES_S3_BUCKET=s3["bucket"], VOTES_S3_REGION=s3["region"],
                     VOTES_S3_ACCESS_KEY_ID=s3["access_key_id"],
                     VOTES_S3_SECRET_ACCESS_KEY=s3["secret_access_key"], VOTES_S3_PREFIX=prefix,
@@ -131,10 +137,17 @@ def test_replay_on_kafka_and_s3(local_stack, tmp_path):
         code, out, _ = replay("inspect", "wal", *common, "--shard", "1", "--json")
         assert code == 0
         records = json.loads(out)["records"]
-        assert records[0]["kind"] == "poll-created"
+        assert [record["kind"] for record in records[:2]] == ["log-header", "poll-created"]
         assert all(record["next_offset"] == record["offset"] + 1 for record in records)
         assert sum(record.get("votes", 0) for record in records) == sum(
             1 for voter in answers if voter % shards == 1)
+        code, out, _ = replay("inspect", "wal", *common, "--group", str(1 % GROUPS), "--json")
+        assert code == 0
+        whole = json.loads(out)["records"]
+        assert (whole[0]["kind"], whole[0]["shards"], whole[0]["groups"], whole[0]["group"]) == (
+            "log-header", shards, GROUPS, 1 % GROUPS)
+        assert {record["shard"] for record in whole if record["kind"] == "vote-batch"} == {
+            voter % shards for voter in answers if voter % shards % GROUPS == 1 % GROUPS}
         code, out, _ = replay("inspect", "snapshots", *common, "--shard", "1")
         assert code == 0 and "newest valid: snapshot-" in out
 

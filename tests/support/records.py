@@ -1,4 +1,5 @@
-"""WAL records built by hand for shard tests, a log that applies them, and a state fingerprint.
+"""WAL records built by hand for shard tests, a log that applies them, a group's embedded log
+written with them (its LogHeader first, as a group owner writes it), and a state fingerprint.
 
 Vote batches are encoded as ShardOwner encodes them (one group per poll, packed uint32 voter
 indexes and uint16 option indexes). Their signature fields stay empty unless given: applying
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import array
 import typing
+from pathlib import Path
 
 import msgspec
 
-from shards.records import PollCreated, VoteBatch, VoteGroup
+from shards.backends import group_directory
+from shards.records import LOG_FORMAT, LogHeader, PollCreated, VoteBatch, VoteGroup, frame_record
+from shards.segment_log import SegmentLog
 from shards.state import ShardState
 
 CREATED_MS = 1_700_000_000_000
@@ -41,6 +45,43 @@ def vote_batch(shard: int, batch_seq: int, groups: dict[str, list[tuple[int, int
         if field.name not in values:
             values[field.name] = (typing.get_origin(field.type) or field.type)()
     return VoteBatch(**values)
+
+
+# Records framed into one append (one fsync) by write_group_log.
+APPEND_BYTES_MAX = 16384
+
+
+def log_header(shards: int, groups: int, group: int) -> LogHeader:
+    return LogHeader(format=LOG_FORMAT, shards=shards, groups=groups, group=group)
+
+
+def write_group_log(data_dir: Path, shards: int, groups: int, group: int, records: list,
+                    segment_bytes_max: int = 1 << 16, header: LogHeader | None = None
+                    ) -> list[tuple[int, int]]:
+    """Append the records, one frame each, to the group's embedded log in appends of up to
+    APPEND_BYTES_MAX; a new log gets its header first (`header`, else this layout's), as the
+    group's owner writes it. Each record's (offset, next offset), the header's not included."""
+    log = SegmentLog(group_directory(data_dir, group) / "wal", segment_bytes_max)
+    assert log.try_lock()
+    positions = []
+    pending: list[bytes] = []
+    try:
+        if log.recover() == 0:
+            first = header if header is not None else log_header(shards, groups, group)
+            log.append(frame_record(first))
+        for record in records + [None]:
+            framed = b"" if record is None else frame_record(record)
+            if pending and (record is None or sum(map(len, pending)) + len(framed) > APPEND_BYTES_MAX):
+                offset = log.append(b"".join(pending))
+                for item in pending:
+                    positions.append((offset, offset + len(item)))
+                    offset += len(item)
+                pending = []
+            if record is not None:
+                pending.append(framed)
+    finally:
+        log.close()
+    return positions
 
 
 class Log:

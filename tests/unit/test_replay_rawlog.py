@@ -21,21 +21,22 @@ from engine.config import Config
 from replay.errors import BadInput, DataDamaged
 from replay.rawlog import SegmentReader, decode_raw, segment_bases, segment_path
 from replay.recount import recount_shard
-from shards.backends import shard_directory
+from shards.backends import group_directory
 from shards.records import PollClosed, frame
 from shards.segment_log import SegmentLog
-from tests.support.records import poll_created, vote_batch
+from tests.support.records import log_header, poll_created, vote_batch
 
 SEGMENT_BYTES_MAX = 65536
-SHARD = 0
+SHARD = 0  # one shard in one fencing group: group 0's log is the shard's
 
 
 def wal_dir(data_dir: Path) -> Path:
-    return shard_directory(data_dir, SHARD) / "wal"
+    return group_directory(data_dir, 0) / "wal"
 
 
 def write_records(data_dir: Path, count: int) -> list[tuple[int, int]]:
-    """A poll and `count` vote batches of 500 voters (about 3 KB each), one append each."""
+    """The group's header, a poll and `count` vote batches of 500 voters (about 3 KB each),
+    one append each; every record's (offset, next offset), the header's first."""
     from shards.records import frame_record
 
     log = SegmentLog(wal_dir(data_dir), SEGMENT_BYTES_MAX)
@@ -43,7 +44,7 @@ def write_records(data_dir: Path, count: int) -> list[tuple[int, int]]:
     log.recover()
     positions = []
     try:
-        records = [poll_created("a", ["x", "y"])] + [
+        records = [log_header(1, 1, 0), poll_created("a", ["x", "y"])] + [
             vote_batch(SHARD, seq, {"a": [(seq * 500 + voter, voter % 2) for voter in range(500)]})
             for seq in range(count)]
         for record in records:
@@ -98,7 +99,7 @@ def test_torn_last_write_is_reported_and_ignored(tmp_path, tail):
     assert found == positions
     assert reader.end_offset == positions[-1][1]
     assert f"at offset {positions[-1][1]}" in reader.torn_tail and str(last) in reader.torn_tail
-    result = asyncio.run(recount_shard(Config(data_dir=str(tmp_path), shards=1), SHARD))
+    result = asyncio.run(recount_shard(Config(data_dir=str(tmp_path), shards=1).validate(), SHARD))
     assert result.polls["a"].counts == {"x": 7500, "y": 7500}
     assert result.torn_tail == reader.torn_tail
 
@@ -147,7 +148,7 @@ def test_valid_frame_that_is_not_a_record_is_damage(tmp_path):
     with open(segment_path(directory, 0), "ab") as handle:
         handle.write(frame(garbage))
     with pytest.raises(DataDamaged, match=f"offset {positions[-1][1]}.*wrong type"):
-        asyncio.run(recount_shard(Config(data_dir=str(tmp_path), shards=1), SHARD))
+        asyncio.run(recount_shard(Config(data_dir=str(tmp_path), shards=1).validate(), SHARD))
 
 
 def test_decoding_into_lists_follows_the_struct_field_order():
@@ -160,6 +161,8 @@ def test_decoding_into_lists_follows_the_struct_field_order():
     batch = decode_raw(encode_record(vote_batch(3, 9, {"a": [(5, 1)]}, key_id="k")), "here")
     assert (batch.shard, batch.batch_seq, batch.key_id, batch.vote_count) == (3, 9, "k", 1)
     assert batch.groups[0].voters == struct.pack("<I", 5)
+    header = decode_raw(encode_record(log_header(32, 4, 3)), "here")
+    assert tuple(header) == (2, 32, 4, 3)
 
 
 def test_read_at_needs_a_record_boundary(tmp_path):

@@ -34,53 +34,40 @@ from replay.recount import (
     recount,
     recount_shard,
 )
-from shards.backends import shard_directory
 from shards.records import PollClosed, decode_record, frame_record
-from shards.segment_log import SegmentLog
+from shards.recovery import apply_record
 from shards.state import ShardState
-from tests.support.records import poll_created, vote_batch
+from tests.support.records import log_header, poll_created, vote_batch, write_group_log
 
 SHARDS_TOTAL = 3
+GROUPS = 1  # every shard in group 0: one log holds them all
 SHARD = 1
+OTHER_SHARD = 2
 POLLS = ["a", "b", "c", "never"]
 OPTION_NAMES = ["o0", "o1", "o2", "o3", "o4"]
-APPEND_BYTES_MAX = 16384
+HEADER_BYTES = len(frame_record(log_header(SHARDS_TOTAL, GROUPS, 0)))
 
 
 def write_log(data_dir: Path, shard: int, records: list, segment_bytes_max: int = 1 << 16
               ) -> list[tuple[int, int]]:
-    """Append the records, one frame each, to the shard's embedded log in appends of up to
-    APPEND_BYTES_MAX (one fsync each); return each record's (offset, next offset)."""
-    log = SegmentLog(shard_directory(data_dir, shard) / "wal", segment_bytes_max)
-    assert log.try_lock()
-    log.recover()
-    positions = []
-    pending: list[bytes] = []
-    try:
-        for record in records + [None]:
-            framed = b"" if record is None else frame_record(record)
-            if pending and (record is None or sum(map(len, pending)) + len(framed) > APPEND_BYTES_MAX):
-                offset = log.append(b"".join(pending))
-                for item in pending:
-                    positions.append((offset, offset + len(item)))
-                    offset += len(item)
-                pending = []
-            if record is not None:
-                pending.append(framed)
-    finally:
-        log.close()
-    return positions
+    """Append the records to the log of the shard's group (GROUPS groups: with one, every
+    shard's records share one log), header first when the log is new; each record's
+    (offset, next offset)."""
+    return write_group_log(data_dir, SHARDS_TOTAL, GROUPS, shard % GROUPS, records,
+                           segment_bytes_max)
 
 
 def config_for(data_dir: Path, shards: int = SHARDS_TOTAL) -> Config:
-    return Config(data_dir=str(data_dir), shards=shards).validate()
+    return Config(data_dir=str(data_dir), shards=shards, groups=GROUPS).validate()
 
 
 def engine_state(records: list, positions: list[tuple[int, int]], shard: int = SHARD) -> ShardState:
-    state = ShardState(shard, SHARDS_TOTAL)
+    """The shard's state after the engine's own group apply (shards/recovery.apply_record) of
+    the records, every shard of the group in play."""
+    states = {number: ShardState(number, SHARDS_TOTAL) for number in range(SHARDS_TOTAL)}
     for record, (offset, next_offset) in zip(records, positions):
-        state.apply(offset, next_offset, decode_record(frame_record(record)[8:]))
-    return state
+        apply_record(states, 0, offset, next_offset, decode_record(frame_record(record)[8:]))
+    return states[shard]
 
 
 def model(records: list, positions: list[tuple[int, int]], shard: int = SHARD) -> dict:
@@ -95,7 +82,7 @@ def model(records: list, positions: list[tuple[int, int]], shard: int = SHARD) -
                                   "counts": Counter(), "voter_options": {}, "chain": []}
         elif kind == "PollClosed" and record.poll in polls:
             polls[record.poll]["closed"] = True
-        elif kind == "VoteBatch":
+        elif kind == "VoteBatch" and record.shard == shard:
             index = 0
             for group in record.groups:
                 voters = memoryview(group.voters).cast("I").tolist()
@@ -135,11 +122,14 @@ record = st.one_of(created, closed, group_votes)
 
 
 def materialize(items: list) -> list:
+    """The records of SHARD, each batch of votes followed by one of OTHER_SHARD (same group,
+    same log) holding the same votes, which SHARD's recount must pass by."""
     records = []
     batch_seq = 0
     for item in items:
         if isinstance(item, dict):
             records.append(vote_batch(SHARD, batch_seq, item))
+            records.append(vote_batch(OTHER_SHARD, batch_seq, item))
             batch_seq += 1
         else:
             records.append(item)
@@ -151,8 +141,8 @@ def check_against_engine_and_model(records: list, data_dir: Path) -> None:
     result = asyncio.run(recount_shard(config_for(data_dir), SHARD, keep_voters=True))
     state = engine_state(records, positions)
     expected = model(records, positions)
-    assert result.end_offset == (positions[-1][1] if positions else 0)
-    assert result.records == len(records)
+    assert result.end_offset == (positions[-1][1] if positions else HEADER_BYTES)
+    assert result.records == sum(getattr(record, "shard", SHARD) == SHARD for record in records)
     assert set(result.polls) == set(state.polls) == set(expected["polls"])
     assert result.unknown_polls == expected["unknown"]
     for name, poll in result.polls.items():

@@ -35,7 +35,7 @@ from shards.records import VoteBatch, decode_record, frame_record
 from shards.snapshots import DirectorySnapshotStore, freeze
 from shards.state import ShardState
 from tests.support.records import CREATED_MS, poll_created, vote_batch
-from tests.unit.test_replay_recount import write_log
+from tests.unit.test_replay_recount import GROUPS, write_log
 
 SHARD = 1
 SHARDS_TOTAL = 3
@@ -68,7 +68,7 @@ def seeded(tmp_path: Path, tamper=None
            ) -> tuple[Config, list, list[tuple[int, int]], DirectorySnapshotStore]:
     """A signed log of poll "a" in SHARD: the poll, then six batches of ten votes. `tamper`
     maps (batch_seq, batch) to the batch written in its place."""
-    config = Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL).validate()
+    config = Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL, groups=GROUPS).validate()
     prepare_data_dir(config)  # keys and cluster.json, as `votes serve` leaves them
     batches = [signed_batch(tmp_path, seq, [(seq * 10 + voter, voter % 2) for voter in range(10)])
                for seq in range(6)]
