@@ -22,7 +22,7 @@ import httpx
 from engine.config import Config
 from engine.errors import NotReady, OutcomeUnknown, VotesError
 from engine.keys import KeyRing
-from engine.metrics import SHARDS_READY
+from engine.metrics import SHARDS_READY, group_owned, group_ready
 from engine.node import DRAIN_POLL_S, Node
 from engine.ownership import (
     ForwardedRequest,
@@ -92,6 +92,8 @@ class ClusterNode(Node):
         await owner.stop()
         if was_ready:
             SHARDS_READY.dec(len(owner.shards))
+            group_owned(group, False)
+            group_ready(group, False)
         log.info("group %d stopped", group)
 
     async def _holder(self, group: int) -> tuple[str, str] | None:

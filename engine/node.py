@@ -28,7 +28,7 @@ from engine.config import Config
 from engine.errors import NotReady, PollNotFound, VotesError
 from engine.forwarding import ForwardServer, PeerClient, socket_path
 from engine.keys import KeyRing
-from engine.metrics import BUFFERED, SHARDS_READY
+from engine.metrics import BUFFERED, SHARDS_READY, group_owned, group_ready
 from engine.ownership import (
     ForwardedRequest,
 )
@@ -115,6 +115,8 @@ class Node:
         except Exception:  # noqa: BLE001 - the owner logged and recorded why; /readyz says it
             return
         SHARDS_READY.inc(len(owner.shards))
+        group_owned(owner.group, True)
+        group_ready(owner.group, True)
         log.info("group %d ready: %d shards (log offset %d)", owner.group, len(owner.shards),
                  owner.wal_offset_next)
 

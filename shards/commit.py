@@ -49,7 +49,17 @@ COMMIT_CYCLES_IN_FLIGHT_MAX = 2
 
 
 class CommitMetrics(Protocol):
+    """What the committer and the group owners report (engine/metrics.py `Buffered`)."""
+
     def observe_commit(self, seconds: float, items: int) -> None: ...
+
+    def wal_append_error(self, kind: str) -> None: ...
+
+    def fencing_lost(self, group: int) -> None: ...
+
+    def snapshot_written(self, shard: int, unix_time_s: float) -> None: ...
+
+    def snapshot_failed(self, shard: int) -> None: ...
 
 
 class CommitGroup(Protocol):

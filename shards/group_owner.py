@@ -416,6 +416,11 @@ class GroupOwner:
         except VotesError as exc:
             if isinstance(exc, NotReady):  # the log fenced this owner out: stop serving
                 self._stop_serving(str(exc))
+                if self.metrics is not None:
+                    self.metrics.fencing_lost(self.group)
+            elif self.metrics is not None and isinstance(exc, (WalUnavailable, OutcomeUnknown)):
+                self.metrics.wal_append_error("wal-unavailable" if isinstance(exc, WalUnavailable)
+                                              else "outcome-unknown")
             self._fail_items(items, exc)
             return
         except Exception as exc:  # a bug or an unexpected client error: outcome unknown
@@ -448,6 +453,8 @@ class GroupOwner:
             return
         log.warning("group %d: append unanswered after %.1f s; holding its voters",
                     self.group, self.config.append_timeout_s)
+        if self.metrics is not None:
+            self.metrics.wal_append_error("outcome-unknown")
         self._stalled = True
         for item in entry.items:
             answer(item.future, exception=OutcomeUnknown("the log did not confirm in time; "
@@ -552,6 +559,11 @@ class GroupOwner:
             await self.snapshot_stores[shard].save(data, wal_offset_next)
         except OSError as exc:
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)
+            if self.metrics is not None:
+                self.metrics.snapshot_failed(shard)
+            return
+        if self.metrics is not None:
+            self.metrics.snapshot_written(shard, time.time())
 
     # Results ----------------------------------------------------------------------------------
 
