@@ -214,6 +214,7 @@ BUFFERED = Buffered()
 def group_owned(group: int, owned: bool) -> None:
     """A group's fence was taken (owned=True) or given up / lost (owned=False)."""
     if owned:
+        FENCING_LOST.labels(str(group))  # exported as 0 once owned, so rate() has a base
         GROUPS_OWNED.inc()
     else:
         GROUPS_OWNED.dec()

@@ -83,9 +83,11 @@ async def recover_group(group: int, config: Config, wal: Wal,
                 f"{snapshot_stores[shard].location()} covers the log up to "
                 f"{state.wal_offset_next} but the log ends at {end_offset} "
                 f"({wal.location()}): the log lost acknowledged records")
-    if records_seen == 0 and end_offset == 0:
+    # No record at all: a new log. Its end need not be 0 (Kafka's owner markers, which
+    # replay skips, come first), so "empty" is judged by the records, not the offset.
+    if records_seen == 0 and replay_from == 0:
         positions = await wal.append([encode_record(header)])
-        check_positions(positions, 1, 0)
+        check_positions(positions, 1, end_offset)
         end_offset = positions[0][1]
     for state in states.values():
         state.advance_to(end_offset)

@@ -42,6 +42,11 @@ def shard_dir(server: Server) -> Path:
     return server.data_dir / "shards" / "shard-0000"
 
 
+def group_dir(server: Server) -> Path:
+    """Where the one group's log lives (shards/backends.py group_directory)."""
+    return server.data_dir / "groups" / "group-0000"
+
+
 def manifest_path(server: Server) -> Path:
     return shard_dir(server) / "snapshots" / "MANIFEST.json"
 
@@ -166,7 +171,7 @@ def start_after_losing_the_log_tail(tmp_path: Path) -> Refusal:
     server, tokens, _ = voted_server(tmp_path)
     newest = json.loads(manifest_path(server).read_bytes())["snapshots"][0]
     snapshot_offset = newest["wal_offset_next"]
-    segments = sorted((shard_dir(server) / "wal").glob("*.log"))
+    segments = sorted((group_dir(server) / "wal").glob("*.log"))
     assert len(segments) == 1, segments  # one small segment: offsets are its byte positions
     # The log loses its tail: cut it at a record boundary well before the snapshot's offset.
     cut_at = max(end for end in frame_ends(segments[0]) if end < snapshot_offset // 2)
@@ -178,8 +183,8 @@ def start_after_losing_the_log_tail(tmp_path: Path) -> Refusal:
     try:
         line = wait_until(
             lambda: next((text for text in again.log_text().splitlines()
-                          if "shard 0 cannot start" in text), None),
-            FAILURE_WAIT_S, "the log line saying shard 0 cannot start")
+                          if "group 0 cannot start" in text), None),
+            FAILURE_WAIT_S, "the log line saying group 0 cannot start")
         client = again.client()
         readiness = client.get("/readyz")
         vote = client.post(f"/v1/polls/{POLL}/votes", json={"option": "yes"},

@@ -1,0 +1,95 @@
+"""A group's log gets its LogHeader before its first record, wherever the log's end is.
+
+Kafka's log of a group starts with owner markers (shards/kafka_wal.py), which replay skips:
+a new partition's end is past 0 with no record in it. The header must still be written, or
+the next reader (a fresh owner, the replay tool) finds a poll record first and refuses the
+log as another layout's. MarkedLog stands in for that log here; the real one is exercised by
+tests/integration/test_kafka_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.config import Config
+from engine.errors import LogCorrupt
+from shards.recovery import log_header, recover_group
+from shards.records import decode_record, encode_record
+from shards.snapshots import DirectorySnapshotStore
+from tests.support.records import poll_created
+
+MARKER_OFFSETS = 2  # an owner marker and its commit marker, as a fence leaves them
+
+
+class MarkedLog:
+    """An in-memory log whose first offsets hold markers replay does not hand out."""
+
+    durability = "memory"
+    appends_in_flight_max = 1
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, bytes]] = []
+        self.end = MARKER_OFFSETS
+
+    async def acquire(self) -> None:
+        self.end += MARKER_OFFSETS  # each new owner leaves its own marker
+
+    async def replay(self, from_offset: int, apply) -> int:
+        for offset, payload in self.records:
+            if offset >= from_offset:
+                apply(offset, offset + 1, payload)
+        return self.end
+
+    async def append(self, payloads: list[bytes]) -> list[tuple[int, int]]:
+        positions = []
+        for payload in payloads:
+            self.records.append((self.end, payload))
+            positions.append((self.end, self.end + 1))
+            self.end += 2  # the record and its transaction's commit marker
+        return positions
+
+    async def read_at(self, offset: int) -> bytes:
+        return dict(self.records)[offset]
+
+    def location(self) -> str:
+        return "marked in-memory log"
+
+    async def close(self) -> None:
+        return None
+
+
+def stores(tmp_path: Path, config: Config, group: int, name: str):
+    return {shard: DirectorySnapshotStore(tmp_path / name / str(shard), shard, 2)
+            for shard in config.shards_of_group(group)}
+
+
+def test_new_log_behind_markers_gets_its_header_and_the_next_owner_accepts_it(
+        tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path), shards=4, groups=2).validate()
+    log = MarkedLog()
+
+    async def scenario() -> None:
+        await log.acquire()
+        _, end = await recover_group(1, config, log, stores(tmp_path, config, 1, "first"))
+        assert [decode_record(payload) for _, payload in log.records] == [log_header(config, 1)]
+        assert log.records[0][0] == 2 * MARKER_OFFSETS and end == log.end - 1
+        await log.append([encode_record(poll_created("p", ["a", "b"]))])
+        # A second owner with no snapshots replays from 0: header first, then the poll.
+        await log.acquire()
+        states, _ = await recover_group(1, config, log, stores(tmp_path, config, 1, "second"))
+        assert all("p" in state.polls for state in states.values())
+
+    asyncio.run(scenario())
+
+
+def test_log_whose_first_record_is_not_a_header_is_refused(tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path), shards=4, groups=2).validate()
+    log = MarkedLog()
+    log.records.append((log.end, encode_record(poll_created("p", ["a"]))))
+    log.end += 2
+
+    with pytest.raises(LogCorrupt, match="PollCreated record"):
+        asyncio.run(recover_group(1, config, log, stores(tmp_path, config, 1, "only")))
