@@ -12,7 +12,7 @@ The scenario (also run by tests/integration/test_s3_snapshots.py, which imports 
    the snapshot to S3 (covering `--snapshot-fraction` of the voters), then appends the
    remaining votes and is killed: the fence is released (embedded: the flock; Kafka: the
    producer), and everything in memory is dropped.
-3. A fresh ShardOwner starts (fence, S3 load, replay from the snapshot's offset) and is timed
+3. A fresh GroupOwner (one shard per group) starts (fence, S3 load, replay from the snapshot's offset) and is timed
    until `ready`; the load and the replay are timed on their own. The bench then runs the
    same recovery without any snapshot (the WAL alone) for comparison.
 
@@ -313,7 +313,7 @@ def stack_config(stack, data_dir: Path, wal_kind: str, prefix: str, wal_topic: s
     }
     values.update(extra)
     # One shard per fencing group: the bench recovers one shard, whose group's log is its own.
-    values["groups"] = values.get("shards", Config.shards)
+    values["groups"] = values.get("shards", Config().shards)
     if wal_kind == "kafka":  # group g is partition g, so the topic fixes the group count
         values.update(kafka_bootstrap_servers=stack.bootstrap_servers, shards=stack.partitions,
                       groups=stack.partitions, wal_topic=wal_topic or stack.wal_topic)

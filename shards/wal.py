@@ -68,7 +68,7 @@ class EmbeddedWal:
         # Recovery and reads of old records (receipts of repeat votes) run here, apart from
         # the writer, so a long replay at start-up does not hold up other shards' appends.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-read")
-        self._loop: asyncio.AbstractEventLoop | None = None  # see ShardOwner._loop
+        self._loop: asyncio.AbstractEventLoop | None = None  # see GroupOwner._loop
 
     def location(self) -> str:
         bases = self.log.segment_bases()

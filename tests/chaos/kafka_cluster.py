@@ -171,14 +171,16 @@ async def wait_for_log(engine: EngineProcess, pattern: re.Pattern[str], more_tha
     return count
 
 
-READY_LINE = re.compile(r"shard (\d+) ready \(log offset (\d+)\)")
+READY_LINE = re.compile(r"group (\d+) ready: \d+ shards \(log offset (\d+)\)")
 
 
-def ready_offsets(engine: EngineProcess) -> dict[int, int]:
-    """Shard -> the log offset each shard had reached when it became ready, in the engine's
-    latest start (EngineProcess marks each start in the log)."""
+def ready_offsets(engine: EngineProcess, config: Config) -> dict[int, int]:
+    """Shard -> the offset its group's log had reached when the group became ready, in the
+    engine's latest start (EngineProcess marks each start in the log)."""
     latest = engine.log_text().rsplit("\n=== start ", 1)[-1]
-    return {int(shard): int(offset) for shard, offset in READY_LINE.findall(latest)}
+    groups = {int(group): int(offset) for group, offset in READY_LINE.findall(latest)}
+    return {shard: groups[config.group_of(shard)] for shard in range(config.shards)
+            if config.group_of(shard) in groups}
 
 
 # The stack ---------------------------------------------------------------------------------------
@@ -395,7 +397,7 @@ def assert_no_traceback(engines: Sequence[EngineProcess]) -> None:
             print(f"[chaos] {engine.log_path.name}: known library races {dict(known)}", flush=True)
         assert not unknown, (f"{len(unknown)} tracebacks in {engine.log_path}, the first:\n"
                              f"{unknown[0][-4000:]}")
-        # A shard handed over or stopped closes its S3 client (ShardOwner.stop).
+        # A group handed over or stopped closes its S3 clients (GroupOwner.stop).
         leaks = engine.log_text().count("Unclosed client session")
         assert not leaks, f"{leaks} unclosed S3 client sessions in {engine.log_path}"
 

@@ -220,7 +220,7 @@ class TwoNodes:
         half = self.shards // 2
         self.static = {shard: self.ids["a"] if shard < half else self.ids["b"]
                        for shard in range(self.shards)}
-        shard_map = f"{self.ids['a']}=0-{half - 1},{self.ids['b']}={half}-{self.shards - 1}"
+        group_map = f"{self.ids['a']}=0-{half - 1},{self.ids['b']}={half}-{self.shards - 1}"
         s3_prefix = cluster.fresh_s3_prefix(schedule_name)
         keys = cluster.shared_keys(tmp_path)
         self.envs: dict[str, dict[str, str]] = {}
@@ -229,7 +229,7 @@ class TwoNodes:
             port = free_port()
             self.envs[name] = cluster.stack_env(
                 local_stack, s3_prefix, **SNAPSHOTS, VOTES_REDIS_URL=local_stack.redis_url,
-                VOTES_GROUP_MAP=shard_map, VOTES_NODE_ID=self.ids[name],
+                VOTES_GROUP_MAP=group_map, VOTES_NODE_ID=self.ids[name],
                 VOTES_ADVERTISE_URL=f"http://127.0.0.1:{port}", VOTES_LEASE_TTL_S=str(LEASE_TTL_S))
             self.engines[name] = cluster.new_engine(tmp_path, name, self.envs[name], keys, port)
         self.leases = cluster.LeaseKeys(local_stack)
@@ -351,8 +351,9 @@ def check_recovered_from_snapshots(run: ChaosRun, engine: EngineProcess, env: di
     """The restarted engine started its shards from the snapshots the manifests name (it takes
     none without new votes, so they are still the ones it loaded) and replayed the log after
     them: every shard had a snapshot, at least one older than the end of its log."""
-    snapshot_offsets = cluster.newest_snapshots(engine_config(engine.data_dir, env))
-    ready_offsets = cluster.ready_offsets(engine)
+    config = engine_config(engine.data_dir, env)
+    snapshot_offsets = cluster.newest_snapshots(config)
+    ready_offsets = cluster.ready_offsets(engine, config)
     recovered = {shard: (offset, ready_offsets.get(shard))
                  for shard, offset in sorted(snapshot_offsets.items())}
     run.faults.note(f"final recovery (shard: snapshot offset, log offset when ready): "

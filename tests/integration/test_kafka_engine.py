@@ -1,7 +1,7 @@
 """The engine on the Kafka WAL (`votes serve` subprocesses on the real 3-broker stack).
 
 Every check of counts is made by a FRESH engine (new data dir, same keys), which takes every
-shard's fence and replays the partitions from Kafka, so it sees only what the log holds:
+group's fence and replays the partitions from Kafka, so it sees only what the log holds:
 - broker kill under load: ~32 senders vote (distinct voters) while the broker leading the
   most WAL partitions is SIGKILLed with requests on the wire; sending goes on for at least
   5 s and until votes are acknowledged again on the two brokers left; then the broker
@@ -11,12 +11,12 @@ shard's fence and replays the partitions from Kafka, so it sees only what the lo
 - Kafka down: with two of three brokers killed no vote gets 201 (503 wal-unavailable or
   outcome-unknown); after they return votes get 201 again from the same engine process;
   counts are exact;
-- fencing: engine A is SIGSTOPped with votes in flight, engine B starts and fences every
-  shard; A's acknowledged votes are 409 at B with A's receipts; after SIGCONT A acknowledges
+- fencing: engine A (4 shards per fencing group) is SIGSTOPped with votes in flight, engine
+  B starts and fences every group; A's acknowledged votes are 409 at B with A's receipts; after SIGCONT A acknowledges
   nothing new; each pending vote of A is counted at B exactly when A answered 201;
 - `votes serve` refuses to start on a WAL topic with replication factor 1, naming it.
-The WAL topic and the transactional ids `wal-<shard>` are shared by every test, so each test
-uses a fresh poll id, and at most one engine owns the shards at a time. Seeds are printed.
+The WAL topic and the transactional ids `wal-g<group>` are shared by every test, so each test
+uses a fresh poll id, and at most one engine owns the groups at a time. Seeds are printed.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ SENDING_AFTER_KILL_S = 5.0
 ACKS_AFTER_KILL = 50
 REQUEST_TIMEOUT_S = 20.0
 BACKOFF_S = 0.05
+SHARDS_PER_GROUP_FENCED = 4
 # A 503 with one of these problem types stored nothing (a refused connection neither).
 NOT_COUNTED_PROBLEMS = ("/problems/wal-unavailable", "/problems/not-ready", "/problems/overloaded")
 
@@ -366,7 +367,9 @@ def test_kafka_down_refuses_votes_then_recovers_without_restart(local_stack, tmp
 def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
     label = "[fencing]"
     rng = seeded_rng(label)
-    env = kafka_env(local_stack)
+    # Several shards per fencing group, as production runs: the fence is the group's.
+    shards = SHARDS_PER_GROUP_FENCED * local_stack.partitions
+    env = kafka_env(local_stack, VOTES_SHARDS=str(shards))
     zombie = start_engine(tmp_path, "a", env)
     successor = None
     try:
@@ -406,10 +409,10 @@ def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
               f"{Counter(campaign.answers[voter].detail for voter in pending)}")
         assert pending and snapshot["on_the_wire"] > 0
 
-        # After SIGCONT the zombie acknowledges nothing new: every shard is fenced.
+        # After SIGCONT the zombie acknowledges nothing new: every group is fenced.
         after_from = campaign.next_voter
         late = Campaign(zombie.base_url, poll, tokens, rng, next_voter=after_from)
-        late_voters = range(after_from, after_from + 4 * local_stack.partitions)
+        late_voters = range(after_from, after_from + 2 * shards)  # each shard twice
 
         async def one_round() -> None:
             while late.next_voter < late_voters.stop:

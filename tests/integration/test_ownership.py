@@ -64,7 +64,7 @@ class Cluster:
         suffix = uuid.uuid4().hex[:6]
         self.a_id, self.b_id = f"a-{suffix}", f"b-{suffix}"
         half = self.shards // 2
-        self.shard_map = f"{self.a_id}=0-{half - 1},{self.b_id}={half}-{self.shards - 1}"
+        self.group_map = f"{self.a_id}=0-{half - 1},{self.b_id}={half}-{self.shards - 1}"
         template = tmp_path / "keys-template"
         ensure_keys(template)
         self.a = self._engine(tmp_path, "a", self.a_id, template)
@@ -80,7 +80,7 @@ class Cluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         return kafka_env(self.stack, VOTES_REDIS_URL=self.stack.redis_url,
-                         VOTES_GROUP_MAP=self.shard_map, **extra)
+                         VOTES_GROUP_MAP=self.group_map, **extra)
 
     def clear_keys(self) -> None:
         keys = list(self.redis.scan_iter(f"votes:{self.stack.wal_topic}:*"))

@@ -336,7 +336,7 @@ def test_fresh_owner_recovers_a_million_voters_from_s3_and_wal(
     run_id = uuid.uuid4().hex[:8]
     # Kafka: a fresh topic made like the stack's WAL topic and deleted afterwards, so the run
     # starts from an empty partition and the shared topic does not grow with every run. The
-    # transactional id wal-<shard> is still shared with any other user of that shard number:
+    # transactional id wal-g<group> is still shared with any other user of that group number:
     # the last one is used, which other tests are unlikely to use.
     topic = f"test-s3-recovery-{run_id}"
     config = bench.stack_config(local_stack, tmp_path, wal_kind, s3_prefix, topic,

@@ -1,7 +1,7 @@
 """WAL records built by hand for shard tests, a log that applies them, a group's embedded log
 written with them (its LogHeader first, as a group owner writes it), and a state fingerprint.
 
-Vote batches are encoded as ShardOwner encodes them (one group per poll, packed uint32 voter
+Vote batches are encoded as a group owner encodes them (shards/planning.py) (one group per poll, packed uint32 voter
 indexes and uint16 option indexes). Their signature fields stay empty unless given: applying
 a record does not check them.
 """
