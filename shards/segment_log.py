@@ -1,7 +1,8 @@
 """The embedded write-ahead log: append-only, checksummed segments per fencing group, fsync'd.
 
-Layout: `<shard dir>/wal/<20-digit base offset>.log`, plus `<shard dir>/wal/LOCK`. Offsets are
-byte positions in the shard's whole log, so a segment's name is the offset of its first
+Layout: `<group dir>/wal/<20-digit base offset>.log`, plus `<group dir>/wal/LOCK` (the group
+dir is `DATA/groups/group-<gggg>`, shards/backends.py). Offsets are byte positions in the
+group's whole log, so a segment's name is the offset of its first
 frame. Frames are `records.frame(...)`.
 
 Rules a caller can rely on:
@@ -32,7 +33,7 @@ from engine.errors import InvariantViolation, LogCorrupt, OutcomeUnknown, WalUna
 from shards.records import FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_BYTES_MAX
 
 SEGMENT_SUFFIX = ".log"
-# One group commit writes at most this much to one shard's log.
+# One group commit writes at most this much to one group's log.
 WRITE_BYTES_MAX = 32 * 1024 * 1024
 # The segments' fsync: os.fsync itself unless a test switched it off (engine/failpoints.py,
 # `segment-log-skip-fsync`) to show that the power-loss test catches a missing fsync.

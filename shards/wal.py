@@ -53,7 +53,7 @@ class Wal(Protocol):
 
 
 LOCK_RETRY_S = 0.2
-# Appends of one shard queued at the writer at once: while one round fsyncs, the next cycles'
+# Appends of one fencing group queued at the writer at once: while one round fsyncs, the next cycles'
 # appends wait behind it and share the next round's write and fsync.
 APPENDS_IN_FLIGHT_MAX = 8
 

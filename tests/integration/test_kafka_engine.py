@@ -367,12 +367,17 @@ def test_kafka_down_refuses_votes_then_recovers_without_restart(local_stack, tmp
 def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
     label = "[fencing]"
     rng = seeded_rng(label)
-    # Several shards per fencing group, as production runs: the fence is the group's.
+    # Several shards per fencing group, as production runs: the fence is the group's. The
+    # layout differs from the shared topic's (its group logs' headers say 1 shard per group),
+    # so this test writes a topic of its own.
     shards = SHARDS_PER_GROUP_FENCED * local_stack.partitions
-    env = kafka_env(local_stack, VOTES_SHARDS=str(shards))
-    zombie = start_engine(tmp_path, "a", env)
-    successor = None
+    topic = f"wal-fencing-{uuid.uuid4().hex[:8]}"
+    asyncio.run(create_topic(local_stack.bootstrap_servers, topic,
+                             partitions=local_stack.partitions))
+    env = kafka_env(local_stack, VOTES_SHARDS=str(shards), VOTES_WAL_TOPIC=topic)
+    zombie = successor = None
     try:
+        zombie = start_engine(tmp_path, "a", env)
         poll, tokens = open_poll(zombie, 20_000)
         campaign = Campaign(zombie.base_url, poll, tokens, rng)
         snapshot: dict = {}
@@ -447,9 +452,10 @@ def test_paused_owner_is_fenced_by_the_next_one(local_stack, tmp_path):
         assert before["total"] == len(acked_before) + len(pending_acked) + len(held)
         assert_no_traceback(zombie, successor)
     finally:
-        zombie.kill()
-        if successor is not None:
-            successor.kill()
+        for engine in (zombie, successor):
+            if engine is not None:
+                engine.kill()
+        asyncio.run(delete_topics(local_stack.bootstrap_servers, [topic]))
 
 
 def test_serve_refuses_a_wal_topic_without_replication(local_stack, tmp_path):

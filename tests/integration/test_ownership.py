@@ -1,5 +1,6 @@
-"""Shard ownership across hosts: two `votes serve` processes ("hosts") on the real stack,
-Kafka WAL + Redis leases (engine/ownership.py).
+"""Fencing-group ownership across hosts: two `votes serve` processes ("hosts") on the real
+stack, Kafka WAL + Redis leases per group (engine/ownership.py). These tests run one shard per
+group (tests/support/engine_process.py kafka_env), so "shard N" below is also group N.
 
 - static map: node A prefers shards 0-3, node B 4-7; both become ready holding exactly
   those; votes for voters of every shard sent to A all get 201 (forwarded to B when B holds
