@@ -59,6 +59,15 @@ async def recover_group(group: int, config: Config, wal: Wal,
     """Every shard's state of the group and the log offset after the last record applied."""
     shards = sorted(snapshot_stores)
     loaded = await asyncio.gather(*(snapshot_stores[shard].load() for shard in shards))
+    for shard, state in zip(shards, loaded, strict=True):
+        if state is not None and (state.shard, state.shards_total) != (shard, config.shards):
+            # Voter ids map to bitmap positions through the shard count: another layout's
+            # snapshot would count every voter under someone else's id.
+            raise LogCorrupt(
+                f"the newest snapshot in {snapshot_stores[shard].location()} is of shard "
+                f"{state.shard} of {state.shards_total}, not shard {shard} of {config.shards}: "
+                f"it was written by another layout. Point s3_prefix (or the data dir) at this "
+                f"layout's snapshots, or start with the layout that wrote them.")
     states = {shard: state or ShardState(shard, config.shards)
               for shard, state in zip(shards, loaded, strict=True)}
     replay_from = min(state.wal_offset_next for state in states.values())

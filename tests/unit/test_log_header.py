@@ -1,4 +1,5 @@
-"""A group's log gets its LogHeader before its first record, wherever the log's end is.
+"""Layout checks at a group's recovery: its log gets its LogHeader before its first record,
+wherever the log's end is; a log or a snapshot of another layout is refused, never misread.
 
 Kafka's log of a group starts with owner markers (shards/kafka_wal.py), which replay skips:
 a new partition's end is past 0 with no record in it. The header must still be written, or
@@ -93,3 +94,20 @@ def test_log_whose_first_record_is_not_a_header_is_refused(tmp_path: Path) -> No
 
     with pytest.raises(LogCorrupt, match="PollCreated record"):
         asyncio.run(recover_group(1, config, log, stores(tmp_path, config, 1, "only")))
+
+
+def test_snapshot_of_another_shard_count_is_refused(tmp_path: Path) -> None:
+    """A snapshot store left by a layout of 8 shards, read by a layout of 4: refused, never
+    loaded (its bitmap positions are voter_id div 8)."""
+    from shards.snapshots import freeze
+    from shards.state import ShardState
+
+    config = Config(data_dir=str(tmp_path), shards=4, groups=2).validate()
+    old_layout = ShardState(1, 8)
+    old_layout.advance_to(10)
+    store = DirectorySnapshotStore(tmp_path / "shared" / "1", 1, 2)
+    asyncio.run(store.save(freeze(old_layout), old_layout.wal_offset_next))
+    snapshot_stores = {1: store, 3: DirectorySnapshotStore(tmp_path / "shared" / "3", 3, 2)}
+
+    with pytest.raises(LogCorrupt, match="shard 1 of 8, not shard 1 of 4"):
+        asyncio.run(recover_group(1, config, MarkedLog(), snapshot_stores))
