@@ -15,7 +15,6 @@ multi-host one (Redis leases, HTTP relay), chosen once at start-up by `make_node
 from __future__ import annotations
 
 import asyncio
-import datetime
 import fcntl
 import logging
 import os
@@ -29,6 +28,7 @@ from engine.errors import NotReady, PollNotFound, VotesError
 from engine.forwarding import ForwardServer, PeerClient, socket_path
 from engine.keys import KeyRing
 from engine.metrics import BUFFERED, SHARDS_READY, group_owned, group_ready
+from engine.results_view import poll_results
 from engine.ownership import (
     ForwardedRequest,
 )
@@ -45,9 +45,6 @@ log = logging.getLogger("votes.node")
 SLOT_RETRY_S = 0.2
 DRAIN_POLL_S = 0.01
 ADMIN_TOKEN_TTL_S = 300
-# Per-poll rejection counters are kept only for polls that exist, so garbage poll ids in
-# rejected requests cannot grow memory.
-REJECTION_REASONS = ("duplicate", "bad-token", "closed-poll", "not-open", "unknown-option")
 
 
 class Node:
@@ -59,6 +56,8 @@ class Node:
         self.slot: int | None = None
         self.owners: dict[int, GroupOwner] = {}  # group -> its owner
         self.peers: dict[int, PeerClient] = {}
+        # Per-poll rejection counters are kept only for polls that exist, so garbage poll ids
+        # in rejected requests cannot grow memory.
         self.rejected: dict[str, Counter] = {}
         self._slot_descriptor: int | None = None
         self._server: ForwardServer | None = None
@@ -290,15 +289,7 @@ class Node:
         final = closed_shards == self.config.shards
         embargoed = definition.embargo and not final
         counts = {} if embargoed else dict(zip(definition.options, tallies, strict=True))
-        return {
-            "poll": poll,
-            "counts": counts,
-            "total": sum(counts.values()),
-            "final": final,
-            "embargoed": embargoed,
-            "rejected": {reason: rejected.get(reason, 0) for reason in REJECTION_REASONS},
-            "as_of": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        }
+        return poll_results(poll, counts, final, embargoed, rejected)
 
     async def readiness(self) -> dict:
         return (await self._readiness_parts())[0]

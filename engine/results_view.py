@@ -51,7 +51,14 @@ def results_document(poll: str, definition: Definition, state: crdt.Counters,
     regions = {} if embargoed else {
         region: {option: region_counts.get(option, 0) for option in definition.options}
         for region, region_counts in sorted(crdt.region_totals(state, poll).items())}
-    rejected = crdt.rejected_totals(state, poll)
+    return {**poll_results(poll, counts, final, embargoed, crdt.rejected_totals(state, poll)),
+            "regions": regions, "version": 0 if embargoed else version}
+
+
+def poll_results(poll: str, counts: dict[str, int], final: bool, embargoed: bool,
+                 rejected: dict[str, int]) -> dict[str, Any]:
+    """The fields every results answer has (GET /v1/polls/{poll}/results, engine/openapi.yaml),
+    whether from one region's shards (engine/node.py) or the merged CRDT state."""
     return {
         "poll": poll,
         "counts": counts,
@@ -60,6 +67,4 @@ def results_document(poll: str, definition: Definition, state: crdt.Counters,
         "embargoed": embargoed,
         "rejected": {reason: rejected.get(reason, 0) for reason in REJECTION_REASONS},
         "as_of": now_iso(),
-        "regions": regions,
-        "version": 0 if embargoed else version,
     }
