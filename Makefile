@@ -60,16 +60,18 @@ bench: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro
 	$(BIN)/python -m perf.bench_peers $(BENCH_ARGS)
 	$(BIN)/python -m perf.capacity
+	$(BIN)/python -m perf.targets_report
 
 bench-quick: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro --quick
 	$(BIN)/python -m perf.bench_peers --quick $(BENCH_ARGS)
 	$(BIN)/python -m perf.capacity
+	$(BIN)/python -m perf.targets_report
 
 # The engine against the ceiling only, with the paced run and the WAL commits the earlier
 # wrk-only bench measured (--kafka adds the private stack), then the Cython apply bench.
 bench-ceiling: setup $(PERF_STAMP)
-	$(BIN)/python -m perf.bench_peers --peers ceiling,embedded --only closed_max \
+	$(BIN)/python -m perf.bench_peers --peers ceiling,embedded --only closed_max --no-sweep \
 		--paced-fraction 0.5 --wal-commits --out perf/results/ceiling.json --no-plots $(BENCH_ARGS)
 	$(BIN)/python -m perf.bench_fastpath
 

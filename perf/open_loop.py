@@ -33,6 +33,9 @@ def run_open(h: Harness, peer: RunningPeer, tokens: Path, segments: list[tuple[f
     argv = [sys.executable, "-m", "perf.loadgen", "--url", peer.base_url, "--tokens", str(tokens),
             "--profile", profile, "--connections", str(connections), "--polls", ",".join(polls),
             "--options", ",".join(h.set.options), "--drain-timeout-s", str(h.args.drain_timeout_s)]  # fmt: skip
+    if h.args.generator_nice:
+        # nice execs the generator (same pid, so its CPU is still sampled as the generator's).
+        argv = ["nice", "-n", str(h.args.generator_nice), *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=REPO_DIR)  # fmt: skip
     ready = threading.Event()
@@ -75,7 +78,8 @@ def run_open(h: Harness, peer: RunningPeer, tokens: Path, segments: list[tuple[f
     summary = json.loads(line[len(SUMMARY_TAG) :])
     cpu_doc = cpu_json(cpu, "generator")
     summary.update(
-        argv=shlex.join(argv[1:]).replace(str(REPO_DIR) + "/", ""),
+        argv=shlex.join(argv[argv.index("-m") :]).replace(str(REPO_DIR) + "/", ""),
+        generator_nice=h.args.generator_nice,
         in_flight_at_end=summary["unanswered"] + summary["connection_lost_pending"],
         cpu=cpu_doc,
         cpu_us_per_created=cpu_us_per_created(cpu_doc, summary["created_per_s"]),
