@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from pathlib import Path
 from deploy.local.postgres import PostgresError
 from perf import PERF_DIR, REPO_DIR, RESULTS_DIR, BenchError
 from perf.machine import describe_machine, filesystem_of
+from perf.open_loop import GENERATOR_SCHEDULING
 from perf.output import print_conditions, write_json
 from perf.peer_servers import Harness, engine_layout
 from perf.report import print_report, print_sweep
@@ -90,10 +92,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=5.0, help="wrk --timeout")
     parser.add_argument("--drain-timeout-s", type=float, default=10.0, help="open loop: wait for answers")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--generator-nice", type=int, default=-10,
-                        help="nice value of the open-loop generator (perf/loadgen.py): on 2 shared "
-                             "cores it must get the CPU when a send is due, or its lateness lands "
-                             "in the latencies (send lag); 0 = as every other process")  # fmt: skip
+    parser.add_argument("--generator-scheduling", choices=tuple(GENERATOR_SCHEDULING),
+                        default="fifo",
+                        help="how the open-loop generator (perf/loadgen.py) is scheduled: on 2 "
+                             "shared cores it must run the moment a send is due, or its lateness "
+                             "lands in the latencies (send lag). fifo: SCHED_FIFO priority 1 (it "
+                             "uses a few %% of a core; the kernel caps real-time work at 95 %%); "
+                             "nice: nice -10; normal: as every other process")  # fmt: skip
 
 
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
@@ -237,7 +242,8 @@ def run_parameters(args, scenario_set, run_dir: Path) -> dict:
         "pg_tally": args.pg_tally,
         **({"paced_fraction": args.paced_fraction} if args.paced_fraction else {}),
         **({"wrk_threads": args.wrk_threads} if args.wrk_threads != 1 else {}),
-        "open_loop_generator_nice": args.generator_nice,
+        "open_loop_generator_scheduling": shlex.join(GENERATOR_SCHEDULING[args.generator_scheduling])
+        or "normal",
         "sweep": None if args.no_sweep else
         f"shards per worker {args.sweep_shards} x connections {args.sweep_connections}, groups "
         "automatic, after each engine peer",
