@@ -47,12 +47,11 @@ def capacity_rows(results_dir: Path) -> list[dict]:
     """The capacity model's broker verdict and fleet total, from the files just written."""
     from perf.capacity import KAFKA_BROKERS_TARGET, build
 
-    model, inputs, used, _ = build(["--results-dir", str(results_dir)])
+    model, inputs, _, _ = build(["--results-dir", str(results_dir)])
     out = model.out
-    source = "; ".join(used) or "defaults only"
     brokers = {"target": "kafka brokers", "threshold": KAFKA_BROKERS_TARGET, "sense": "<=",
                "description": f"capacity model: Kafka brokers (3 per AZ) for {out['design_votes_per_s']:,.0f} "
-                              f"votes/s, {inputs['fencing_groups'].value:g} fencing groups ({source})",
+                              f"votes/s, {inputs['fencing_groups'].value:g} fencing groups",
                "measured": out["kafka_brokers"],
                "verdict": "PASS" if out["kafka_brokers_target_met"] else "FAIL"}  # fmt: skip
     fleet = {"target": "fleet total", "threshold": None, "sense": "", "measured": out["ec2_instances_total"],
@@ -61,6 +60,15 @@ def capacity_rows(results_dir: Path) -> list[dict]:
                             f"{out['haproxy_instances']:.0f} HAProxy, {out['results_instances_with_cdn']:.0f} results)",
              "verdict": "reported"}  # fmt: skip
     return [brokers, fleet]
+
+
+def capacity_source(results_dir: Path) -> str:
+    """Which capacity-model inputs came from measured files, and the engine CPU per vote."""
+    from perf.capacity import build
+
+    _, inputs, used, _ = build(["--results-dir", str(results_dir)])
+    cpu = inputs["engine_cpu_us_per_vote"]
+    return f"inputs measured: {'; '.join(used) or 'none (defaults)'}; engine CPU {cpu.value:g} us/vote ({cpu.source})"
 
 
 def memory_rows(memory: dict | None) -> list[dict]:
@@ -107,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(file_line(name, document))
     if peers:
         print(f"  engine config  {peers.get('parameters', {}).get('engine_config', '?')}")
+    print(f"  capacity       {capacity_source(args.results_dir)}")
     print_table(["target", "threshold", "measured", "verdict"],
                 [[row["description"], threshold_cell(row), ratio_cell(row["measured"], "{:,.4g}"),
                   row["verdict"]] for row in rows])  # fmt: skip
