@@ -24,6 +24,11 @@ ratios and targets INVALID and the run exit 1. Data directories (engine, Postgre
 on one real filesystem, shown; server, backend and generator CPU are sampled from /proc;
 PostgreSQL's fsync and synchronous_commit are read back with SHOW.
 
+After each engine peer (last round only) the shard sweep (perf/sweep.py) runs that engine
+at 1, 8 and 32 shards per worker, at 64 and 256 connections, and perf/results/sweep.json
+gets its table; the engines themselves run in their default config (32 shards in 4 fencing
+groups; ``--engine-shards`` for another).
+
 Writes perf/results/peers.json and PNG plots beside it, and prints the machine, a result
 table with the ratios engine/ceiling and engine/peer, and pass/fail per target of the
 perf issue (with the micro-benchmarks' targets when perf/results/micro.json exists).
@@ -105,8 +110,8 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     """The shard sweep (perf/sweep.py), run right after each engine peer."""
     parser.add_argument("--no-sweep", action="store_true", help="skip the shard sweep")
     parser.add_argument("--sweep-shards", default="1,8,32",
-                        help="shards per worker of the sweep's cases; the first is the base of "
-                             "the ratio to 1 shard")  # fmt: skip
+                        help="shards per worker of the sweep's cases (include 1: the ratios "
+                             "to 1 shard divide by that case)")  # fmt: skip
     parser.add_argument("--sweep-connections", default="64,256",
                         help="closed-loop connections of every sweep case (the ceiling's closed_max "
                              "runs at the same counts)")  # fmt: skip

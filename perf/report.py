@@ -241,7 +241,9 @@ def print_sweep(sweep: dict) -> None:
         table.append(cells)
     ceiling = ", ".join(f"{rate:,.0f} at {count}" for count, rate in sweep["ceiling_created_per_s"].items())
     parameters = sweep["parameters"]
-    print(f"\n== shard sweep: 1 worker, wrk -t1 closed loop, groups = {parameters['groups']}; "
+    workers = parameters["workers"]
+    print(f"\n== shard sweep: {workers} worker{'s' if workers != 1 else ''}, wrk -t1 closed loop, "
+          f"groups = {parameters['groups']}; "
           f"ceiling in this run (201/s at conns): {ceiling or 'not measured'}")
     print_table(headers, table)
     print("  Each case is a fresh engine (Kafka: a fresh topic, one partition per group, on the "
