@@ -51,7 +51,7 @@ from pathlib import Path
 from deploy.local.postgres import PostgresError
 from perf import PERF_DIR, REPO_DIR, RESULTS_DIR, BenchError
 from perf.machine import describe_machine, filesystem_of
-from perf.open_loop import GENERATOR_SCHEDULING
+from perf.open_loop import GENERATOR_SCHEDULING, usable_scheduling
 from perf.output import print_conditions, write_json
 from perf.peer_servers import Harness, engine_layout
 from perf.report import print_report, print_sweep
@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     wrk_path = ensure_wrk()
+    args.generator_scheduling = usable_scheduling(args.generator_scheduling)
     run_dir = args.data_root / time.strftime("peers-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     conditions = describe_machine(PACKAGES_SHOWN)

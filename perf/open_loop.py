@@ -37,6 +37,25 @@ GENERATOR_SCHEDULING = {
 }
 
 
+def usable_scheduling(name: str) -> str:
+    """``name`` if its command runs here (chrt --fifo and nice -10 need CAP_SYS_NICE), else
+    "normal", with a line that says so: the run goes on, its send lag shows the cost."""
+    prefix = GENERATOR_SCHEDULING[name]
+    if not prefix:
+        return name
+    try:
+        done = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = str(error)
+    else:
+        problem = "" if done.returncode == 0 and not done.stderr else done.stderr.strip()
+    if not problem:
+        return name
+    print(f"  open-loop generator: `{shlex.join(prefix)}` is not permitted here ({problem}): "
+          "normal scheduling; watch its send lag", flush=True)
+    return "normal"
+
+
 def run_open(h: Harness, peer: RunningPeer, tokens: Path, segments: list[tuple[float, float]],
              polls: list[str], connections: int) -> dict:  # fmt: skip
     profile = ",".join(f"{d:g}:{r:.3f}" for d, r in segments)
