@@ -46,10 +46,12 @@ chaos: setup
 	VOTES_REQUIRE_CYTHON=1 VOTES_CHAOS_PROFILE=long VOTES_CHAOS_SUMMARY=$(CHAOS_SUMMARY) \
 		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/chaos $(PYTEST_ARGS)
 
-# The perf harness (perf/README.md): micro-benchmarks, then the engine against the ceiling
-# and the peers (PostgreSQL and Redis installed and started by the harness's own scripts),
-# then the capacity model. JSON and PNG plots land in perf/results/. About 4-5 minutes;
-# bench-quick about 2. BENCH_ARGS passes more, e.g. BENCH_ARGS="--kafka --duration-scale 3".
+# The perf harness (perf/README.md): micro-benchmarks, then the engine (default config)
+# against the ceiling and the peers (PostgreSQL and Redis installed and started by the
+# harness's own scripts) with the shard sweep after each engine, then the capacity model and
+# issue 10's targets table. JSON and PNG plots land in perf/results/. bench-quick with
+# --kafka took 5 min 9 s (2026-12-02); bench without --kafka is estimated at 6-7 min.
+# BENCH_ARGS passes more, e.g. BENCH_ARGS="--kafka --stack-base-port 19400 --duration-scale 3".
 PERF_STAMP := $(VENV)/.installed-perf
 
 $(PERF_STAMP): $(STAMP) pyproject.toml
@@ -60,16 +62,18 @@ bench: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro
 	$(BIN)/python -m perf.bench_peers $(BENCH_ARGS)
 	$(BIN)/python -m perf.capacity
+	$(BIN)/python -m perf.targets_report
 
 bench-quick: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro --quick
 	$(BIN)/python -m perf.bench_peers --quick $(BENCH_ARGS)
 	$(BIN)/python -m perf.capacity
+	$(BIN)/python -m perf.targets_report
 
 # The engine against the ceiling only, with the paced run and the WAL commits the earlier
 # wrk-only bench measured (--kafka adds the private stack), then the Cython apply bench.
 bench-ceiling: setup $(PERF_STAMP)
-	$(BIN)/python -m perf.bench_peers --peers ceiling,embedded --only closed_max \
+	$(BIN)/python -m perf.bench_peers --peers ceiling,embedded --only closed_max --no-sweep \
 		--paced-fraction 0.5 --wal-commits --out perf/results/ceiling.json --no-plots $(BENCH_ARGS)
 	$(BIN)/python -m perf.bench_fastpath
 

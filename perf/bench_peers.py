@@ -24,6 +24,11 @@ ratios and targets INVALID and the run exit 1. Data directories (engine, Postgre
 on one real filesystem, shown; server, backend and generator CPU are sampled from /proc;
 PostgreSQL's fsync and synchronous_commit are read back with SHOW.
 
+After each engine peer (last round only) the shard sweep (perf/sweep.py) runs that engine
+at 1, 8 and 32 shards per worker, at 64 and 256 connections, and perf/results/sweep.json
+gets its table; the engines themselves run in their default config (32 shards in 4 fencing
+groups; ``--engine-shards`` for another).
+
 Writes perf/results/peers.json and PNG plots beside it, and prints the machine, a result
 table with the ratios engine/ceiling and engine/peer, and pass/fail per target of the
 perf issue (with the micro-benchmarks' targets when perf/results/micro.json exists).
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,13 +51,15 @@ from pathlib import Path
 from deploy.local.postgres import PostgresError
 from perf import PERF_DIR, REPO_DIR, RESULTS_DIR, BenchError
 from perf.machine import describe_machine, filesystem_of
+from perf.open_loop import GENERATOR_SCHEDULING, usable_scheduling
 from perf.output import print_conditions, write_json
-from perf.peer_servers import Harness
-from perf.report import print_report
+from perf.peer_servers import Harness, engine_layout
+from perf.report import print_report, print_sweep
 from perf.runs import run_peer
-from perf.scenarios import DEFAULT_PEERS, PEERS, load_scenarios, paced_scenario
+from perf.scenarios import DEFAULT_PEERS, ENGINES, PEERS, load_scenarios, paced_scenario
 from perf.summary import exit_status, load_micro, summarize_rounds
-from perf.targets import scenario_of
+from perf.sweep import ceiling_rates, parse_counts, run_engine_sweep, sweep_integrity, sweep_rows
+from perf.targets import scenario_of, sweep_targets
 from perf.tokens import VENV_BIN
 from perf.wrk import ensure_wrk
 
@@ -89,6 +97,25 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=5.0, help="wrk --timeout")
     parser.add_argument("--drain-timeout-s", type=float, default=10.0, help="open loop: wait for answers")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--generator-scheduling", choices=tuple(GENERATOR_SCHEDULING),
+                        default="fifo",
+                        help="how the open-loop generator (perf/loadgen.py) is scheduled: on 2 "
+                             "shared cores it must run the moment a send is due, or its lateness "
+                             "lands in the latencies (send lag). fifo: SCHED_FIFO priority 1 (it "
+                             "uses a few %% of a core; the kernel caps real-time work at 95 %%); "
+                             "nice: nice -10; normal: as every other process")  # fmt: skip
+
+
+def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """The shard sweep (perf/sweep.py), run right after each engine peer."""
+    parser.add_argument("--no-sweep", action="store_true", help="skip the shard sweep")
+    parser.add_argument("--sweep-shards", default="1,8,32",
+                        help="shards per worker of the sweep's cases (include 1: the ratios "
+                             "to 1 shard divide by that case)")  # fmt: skip
+    parser.add_argument("--sweep-connections", default="64,256",
+                        help="closed-loop connections of every sweep case (the ceiling's closed_max "
+                             "runs at the same counts)")  # fmt: skip
+    parser.add_argument("--sweep-out", type=Path, default=RESULTS_DIR / "sweep.json")
 
 
 def add_peer_options(parser: argparse.ArgumentParser) -> None:
@@ -101,17 +128,17 @@ def add_peer_options(parser: argparse.ArgumentParser) -> None:
                         help="connections for the kafka peer, comma-separated: closed_max tries "
                              "each and keeps the best, the other scenarios use the first (its "
                              "rate is votes in flight / transaction time); 0 = as the others")  # fmt: skip
-    parser.add_argument("--kafka-partitions", type=int, default=1,
-                        help="WAL partitions = shards of the kafka engine (one transaction in "
-                             "flight per shard: on one machine fewer, larger transactions win)")
     parser.add_argument("--kafka-warmup-s", type=float, default=30.0,
                         help="the kafka peer's warm-up (closed loop, not measured): a fresh "
                              "stack's brokers are still compiling their hot paths")
-    parser.add_argument("--stack-base-port", type=int, default=19700)
-    parser.add_argument("--engine-shards", type=int, default=1,
-                        help="shards of the embedded engine's one worker (each shard is its own "
-                             "fsync'd log: see docs/performance.md for how the ratio moves with "
-                             "it); the kafka engine has one shard per WAL partition")
+    parser.add_argument("--stack-base-port", type=int,
+                        default=int(os.environ.get("VOTES_STACK_BASE_PORT", "19700")),
+                        help="the kafka peer's private stack (default: $VOTES_STACK_BASE_PORT)")
+    parser.add_argument("--engine-shards", type=int, default=0,
+                        help="shards per worker of both engines; 0 = the engine's own defaults "
+                             "(no --shards flag: 32 shards in 4 fencing groups, engine/config.py), "
+                             "the shape users deploy. Groups are the engine's automatic choice; "
+                             "the kafka WAL topic gets one partition per group")
     parser.add_argument("--engine-extra-args", default="", help="appended to `votes serve`")
     parser.add_argument("--votes-bin", type=Path, default=VENV_BIN / "votes",
                         help="the engine's `votes` command (serve, token)")  # fmt: skip
@@ -139,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_options(parser)
     add_peer_options(parser)
     add_data_options(parser)
+    add_sweep_options(parser)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.peers.split(",") if n.strip()]
     if args.kafka and "kafka" not in names:
@@ -153,6 +181,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.duration_scale = 0.4
     if args.paced_fraction and not 0 < args.paced_fraction < 1:
         parser.error("--paced-fraction must be in (0, 1)")
+    try:
+        args.sweep_shard_counts = parse_counts(args.sweep_shards, "--sweep-shards")
+        args.sweep_connection_counts = parse_counts(args.sweep_connections, "--sweep-connections")
+    except BenchError as error:
+        parser.error(str(error))
+    if args.engine_shards < 0:
+        parser.error("--engine-shards must be 0 (the engine's defaults) or positive")
     return args
 
 
@@ -202,7 +237,8 @@ def run_parameters(args, scenario_set, run_dir: Path) -> dict:
         "duration_scale": args.duration_scale,
         "connections": scenario_set.connections,
         "kafka_connections": args.kafka_connections if kafka else None,
-        "kafka_partitions": args.kafka_partitions if kafka else None,
+        "engine_config": engine_config_text(args.engine_shards),
+        "kafka_partitions": engine_layout(args.engine_shards)[1] if kafka else None,
         "kafka_warmup_s": args.kafka_warmup_s if kafka else None,
         "warmup_s": scenario_set.warmup_s,
         "rounds": args.rounds,
@@ -211,14 +247,31 @@ def run_parameters(args, scenario_set, run_dir: Path) -> dict:
         "pg_tally": args.pg_tally,
         **({"paced_fraction": args.paced_fraction} if args.paced_fraction else {}),
         **({"wrk_threads": args.wrk_threads} if args.wrk_threads != 1 else {}),
+        "open_loop_generator_scheduling": shlex.join(GENERATOR_SCHEDULING[args.generator_scheduling])
+        or "normal",
+        "sweep": None if args.no_sweep else
+        f"shards per worker {args.sweep_shards} x connections {args.sweep_connections}, groups "
+        "automatic, after each engine peer",
         "run_dir": str(run_dir),
     }
 
 
-def run_rounds(h: Harness, args) -> tuple[list[dict], dict]:
-    """Every peer, in order, ``--rounds`` times; (rounds of peer documents, failures)."""
+def engine_config_text(engine_shards: int) -> str:
+    """The engines' layout as the conditions print it."""
+    shards, groups = engine_layout(engine_shards)
+    if not engine_shards:
+        return (f"votes serve defaults: {shards} shards in {groups} fencing groups per worker "
+                "(engine/config.py), no --shards flag")
+    return f"--shards {shards} ({groups} fencing groups, the engine's automatic choice)"
+
+
+def run_rounds(h: Harness, args) -> tuple[list[dict], dict, dict]:
+    """Every peer, in order, ``--rounds`` times; (rounds of peer documents, failures, sweep
+    cases by engine). The sweep runs once, in the last round, right after each engine peer
+    (the kafka one on that peer's warm stack, before it goes down)."""
     rounds: list[dict] = []
     failures: dict = {}
+    sweeps: dict = {}
     h.prepare_keys()
     for index in range(args.rounds):
         if args.rounds > 1:
@@ -229,14 +282,42 @@ def run_rounds(h: Harness, args) -> tuple[list[dict], dict]:
         for name in args.peer_names:
             try:
                 peers[name] = run_peer(h, name, ceiling_rate)
+                if name in ENGINES and not args.no_sweep and index == args.rounds - 1:
+                    sweeps[name] = run_engine_sweep(h, name, args.sweep_shard_counts,
+                                                    args.sweep_connection_counts, ceiling_rate)  # fmt: skip
             except (BenchError, PostgresError, subprocess.TimeoutExpired, OSError) as error:
                 print(f"!! {name} failed: {error}", flush=True)
                 failures[f"r{index + 1} {name}" if args.rounds > 1 else name] = str(error)
                 continue
+            finally:
+                if name == "kafka":
+                    h.stop_stack()
             closed = scenario_of(peers, name, "closed_max")
             if name == "ceiling" and closed:
                 ceiling_rate = max(closed["created_per_s"], peers[name]["warmup_created_per_s"])
-    return rounds, failures
+    return rounds, failures, sweeps
+
+
+def sweep_document(conditions: dict, parameters: dict, args, peers: dict, sweeps: dict) -> dict:
+    """sweep.json: the sweep's cases, its table rows, its targets and its integrity."""
+    ceiling = ceiling_rates(peers.get("ceiling"))
+    integrity = sweep_integrity(sweeps)
+    rows = sweep_rows(sweeps, ceiling, integrity["invalid_cases"])
+    shards_most = max(args.sweep_shard_counts)
+    return {
+        "benchmark": "sweep",
+        "conditions": conditions,
+        "parameters": {**parameters, "shard_counts": args.sweep_shard_counts,
+                       "connection_counts": args.sweep_connection_counts, "workers": args.workers,
+                       "groups": "the engine's automatic choice (engine/config.py: largest "
+                                 "divisor of shards up to 4)",
+                       "kafka_topic": "one per case, one partition per group"},  # fmt: skip
+        "ceiling_created_per_s": ceiling,
+        "engines": sweeps,
+        "rows": rows,
+        "targets": sweep_targets(rows, shards_most, tuple(args.sweep_connection_counts)),
+        "integrity": integrity,
+    }
 
 
 def results_document(h: Harness, conditions: dict, parameters: dict, rounds: list[dict],
@@ -294,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     wrk_path = ensure_wrk()
+    args.generator_scheduling = usable_scheduling(args.generator_scheduling)
     run_dir = args.data_root / time.strftime("peers-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     conditions = describe_machine(PACKAGES_SHOWN)
@@ -302,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     h = Harness(args, scenario_set, run_dir, wrk_path)
     try:
-        rounds, failures = run_rounds(h, args)
+        rounds, failures, sweeps = run_rounds(h, args)
     finally:
         h.shutdown()
         if not args.keep_data:
@@ -316,6 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         write_plots(document, args.out.parent)
     status = exit_status(document)
+    if not args.no_sweep:
+        sweep = sweep_document(conditions, parameters, args, document["peers"], sweeps)
+        print_sweep(sweep)
+        write_json(args.sweep_out, sweep)
+        print(f"wrote {args.sweep_out}")
+        sweep_failed = any(case["errors"] for cases in sweeps.values() for case in cases.values())
+        if sweep_failed or not sweep["integrity"]["ok"]:
+            status = 1
     if not document["integrity"]["ok"]:
         print("\n!! integrity checks failed: the ratios of the peers concerned are INVALID",
               file=sys.stderr)  # fmt: skip

@@ -54,6 +54,15 @@ class RunningPeer:
                 print(f"  !! cleanup of {self.name} failed: {error}", flush=True)
 
 
+def engine_layout(shards: int) -> tuple[int, int]:
+    """(shards, fencing groups) of an engine started with ``--shards shards``; 0 = the
+    engine's defaults. The engine's own config decides, so the bench never guesses it."""
+    from engine.config import Config
+
+    config = (Config(shards=shards) if shards else Config()).resolved()
+    return config.shards, config.groups
+
+
 class Harness:
     """State of one invocation: run directory, token pool, shared services."""
 
@@ -100,7 +109,8 @@ class Harness:
 
     def ensure_stack(self) -> PrivateStack:
         if self.stack is None:
-            stack = PrivateStack(self.args.stack_base_port, self.args.kafka_partitions,
+            # The WAL topic has one partition per fencing group of the kafka engine.
+            stack = PrivateStack(self.args.stack_base_port, engine_layout(self.args.engine_shards)[1],
                                  self.run_dir / "stack.log")  # fmt: skip
             self.stack = stack
             print(f"  bringing up a private stack on base port {stack.base_port} "
@@ -130,10 +140,13 @@ class Harness:
 
     # --- starting peers -------------------------------------------------------------------
 
-    def start(self, name: str) -> RunningPeer:
+    def start(self, name: str, engine_shards: int | None = None) -> RunningPeer:
+        """Start peer ``name``; an engine with ``engine_shards`` (a sweep case) instead of
+        --engine-shards, in its own data dir, log and (kafka) WAL topic."""
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        log = self.run_dir / f"{name}.log"
+        case = "" if engine_shards is None else f"-s{engine_shards}"
+        log = self.run_dir / f"{name}{case}.log"
         py = sys.executable
         workers = ["--workers", str(self.args.workers)]
         if name == "ceiling":
@@ -143,7 +156,8 @@ class Harness:
             self._wait(peer, expect=201)
             return peer
         if name in ENGINES:
-            return self._start_engine(name, port, base_url, log)
+            shards = self.args.engine_shards if engine_shards is None else engine_shards
+            return self._start_engine(name, port, base_url, log, shards, case)
         env = {**os.environ, "VOTES_PEER_KEYS_DIR": str(self.keys_data_dir),
                "VOTES_PEER_POOL_SIZE": str(self.args.pool_size)}  # fmt: skip
         cleanups = []
@@ -175,8 +189,10 @@ class Harness:
             peer.stop()
             raise
 
-    def _start_engine(self, name: str, port: int, base_url: str, log: Path) -> RunningPeer:
-        data_dir = self.run_dir / f"{name}-data"
+    def _start_engine(self, name: str, port: int, base_url: str, log: Path, shards: int,
+                      case: str) -> RunningPeer:  # fmt: skip
+        """``shards`` 0: the engine's own defaults (no --shards flag, as `votes serve` runs)."""
+        data_dir = self.run_dir / f"{name}{case}-data"
         shutil.rmtree(data_dir, ignore_errors=True)
         data_dir.mkdir()
         # The engine keeps the keys it finds: the same keys as every other peer's tokens.
@@ -186,11 +202,16 @@ class Harness:
         backend_pids: list[int] = []
         if name == "kafka":
             stack = self.ensure_stack()
-            config = stack.write_engine_config(self.run_dir / "kafka-engine.toml")
+            # A sweep case gets a fresh topic of its own (one partition per group) and its
+            # own snapshot prefix: an engine must not replay another case's votes.
+            topic = stack.wal_topic_for(f"sweep{case}", engine_layout(shards)[1]) if case else None
+            config = stack.write_engine_config(self.run_dir / f"kafka{case}-engine.toml",
+                                               shards=shards or None, wal_topic=topic,
+                                               s3_prefix=f"snapshots{case}")  # fmt: skip
             argv += ["--config", str(config)]
             backend_pids = stack.pids()
-        else:
-            argv += ["--shards", str(max(self.args.engine_shards, self.args.workers))]
+        elif shards:
+            argv += ["--shards", str(max(shards, self.args.workers))]
         argv += shlex.split(self.args.engine_extra_args)
         server = ServerProcess(name, argv, log)
         cleanups = [] if self.args.keep_data else [lambda: shutil.rmtree(data_dir, ignore_errors=True)]
@@ -199,7 +220,8 @@ class Harness:
                            cleanups)  # fmt: skip
         self._wait(peer, expect=200)
         try:
-            peer.info["shards"] = json.loads((data_dir / "cluster.json").read_text())["shards"]
+            layout = json.loads((data_dir / "cluster.json").read_text())
+            peer.info["shards"], peer.info["groups"] = layout["shards"], layout.get("groups")
             _, body = http_request("GET", f"{base_url}/readyz")
             peer.info["readyz"] = json.loads(body)
         except (OSError, ValueError, KeyError) as error:

@@ -10,7 +10,9 @@ the WAL topic starts empty; ``down`` stops it and wipes its state. Call ``down``
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+import tomllib
 from pathlib import Path
 
 from deploy.local.stack import LocalStack, StackError
@@ -53,12 +55,40 @@ class PrivateStack:
             raise BenchError(f"the stack came up with {found} partitions, not {self.partitions}")
         return self.endpoints
 
-    def write_engine_config(self, path: Path) -> Path:
-        """The `votes serve --config` TOML for this stack (Kafka WAL, S3 snapshots)."""
+    def wal_topic_for(self, suffix: str, partitions: int) -> str:
+        """A further WAL topic ``<wal topic>-<suffix>`` with the WAL's settings (RF 3, min
+        ISR 2), created now and fully replicated: a fresh log for one more engine."""
+        from deploy.local.kafka_admin import TOPIC_TIMEOUT_S, WAL_TOPIC_CONFIGS
+        from deploy.local.processes import run_coroutine
+
+        topic = f"{self.endpoints['kafka']['wal_topic']}-{suffix}"
+        try:
+            with self._logged():
+                found = run_coroutine(self._stack.kafka_admin.ensure_topic(
+                    topic, partitions, WAL_TOPIC_CONFIGS))  # fmt: skip
+                self._stack.wait_fully_replicated(topic, TOPIC_TIMEOUT_S)
+        except StackError as error:
+            raise BenchError(f"topic {topic} was not created: {error}") from error
+        if found != partitions:
+            raise BenchError(f"topic {topic} exists with {found} partitions, not {partitions}")
+        return topic
+
+    def write_engine_config(self, path: Path, shards: int | None = None,
+                            wal_topic: str | None = None, s3_prefix: str | None = None) -> Path:
+        """The `votes serve --config` TOML for this stack (Kafka WAL, S3 snapshots).
+
+        ``shards`` None leaves the engine's default shard count (its groups follow from it:
+        the topic must have one partition per group); ``wal_topic`` and ``s3_prefix`` give
+        one engine a log and snapshots of its own on a shared stack."""
         # The stack module owns the mapping from its endpoints to the engine's settings.
         from deploy.local.stack import engine_config_toml
 
-        path.write_text(engine_config_toml(self.endpoints))
+        values = tomllib.loads(engine_config_toml(self.endpoints))
+        values.pop("shards", None)
+        overrides = {"shards": shards, "wal_topic": wal_topic, "s3_prefix": s3_prefix}
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        # json.dumps of a str or int is also a valid TOML value.
+        path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
         return path
 
     def pids(self) -> list[int]:

@@ -90,9 +90,10 @@ def peer_row(document: dict, name: str) -> list[str]:
     closed = scenario_of(peers, name, "closed_max")
     opened = scenario_of(peers, name, "open_half")
     engine_over = ratios.get(f"embedded/{name}") if name not in ENGINES else None
-    shards = peer.get("info", {}).get("shards")
+    shards, groups = peer.get("info", {}).get("shards"), peer.get("info", {}).get("groups")
+    layout = f"{shards} shard{'s' if shards != 1 else ''}" + (f", {groups} groups" if groups else "")
     return [
-        f"{name} ({shards} shard{'s' if shards != 1 else ''})" if shards else name,
+        f"{name} ({layout})" if shards else name,
         peer["durability"],
         str(closed["connections"]) if closed else "-",
         f"{closed['created_per_s']:,.0f}" if closed else "FAILED",
@@ -212,6 +213,49 @@ def print_targets(document: dict) -> None:
     for name, peer in document["peers"].items():
         for scenario, error in peer.get("errors", {}).items():
             print(f"  FAILED {name} {scenario}: {error.splitlines()[0]}")
+
+
+def print_sweep(sweep: dict) -> None:
+    """The shard sweep (perf/sweep.py): one row per shard and connection count, engines side
+    by side, with the ceiling's rates of the same run it is divided by."""
+    rows_by_key: dict = {}
+    for row in sweep["rows"]:
+        key = (row["shards"], row["connections"])
+        rows_by_key.setdefault(key, {})[row["engine"]] = row
+    engines = list(sweep["engines"])
+    headers = ["shards/worker", "groups", "conns"]
+    for engine in engines:
+        headers += [f"{engine} 201/s", "÷ ceiling", "÷ 1 shard", "server CPU"]
+    table = []
+    for (shards, connections), by_engine in sorted(rows_by_key.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        groups = next((r["groups"] for r in by_engine.values() if r["groups"]), "-")
+        cells = [str(shards), str(groups), str(connections or "-")]
+        for engine in engines:
+            row = by_engine.get(engine)
+            rate = row and row["created_per_s"]
+            cpu = row and row["server_cpu_percent"]
+            cells += [f"{rate:,.0f}" if rate else "FAILED" if row else "-",
+                      ratio_cell(row and row["ratio_to_ceiling"], "{:.3f}"),
+                      ratio_cell(row and row["ratio_to_1_shard"], "{:.3f}"),
+                      f"{cpu:.0f}%" if cpu is not None else "-"]  # fmt: skip
+        table.append(cells)
+    ceiling = ", ".join(f"{rate:,.0f} at {count}" for count, rate in sweep["ceiling_created_per_s"].items())
+    parameters = sweep["parameters"]
+    workers = parameters["workers"]
+    print(f"\n== shard sweep: {workers} worker{'s' if workers != 1 else ''}, wrk -t1 closed loop, "
+          f"groups = {parameters['groups']}; "
+          f"ceiling in this run (201/s at conns): {ceiling or 'not measured'}")
+    print_table(headers, table)
+    print("  Each case is a fresh engine (Kafka: a fresh topic, one partition per group, on the "
+          "kafka peer's warm stack); ratios are to the ceiling and to the 1-shard case at the "
+          "same connection count, measured in this run.")
+    for failure in sweep["integrity"]["failures"]:
+        print(f"  INTEGRITY FAILURE {failure}: its ratios are INVALID")
+    for engine, cases in sweep["engines"].items():
+        for shards, case in cases.items():
+            for what, error in case["errors"].items():
+                print(f"  FAILED {engine} {shards} shards ({what}): {error.splitlines()[0]}")
+    sys.stdout.flush()
 
 
 def print_report(document: dict) -> None:

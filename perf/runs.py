@@ -231,7 +231,6 @@ def run_peer(h: Harness, name: str, ceiling_rate: float | None) -> dict:
         state = {"rate_bound": min(bound, max(warm_rate, RATE_BOUND_MIN_PER_S))}
         run_scenarios(h, peer, document, bound, state)
     finally:
+        # The kafka peer's stack stays up for its sweep: bench_peers.run_rounds stops it.
         peer.stop()
-        if name == "kafka":
-            h.stop_stack()
     return document

@@ -112,6 +112,7 @@ def closed_max(rate_per_s: float, counted_extra: int = 0) -> dict:
     """A closed_max result whose peer counted ``counted_extra`` votes more than the 201s."""
     created = int(rate_per_s * 10)
     return {"created": created, "created_per_s": rate_per_s, "connections": 64,
+            "connections_tried": {"64": rate_per_s, "256": rate_per_s},
             "statuses": {"201": created}, "latency_us": {"p50": 900.0, "p99": 4000.0},
             "cpu": None, "cpu_us_per_created": None,
             "cross_check": cross_check(created, created + counted_extra, 0)}
@@ -153,7 +154,9 @@ def test_a_clean_run_gets_pass_and_fail_from_its_numbers(capsys) -> None:
     document, verdicts, printed = report_of([one_round()], capsys)
     assert document["integrity"]["ok"] and exit_status(document) == 0
     assert document["ratios"]["embedded/ceiling"] == 0.6
-    assert verdicts["embedded/ceiling"] == "PASS"  # 0.6 >= 0.5
+    assert document["ratios"]["embedded/ceiling at 256 conns"] == 0.6
+    assert verdicts["embedded/ceiling at 64 conns"] == "PASS"  # 0.6 >= 0.45
+    assert verdicts["embedded/ceiling at 256 conns"] == "PASS"  # 0.6 >= 0.55
     assert verdicts["embedded/granian_asyncpg"] == "PASS"  # 6 >= 4
     assert verdicts["embedded/fastapi_pg"] == "FAIL"  # 7.5 < 10
     assert verdicts["embedded open_half p99 ms"] == "PASS"  # 6 ms <= 10 ms
@@ -165,8 +168,8 @@ def test_a_results_mismatch_makes_the_ratios_invalid_and_the_run_fail(capsys, co
     document, verdicts, printed = report_of([one_round(engine_counted_extra=counted_extra)], capsys)
     assert not document["integrity"]["ok"] and exit_status(document) != 0
     assert document["integrity"]["invalid_peers_by_round"] == [["embedded"]]
-    for key in ("embedded/ceiling", "embedded/granian_asyncpg", "embedded/fastapi_pg",
-                "embedded open_half p99 ms"):
+    for key in ("embedded/ceiling at 64 conns", "embedded/ceiling at 256 conns",
+                "embedded/granian_asyncpg", "embedded/fastapi_pg", "embedded open_half p99 ms"):
         assert verdicts[key] == "INVALID", key
     assert document["ratios"]["embedded/ceiling"] == "INVALID"
     assert document["ratios_as_measured"]["embedded/ceiling"] == 0.6  # kept for diagnosis
@@ -183,6 +186,6 @@ def test_a_failed_count_check_in_any_round_invalidates_the_median(capsys) -> Non
     assert exit_status(document) != 0
     assert document["integrity"]["invalid_peers_by_round"] == [[], ["fastapi_pg"], []]
     assert verdicts["embedded/fastapi_pg"] == "INVALID"  # one bad round of three: no median
-    assert verdicts["embedded/ceiling"] == "PASS"  # peers whose counts held keep theirs
+    assert verdicts["embedded/ceiling at 64 conns"] == "PASS"  # peers whose counts held keep theirs
     assert document["ratios_by_round"][0]["embedded/fastapi_pg"] == 7.5
     assert "r2 fastapi_pg repeat_votes" in printed
