@@ -71,7 +71,7 @@ def default_inputs() -> dict[str, Figure]:
         # the core the per-vote figure was measured on.
         "vcpu_share_of_core": Figure(0.65, "core/vCPU", a + ": hyperthread pair = 1.3 cores"),
         "shards": Figure(1024, "shards", "docs/design.md Requirements: S = 1024 in production"),
-        # Fencing groups (docs/design.md "Shards, fencing groups and ownership"): G groups of
+        # Fencing groups (docs/design.md "Fencing groups"): G groups of
         # S/G shards, one owner, one transactional producer and one durable write per group
         # per commit cycle. 128: see docs/capacity.md "Fencing groups" (the sweep below).
         "fencing_groups": Figure(128, "groups", "choice: balance over 42 workers vs writes per cycle"),
