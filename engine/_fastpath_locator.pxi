@@ -1,143 +1,168 @@
-# Included by _fastpath.pyx: the receipt locator. Its pure-Python twin is Locator in
-# engine/fastpath_py.py; tests/unit/test_fastpath_parity.py compares them entry for entry.
+# Included by _fastpath.pyx: the open run of the receipt locator and the sort of a run. Their
+# pure-Python twins are Locator and sort_run in engine/fastpath_py.py;
+# tests/unit/test_fastpath_parity.py compares them entry for entry.
 
-from cpython.memoryview cimport PyMemoryView_FromMemory
-from cpython.buffer cimport PyBUF_READ
-from libc.stdlib cimport calloc, realloc
+from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcpy
 
 cdef enum:
-    # Pages of 4096 entries (32 KiB): a shard's dense voter indexes fill them, and a few
-    # voters with very high ids cost a page each instead of a locator up to their index.
-    LOCATOR_PAGE_BITS = 12
-    LOCATOR_PAGE_ENTRIES = 1 << LOCATOR_PAGE_BITS
-    LOCATOR_PAGE_MASK = LOCATOR_PAGE_ENTRIES - 1
-    # How far ahead the locator fill prefetches: enough misses in flight to hide their latency.
-    LOCATOR_PREFETCH_AHEAD = 16
-
-PAGE_ENTRIES = LOCATOR_PAGE_ENTRIES
-
-cdef extern from *:
-    void __builtin_prefetch(const void* address, int write, int locality) nogil
+    # The open run's arrays grow by half again (at least this many entries) when a group
+    # does not fit: a few reallocations per run, no doubling past what a run needs.
+    LOCATOR_GROWTH_ENTRIES_MIN = 1024
 
 
 cdef class Locator:
-    """The receipt locator of one poll in one shard: voter index -> (log offset of the record
-    that counted the vote) + 1, 0 for none. Entries live in pages allocated zeroed when first
-    written and never freed before the locator, so a page's memory stays where it is
-    (page_view may hand it out while the locator lives). Growing never copies."""
+    """The open run of one poll's receipt locator in one shard: (voter index, value) pairs in
+    the order they were counted, where value is the log offset of the record that counted
+    the vote + 1. A voter is counted once per poll, so a voter appears at most once in the
+    locator as a whole; should it appear twice, the newest entry wins (`get`, `take_sorted`).
 
-    cdef uint64_t** _pages
-    cdef Py_ssize_t _page_slots
-    cdef readonly Py_ssize_t pages  # pages allocated
+    It costs 12 bytes per entry up to its capacity, which grows when a group does not fit and
+    is kept when the run is taken: shards/locator_runs.py takes the run as soon as it holds
+    `locator_run_entries`, sorts it and writes it to a run file."""
+
+    cdef uint32_t* _voters
+    cdef uint64_t* _values
+    cdef Py_ssize_t _capacity
+    cdef readonly Py_ssize_t entries
 
     def __dealloc__(self):
-        cdef Py_ssize_t number
-        if self._pages != NULL:
-            for number in range(self._page_slots):
-                free(self._pages[number])
-            free(self._pages)
+        free(self._voters)
+        free(self._values)
 
-    cdef uint64_t* _page(self, Py_ssize_t number) except NULL:
-        """Page `number`, allocated (zeroed) if it was not yet."""
-        cdef Py_ssize_t slots
-        cdef uint64_t** grown
-        cdef uint64_t* page
-        if number >= self._page_slots:
-            slots = max(number + 1, 2 * self._page_slots, 16)
-            grown = <uint64_t**>realloc(self._pages, slots * sizeof(uint64_t*))
-            if grown == NULL:
-                raise MemoryError()
-            memset(grown + self._page_slots, 0, (slots - self._page_slots) * sizeof(uint64_t*))
-            self._pages = grown
-            self._page_slots = slots
-        page = self._pages[number]
-        if page == NULL:
-            page = <uint64_t*>calloc(LOCATOR_PAGE_ENTRIES, sizeof(uint64_t))
-            if page == NULL:
-                raise MemoryError()
-            self._pages[number] = page
-            self.pages += 1
-        return page
-
-    cdef int _reserve(self, const uint32_t* sorted_voters, Py_ssize_t count) except -1:
-        """Allocate every page these voters (in order) fall in, before anything changes."""
-        cdef Py_ssize_t index, number, last = -1
-        for index in range(count):
-            number = sorted_voters[index] >> LOCATOR_PAGE_BITS
-            if number != last:
-                self._page(number)
-                last = number
+    cdef int _reserve(self, Py_ssize_t count) except -1:
+        """Room for `count` more entries, before anything changes (allocation may fail)."""
+        cdef Py_ssize_t needed = self.entries + count
+        if needed <= self._capacity:
+            return 0
+        cdef Py_ssize_t capacity = max(needed, self._capacity + self._capacity // 2,
+                                       <Py_ssize_t>LOCATOR_GROWTH_ENTRIES_MIN)
+        cdef uint32_t* voters = <uint32_t*>realloc(self._voters, capacity * sizeof(uint32_t))
+        if voters == NULL:
+            raise MemoryError()
+        self._voters = voters
+        cdef uint64_t* values = <uint64_t*>realloc(self._values, capacity * sizeof(uint64_t))
+        if values == NULL:
+            raise MemoryError()
+        self._values = values
+        self._capacity = capacity
         return 0
 
-    cdef void _fill(self, const uint32_t* sorted_voters, Py_ssize_t count,
-                    uint64_t value) noexcept:
-        """Set every voter's entry (pages reserved): in voter order, prefetching ahead. Votes
-        of a batch are spread over the shard, so nearly every entry is its own cache line;
-        the misses overlap instead of coming one after another (apply 55 -> 63M votes/s)."""
-        cdef Py_ssize_t index
-        cdef uint32_t voter, ahead
+    cdef void _fill(self, const uint32_t* voters, Py_ssize_t count, uint64_t value) noexcept:
+        """Append every voter with one value (room reserved)."""
+        cdef Py_ssize_t index, base = self.entries
+        memcpy(self._voters + base, voters, count * sizeof(uint32_t))
         for index in range(count):
-            if index + LOCATOR_PREFETCH_AHEAD < count:
-                ahead = sorted_voters[index + LOCATOR_PREFETCH_AHEAD]
-                __builtin_prefetch(&self._pages[ahead >> LOCATOR_PAGE_BITS][ahead & LOCATOR_PAGE_MASK], 1, 0)
-            voter = sorted_voters[index]
-            self._pages[voter >> LOCATOR_PAGE_BITS][voter & LOCATOR_PAGE_MASK] = value
+            self._values[base + index] = value
+        self.entries = base + count
 
     cdef inline void _set(self, uint32_t voter, uint64_t value) noexcept:
-        """One entry whose page is reserved."""
-        self._pages[voter >> LOCATOR_PAGE_BITS][voter & LOCATOR_PAGE_MASK] = value
+        """Append one entry (room reserved)."""
+        self._voters[self.entries] = voter
+        self._values[self.entries] = value
+        self.entries += 1
 
     def get(self, Py_ssize_t index) -> int:
-        """The entry of voter index `index` (0: none)."""
+        """The newest entry of voter index `index` (0: none): a scan, newest first, of a run
+        bounded by locator_run_entries (~2 us for 4096 entries)."""
         if index < 0:
             raise IndexError("voter index is negative")
-        cdef Py_ssize_t number = index >> LOCATOR_PAGE_BITS
-        if number >= self._page_slots or self._pages[number] == NULL:
+        if index >= 2**32:
             return 0
-        return self._pages[number][index & LOCATOR_PAGE_MASK]
+        cdef uint32_t voter = <uint32_t>index
+        cdef Py_ssize_t position = self.entries - 1
+        while position >= 0:
+            if self._voters[position] == voter:
+                return self._values[position]
+            position -= 1
+        return 0
 
     def set(self, Py_ssize_t index, uint64_t value) -> None:
+        """Append an entry for voter index `index`."""
         if not 0 <= index < 2**32:
             raise IndexError("voter index is outside 0..2**32-1")
-        self._page(index >> LOCATOR_PAGE_BITS)[index & LOCATOR_PAGE_MASK] = value
+        self._reserve(1)
+        self._set(<uint32_t>index, value)
 
-    def page_numbers(self) -> list:
-        """The allocated pages' numbers, ascending."""
-        cdef Py_ssize_t number
-        return [number for number in range(self._page_slots) if self._pages[number] != NULL]
+    def entries_bytes(self) -> tuple:
+        """(voters, values): copies of the entries in the order they were appended, as packed
+        little-endian uint32 and uint64 (what a snapshot carries)."""
+        return (bytes((<char*>self._voters)[:self.entries * sizeof(uint32_t)]),
+                bytes((<char*>self._values)[:self.entries * sizeof(uint64_t)]))
 
-    def page_view(self, Py_ssize_t number):
-        """A read-only memoryview of page `number`'s bytes (little-endian uint64 entries),
-        without a copy. It must not outlive this locator (snapshots encode it at once)."""
-        if not 0 <= number < self._page_slots or self._pages[number] == NULL:
-            raise IndexError(f"page {number} is not allocated")
-        return PyMemoryView_FromMemory(<char*>self._pages[number],
-                                       LOCATOR_PAGE_ENTRIES * sizeof(uint64_t), PyBUF_READ)
+    def take_sorted(self) -> tuple:
+        """(voters, values) sorted by voter, one entry per voter (the newest), and empty the
+        run; its capacity stays allocated for the next run."""
+        voters, values = self.entries_bytes()
+        self.entries = 0
+        return sort_run(voters, values)
 
     @staticmethod
-    def from_pages(pages) -> Locator:
-        """A locator holding the given (page number, page bytes) pairs."""
+    def from_entries(voters_bytes, values_bytes) -> Locator:
+        """A run holding the given entries (packed uint32 voters, uint64 values), in order."""
+        cdef const uint32_t[::1] voters = memoryview(voters_bytes).cast("B").cast("I")
+        cdef const uint64_t[::1] values = memoryview(values_bytes).cast("B").cast("Q")
+        if voters.shape[0] != values.shape[0]:
+            raise ValueError("a run needs one uint64 value per uint32 voter")
         cdef Locator locator = Locator()
-        cdef const unsigned char[::1] data
-        for number, page_bytes in pages:
-            data = page_bytes
-            if data.shape[0] != LOCATOR_PAGE_ENTRIES * sizeof(uint64_t) or not 0 <= number < 2**20:
-                raise ValueError(f"locator page {number!r} is not one whole page")
-            memcpy(locator._page(number), &data[0], data.shape[0])
+        cdef Py_ssize_t count = voters.shape[0]
+        if count:
+            locator._reserve(count)
+            memcpy(locator._voters, &voters[0], count * sizeof(uint32_t))
+            memcpy(locator._values, &values[0], count * sizeof(uint64_t))
+            locator.entries = count
         return locator
-
-    def count_set(self) -> int:
-        """How many entries are not 0."""
-        cdef Py_ssize_t number, index, total = 0
-        cdef uint64_t* page
-        for number in range(self._page_slots):
-            page = self._pages[number]
-            if page != NULL:
-                for index in range(LOCATOR_PAGE_ENTRIES):
-                    if page[index]:
-                        total += 1
-        return total
 
     @property
     def nbytes(self) -> int:
-        return self.pages * LOCATOR_PAGE_ENTRIES * sizeof(uint64_t)
+        """Bytes allocated for the entries (capacity, not only what is used)."""
+        return self._capacity * (sizeof(uint32_t) + sizeof(uint64_t))
+
+
+cdef int _compare_keys(const void* left, const void* right) noexcept nogil:
+    cdef uint64_t a = (<const uint64_t*>left)[0]
+    cdef uint64_t b = (<const uint64_t*>right)[0]
+    return (a > b) - (a < b)
+
+
+def sort_run(voters_bytes, values_bytes) -> tuple:
+    """(voters, values) of packed uint32 voters and uint64 values, sorted by voter, keeping for
+    a voter given more than once its last entry (entries are in the order they were counted,
+    so the last is the newest). The sort runs without the GIL: run files are merged on a
+    thread beside the event loop."""
+    cdef const uint32_t[::1] voters = memoryview(voters_bytes).cast("B").cast("I")
+    cdef const uint64_t[::1] values = memoryview(values_bytes).cast("B").cast("Q")
+    cdef Py_ssize_t count = voters.shape[0]
+    if values.shape[0] != count:
+        raise ValueError("a run needs one uint64 value per uint32 voter")
+    if count >= 2**32:
+        raise ValueError("a run holds fewer than 2**32 entries")
+    sorted_voters = bytearray(count * sizeof(uint32_t))
+    sorted_values = bytearray(count * sizeof(uint64_t))
+    if count == 0:
+        return bytes(sorted_voters), bytes(sorted_values)
+    cdef uint32_t[::1] voters_out = memoryview(sorted_voters).cast("I")
+    cdef uint64_t[::1] values_out = memoryview(sorted_values).cast("Q")
+    # Key = voter in the high half, position in the low: one qsort of uint64 sorts by voter,
+    # then by position, so the newest entry of a voter is the last of its kind.
+    cdef uint64_t* keys = <uint64_t*>malloc(count * sizeof(uint64_t))
+    if keys == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t index, kept = 0
+    cdef uint32_t voter
+    try:
+        with nogil:
+            for index in range(count):
+                keys[index] = (<uint64_t>voters[index] << 32) | <uint64_t>index
+            qsort(keys, count, sizeof(uint64_t), _compare_keys)
+            for index in range(count):
+                voter = <uint32_t>(keys[index] >> 32)
+                if index + 1 < count and <uint32_t>(keys[index + 1] >> 32) == voter:
+                    continue  # a newer entry of this voter follows
+                voters_out[kept] = voter
+                values_out[kept] = values[<Py_ssize_t>(keys[index] & 0xFFFFFFFFu)]
+                kept += 1
+    finally:
+        free(keys)
+    return (bytes(memoryview(sorted_voters)[:kept * sizeof(uint32_t)]),
+            bytes(memoryview(sorted_values)[:kept * sizeof(uint64_t)]))

@@ -46,6 +46,7 @@ from engine.errors import (
 )
 from engine.keys import KeyRing
 from shards.commit import CommitMetrics, GroupCommitter
+from shards.locator_runs import RunWrite
 from shards.pending import (
     AppendInFlight,
     PendingControl,
@@ -544,18 +545,25 @@ class GroupOwner:
         state = self.states[shard]
         state.advance_to(self._wal_offset_next)
         data = freeze(state)
+        locator_writes = state.locator_writes_pending()  # the snapshot relies on these runs
         self._snapshot_votes_applied[shard] = state.votes_applied
         self._snapshot_time_s[shard] = time.monotonic()
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._write_snapshot(shard, data, state.wal_offset_next))
+        task = loop.create_task(self._write_snapshot(shard, data, state.wal_offset_next,
+                                                     locator_writes))
         self._snapshot_tasks[shard] = task
         return task
 
     def snapshot_all(self) -> list[asyncio.Task[None]]:
         return [self.snapshot_now(shard) for shard in self.shards]
 
-    async def _write_snapshot(self, shard: int, data: bytes, wal_offset_next: int) -> None:
+    async def _write_snapshot(self, shard: int, data: bytes, wal_offset_next: int,
+                              locator_writes: Sequence[RunWrite] = ()) -> None:
         try:
+            # Published only once the locator runs it relies on are durable (a failed run
+            # write raises OSError: this snapshot is not published, the previous one stays).
+            for write in locator_writes:
+                await asyncio.wrap_future(write)
             await self.snapshot_stores[shard].save(data, wal_offset_next)
         except OSError as exc:
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)
