@@ -174,6 +174,7 @@ class PollLocator:
                   voters=voters, values=values)
         self._seq_next += 1
         self.open_from = applied_next
+        self._retry_writes()
         self.runs.append(run)
         if self.directory is not None:
             run.writing = _writer.submit(_write_run, self.directory, run.seq, run.offset_first,
@@ -189,11 +190,19 @@ class PollLocator:
         if self.directory is None and self.open_from > 0 and not self.runs:
             raise LogCorrupt(f"the receipt locator relies on runs up to offset {self.open_from} "
                              f"that are not attached")
-        for run in reversed(self.runs):
+        # A voter is in one run at most (or in several with one value, after a recovery), so
+        # any order finds the same answer: runs in RAM first, then the largest, which holds
+        # most voters, so a lookup costs about one pread.
+        for run in sorted(self.runs, key=_lookup_order):
             value = run.get(voter)
             if value:
                 return value
         return 0
+
+    @property
+    def covered_next(self) -> int:
+        """The end of the log range the runs cover (the open run covers what follows)."""
+        return max((run.offset_next for run in self.runs), default=self.open_from)
 
     def writes_pending(self) -> list[RunWrite]:
         """The writes a snapshot taken now must wait for (each raises OSError if it failed)."""
@@ -268,6 +277,7 @@ class PollLocator:
             for run in inputs:
                 if run.path is not None:
                     run.path.unlink(missing_ok=True)
+        self._maybe_merge()
 
     def _retry_writes(self) -> None:
         """Start again the writes that failed (disk full, I/O error)."""
@@ -279,7 +289,6 @@ class PollLocator:
                                              run.offset_first, run.offset_next, *run.read_all())
 
     def _maybe_merge(self) -> None:
-        self._retry_writes()
         if len(self.runs) <= RUNS_MAX or self._merging is not None:
             return
         window = _smallest_window(self.runs, MERGE_FAN_IN, durable=self.directory is not None)
@@ -297,6 +306,10 @@ class PollLocator:
             return
         self._merge_inputs = inputs
         self._merging = _merger.submit(_merge_to_file, self.directory, seq, inputs)
+
+
+def _lookup_order(run: Run) -> tuple[bool, int]:
+    return run.voters is None, -run.entries
 
 
 def _smallest_window(runs: list[Run], width: int, durable: bool) -> int | None:

@@ -112,6 +112,12 @@ async def recover_group(group: int, config: Config, wal: Wal,
                 f"{snapshot_stores[shard].location()} covers the log up to "
                 f"{state.wal_offset_next} but the log ends at {end_offset} "
                 f"({wal.location()}): the log lost acknowledged records")
+        if state.locator_covered_next() > end_offset:
+            # Runs point at records the log no longer has: their receipts would be wrong.
+            raise LogCorrupt(
+                f"the receipt locator runs of shard {shard} cover the log up to "
+                f"{state.locator_covered_next()} but the log ends at {end_offset} "
+                f"({wal.location()}): the log lost acknowledged records")
     # No record at all: a new log. Its end need not be 0 (Kafka's owner markers, which
     # replay skips, come first), so "empty" is judged by the records, not the offset.
     if records_seen == 0 and replay_from == 0:

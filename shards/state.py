@@ -125,6 +125,10 @@ class ShardState:
         self.locator_directory = directory
         self.locator_run_entries = run_entries
 
+    def locator_covered_next(self) -> int:
+        """The furthest log offset a receipt locator run of this shard covers."""
+        return max((poll.locator.covered_next for poll in self.polls.values()), default=0)
+
     def locator_writes_pending(self) -> list[RunWrite]:
         """Run files a snapshot frozen now relies on and that are still being written."""
         return [future for poll in self.polls.values() for future in poll.locator.writes_pending()]
