@@ -6,8 +6,7 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy
 
 cdef enum:
-    # The open run's arrays grow by half again (at least this many entries) when a group
-    # does not fit: a few reallocations per run, no doubling past what a run needs.
+    # The open run's voters grow in steps of this many entries when a group does not fit.
     LOCATOR_GROWTH_ENTRIES_MIN = 1024
 
 
@@ -17,50 +16,88 @@ cdef class Locator:
     the vote + 1. A voter is counted once per poll, so a voter appears at most once in the
     locator as a whole; should it appear twice, the newest entry wins (`get`, `take_sorted`).
 
-    It costs 12 bytes per entry up to its capacity, which grows when a group does not fit and
-    is kept when the run is taken: shards/locator_runs.py takes the run as soon as it holds
-    `locator_run_entries`, sorts it and writes it to a run file."""
+    A group's counted votes share one value (their record's offset), so values are kept per
+    segment of consecutive entries, not per entry: 4 bytes per entry plus 12 per record
+    (~4.1 bytes per entry with a shard's ~128 votes per record, not 12). Capacity grows when
+    a group does not fit and is kept when the run is taken: shards/locator_runs.py takes the
+    run as soon as it holds `locator_run_entries`, sorts it and writes it to a run file."""
 
     cdef uint32_t* _voters
-    cdef uint64_t* _values
     cdef Py_ssize_t _capacity
     cdef readonly Py_ssize_t entries
+    # Segment i holds the entries from _segment_starts[i] up to the next segment's start.
+    cdef uint32_t* _segment_starts
+    cdef uint64_t* _segment_values
+    cdef Py_ssize_t _segment_capacity
+    cdef Py_ssize_t _segments
 
     def __dealloc__(self):
         free(self._voters)
-        free(self._values)
+        free(self._segment_starts)
+        free(self._segment_values)
 
     cdef int _reserve(self, Py_ssize_t count) except -1:
-        """Room for `count` more entries, before anything changes (allocation may fail)."""
+        """Room for `count` more entries and one more segment, before anything changes
+        (allocation may fail)."""
         cdef Py_ssize_t needed = self.entries + count
-        if needed <= self._capacity:
-            return 0
-        cdef Py_ssize_t capacity = max(needed, self._capacity + self._capacity // 2,
-                                       <Py_ssize_t>LOCATOR_GROWTH_ENTRIES_MIN)
-        cdef uint32_t* voters = <uint32_t*>realloc(self._voters, capacity * sizeof(uint32_t))
-        if voters == NULL:
-            raise MemoryError()
-        self._voters = voters
-        cdef uint64_t* values = <uint64_t*>realloc(self._values, capacity * sizeof(uint64_t))
-        if values == NULL:
-            raise MemoryError()
-        self._values = values
-        self._capacity = capacity
+        cdef Py_ssize_t capacity
+        cdef void* grown
+        if needed >= 2**32:
+            raise MemoryError("an open run holds fewer than 2**32 entries")
+        if needed > self._capacity:
+            # Rounded up, not doubled: a run is taken at locator_run_entries, so the capacity
+            # settles just above it instead of up to twice it.
+            capacity = ((needed + LOCATOR_GROWTH_ENTRIES_MIN - 1) // LOCATOR_GROWTH_ENTRIES_MIN
+                        * LOCATOR_GROWTH_ENTRIES_MIN)
+            grown = realloc(self._voters, capacity * sizeof(uint32_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._voters = <uint32_t*>grown
+            self._capacity = capacity
+        if self._segments + 1 > self._segment_capacity:
+            capacity = self._segment_capacity + max(self._segment_capacity // 2, 16)
+            grown = realloc(self._segment_starts, capacity * sizeof(uint32_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._segment_starts = <uint32_t*>grown
+            grown = realloc(self._segment_values, capacity * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._segment_values = <uint64_t*>grown
+            self._segment_capacity = capacity
         return 0
+
+    cdef inline void _open_segment(self, uint64_t value) noexcept:
+        """Entries appended next get `value` (room for a segment reserved)."""
+        if self._segments == 0 or self._segment_values[self._segments - 1] != value:
+            self._segment_starts[self._segments] = <uint32_t>self.entries
+            self._segment_values[self._segments] = value
+            self._segments += 1
 
     cdef void _fill(self, const uint32_t* voters, Py_ssize_t count, uint64_t value) noexcept:
         """Append every voter with one value (room reserved)."""
-        cdef Py_ssize_t index, base = self.entries
-        memcpy(self._voters + base, voters, count * sizeof(uint32_t))
-        for index in range(count):
-            self._values[base + index] = value
-        self.entries = base + count
+        if count == 0:
+            return
+        self._open_segment(value)
+        memcpy(self._voters + self.entries, voters, count * sizeof(uint32_t))
+        self.entries += count
 
     cdef inline void _set(self, uint32_t voter, uint64_t value) noexcept:
-        """Append one entry (room reserved)."""
+        """Append one entry (room reserved: one segment per group's value)."""
+        self._open_segment(value)
         self._voters[self.entries] = voter
-        self._values[self.entries] = value
         self.entries += 1
+
+    cdef uint64_t _value_at(self, Py_ssize_t position) noexcept:
+        """The value of entry `position`: the last segment starting at or before it."""
+        cdef Py_ssize_t low = 0, high = self._segments - 1, middle
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._segment_starts[middle] <= position:
+                low = middle
+            else:
+                high = middle - 1
+        return self._segment_values[low]
 
     def get(self, Py_ssize_t index) -> int:
         """The newest entry of voter index `index` (0: none): a scan, newest first, of a run
@@ -73,7 +110,7 @@ cdef class Locator:
         cdef Py_ssize_t position = self.entries - 1
         while position >= 0:
             if self._voters[position] == voter:
-                return self._values[position]
+                return self._value_at(position)
             position -= 1
         return 0
 
@@ -87,14 +124,24 @@ cdef class Locator:
     def entries_bytes(self) -> tuple:
         """(voters, values): copies of the entries in the order they were appended, as packed
         little-endian uint32 and uint64 (what a snapshot carries)."""
-        return (bytes((<char*>self._voters)[:self.entries * sizeof(uint32_t)]),
-                bytes((<char*>self._values)[:self.entries * sizeof(uint64_t)]))
+        values = bytearray(self.entries * sizeof(uint64_t))
+        cdef uint64_t[::1] values_view
+        cdef Py_ssize_t segment, position, end
+        if self.entries:
+            values_view = memoryview(values).cast("Q")
+            for segment in range(self._segments):
+                end = (self._segment_starts[segment + 1] if segment + 1 < self._segments
+                       else self.entries)
+                for position in range(self._segment_starts[segment], end):
+                    values_view[position] = self._segment_values[segment]
+        return (bytes((<char*>self._voters)[:self.entries * sizeof(uint32_t)]), bytes(values))
 
     def take_sorted(self) -> tuple:
         """(voters, values) sorted by voter, one entry per voter (the newest), and empty the
         run; its capacity stays allocated for the next run."""
         voters, values = self.entries_bytes()
         self.entries = 0
+        self._segments = 0
         return sort_run(voters, values)
 
     @staticmethod
@@ -105,18 +152,17 @@ cdef class Locator:
         if voters.shape[0] != values.shape[0]:
             raise ValueError("a run needs one uint64 value per uint32 voter")
         cdef Locator locator = Locator()
-        cdef Py_ssize_t count = voters.shape[0]
-        if count:
-            locator._reserve(count)
-            memcpy(locator._voters, &voters[0], count * sizeof(uint32_t))
-            memcpy(locator._values, &values[0], count * sizeof(uint64_t))
-            locator.entries = count
+        cdef Py_ssize_t index
+        for index in range(voters.shape[0]):
+            locator._reserve(1)
+            locator._set(voters[index], values[index])
         return locator
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for the entries (capacity, not only what is used)."""
-        return self._capacity * (sizeof(uint32_t) + sizeof(uint64_t))
+        return (self._capacity * sizeof(uint32_t)
+                + self._segment_capacity * (sizeof(uint32_t) + sizeof(uint64_t)))
 
 
 cdef int _compare_keys(const void* left, const void* right) noexcept nogil:
