@@ -5,24 +5,29 @@ entry; that its RAM stays bounded (open run + fences) while the entries sit on d
 thawed snapshot with the runs it relies on, plus a replay of the records after it, answers
 exactly as the live state did; that missing runs make the snapshot unusable (the shard is
 rebuilt from the log) instead of answering "no receipt"; that a damaged run file raises
-LogCorrupt rather than a made-up answer; and that a failed run write keeps the entries in RAM
-and fails the snapshot that would rely on it.
+LogCorrupt rather than a made-up answer; that a failed run write keeps the entries in RAM
+and fails the snapshot that would rely on it; and that the group owner publishes a snapshot
+only once the runs it relies on are durable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
+from engine import signing
 from engine.config import Config
 from engine.errors import LogCorrupt
 from shards import locator_runs
+from shards.group_owner import GroupOwner
 from shards.locator_runs import RUNS_MAX, PollLocator, poll_directory
 from shards.records import Record
 from shards.recovery import attach_locator
-from shards.snapshots import freeze, thaw
+from shards.snapshots import DirectorySnapshotStore, freeze, thaw
 from shards.state import ShardState
 from tests.support.records import poll_created, vote_batch
 
@@ -201,3 +206,31 @@ def test_locator_run_entries_is_checked() -> None:
     with pytest.raises(Exception, match="locator_run_entries"):
         Config(locator_run_entries=10).validate()
     assert locator_runs.RUN_ENTRIES_DEFAULT == Config().locator_run_entries
+
+
+def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, keyring) -> None:
+    """GroupOwner._write_snapshot waits for the run writes frozen with it: while one is in
+    flight the manifest does not name the snapshot; a failed one means no snapshot at all."""
+
+    async def scenario() -> None:
+        config = Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL, groups=2).validate()
+        shards = list(config.shards_of_group(SHARD % 2))
+        stores = {shard: DirectorySnapshotStore(tmp_path / f"snapshots-{shard}", shard, 2)
+                  for shard in shards}
+        owner = GroupOwner(SHARD % 2, config, wal=None, snapshot_stores=stores,  # type: ignore[arg-type]
+                           keyring=keyring, hasher=signing.VoterHasher(keyring.voter_hash_secret))
+        store = stores[SHARD]
+        pending: Future = Future()
+        writing = asyncio.ensure_future(owner._write_snapshot(SHARD, b"state", 700, [pending]))
+        await asyncio.sleep(0.05)
+        assert store.read_manifest().snapshots == []  # the run is not durable yet
+        pending.set_result(None)
+        await asyncio.wait_for(writing, 5)
+        assert [entry.wal_offset_next for entry in store.read_manifest().snapshots] == [700]
+
+        failed: Future = Future()
+        failed.set_exception(OSError("disk full"))
+        await owner._write_snapshot(SHARD, b"newer", 900, [failed])
+        assert [entry.wal_offset_next for entry in store.read_manifest().snapshots] == [700]
+
+    asyncio.run(scenario())
