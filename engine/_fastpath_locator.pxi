@@ -183,12 +183,13 @@ def sort_run(voters_bytes, values_bytes) -> tuple:
         raise ValueError("a run needs one uint64 value per uint32 voter")
     if count >= 2**32:
         raise ValueError("a run holds fewer than 2**32 entries")
-    sorted_voters = bytearray(count * sizeof(uint32_t))
-    sorted_values = bytearray(count * sizeof(uint64_t))
     if count == 0:
-        return bytes(sorted_voters), bytes(sorted_values)
-    cdef uint32_t[::1] voters_out = memoryview(sorted_voters).cast("I")
-    cdef uint64_t[::1] values_out = memoryview(sorted_values).cast("Q")
+        return b"", b""
+    # Filled in place before anyone sees them: merges of large runs make no second copy.
+    sorted_voters = PyBytes_FromStringAndSize(NULL, count * sizeof(uint32_t))
+    sorted_values = PyBytes_FromStringAndSize(NULL, count * sizeof(uint64_t))
+    cdef uint32_t* voters_out = <uint32_t*>PyBytes_AS_STRING(sorted_voters)
+    cdef uint64_t* values_out = <uint64_t*>PyBytes_AS_STRING(sorted_values)
     # Key = voter in the high half, position in the low: one qsort of uint64 sorts by voter,
     # then by position, so the newest entry of a voter is the last of its kind.
     cdef uint64_t* keys = <uint64_t*>malloc(count * sizeof(uint64_t))
@@ -210,5 +211,6 @@ def sort_run(voters_bytes, values_bytes) -> tuple:
                 kept += 1
     finally:
         free(keys)
-    return (bytes(memoryview(sorted_voters)[:kept * sizeof(uint32_t)]),
-            bytes(memoryview(sorted_values)[:kept * sizeof(uint64_t)]))
+    if kept == count:
+        return sorted_voters, sorted_values
+    return sorted_voters[:kept * sizeof(uint32_t)], sorted_values[:kept * sizeof(uint64_t)]

@@ -46,7 +46,7 @@ from engine.errors import (
 )
 from engine.keys import KeyRing
 from shards.commit import CommitMetrics, GroupCommitter
-from shards.locator_runs import RunWrite
+from shards.locator_runs import PollLocator, RunWrite
 from shards.pending import (
     AppendInFlight,
     PendingControl,
@@ -171,6 +171,13 @@ class GroupOwner:
             # Let snapshots being written finish before their stores close (bounded: if one
             # does not, its manifest is not replaced and the previous snapshot stays in use).
             await asyncio.wait(writing, timeout=SNAPSHOT_FINISH_WAIT_S)
+        # Locator run writes and merges in flight finish before another owner may attach the
+        # same runs (bounded: a stuck disk leaves at worst a run file the next owner drops or
+        # keeps as a duplicate of the same values).
+        locators = [poll.locator for state in self.states.values() for poll in state.polls.values()]
+        if locators:
+            idle = asyncio.ensure_future(asyncio.to_thread(_wait_idle, locators))
+            await asyncio.wait([idle], timeout=SNAPSHOT_FINISH_WAIT_S)
         # An S3 store holds a client session; a group handed over must not leak it.
         for store in self.snapshot_stores.values():
             await store.close()
@@ -583,6 +590,11 @@ class GroupOwner:
             if poll is not None:
                 summaries.append((shard, poll.definition, poll.tallies.tolist(), poll.closed))
         return summaries
+
+
+def _wait_idle(locators: Sequence[PollLocator]) -> None:
+    for locator in locators:
+        locator.wait_idle()
 
 
 def snapshot_due(config: Config, votes_at_last: int, votes_now: int, elapsed_s: float) -> bool:

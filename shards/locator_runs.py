@@ -84,8 +84,10 @@ class Run:
     entries: int
     path: Path | None = None  # set once the file is durable
     fences: array.array[int] = field(default_factory=lambda: array.array("I"))
-    voters: array.array[int] | None = None
-    values: array.array[int] | None = None
+    # The sorted entries while the file is not durable: views of the bytes the writer
+    # thread is given, so a run waiting for its file is held once, not twice.
+    voters: memoryview | None = None
+    values: memoryview | None = None
     writing: RunWrite | None = None
 
     def get(self, voter: int) -> int:
@@ -182,7 +184,7 @@ class PollLocator:
                 pass  # _collect logs it; the run stays in RAM
             self._collect()
         voters_bytes, values_bytes = self.open_run.take_sorted()
-        voters, values = array.array("I", voters_bytes), array.array("Q", values_bytes)
+        voters, values = memoryview(voters_bytes).cast("I"), memoryview(values_bytes).cast("Q")
         run = Run(self._seq_next, self.open_from, applied_next, len(voters),
                   voters=voters, values=values)
         self._seq_next += 1
@@ -313,8 +315,8 @@ class PollLocator:
         if self.directory is None:
             voters, values = _merge_entries(inputs)
             merged = Run(seq, inputs[0].offset_first, inputs[-1].offset_next,
-                         len(voters) // 4, voters=array.array("I", voters),
-                         values=array.array("Q", values))
+                         len(voters) // 4, voters=memoryview(voters).cast("I"),
+                         values=memoryview(values).cast("Q"))
             self.runs[window:window + MERGE_FAN_IN] = [merged]
             return
         self._merge_inputs = inputs
@@ -357,7 +359,7 @@ def _merge_to_file(directory: Path, seq: int, runs: list[Run]) -> Run:
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None  # not glibc: nothing to release this way
 
@@ -393,27 +395,29 @@ def _data_start(blocks: int) -> int:
 
 def _write_run(directory: Path, seq: int, offset_first: int, offset_next: int,
                voters_bytes: bytes, values_bytes: bytes) -> tuple[Path, array.array[int]]:
-    """Write a sorted run durably (temporary file, fsync, rename, fsync the directory)."""
+    """Write a sorted run durably (temporary file, fsync, rename, fsync the directory), block
+    by block: a merge's output is not copied whole once more on its way out."""
     voters = memoryview(voters_bytes).cast("I")
     values = memoryview(values_bytes).cast("Q")
     entries = len(voters)
     fences = array.array("I", voters[::RUN_BLOCK_ENTRIES])
     head = _HEADER.pack(_MAGIC, offset_first, offset_next, entries, RUN_BLOCK_ENTRIES) + fences.tobytes()
-    chunks = [head, _CRC.pack(zlib.crc32(head))]
-    for start in range(0, entries, RUN_BLOCK_ENTRIES):
-        block = (bytes(voters[start:start + RUN_BLOCK_ENTRIES].cast("B"))
-                 + bytes(values[start:start + RUN_BLOCK_ENTRIES].cast("B")))
-        chunks += [block, _CRC.pack(zlib.crc32(block))]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / _run_name(seq, offset_first, offset_next)
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as handle:
-        handle.write(b"".join(chunks))
+        handle.write(head)
+        handle.write(_CRC.pack(zlib.crc32(head)))
+        for start in range(0, entries, RUN_BLOCK_ENTRIES):
+            block_voters = voters[start:start + RUN_BLOCK_ENTRIES].cast("B")
+            block_values = values[start:start + RUN_BLOCK_ENTRIES].cast("B")
+            handle.write(block_voters)
+            handle.write(block_values)
+            handle.write(_CRC.pack(zlib.crc32(block_values, zlib.crc32(block_voters))))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     fsync_directory(directory)
-    del chunks
     _release_free_heap()
     return path, fences
 
@@ -436,11 +440,22 @@ def _read_block(path: Path, entries: int, blocks: int, block: int) -> tuple[arra
 
 
 def _read_all(path: Path, entries: int, blocks: int) -> tuple[bytes, bytes]:
+    """Every entry of a run file, each block's checksum checked (merges read runs whole)."""
+    try:
+        data = memoryview(path.read_bytes())
+    except OSError as exc:
+        raise LogCorrupt(f"locator run {path} unreadable: {exc}") from exc
     voters, values = [], []
+    position = _data_start(blocks)
     for block in range(blocks):
-        block_voters, block_values = _read_block(path, entries, blocks, block)
-        voters.append(block_voters.tobytes())
-        values.append(block_values.tobytes())
+        count = min(RUN_BLOCK_ENTRIES, entries - block * RUN_BLOCK_ENTRIES)
+        body = data[position:position + 12 * count]
+        crc = data[position + 12 * count:position + 12 * count + _CRC.size]
+        if len(body) != 12 * count or len(crc) != _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(body):
+            raise LogCorrupt(f"locator run {path}: block {block} fails its checksum")
+        voters.append(body[:4 * count])
+        values.append(body[4 * count:])
+        position += 12 * count + _CRC.size
     return b"".join(voters), b"".join(values)
 
 
