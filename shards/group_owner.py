@@ -264,8 +264,11 @@ class GroupOwner:
 
     async def _receipt_for(self, state: ShardState, poll: PollState,
                            voter_index: int) -> signing.ReceiptDocument | None:
-        offset = state.record_of_voter(poll, voter_index)
+        offset = state.record_of_voter(poll, voter_index)  # LogCorrupt if its runs are damaged
         if offset is None:
+            log.error("shard %d: voter index %d voted in %s but the receipt locator has no "
+                      "record for it; answering 409 without the receipt", state.shard,
+                      voter_index, poll.definition.poll)
             return None
         signed = self._signed_batches.get(offset)
         if signed is None:

@@ -234,3 +234,66 @@ def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, 
         assert [entry.wal_offset_next for entry in store.read_manifest().snapshots] == [700]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("runs_kept", [True, False], ids=["runs-kept", "runs-lost"])
+def test_repeats_get_their_original_receipt_after_a_restart_from_snapshot_and_runs(
+        tmp_path: Path, keyring, caplog: pytest.LogCaptureFixture, runs_kept: bool) -> None:
+    """End to end on the embedded log: votes sealed into run files, a snapshot in the middle,
+    more votes after it; a new owner recovers (snapshot + runs + replay, or, with the runs
+    lost, the log from its start) and every repeat answers 409 with exactly the 201 body its
+    voter got the first time."""
+    import json
+    import shutil
+
+    from engine.errors import AlreadyVoted
+    from shards.segment_log import SegmentLog
+    from shards.wal import EmbeddedWal
+
+    config = Config(data_dir=str(tmp_path), shards=1, groups=1, group_commit_ms=1.0,
+                    locator_run_entries=RUN_ENTRIES).validate()
+    voters = random.Random(SEED + 5).sample(range(200_000), 6000)
+    print(f"seed {SEED + 5}")
+
+    def new_owner() -> GroupOwner:
+        wal = EmbeddedWal(SegmentLog(tmp_path / "wal", config.segment_bytes_max))
+        stores = {0: DirectorySnapshotStore(tmp_path / "snapshots", 0, 2)}
+        return GroupOwner(0, config, wal, stores, keyring,
+                          signing.VoterHasher(keyring.voter_hash_secret))
+
+    async def cast(owner: GroupOwner, chosen: list[int]) -> dict[int, dict]:
+        bodies = {}
+        for start in range(0, len(chosen), 500):
+            part = chosen[start:start + 500]
+            answers = await asyncio.gather(*(owner.submit_vote("song", voter, "a") for voter in part))
+            bodies.update({voter: json.loads(body) for voter, body in zip(part, answers, strict=True)})
+        return bodies
+
+    async def scenario() -> None:
+        owner = new_owner()
+        await owner.start()
+        try:
+            assert await owner.create_poll(poll_created("song", ["a", "b"]))
+            first = await cast(owner, voters[:3000])
+            await asyncio.gather(*owner.snapshot_all())
+            first.update(await cast(owner, voters[3000:]))
+            assert len(owner.states[0].polls["song"].locator.runs) >= 2
+        finally:
+            await owner.stop()
+        if not runs_kept:
+            shutil.rmtree(tmp_path / "shards" / "shard-0000" / "locator")
+        restarted = new_owner()
+        with caplog.at_level("WARNING", logger="votes.recovery"):
+            await restarted.start()
+        rebuilt = any("rebuilding the shard from the log" in record.message
+                      for record in caplog.records)
+        assert rebuilt is not runs_kept  # the snapshot was used exactly when its runs were there
+        try:
+            for voter in voters[::20] + [voters[0], voters[2999], voters[-1]]:
+                with pytest.raises(AlreadyVoted) as repeat:
+                    await restarted.submit_vote("song", voter, "b")
+                assert repeat.value.extra["receipt"] == first[voter], voter
+        finally:
+            await restarted.stop()
+
+    asyncio.run(scenario())
