@@ -133,7 +133,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--voters", type=int, default=10_000_000)
     parser.add_argument("--turnout", type=float, default=0.5)
@@ -148,83 +148,106 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if MULTIPLIER % arguments.voters == 0 or arguments.voters > MULTIPLIER:
         raise SystemExit("--voters must be below and coprime with the multiplier")
-    config = Config(locator_run_entries=arguments.run_entries).validate()
-    votes = int(arguments.voters * arguments.turnout)
+    return arguments
+
+
+def new_shards(config: Config, data_path: Path) -> tuple[list[ShardState], SegmentLog]:
+    """The layout's shards with the poll created, their locator runs under data_path, and the
+    group's log (its first record before the measured votes)."""
+    created = PollCreated(poll=POLL, options=["odd", "even"], opens_at_ms=None,
+                          closes_at_ms=None, embargo=False, created_ms=0)
+    states = []
+    for shard in range(config.shards):
+        state = ShardState(shard, config.shards, config.locator_run_entries)
+        state.attach_locator_fresh(shard_directory(data_path, shard) / "locator",
+                                   config.locator_run_entries)
+        state.apply(0, 1, created)
+        states.append(state)
+    log = SegmentLog(data_path / "wal", config.segment_bytes_max)
+    log.try_lock()
+    log.recover()
+    log.append(frame_record(created))
+    return states, log
+
+
+def measure(arguments: argparse.Namespace, config: Config) -> dict:
+    voters = arguments.voters
+    votes = int(voters * arguments.turnout)
     with tempfile.TemporaryDirectory(dir=arguments.data_dir) as directory:
         data_path = Path(directory)
-        states = []
-        for shard in range(config.shards):
-            state = ShardState(shard, config.shards, config.locator_run_entries)
-            state.attach_locator_fresh(shard_directory(data_path, shard) / "locator",
-                                       config.locator_run_entries)
-            state.apply(0, 1, PollCreated(poll=POLL, options=["odd", "even"], opens_at_ms=None,
-                                          closes_at_ms=None, embargo=False, created_ms=0))
-            states.append(state)
-        log = SegmentLog(data_path / "wal", config.segment_bytes_max)
-        log.try_lock()
-        log.recover()
-        log.append(b"".join([frame_record(PollCreated(poll="pad", options=["x"], opens_at_ms=None,
-                                                      closes_at_ms=None, embargo=False,
-                                                      created_ms=0))]))
+        states, log = new_shards(config, data_path)
         rss_before = rss_bytes()
-        apply_s = apply_votes(states, log, arguments.voters, votes, arguments.cycle_votes)
+        apply_s = apply_votes(states, log, voters, votes, arguments.cycle_votes)
         rss_after = rss_bytes()
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak_bits = 8 * (peak_rss - rss_before) / arguments.voters
-        growth_bits = 8 * (rss_after - rss_before) / arguments.voters
-        bitmap_bits = 8 * sum(len(state.polls[POLL].voters.serialize()) for state in states) / arguments.voters
-        locator_bits = 8 * sum(state.polls[POLL].locator.nbytes_ram for state in states) / arguments.voters
-        runs = [len(state.polls[POLL].locator.runs) for state in states]
-        run_files_bytes = sum(path.stat().st_size for path in data_path.glob("shards/*/locator/*/run-*.bin"))
-        counted = sum(len(state.polls[POLL].voters) for state in states)
+        polls = [state.polls[POLL] for state in states]
+        counted = sum(len(poll.voters) for poll in polls)
         if counted != votes:
             raise SystemExit(f"{counted} votes counted of {votes} applied")
-
-        wal = EmbeddedWal(log)
-        latencies_ms = asyncio.run(lookup_latencies(states, wal, arguments.voters, votes,
-                                                    arguments.lookup_rate, arguments.lookup_s,
-                                                    arguments.seed))
+        results = {
+            "votes": votes, "apply_s": apply_s, "rss_before_bytes": rss_before,
+            "rss_after_bytes": rss_after, "peak_rss_bytes": peak_rss,
+            "growth_bits_per_voter": 8 * (rss_after - rss_before) / voters,
+            "peak_growth_bits_per_voter": 8 * (peak_rss - rss_before) / voters,
+            "bitmap_bits_per_voter": 8 * sum(len(poll.voters.serialize()) for poll in polls) / voters,
+            "locator_bits_per_voter": 8 * sum(poll.locator.nbytes_ram for poll in polls) / voters,
+            "paged_locator_bits_per_voter": PAGED_LOCATOR_BITS_PER_VOTER,
+            "run_files_bytes": sum(path.stat().st_size
+                                   for path in data_path.glob("shards/*/locator/*/run-*.bin")),
+            "runs_per_shard": [min(len(poll.locator.runs) for poll in polls),
+                               max(len(poll.locator.runs) for poll in polls)],
+        }
+        latencies_ms = asyncio.run(lookup_latencies(
+            states, EmbeddedWal(log), voters, votes, arguments.lookup_rate, arguments.lookup_s,
+            arguments.seed))
         log.close()
+    results.update(lookups=len(latencies_ms), lookup_p50_ms=percentile(latencies_ms, 0.5),
+                   lookup_p99_ms=percentile(latencies_ms, 0.99), lookup_max_ms=max(latencies_ms),
+                   lookup_mean_ms=statistics.fmean(latencies_ms))
+    results["memory_pass"] = results["growth_bits_per_voter"] <= BITS_PER_VOTER_TARGET
+    results["lookup_pass"] = results["lookup_p99_ms"] <= LOOKUP_P99_MS_TARGET
+    return results
 
-    memory_pass = growth_bits <= BITS_PER_VOTER_TARGET
-    p50_ms, p99_ms = percentile(latencies_ms, 0.5), percentile(latencies_ms, 0.99)
-    lookup_pass = p99_ms <= LOOKUP_P99_MS_TARGET
-    parameters = {"voters": arguments.voters, "turnout": arguments.turnout, "votes": votes,
+
+def report(results: dict, arguments: argparse.Namespace, config: Config) -> None:
+    r = results
+    votes = r["votes"]
+    other_bits = r["growth_bits_per_voter"] - r["bitmap_bits_per_voter"] - r["locator_bits_per_voter"]
+    print(f"applied {votes:,} votes to {config.shards} shards in {r['apply_s']:.1f} s "
+          f"({votes / r['apply_s']:,.0f} votes/s incl. log appends and run writes)")
+    print(f"RSS {r['rss_before_bytes'] / 2**20:.1f} -> {r['rss_after_bytes'] / 2**20:.1f} MiB; "
+          f"the highest RSS while applying, {r['peak_rss_bytes'] / 2**20:.1f} MiB, is "
+          f"{r['peak_growth_bits_per_voter']:.2f} bits per eligible voter above the start "
+          f"(transient: runs waiting for their file, merges)")
+    print(f"per eligible voter: {r['growth_bits_per_voter']:.2f} bits of RSS growth = bitmap "
+          f"{r['bitmap_bits_per_voter']:.2f} + locator in RAM {r['locator_bits_per_voter']:.2f} "
+          f"+ other {other_bits:.2f}  (target <= {BITS_PER_VOTER_TARGET:g}): "
+          f"{'PASS' if r['memory_pass'] else 'FAIL'}")
+    print(f"  the paged locator it replaces: {PAGED_LOCATOR_BITS_PER_VOTER:g} bits per eligible "
+          f"voter for the locator alone; run files on disk: {r['run_files_bytes'] / 2**20:.1f} "
+          f"MiB ({8 * r['run_files_bytes'] / votes:.1f} bits per counted vote), runs per shard "
+          f"{r['runs_per_shard'][0]}..{r['runs_per_shard'][1]}")
+    print(f"receipt lookups: {r['lookups']} at {arguments.lookup_rate:g}/s, p50 "
+          f"{r['lookup_p50_ms']:.3f} ms, p99 {r['lookup_p99_ms']:.3f} ms, max "
+          f"{r['lookup_max_ms']:.3f} ms, mean {r['lookup_mean_ms']:.3f} ms (target p99 <= "
+          f"{LOOKUP_P99_MS_TARGET:g} ms): {'PASS' if r['lookup_pass'] else 'FAIL'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    config = Config(locator_run_entries=arguments.run_entries).validate()
+    parameters = {"voters": arguments.voters, "turnout": arguments.turnout,
                   "shards": config.shards, "cycle_votes": arguments.cycle_votes,
                   "locator_run_entries": config.locator_run_entries,
                   "lookup_rate_per_s": arguments.lookup_rate, "lookup_s": arguments.lookup_s,
                   "seed": arguments.seed}
     conditions = describe_machine()
     print_conditions(conditions, parameters)
-    print(f"applied {votes:,} votes to {config.shards} shards in {apply_s:.1f} s "
-          f"({votes / apply_s:,.0f} votes/s incl. log appends and run writes)")
-    print(f"RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB; the highest RSS "
-          f"while applying, {peak_rss / 2**20:.1f} MiB, is {peak_bits:.2f} bits per eligible "
-          f"voter above the start (transient: runs waiting for their file, merges)")
-    print(f"per eligible voter: {growth_bits:.2f} bits of RSS growth = bitmap {bitmap_bits:.2f} "
-          f"+ locator in RAM {locator_bits:.2f} + other {growth_bits - bitmap_bits - locator_bits:.2f}"
-          f"  (target <= {BITS_PER_VOTER_TARGET:g}): {'PASS' if memory_pass else 'FAIL'}")
-    print(f"  the paged locator it replaces: {PAGED_LOCATOR_BITS_PER_VOTER:g} bits per eligible "
-          f"voter for the locator alone; run files on disk: {run_files_bytes / 2**20:.1f} MiB "
-          f"({8 * run_files_bytes / votes:.1f} bits per counted vote), runs per shard "
-          f"{min(runs)}..{max(runs)}")
-    print(f"receipt lookups: {len(latencies_ms)} at {arguments.lookup_rate:g}/s, p50 "
-          f"{p50_ms:.3f} ms, p99 {p99_ms:.3f} ms, max {max(latencies_ms):.3f} ms, mean "
-          f"{statistics.fmean(latencies_ms):.3f} ms (target p99 <= {LOOKUP_P99_MS_TARGET:g} ms): "
-          f"{'PASS' if lookup_pass else 'FAIL'}")
-    write_json(RESULTS_DIR / "memory.json", {
-        "conditions": conditions, "parameters": parameters,
-        "results": {"apply_s": apply_s, "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
-                    "growth_bits_per_voter": growth_bits, "peak_rss_bytes": peak_rss,
-                    "peak_growth_bits_per_voter": peak_bits, "bitmap_bits_per_voter": bitmap_bits,
-                    "locator_bits_per_voter": locator_bits,
-                    "paged_locator_bits_per_voter": PAGED_LOCATOR_BITS_PER_VOTER,
-                    "run_files_bytes": run_files_bytes, "runs_per_shard_max": max(runs),
-                    "lookup_p50_ms": p50_ms, "lookup_p99_ms": p99_ms,
-                    "lookup_max_ms": max(latencies_ms),
-                    "memory_pass": memory_pass, "lookup_pass": lookup_pass},
-    })
-    return 0 if memory_pass and lookup_pass else 1
+    results = measure(arguments, config)
+    report(results, arguments, config)
+    write_json(RESULTS_DIR / "memory.json",
+               {"conditions": conditions, "parameters": parameters, "results": results})
+    return 0 if results["memory_pass"] and results["lookup_pass"] else 1
 
 
 if __name__ == "__main__":

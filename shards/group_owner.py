@@ -46,7 +46,7 @@ from engine.errors import (
 )
 from engine.keys import KeyRing
 from shards.commit import CommitMetrics, GroupCommitter
-from shards.locator_runs import PollLocator, RunWrite
+from shards.locator_runs import RunWrite, runs_durable, wait_idle
 from shards.pending import (
     AppendInFlight,
     PendingControl,
@@ -171,13 +171,9 @@ class GroupOwner:
             # Let snapshots being written finish before their stores close (bounded: if one
             # does not, its manifest is not replaced and the previous snapshot stays in use).
             await asyncio.wait(writing, timeout=SNAPSHOT_FINISH_WAIT_S)
-        # Locator run writes and merges in flight finish before another owner may attach the
-        # same runs (bounded: a stuck disk leaves at worst a run file the next owner drops or
-        # keeps as a duplicate of the same values).
-        locators = [poll.locator for state in self.states.values() for poll in state.polls.values()]
-        if locators:
-            idle = asyncio.ensure_future(asyncio.to_thread(_wait_idle, locators))
-            await asyncio.wait([idle], timeout=SNAPSHOT_FINISH_WAIT_S)
+        # Run writes and merges end before another owner may attach the same runs (bounded).
+        await wait_idle([poll.locator for state in self.states.values()
+                         for poll in state.polls.values()], SNAPSHOT_FINISH_WAIT_S)
         # An S3 store holds a client session; a group handed over must not leak it.
         for store in self.snapshot_stores.values():
             await store.close()
@@ -266,9 +262,8 @@ class GroupOwner:
                            voter_index: int) -> signing.ReceiptDocument | None:
         offset = state.record_of_voter(poll, voter_index)  # LogCorrupt if its runs are damaged
         if offset is None:
-            log.error("shard %d: voter index %d voted in %s but the receipt locator has no "
-                      "record for it; answering 409 without the receipt", state.shard,
-                      voter_index, poll.definition.poll)
+            log.error("shard %d: voter index %d of %s has no locator entry; 409 without "
+                      "its receipt", state.shard, voter_index, poll.definition.poll)
             return None
         signed = self._signed_batches.get(offset)
         if signed is None:
@@ -554,8 +549,7 @@ class GroupOwner:
         the loop. It covers the group's log up to what the group applied."""
         state = self.states[shard]
         state.advance_to(self._wal_offset_next)
-        data = freeze(state)
-        locator_writes = state.locator_writes_pending()  # the snapshot relies on these runs
+        data, locator_writes = freeze(state), state.locator_writes_pending()  # runs it needs
         self._snapshot_votes_applied[shard] = state.votes_applied
         self._snapshot_time_s[shard] = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -570,10 +564,7 @@ class GroupOwner:
     async def _write_snapshot(self, shard: int, data: bytes, wal_offset_next: int,
                               locator_writes: Sequence[RunWrite] = ()) -> None:
         try:
-            # Published only once the locator runs it relies on are durable (a failed run
-            # write raises OSError: this snapshot is not published, the previous one stays).
-            for write in locator_writes:
-                await asyncio.wrap_future(write)
+            await runs_durable(locator_writes)  # OSError if one failed: not published
             await self.snapshot_stores[shard].save(data, wal_offset_next)
         except OSError as exc:
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)
@@ -593,11 +584,6 @@ class GroupOwner:
             if poll is not None:
                 summaries.append((shard, poll.definition, poll.tallies.tolist(), poll.closed))
         return summaries
-
-
-def _wait_idle(locators: Sequence[PollLocator]) -> None:
-    for locator in locators:
-        locator.wait_idle()
 
 
 def snapshot_due(config: Config, votes_at_last: int, votes_now: int, elapsed_s: float) -> bool:

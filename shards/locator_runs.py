@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import array
+import asyncio
 import ctypes
 import hashlib
 import logging
@@ -33,7 +34,7 @@ import os
 import struct
 import zlib
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,6 +322,24 @@ class PollLocator:
             return
         self._merge_inputs = inputs
         self._merging = _merger.submit(_merge_to_file, self.directory, seq, inputs)
+
+
+async def runs_durable(writes: Sequence[RunWrite]) -> None:
+    """Wait for run writes a snapshot relies on: it is published only once they are durable
+    (a failed write raises its OSError, and that snapshot is not published)."""
+    for write in writes:
+        await asyncio.wrap_future(write)
+
+
+async def wait_idle(locators: list[PollLocator], timeout_s: float) -> None:
+    """Wait, off the loop and at most `timeout_s`, until these locators write and merge no
+    more (a group handed over: the next owner attaches the same runs)."""
+    def wait_all() -> None:
+        for locator in locators:
+            locator.wait_idle()
+
+    if locators:
+        await asyncio.wait([asyncio.ensure_future(asyncio.to_thread(wait_all))], timeout=timeout_s)
 
 
 def _lookup_order(run: Run) -> tuple[bool, int]:
