@@ -250,7 +250,8 @@ class PollLocator:
             for run in self.runs)
 
     def wait_idle(self) -> None:
-        """Block until no write or merge of this poll is in flight (tests and benchmarks)."""
+        """Block until no write or merge of this poll is in flight (an owner handing its
+        group over, tests, benchmarks); a write that failed is not retried here."""
         while True:
             self._collect()
             waiting = [run.writing for run in self.runs if run.writing is not None]
