@@ -9,6 +9,11 @@ process (beyond: 503 `overloaded`), at most one event per EVENT_INTERVAL_S per s
 (changes in between are folded into the next event), polls watched at most WATCHES_MAX.
 A subscriber re-reads the snapshot at every keep-alive too, so a lost notification delays
 an event by at most KEEPALIVE_S.
+
+Reads are single-flight per poll: the subscribers woken by one change share one Redis read
+(without it, thousands of woken streams each opened a pipeline and exhausted the client's
+connection pool, MaxConnectionsError). A read started before a change never serves the
+subscribers woken by it: `notify` drops it, and its snapshot is not cached.
 """
 
 from __future__ import annotations
@@ -46,9 +51,13 @@ class PollWatch:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
         self.changed = asyncio.Event()
+        self.reading: asyncio.Future[Snapshot] | None = None  # the read in flight, shared
+        self.generation = 0  # raised by every change: a read of an older one is stale
 
     def notify(self) -> None:
         self.snapshot = None
+        self.reading = None
+        self.generation += 1
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -106,6 +115,25 @@ class ResultsHub:
         cached = watch.snapshot
         if cached is not None and time.monotonic() - cached.read_at < SNAPSHOT_FRESH_S:
             return cached
+        reading = watch.reading
+        if reading is None:
+            reading = watch.reading = asyncio.ensure_future(
+                self._read(poll, watch, watch.generation))
+            reading.add_done_callback(_retrieve)
+        # shield: one subscriber leaving must not cancel the read the others wait for
+        return await asyncio.shield(reading)
+
+    async def _read(self, poll: str, watch: PollWatch, generation: int) -> Snapshot:
+        try:
+            snapshot = await self._read_redis(poll)
+        finally:
+            if watch.generation == generation:
+                watch.reading = None
+        if watch.generation == generation:
+            watch.snapshot = snapshot
+        return snapshot
+
+    async def _read_redis(self, poll: str) -> Snapshot:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(definition_key(poll))
             pipe.get(version_key(poll))
@@ -118,10 +146,8 @@ class ResultsHub:
         document = results_document(poll, parse_definition(raw_definition), state,
                                     int(raw_version or 0))
         event_id = f"{document['version']}{'f' if document['final'] else ''}"
-        snapshot = Snapshot(document, json.dumps(document, separators=(",", ":")).encode(),
-                            event_id, time.monotonic())
-        watch.snapshot = snapshot
-        return snapshot
+        return Snapshot(document, json.dumps(document, separators=(",", ":")).encode(),
+                        event_id, time.monotonic())
 
     def admit(self) -> None:
         if self.subscribers >= self.subscribers_max:
@@ -131,6 +157,13 @@ class ResultsHub:
 
     def leave(self) -> None:
         self.subscribers -= 1
+
+
+def _retrieve(reading: asyncio.Future[Snapshot]) -> None:
+    """Fetch a shared read's outcome, so a failed read whose waiters all left is not logged
+    as an exception never retrieved (its waiters got it already)."""
+    if not reading.cancelled():
+        reading.exception()
 
 
 def sse_event(snapshot: Snapshot) -> bytes:
