@@ -7,8 +7,10 @@ replaced on every change, so a change costs one Redis read per process and one w
 subscriber, whatever the number of subscribers. Bounds: `subscribers_max` streams per
 process (beyond: 503 `overloaded`), at most one event per EVENT_INTERVAL_S per subscriber
 (changes in between are folded into the next event), polls watched at most WATCHES_MAX.
-A subscriber re-reads the snapshot at every keep-alive too, so a lost notification delays
-an event by at most KEEPALIVE_S.
+Every KEEPALIVE_TICK_S the hub wakes every stream (one timer per process, not one per
+subscriber per wait: those timers were a third of the process's CPU at 5,000 subscribers);
+a woken stream re-reads the snapshot, so a lost notification delays an event by at most
+KEEPALIVE_TICK_S, and sends a keep-alive comment after KEEPALIVE_S of silence.
 
 Reads are single-flight per poll: the subscribers woken by one change share one Redis read
 (without it, thousands of woken streams each opened a pipeline and exhausted the client's
@@ -33,7 +35,8 @@ from engine.results_view import parse_definition, results_document
 log = logging.getLogger("votes.results")
 
 EVENT_INTERVAL_S = 0.1  # at most ~10 events per second per subscriber
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 10.0  # a comment once a stream has sent nothing for this long...
+KEEPALIVE_TICK_S = 5.0  # ...checked when the hub wakes every stream: silence <= 15 s
 WATCHES_MAX = 1024
 SNAPSHOT_FRESH_S = 0.05  # a request within this of the last read reuses it
 CHANNEL_PATTERN = KEY_PREFIX + "{*}:changed"
@@ -47,17 +50,44 @@ class Snapshot(NamedTuple):
     read_at: float
 
 
+class SharedRead:
+    """One read awaited by many subscribers. They wait on an Event, not on the task itself:
+    a subscriber leaving cancels only its own wait, never the read (asyncio.shield would do
+    the same with two futures and two callbacks per waiter; this is one future)."""
+
+    def __init__(self, read: Awaitable[Snapshot]) -> None:
+        self.finished = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run(read))
+        # Waiters that left never fetch a failure: fetch it here, or asyncio logs it.
+        self.task.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def _run(self, read: Awaitable[Snapshot]) -> Snapshot:
+        try:
+            return await read
+        finally:
+            self.finished.set()
+
+    async def result(self) -> Snapshot:
+        await self.finished.wait()
+        return self.task.result()
+
+
 class PollWatch:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
         self.changed = asyncio.Event()
-        self.reading: asyncio.Future[Snapshot] | None = None  # the read in flight, shared
+        self.reading: SharedRead | None = None  # the read in flight, shared
         self.generation = 0  # raised by every change: a read of an older one is stale
 
     def notify(self) -> None:
         self.snapshot = None
         self.reading = None
         self.generation += 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every stream of this poll (they re-read a snapshot older than
+        SNAPSHOT_FRESH_S, and send a keep-alive if due)."""
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -68,15 +98,22 @@ class ResultsHub:
         self.subscribers_max = subscribers_max
         self.subscribers = 0
         self.watches: dict[str, PollWatch] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._listener = loop.create_task(self._listen(), name="results-listener")
+        self._tasks = [loop.create_task(self._listen(), name="results-listener"),
+                       loop.create_task(self._tick(), name="results-keepalive")]
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.redis.aclose()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_TICK_S)
+            for watch in list(self.watches.values()):
+                watch.wake()
 
     async def _listen(self) -> None:
         while True:
@@ -117,11 +154,8 @@ class ResultsHub:
             return cached
         reading = watch.reading
         if reading is None:
-            reading = watch.reading = asyncio.ensure_future(
-                self._read(poll, watch, watch.generation))
-            reading.add_done_callback(_retrieve)
-        # shield: one subscriber leaving must not cancel the read the others wait for
-        return await asyncio.shield(reading)
+            reading = watch.reading = SharedRead(self._read(poll, watch, watch.generation))
+        return await reading.result()
 
     async def _read(self, poll: str, watch: PollWatch, generation: int) -> Snapshot:
         try:
@@ -159,13 +193,6 @@ class ResultsHub:
         self.subscribers -= 1
 
 
-def _retrieve(reading: asyncio.Future[Snapshot]) -> None:
-    """Fetch a shared read's outcome, so a failed read whose waiters all left is not logged
-    as an exception never retrieved (its waiters got it already)."""
-    if not reading.cancelled():
-        reading.exception()
-
-
 def sse_event(snapshot: Snapshot) -> bytes:
     return b"id: " + snapshot.event_id.encode() + b"\nevent: results\ndata: " + \
         snapshot.body + b"\n\n"
@@ -179,9 +206,11 @@ async def stream_results(read: Callable[[], Awaitable[Snapshot]],
                          send: Callable[[bytes], Awaitable[None]],
                          last_event_id: str | None) -> None:
     """Send an event whenever the snapshot's id changes (at most every EVENT_INTERVAL_S),
-    a comment every KEEPALIVE_S otherwise, and stop after the final event. The caller
-    cancels it when the client goes away. With `last_event_id` equal to the current id
-    (a resuming client that saw it), nothing is sent until the next change."""
+    a comment once nothing was sent for KEEPALIVE_S, and stop after the final event. The
+    caller cancels it when the client goes away. With `last_event_id` equal to the current
+    id (a resuming client that saw it), nothing is sent until the next change. The event
+    `changed()` returns must be set within KEEPALIVE_TICK_S (ResultsHub's tick; the ingest
+    role's timer): no timer is armed here, one per subscriber per wait was the cost."""
     sent_id = last_event_id
     sent_at = 0.0
     while True:
@@ -192,10 +221,7 @@ async def stream_results(read: Callable[[], Awaitable[Snapshot]],
             sent_id, sent_at = snapshot.event_id, time.monotonic()
         if snapshot.document["final"]:
             return
-        try:
-            await asyncio.wait_for(event.wait(), KEEPALIVE_S)
-        except TimeoutError:
-            pass
+        await event.wait()
         if time.monotonic() - sent_at >= KEEPALIVE_S:
             await send(KEEPALIVE_BYTES)
             sent_at = time.monotonic()

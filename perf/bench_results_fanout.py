@@ -51,7 +51,8 @@ DELAY_TARGET_MS = 250.0
 FDS_RESERVED = 200  # the results process's own files, Redis and listening sockets
 CONNECTS_IN_FLIGHT_MAX = 256
 CONNECT_WAIT_S = 120.0  # for every stream of a step to show its first event
-SETTLE_WAIT_S = 5.0  # after the last update, for every stream to show it
+DELIVERY_TAIL_S = 0.5  # after the last update, still inside the CPU window
+SETTLE_WAIT_S = 4.5  # then, for every stream to show the last update
 CLIENT_ANSWER_WAIT_S = 180.0
 READ_TAIL_BYTES_MAX = 4096  # a partial event kept between reads, bounded
 TOTAL_MARKER = b'"total":'
@@ -269,8 +270,9 @@ def run_step(run_dir: Path, redis: ServerProcess, redis_url: str, requested: int
         sampler = CpuSampler({"results": results.pid, "clients": client_pids,
                               "redis": redis.pid}).start()
         published = asyncio.run(run_updates(redis_url, args.updates, args.update_rate))
+        time.sleep(DELIVERY_TAIL_S)
+        usage = sampler.stop()  # CPU over the updates, not the idle settle after them
         time.sleep(SETTLE_WAIT_S)
-        usage = sampler.stop()
         for client in clients:
             client.send({"published": published})
         outcomes = [client.receive() for client in clients]
