@@ -2,8 +2,9 @@
 under asyncio and uvloop: streams woken by one change share one Redis read (thousands of
 separate reads exhausted the client's connection pool); a read begun before a change never
 serves, nor is cached for, the streams woken by that change; a stream leaving does not cancel
-the read the others wait for; and a stream with no change still gets a keep-alive comment
-from the hub's tick, with no timer of its own.
+the read the others wait for; changes within EVENT_INTERVAL_S of the last wake fold into one
+wake, read once before it; and a stream with no change still gets a keep-alive comment from
+the hub's tick, with no timer of its own.
 """
 
 from __future__ import annotations
@@ -109,6 +110,35 @@ def test_a_stream_leaving_does_not_cancel_the_shared_read(run) -> None:
         return (await staying).document["total"]
 
     assert run(scenario()) == 1
+
+
+def test_changes_fold_into_one_read_and_one_wake_per_interval(run) -> None:
+    async def scenario() -> tuple[int, list[list[int]]]:
+        redis = FakeRedis(delay_s=0.005)
+        hub = ResultsHub(redis, subscribers_max=500)
+        totals: list[list[int]] = [[] for _ in range(200)]
+
+        def sender(seen: list[int]):
+            async def send(data: bytes) -> None:
+                seen.append(json.loads(data.split(b"data: ")[1])["total"])
+            return send
+
+        streams = [asyncio.ensure_future(stream_results(
+            lambda: hub.snapshot(POLL), lambda: hub.watch(POLL).changed, sender(seen), None))
+            for seen in totals]
+        await asyncio.sleep(0.05)  # every stream sent total 1
+        for total in (2, 3, 4):  # 2 wakes at once; 3 and 4 come within the interval
+            redis.total = total
+            hub._changed(f"results:{{{POLL}}}:changed".encode())
+            await asyncio.sleep(0.03)
+        await asyncio.sleep(0.2)
+        for stream in streams:
+            stream.cancel()
+        return redis.reads, totals
+
+    reads, totals = run(scenario())
+    assert all(seen == [1, 2, 4] for seen in totals), totals[:3]
+    assert reads == 3
 
 
 def test_the_hub_tick_brings_a_quiet_stream_its_keep_alive(run, monkeypatch) -> None:
