@@ -40,8 +40,8 @@ ENGINE_TRANSACTION_RETRY_MS = 2.0  # engine/config.py kafka_transaction_retry_ms
 # The target of issue 10: 3 brokers per AZ for the design rate.
 KAFKA_BROKERS_TARGET = 9
 # Fan-out defaults, used until perf/results/fanout.json exists (bench_results_fanout.py).
-FANOUT_SUBSCRIBERS_DEFAULT = 1_000
-FANOUT_BYTES_DEFAULT = 33_000
+FANOUT_SUBSCRIBERS_DEFAULT = 2_500
+FANOUT_BYTES_DEFAULT = 32_000
 # The fencing-group counts the model compares (S = 1024: each divides it).
 GROUP_CANDIDATES = (64, 128, 256, 1024)
 
