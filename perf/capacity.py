@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf import RESULTS_DIR
+from perf.capacity_fanout import FANOUT_INPUTS, fanout_section, measured_fanout_figures
 
 # A measured engine's CPU per vote is used only if its worker was at least this busy.
 ENGINE_BUSY_PERCENT_MIN = 50.0
@@ -39,9 +40,6 @@ BROKER_CPU_BUDGET = 0.6
 ENGINE_TRANSACTION_RETRY_MS = 2.0  # engine/config.py kafka_transaction_retry_ms
 # The target of issue 10: 3 brokers per AZ for the design rate.
 KAFKA_BROKERS_TARGET = 9
-# Fan-out defaults, used until perf/results/fanout.json exists (bench_results_fanout.py).
-FANOUT_SUBSCRIBERS_DEFAULT = 2_500
-FANOUT_BYTES_DEFAULT = 32_000
 # The fencing-group counts the model compares (S = 1024: each divides it).
 GROUP_CANDIDATES = (64, 128, 256, 1024)
 
@@ -119,25 +117,10 @@ def default_inputs() -> dict[str, Figure]:
         "sse_connections_per_instance": Figure(50_000, "conns", a + ": c7i.2xlarge, uvloop, ~20 KB each"),
         "sse_event_bytes": Figure(300.0, "B", a + ": one results event with framing and TLS"),
         "instance_network_gbit": Figure(12.5, "Gbit/s", "c7i.2xlarge: up to 12.5 Gbit/s"),
-        # Results fan-out over SSE (issue 13; perf/bench_results_fanout.py): viewers held
-        # by results processes directly, or behind a CDN that collapses the SSE streams of
-        # one poll at each edge into one origin stream. Defaults replaced by fanout.json.
-        "fanout_viewers": Figure(10_000_000, "viewers", a + ": issue 13's example"),
-        "sse_subscribers_per_process": Figure(
-            FANOUT_SUBSCRIBERS_DEFAULT, "streams", "default (bench_results_fanout 2026-12-02: "
-            "p99 <= 250 ms at 10 updates/s on one core of the 2-core VM)"),
-        "sse_bytes_per_subscriber": Figure(
-            FANOUT_BYTES_DEFAULT, "B", "default (bench_results_fanout 2026-12-02: RSS growth / streams)"),
-        "results_vcpus_per_instance": Figure(8, "vCPU", "c7i.2xlarge: 8 vCPU, 16 GiB; one process per vCPU"),
-        "results_vcpus_reserved": Figure(1, "vCPU", a + ": OS, metrics, the Redis listener's peaks"),
-        "results_instance_memory_gb": Figure(16, "GB", "c7i.2xlarge"),
-        "results_memory_budget": Figure(0.7, "share", a + ": streams may use 70 % of memory"),
-        "cdn_streams_per_edge_per_poll": Figure(1, "streams", a + ": the CDN collapses one poll's "
-                                                "SSE at each edge into one origin stream"),
         # Memory per poll (bench_micro.py).
         "bitmap_bits_per_eligible": Figure(1.12, "bits", "bench_micro default, S=1024, 50% turnout"),
         "locator_bits_per_eligible": Figure(64.0, "bits", "shards/state.py: 8 B per voter index"),
-    }
+    } | {name: Figure(*figure) for name, figure in FANOUT_INPUTS.items()}  # perf/capacity_fanout.py
 
 
 def read_json(path: Path) -> dict | None:
@@ -228,17 +211,9 @@ def measured_transactions(results_dir: Path, inputs: dict[str, Figure]) -> list[
 
 
 def measured_fanout(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
-    """Streams one results process held (p99 <= 250 ms, every update) and its memory per
-    stream, from fanout.json (perf/bench_results_fanout.py), if a step delivered."""
-    fanout_path = results_dir / "fanout.json"
-    fanout = read_json(fanout_path) or {}
-    held, per_stream = fanout.get("subscribers_held_max"), fanout.get("rss_bytes_per_subscriber")
-    if not held or not per_stream:
-        return []
-    source = f"{fanout_path.name}: {fanout.get('parameters', {}).get('update_rate_per_s')} updates/s"
-    inputs["sse_subscribers_per_process"] = Figure(float(held), "streams", source)
-    inputs["sse_bytes_per_subscriber"] = Figure(float(per_stream), "B", source)
-    return [f"{fanout_path} (SSE streams per results process, bytes per stream)"]
+    figures, used = measured_fanout_figures(results_dir)
+    inputs.update({name: Figure(*figure) for name, figure in figures.items()})
+    return used
 
 
 def least_squares_slope(points: dict[int, float]) -> float:
@@ -304,7 +279,7 @@ class Model:
                  o["engine_instances"] + o["kafka_brokers"] + o["redis_nodes"] + o["haproxy_instances"] +
                  o["results_instances_with_cdn"],
                  "engine + Kafka brokers + Redis nodes + HAProxy + results (CDN variant)")  # fmt: skip
-        self._fanout()
+        fanout_section(self)
         return self
 
     def _engine(self) -> None:
@@ -474,40 +449,6 @@ class Model:
                  round_up_to(math.ceil(haproxy_vcpus / i["haproxy_vcpus_per_instance"]), int(i["azs"])),
                  f"ceil({design:,.0f} / {i['haproxy_req_per_s_per_vcpu']:,.0f}) = {haproxy_vcpus} vCPU "
                  f"/ {i['haproxy_vcpus_per_instance']:g}, up to a multiple of {i['azs']:g}; behind an NLB")  # fmt: skip
-
-    def _fanout(self) -> None:
-        """Results processes and instances for `fanout_viewers` SSE viewers, held directly
-        or behind a CDN; a process measured on a core holds vcpu_share_of_core as much on
-        a vCPU; instances by CPU or by memory, whichever needs more, per AZ."""
-        i, azs = self.i, int(self.i["azs"])
-        s = "results fan-out (SSE)"
-        per_process = self.put(s, "fanout_streams_per_vcpu_process",
-                               math.floor(i["sse_subscribers_per_process"] * i["vcpu_share_of_core"]),
-                               f"{i['sse_subscribers_per_process']:,.0f} per core x "
-                               f"{i['vcpu_share_of_core']:g}")  # fmt: skip
-        processes_per_instance = i["results_vcpus_per_instance"] - i["results_vcpus_reserved"]
-        memory_bytes = i["results_instance_memory_gb"] * 1e9 * i["results_memory_budget"]
-        by_memory = math.floor(memory_bytes / i["sse_bytes_per_subscriber"])
-        per_instance = self.put(s, "fanout_streams_per_instance",
-                                min(per_process * processes_per_instance, by_memory),
-                                f"min(CPU {per_process:,} x {processes_per_instance:g} processes, "
-                                f"memory {by_memory:,} = {memory_bytes / 1e9:.1f} GB / "
-                                f"{i['sse_bytes_per_subscriber']:,.0f} B)")  # fmt: skip
-        viewers = i["fanout_viewers"]
-        self.put(s, "fanout_processes_direct", math.ceil(viewers / per_process),
-                 f"ceil({viewers:,.0f} viewers / {per_process:,})")  # fmt: skip
-        self.put(s, "fanout_instances_direct", round_up_to(math.ceil(viewers / per_instance), azs),
-                 f"ceil({viewers:,.0f} / {per_instance:,.0f}) up to a multiple of {azs} AZs")  # fmt: skip
-        origin = self.put(s, "fanout_origin_streams_with_cdn",
-                          i["cdn_edge_locations"] * i["polls_concurrent"] * i["cdn_streams_per_edge_per_poll"],
-                          f"{i['cdn_edge_locations']:g} edges x {i['polls_concurrent']:g} polls x "
-                          f"{i['cdn_streams_per_edge_per_poll']:g} (the edges hold the viewers: "
-                          f"{viewers / i['cdn_edge_locations']:,.0f} each)")  # fmt: skip
-        self.put(s, "fanout_processes_with_cdn", math.ceil(origin / per_process),
-                 f"ceil({origin:,.0f} / {per_process:,})")  # fmt: skip
-        self.put(s, "fanout_instances_with_cdn",
-                 round_up_to(max(1, math.ceil(origin / per_instance)), azs),
-                 f"ceil({origin:,.0f} / {per_instance:,.0f}), at least one per AZ")  # fmt: skip
 
     def _results_and_memory(self) -> None:
         i, instances = self.i, self.out["engine_instances"]
