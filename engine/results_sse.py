@@ -119,7 +119,8 @@ class ResultsHub:
                        loop.create_task(self._tick(), name="results-keepalive")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        refreshes = [watch.refresh for watch in self.watches.values() if watch.refresh]
+        for task in [*self._tasks, *refreshes]:
             task.cancel()
         await self.redis.aclose()
 
