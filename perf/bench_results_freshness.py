@@ -49,9 +49,9 @@ def start_redis(run_dir: Path) -> tuple[ServerProcess, str]:
     from deploy.local.redis_server import ensure_redis, redis_argv, redis_ping
 
     port = free_port()
+    (run_dir / "redis").mkdir(parents=True, exist_ok=True)
     server = ServerProcess("redis", redis_argv(ensure_redis(), port, run_dir / "redis"),
                            run_dir / "redis.log")
-    (run_dir / "redis").mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + READY_WAIT_S
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
