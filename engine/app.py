@@ -42,6 +42,7 @@ from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from engine.problems import problem_of
+from engine.ratelimit import FORWARDED_FOR_HEADER, GlobalSync, RateLimited, RateLimiter
 from engine.results_page import LocalStreams, page_response, receipt_status
 from engine.results_publisher import start_publisher
 from shards.backends import durability
@@ -82,6 +83,7 @@ _REJECTION_REASON: dict[type[VotesError], str] = {
     PollClosed: "closed-poll",
     PollNotOpen: "not-open",
     UnknownOption: "unknown-option",
+    RateLimited: "rate-limited",
 }
 
 
@@ -176,6 +178,11 @@ class App:
         # Results go to Redis only when one is configured (engine/results_publisher.py).
         self._results_task = start_publisher(loop, self.config, self.node)
         self._streams = LocalStreams(self.config.results_subscribers_max)
+        self.limiter = RateLimiter(self.config)
+        self._ratelimit_sync = (GlobalSync(self.config, self.limiter)
+                                if self.config.ratelimit_redis_url else None)
+        self._ratelimit_task = (loop.create_task(self._ratelimit_sync.run())
+                                if self._ratelimit_sync is not None else None)
         # Every request allocates dozens of objects, so the default young-generation
         # threshold (700) ran a collection every few requests (~5% of the loop). Objects of
         # the start-up are frozen out of collections; young ones are collected every
@@ -186,6 +193,8 @@ class App:
     def __rsgi_del__(self, loop) -> None:
         if self.node is not None:
             loop.run_until_complete(self.node.stop())
+        if self._ratelimit_sync is not None:
+            loop.run_until_complete(self._ratelimit_sync.close())
         BUFFERED.flush()
         tracing.shutdown()
 
@@ -224,6 +233,9 @@ class App:
         allow = extra.pop("allow", None)
         if allow is not None:  # RFC 9110: a 405 names the methods the resource offers
             headers = PROBLEM_JSON + [("allow", str(allow))]
+        retry_after = extra.pop("retry_after", None)
+        if retry_after is not None:  # RFC 9110: whole seconds
+            headers = PROBLEM_JSON + [("retry-after", str(retry_after))]
         if isinstance(exc, BodyTooLarge):
             # The rest of the body was never read, so the connection cannot carry another
             # request: say so, or a keep-alive client sends its next request into a socket
@@ -282,6 +294,8 @@ class App:
 
     async def _vote(self, scope, proto, poll: str, span=None):
         node = self._node()
+        # The cheap rejection first: the address limits before the body or the token.
+        self.limiter.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER))
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
         vote = _decode(_vote_decoder, body)
         if not IDENTIFIER_PATTERN.match(vote.option):
@@ -290,6 +304,7 @@ class App:
             return await self._vote_traced(scope, poll, body, vote, span)
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
+        self.limiter.check_voter(claims.voter)
         # Only cluster mode can forward to another node; the embedded path builds nothing.
         request = _forwarded(scope, body) if self._cluster else None
         try:
@@ -303,6 +318,7 @@ class App:
         with tracing.child(span, "verify-voter-token"):
             claims = tokens.verify_voter_token(
                 self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
+        self.limiter.check_voter(claims.voter)
         request = _forwarded(scope, body) if self._cluster else None
         try:
             with tracing.child(span, "node.vote"):

@@ -1,0 +1,336 @@
+"""Rate limits of the vote path: GCRA per client address, per network prefix and per voter.
+
+Each worker answers every check from its own memory (`Gcra.check`, well under a microsecond,
+perf/bench_micro.py "ratelimit check"); the global view lives in a Redis Cluster and is
+synchronised in batches by `GlobalSync`, so Redis calls per vote stay far below one.
+
+GCRA keeps one number per key, its theoretical arrival time (TAT): a request at `now` is
+admitted when `max(TAT, now) + interval - now <= interval * burst`, and then moves the TAT on
+by one interval. So a fresh key takes `burst` requests at once, then one per interval; a
+rejected request answers how long until it would be admitted (Retry-After).
+
+Invariants: a limiter holds at most `keys_max` keys (least recently used evicted first; an
+entry whose TAT has passed carries no state, so its loss changes nothing) and at most
+`keys_max` pending sync counts. A check never waits on Redis: when Redis does not answer, the
+local limits keep working, and what could not be synchronised is counted as fail-open.
+
+The client address is the peer's; X-Forwarded-For is read only when the peer is in
+`trusted_proxies`. Granian does not parse the PROXY protocol, so it is not honoured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+import zlib
+from collections import OrderedDict
+
+from engine.config import Config
+from engine.errors import VotesError
+from engine.metrics import RATELIMIT_FAIL_OPEN, RATELIMIT_STORE_CALLS
+
+log = logging.getLogger("votes.ratelimit")
+
+IPV4_PREFIX_BITS = 24
+IPV6_PREFIX_BITS = 56
+RETRY_AFTER_S_MIN = 1
+# Keys per Lua call: bounds one call's size and time in Redis.
+SYNC_KEYS_PER_CALL_MAX = 512
+# While the store fails, one log line per this many seconds, not one per sync or request.
+FAIL_OPEN_LOG_INTERVAL_S = 10.0
+FORWARDED_FOR_HEADER = "x-forwarded-for"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RateLimited(VotesError):
+    """A limit was reached: 429 with Retry-After (engine/problems.py)."""
+
+
+class Gcra:
+    """Keyed GCRA limiter in one worker; times are monotonic seconds given by the caller."""
+
+    __slots__ = ("interval_s", "tolerance_s", "keys_max", "arrivals", "pending", "syncing",
+                 "evicted_live")
+
+    def __init__(self, rate_per_s: float, burst: int, keys_max: int, syncing: bool = False):
+        self.interval_s = 1.0 / rate_per_s
+        self.tolerance_s = self.interval_s * burst
+        self.keys_max = keys_max
+        self.arrivals: OrderedDict[str, float] = OrderedDict()  # key -> TAT
+        self.pending: dict[str, int] = {}  # key -> admitted since the last sync
+        self.syncing = syncing
+        self.evicted_live = 0  # evicted keys whose TAT had not passed (state lost)
+
+    def check(self, key: str, now: float) -> float:
+        """0.0 when admitted (and counted), else the seconds until it would be."""
+        arrivals = self.arrivals
+        tat = arrivals.get(key)
+        if tat is None:
+            tat = now
+            if len(arrivals) >= self.keys_max:
+                self._evict(now)
+        else:
+            arrivals.move_to_end(key)
+            if tat < now:
+                tat = now
+        tat += self.interval_s
+        over_s = tat - now - self.tolerance_s
+        if over_s > 0.0:
+            return over_s
+        arrivals[key] = tat
+        if self.syncing:
+            pending = self.pending
+            count = pending.get(key)
+            if count is not None:
+                pending[key] = count + 1
+            elif len(pending) < self.keys_max:
+                pending[key] = 1
+        return 0.0
+
+    def _evict(self, now: float) -> None:
+        _, tat = self.arrivals.popitem(last=False)
+        if tat > now:
+            self.evicted_live += 1
+
+    def take_pending(self) -> dict[str, int]:
+        pending, self.pending = self.pending, {}
+        return pending
+
+    def apply_global(self, key: str, debt_s: float, now: float) -> None:
+        """Adopt the global TAT (`now + debt_s`) when it is later than the local one: it
+        counts every worker's admissions, this one's included."""
+        arrivals = self.arrivals
+        global_tat = now + debt_s
+        tat = arrivals.get(key)
+        if tat is None:
+            if len(arrivals) >= self.keys_max:
+                self._evict(now)
+            arrivals[key] = global_tat
+        elif global_tat > tat:
+            arrivals[key] = global_tat
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """"10.0.0.0/8, ::1/128" -> networks; empty text -> ()."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in text.split(",") if part.strip())
+
+
+def peer_address(scope_client: str) -> str:
+    """The address of Granian's `scope.client`: "1.2.3.4:5678" or "[::1]:5678" (Rust's form)."""
+    if scope_client.startswith("["):
+        return scope_client[1:scope_client.find("]")]
+    if scope_client.count(":") == 1:
+        return scope_client.rsplit(":", 1)[0]
+    return scope_client
+
+
+def _in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in networks)
+
+
+def forwarded_client(peer: str, forwarded_for: str | None,
+                     trusted_proxies: tuple[Network, ...]) -> str:
+    """The client: the peer, unless the peer is a trusted proxy; then the right-most address
+    of X-Forwarded-For that is not a trusted proxy (the left ones are the client's to forge)."""
+    if not forwarded_for or not trusted_proxies or not _in_networks(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _in_networks(hop, trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+def prefix_of(address: str) -> str:
+    """The network prefix key of an address: /24 for IPv4, /56 for IPv6."""
+    if ":" not in address:
+        head, _, _ = address.rpartition(".")
+        return head or address
+    try:
+        network = ipaddress.ip_network(f"{address}/{IPV6_PREFIX_BITS}", strict=False)
+    except ValueError:
+        return address
+    return str(network)
+
+
+class RateLimiter:
+    """The three limits of one worker and the address facts it caches (bounded)."""
+
+    def __init__(self, config: Config, clock=time.monotonic) -> None:
+        self.enabled = config.ratelimit_enabled
+        self.clock = clock
+        syncing = bool(config.ratelimit_redis_url)
+        keys_max = config.ratelimit_keys_max
+        self.address = Gcra(config.ratelimit_address_per_s, config.ratelimit_address_burst,
+                            keys_max, syncing)
+        self.prefix = Gcra(config.ratelimit_prefix_per_s, config.ratelimit_prefix_burst,
+                           keys_max, syncing)
+        self.voter = Gcra(config.ratelimit_voter_per_s, config.ratelimit_voter_burst,
+                          keys_max, syncing)
+        self.trusted_proxies = parse_networks(config.trusted_proxies)
+        self.exempt_networks = parse_networks(config.ratelimit_exempt_networks)
+        # address -> its prefix key, or None when exempt; cleared when full.
+        self._address_keys: dict[str, str | None] = {}
+        self._address_keys_max = keys_max
+
+    def limiters(self) -> dict[str, Gcra]:
+        return {"a": self.address, "p": self.prefix, "v": self.voter}
+
+    def check_client(self, scope_client: str, forwarded_for: str | None) -> None:
+        """Raise RateLimited when the request's client address or its prefix is over its
+        limit. Cheap: runs before the body is read or the token verified."""
+        if not self.enabled:
+            return
+        address = peer_address(scope_client)
+        if self.trusted_proxies:
+            address = forwarded_client(address, forwarded_for, self.trusted_proxies)
+        keys = self._address_keys
+        if address in keys:
+            prefix = keys[address]
+        else:
+            prefix = None if _in_networks(address, self.exempt_networks) else prefix_of(address)
+            if len(keys) >= self._address_keys_max:
+                keys.clear()
+            keys[address] = prefix
+        if prefix is None:
+            return
+        now = self.clock()
+        wait_s = self.address.check(address, now) or self.prefix.check(prefix, now)
+        if wait_s:
+            raise rate_limited(wait_s, "this address")
+
+    def check_voter(self, voter: int) -> None:
+        if not self.enabled:
+            return
+        wait_s = self.voter.check(str(voter), self.clock())
+        if wait_s:
+            raise rate_limited(wait_s, "this voter")
+
+
+def rate_limited(wait_s: float, whose: str) -> RateLimited:
+    retry_after_s = max(RETRY_AFTER_S_MIN, math.ceil(wait_s))
+    return RateLimited(f"too many requests from {whose}; retry in {retry_after_s} s",
+                       retry_after=retry_after_s)
+
+
+# Adds each key's admitted count to its global TAT (microseconds of Redis's clock) and
+# answers each key's debt: how far its global TAT is ahead of now. KEYS share one slot (one
+# hash tag); ARGV holds (count, interval_us) per key.
+SYNC_SCRIPT = """
+local now = redis.call('TIME')
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local debts = {}
+for i, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[2 * i - 1])
+  local interval_us = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or now_us)
+  if tat < now_us then tat = now_us end
+  tat = tat + count * interval_us
+  local debt = tat - now_us
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil(debt / 1000) + 1000)
+  debts[i] = math.floor(debt)
+end
+return debts
+"""
+
+
+def store_key(kind: str, key: str, buckets: int) -> str:
+    """The Redis key of a limited key: its bucket's hash tag puts it in that bucket's slot,
+    so one script call carries every pending key of a bucket."""
+    bucket = zlib.crc32(key.encode()) % buckets
+    return f"{{rl:{bucket}}}:{kind}:{key}"
+
+
+class GlobalSync:
+    """Every `ratelimit_sync_ms`, one Lua call per bucket with pending counts: adds this
+    worker's admissions to the global TATs and adopts the answers. Fails open, counted."""
+
+    def __init__(self, config: Config, limiter: RateLimiter, client=None) -> None:
+        self.limiter = limiter
+        self.interval_s = config.ratelimit_sync_ms / 1000
+        self.timeout_s = config.ratelimit_store_timeout_ms / 1000
+        self.buckets = config.ratelimit_sync_buckets
+        self.url = config.ratelimit_redis_url
+        self.client = client
+        self.script = None
+        self.failing_since: float | None = None
+        self.logged_at = 0.0
+
+    def _connect(self):
+        from redis.asyncio.cluster import RedisCluster
+
+        self.client = RedisCluster.from_url(
+            self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+            cluster_error_retry_attempts=1)
+        self.script = self.client.register_script(SYNC_SCRIPT)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.sync_once()
+
+    def _batches(self) -> list[list[tuple[Gcra, str, str, int]]]:
+        by_bucket: dict[str, list[tuple[Gcra, str, str, int]]] = {}
+        for kind, gcra in self.limiter.limiters().items():
+            for key, count in gcra.take_pending().items():
+                name = store_key(kind, key, self.buckets)
+                bucket = name[: name.index("}") + 1]
+                by_bucket.setdefault(bucket, []).append((gcra, key, name, count))
+        return [entries[start:start + SYNC_KEYS_PER_CALL_MAX]
+                for entries in by_bucket.values()
+                for start in range(0, len(entries), SYNC_KEYS_PER_CALL_MAX)]
+
+    async def sync_once(self) -> None:
+        batches = self._batches()
+        if not batches:
+            return
+        if self.script is None:
+            self._connect()
+        answers = await asyncio.gather(*(self._call(batch) for batch in batches),
+                                       return_exceptions=True)
+        RATELIMIT_STORE_CALLS.inc(len(batches))
+        now = self.limiter.clock()
+        failed = 0
+        for batch, answer in zip(batches, answers):
+            if isinstance(answer, BaseException):
+                failed += sum(count for _, _, _, count in batch)
+                error = answer
+                continue
+            for (gcra, key, _, _), debt_us in zip(batch, answer):
+                gcra.apply_global(key, int(debt_us) / 1e6, now)
+        if failed:
+            RATELIMIT_FAIL_OPEN.inc(failed)
+            self._log_failing(error, failed, now)
+        elif self.failing_since is not None:
+            log.warning("rate limit store answers again after %.1f s; global limits back",
+                        now - self.failing_since)
+            self.failing_since = None
+
+    async def _call(self, batch):
+        keys = [name for _, _, name, _ in batch]
+        args = [value for gcra, _, _, count in batch
+                for value in (count, round(gcra.interval_s * 1e6, 3))]
+        return await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout_s)
+
+    def _log_failing(self, error: BaseException, failed: int, now: float) -> None:
+        if self.failing_since is None:
+            self.failing_since = now
+        elif now - self.logged_at < FAIL_OPEN_LOG_INTERVAL_S:
+            return
+        self.logged_at = now
+        log.error("rate limit store did not answer (%s: %s); failing open on the global "
+                  "limits, local limits still apply (%d requests this sync)",
+                  type(error).__name__, error, failed)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
