@@ -9,7 +9,8 @@ admitted when `max(TAT, now) + interval - now <= interval * burst`, and then mov
 by one interval. So a fresh key takes `burst` requests at once, then one per interval; a
 rejected request answers how long until it would be admitted (Retry-After).
 
-Invariants: a limiter holds at most `keys_max` keys (least recently used evicted first; an
+Invariants: a limiter holds at most `keys_max` keys (expired ones dropped first, then the
+oldest-inserted; an
 entry whose TAT has passed carries no state, so its loss changes nothing) and at most
 `keys_max` pending sync counts. A check never waits on Redis: when Redis does not answer, the
 local limits keep working, and what could not be synchronised is counted as fail-open.
@@ -22,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import math
 import time
 import zlib
-from collections import OrderedDict
 
 from engine.config import Config
 from engine.errors import VotesError
@@ -60,7 +61,7 @@ class Gcra:
         self.interval_s = 1.0 / rate_per_s
         self.tolerance_s = self.interval_s * burst
         self.keys_max = keys_max
-        self.arrivals: OrderedDict[str, float] = OrderedDict()  # key -> TAT
+        self.arrivals: dict[str, float] = {}  # key -> TAT, in insertion order
         self.pending: dict[str, int] = {}  # key -> admitted since the last sync
         self.syncing = syncing
         self.evicted_live = 0  # evicted keys whose TAT had not passed (state lost)
@@ -68,19 +69,15 @@ class Gcra:
     def check(self, key: str, now: float) -> float:
         """0.0 when admitted (and counted), else the seconds until it would be."""
         arrivals = self.arrivals
-        tat = arrivals.get(key)
-        if tat is None:
+        tat = arrivals.get(key, now)
+        if tat < now:
             tat = now
-            if len(arrivals) >= self.keys_max:
-                self._evict(now)
-        else:
-            arrivals.move_to_end(key)
-            if tat < now:
-                tat = now
         tat += self.interval_s
         over_s = tat - now - self.tolerance_s
         if over_s > 0.0:
             return over_s
+        if len(arrivals) >= self.keys_max and key not in arrivals:
+            arrivals = self._shrink(now)
         arrivals[key] = tat
         if self.syncing:
             pending = self.pending
@@ -91,10 +88,18 @@ class Gcra:
                 pending[key] = 1
         return 0.0
 
-    def _evict(self, now: float) -> None:
-        _, tat = self.arrivals.popitem(last=False)
-        if tat > now:
-            self.evicted_live += 1
+    def _shrink(self, now: float) -> dict[str, float]:
+        """Make room: drop the expired entries (no state), and when that frees less than a
+        quarter, the oldest-inserted live ones too (counted: their state is lost). Amortised
+        O(1) per new key, and the dict is rebuilt, so deleted slots never pile up."""
+        live = {key: tat for key, tat in self.arrivals.items() if tat > now}
+        room_min = self.keys_max // 4
+        excess = len(live) - (self.keys_max - room_min)
+        if excess > 0:
+            self.evicted_live += excess
+            live = dict(itertools.islice(live.items(), excess, None))
+        self.arrivals = live
+        return live
 
     def take_pending(self) -> dict[str, int]:
         pending, self.pending = self.pending, {}
@@ -108,7 +113,7 @@ class Gcra:
         tat = arrivals.get(key)
         if tat is None:
             if len(arrivals) >= self.keys_max:
-                self._evict(now)
+                arrivals = self._shrink(now)
             arrivals[key] = global_tat
         elif global_tat > tat:
             arrivals[key] = global_tat
@@ -122,11 +127,8 @@ def parse_networks(text: str) -> tuple[Network, ...]:
 
 def peer_address(scope_client: str) -> str:
     """The address of Granian's `scope.client`: "1.2.3.4:5678" or "[::1]:5678" (Rust's form)."""
-    if scope_client.startswith("["):
-        return scope_client[1:scope_client.find("]")]
-    if scope_client.count(":") == 1:
-        return scope_client.rsplit(":", 1)[0]
-    return scope_client
+    address = scope_client.rpartition(":")[0]
+    return address[1:-1] if address[:1] == "[" else address
 
 
 def _in_networks(address: str, networks: tuple[Network, ...]) -> bool:
@@ -197,7 +199,8 @@ class RateLimiter:
         if address in keys:
             prefix = keys[address]
         else:
-            prefix = None if _in_networks(address, self.exempt_networks) else prefix_of(address)
+            exempt = bool(self.exempt_networks) and _in_networks(address, self.exempt_networks)
+            prefix = None if exempt else prefix_of(address)
             if len(keys) >= self._address_keys_max:
                 keys.clear()
             keys[address] = prefix
