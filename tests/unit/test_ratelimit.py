@@ -233,3 +233,13 @@ def test_store_down_fails_open_and_keeps_local_limits() -> None:
     assert sync.failing_since is not None
     assert limiter.address.pending == {}  # dropped, not grown without bound
     assert len(rejections(limiter, "198.51.100.1:1", 5)) == 5  # the local limit still holds
+
+
+def test_redis_cluster_ports_stay_in_the_stack_span_apart_from_its_services() -> None:
+    from deploy.local.ports import STACK_PORT_SPAN, Ports
+
+    ports = Ports(19600)
+    cluster = ports.redis_cluster_all()
+    assert len(set(cluster)) == 6
+    assert all(19600 <= port < 19600 + STACK_PORT_SPAN for port in cluster)
+    assert not set(cluster) & set(ports.all_ports())
