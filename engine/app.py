@@ -294,9 +294,10 @@ class App:
 
     async def _vote(self, scope, proto, poll: str, span=None):
         node = self._node()
-        # The cheap rejection first: the address limits before the body or the token.
-        self.limiter.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER))
+        # The body is read first, however small, so the connection can carry the next
+        # request after a 429; then the cheap rejection: the address limits before the token.
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
+        self.limiter.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER))
         vote = _decode(_vote_decoder, body)
         if not IDENTIFIER_PATTERN.match(vote.option):
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")

@@ -139,6 +139,7 @@ def redis_cluster():
 
     cluster = LocalRedisCluster()
     try:
+        cluster.down()  # fresh: no limiter state from an earlier session
         cluster.up()
     except StackError as exc:
         cluster.down()
