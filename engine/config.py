@@ -143,7 +143,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # slot) with pending keys; a call waits at most ratelimit_store_timeout_ms.
     ratelimit_redis_url: str = ""
     ratelimit_sync_ms: float = 200.0
-    ratelimit_sync_buckets: int = 16
+    ratelimit_sync_buckets: int = 8
     ratelimit_store_timeout_ms: float = 250.0
 
     def resolved(self) -> "Config":
