@@ -140,10 +140,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ratelimit_keys_max: int = 100_000
     # The global view: a Redis Cluster node (redis://host:port); empty: local limits only.
     # Each worker sends its counts every ratelimit_sync_ms, one Lua call per bucket (a hash
-    # slot) with pending keys; a call waits at most ratelimit_store_timeout_ms.
+    # slot) with pending keys; a call waits at most ratelimit_store_timeout_ms. Buckets:
+    # as many as the cluster has masters (their slots spread evenly over the slot space).
     ratelimit_redis_url: str = ""
     ratelimit_sync_ms: float = 200.0
-    ratelimit_sync_buckets: int = 8
+    ratelimit_sync_buckets: int = 3
     ratelimit_store_timeout_ms: float = 250.0
 
     def resolved(self) -> "Config":
@@ -216,7 +217,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (1000 <= self.ratelimit_keys_max <= 10_000_000,
              "ratelimit_keys_max must be in 1000..10000000"),
             (10 <= self.ratelimit_sync_ms <= 60_000, "ratelimit_sync_ms must be in 10..60000"),
-            (1 <= self.ratelimit_sync_buckets <= 1024, "ratelimit_sync_buckets must be in 1..1024"),
+            (1 <= self.ratelimit_sync_buckets <= 256, "ratelimit_sync_buckets must be in 1..256"),
             (1 <= self.ratelimit_store_timeout_ms <= 10_000,
              "ratelimit_store_timeout_ms must be in 1..10000"),
             (_networks_valid(self.ratelimit_exempt_networks),

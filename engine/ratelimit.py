@@ -29,6 +29,8 @@ import math
 import time
 import zlib
 
+from redis.crc import key_slot
+
 from engine.config import Config
 from engine.errors import VotesError
 from engine.metrics import RATELIMIT_FAIL_OPEN, RATELIMIT_STORE_CALLS
@@ -43,6 +45,7 @@ SYNC_KEYS_PER_CALL_MAX = 512
 # While the store fails, one log line per this many seconds, not one per sync or request.
 FAIL_OPEN_LOG_INTERVAL_S = 10.0
 FORWARDED_FOR_HEADER = "x-forwarded-for"
+SLOTS = 16384  # Redis Cluster's hash slots
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -225,32 +228,58 @@ def rate_limited(wait_s: float, whose: str) -> RateLimited:
                        retry_after=retry_after_s)
 
 
-# Adds each key's admitted count to its global TAT (microseconds of Redis's clock) and
-# answers each key's debt: how far its global TAT is ahead of now. KEYS share one slot (one
-# hash tag); ARGV holds (count, interval_us) per key.
+# One bucket of the global view is one Redis hash (its own slot, by its hash tag) of
+# field "kind:key" -> TAT in microseconds of Redis's clock. ARGV[1] packs the entries,
+# "field count interval_us" per line; the answer packs each field's debt (how far its TAT is
+# ahead of now, microseconds) in the same order. Packing keeps a call one argument in and
+# one string out whatever the number of keys (per-key arguments cost the worker ~7 us each).
+# Each call also scans a bounded slice of the hash for passed TATs and deletes them, from a
+# cursor kept in KEYS[2], so the hash holds live keys and a bounded backlog of dead ones.
 SYNC_SCRIPT = """
 local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local debts = {}
-for i, key in ipairs(KEYS) do
-  local count = tonumber(ARGV[2 * i - 1])
-  local interval_us = tonumber(ARGV[2 * i])
-  local tat = tonumber(redis.call('GET', key) or now_us)
+local entries = 0
+for field, count, interval_us in string.gmatch(ARGV[1], '(%S+) (%S+) (%S+)') do
+  local tat = tonumber(redis.call('HGET', KEYS[1], field) or now_us)
   if tat < now_us then tat = now_us end
-  tat = tat + count * interval_us
-  local debt = tat - now_us
-  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil(debt / 1000) + 1000)
-  debts[i] = math.floor(debt)
+  tat = tat + tonumber(count) * tonumber(interval_us)
+  redis.call('HSET', KEYS[1], field, string.format('%.0f', tat))
+  entries = entries + 1
+  debts[entries] = string.format('%.0f', tat - now_us)
 end
-return debts
+local cursor = redis.call('GET', KEYS[2]) or '0'
+local scanned = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 2 * entries + 16)
+local fields = scanned[2]
+for i = 1, #fields, 2 do
+  if tonumber(fields[i + 1]) < now_us then redis.call('HDEL', KEYS[1], fields[i]) end
+end
+redis.call('SET', KEYS[2], scanned[1])
+return table.concat(debts, ' ')
 """
 
 
-def store_key(kind: str, key: str, buckets: int) -> str:
-    """The Redis key of a limited key: its bucket's hash tag puts it in that bucket's slot,
-    so one script call carries every pending key of a bucket."""
-    bucket = zlib.crc32(key.encode()) % buckets
-    return f"{{rl:{bucket}}}:{kind}:{key}"
+def bucket_of(field: str, buckets: int) -> int:
+    """The bucket of a limited key: the same in every worker (crc32, not the salted hash())."""
+    return zlib.crc32(field.encode()) % buckets
+
+
+def bucket_tags(buckets: int) -> list[str]:
+    """A hash tag per bucket whose slot starts its share of the slot space, so B buckets
+    spread over the masters of a cluster whose slots are split evenly (as `redis-cli
+    --cluster create` does): with as many buckets as masters, one call per master per sync."""
+    tags = []
+    for bucket in range(buckets):
+        low, high = bucket * SLOTS // buckets, (bucket + 1) * SLOTS // buckets
+        tag = next(tag for tag in (f"rl:{bucket}:{n}" for n in itertools.count())
+                   if low <= key_slot(tag.encode()) < high)
+        tags.append(tag)
+    return tags
+
+
+def bucket_keys(tag: str) -> list[str]:
+    """A bucket's hash and its prune cursor: one hash tag, so one slot and one call."""
+    return [f"{{{tag}}}:tat", f"{{{tag}}}:prune"]
 
 
 class GlobalSync:
@@ -262,6 +291,7 @@ class GlobalSync:
         self.interval_s = config.ratelimit_sync_ms / 1000
         self.timeout_s = config.ratelimit_store_timeout_ms / 1000
         self.buckets = config.ratelimit_sync_buckets
+        self.tags = bucket_tags(self.buckets)
         self.url = config.ratelimit_redis_url
         self.client = client
         self.script = None
@@ -281,15 +311,15 @@ class GlobalSync:
             await asyncio.sleep(self.interval_s)
             await self.sync_once()
 
-    def _batches(self) -> list[list[tuple[Gcra, str, str, int]]]:
-        by_bucket: dict[str, list[tuple[Gcra, str, str, int]]] = {}
+    def _batches(self) -> list[tuple[int, list[tuple[Gcra, str, int]]]]:
+        by_bucket: dict[int, list[tuple[Gcra, str, int]]] = {}
+        buckets = self.buckets
         for kind, gcra in self.limiter.limiters().items():
             for key, count in gcra.take_pending().items():
-                name = store_key(kind, key, self.buckets)
-                bucket = name[: name.index("}") + 1]
-                by_bucket.setdefault(bucket, []).append((gcra, key, name, count))
-        return [entries[start:start + SYNC_KEYS_PER_CALL_MAX]
-                for entries in by_bucket.values()
+                bucket = bucket_of(f"{kind}:{key}", buckets)
+                by_bucket.setdefault(bucket, []).append((gcra, key, count))
+        return [(bucket, entries[start:start + SYNC_KEYS_PER_CALL_MAX])
+                for bucket, entries in by_bucket.items()
                 for start in range(0, len(entries), SYNC_KEYS_PER_CALL_MAX)]
 
     async def sync_once(self) -> None:
@@ -298,17 +328,18 @@ class GlobalSync:
             return
         if self.script is None:
             self._connect()
-        answers = await asyncio.gather(*(self._call(batch) for batch in batches),
+        answers = await asyncio.gather(*(self._call(bucket, entries)
+                                         for bucket, entries in batches),
                                        return_exceptions=True)
         RATELIMIT_STORE_CALLS.inc(len(batches))
         now = self.limiter.clock()
         failed = 0
-        for batch, answer in zip(batches, answers):
+        for (_, entries), answer in zip(batches, answers):
             if isinstance(answer, BaseException):
-                failed += sum(count for _, _, _, count in batch)
+                failed += sum(count for _, _, count in entries)
                 error = answer
                 continue
-            for (gcra, key, _, _), debt_us in zip(batch, answer):
+            for (gcra, key, _), debt_us in zip(entries, answer.split()):
                 gcra.apply_global(key, int(debt_us) / 1e6, now)
         if failed:
             RATELIMIT_FAIL_OPEN.inc(failed)
@@ -318,11 +349,14 @@ class GlobalSync:
                         now - self.failing_since)
             self.failing_since = None
 
-    async def _call(self, batch):
-        keys = [name for _, _, name, _ in batch]
-        args = [value for gcra, _, _, count in batch
-                for value in (count, round(gcra.interval_s * 1e6, 3))]
-        return await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout_s)
+    async def _call(self, bucket: int, entries: list[tuple[Gcra, str, int]]) -> bytes:
+        kinds = {id(gcra): kind for kind, gcra in self.limiter.limiters().items()}
+        intervals = {id(gcra): f"{gcra.interval_s * 1e6:.3f}"
+                     for gcra in self.limiter.limiters().values()}
+        packed = "\n".join(f"{kinds[id(gcra)]}:{key} {count} {intervals[id(gcra)]}"
+                           for gcra, key, count in entries)
+        return await asyncio.wait_for(
+            self.script(keys=bucket_keys(self.tags[bucket]), args=[packed]), self.timeout_s)
 
     def _log_failing(self, error: BaseException, failed: int, now: float) -> None:
         if self.failing_since is None:

@@ -18,11 +18,13 @@ from engine.ratelimit import (
     GlobalSync,
     RateLimited,
     RateLimiter,
+    bucket_keys,
+    bucket_tags,
+    bucket_of,
     forwarded_client,
     parse_networks,
     peer_address,
     prefix_of,
-    store_key,
 )
 
 
@@ -210,11 +212,17 @@ def test_boolean_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         load_config()
 
 
-def test_store_keys_share_a_slot_per_bucket() -> None:
-    name = store_key("a", "198.51.100.1", 16)
-    assert name.startswith("{rl:") and name.endswith("}:a:198.51.100.1")
-    buckets = {store_key("a", f"k{index}", 16).split("}")[0] for index in range(1000)}
-    assert len(buckets) == 16
+def test_bucket_keys_share_a_slot_and_keys_spread_over_buckets() -> None:
+    from redis.crc import key_slot
+
+    tags = bucket_tags(3)
+    for tag in tags:
+        tat, prune = bucket_keys(tag)
+        assert key_slot(tat.encode()) == key_slot(prune.encode())
+    # One bucket in each third of the slots: one per master of a three-master cluster.
+    assert [key_slot(bucket_keys(tag)[0].encode()) * 3 // 16384 for tag in tags] == [0, 1, 2]
+    assert {bucket_of(f"a:10.0.0.{index}", 8) for index in range(256)} == set(range(8))
+    assert bucket_of("v:42", 8) == bucket_of("v:42", 8)
 
 
 class FailingScript:
