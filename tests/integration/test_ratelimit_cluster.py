@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.keys import load_keys
 from engine.metrics import FLUSH_INTERVAL_S
 from engine.tokens import issue_admin_token, issue_voter_token
+from tests.support import http_client
 from tests.support.engine_process import EngineProcess
 
 RATE_PER_S = 10.0
@@ -61,7 +62,7 @@ def servers(tmp_path_factory, redis_cluster):
         keyring = load_keys(root / "a")
         admin = {"authorization": f"Bearer {issue_admin_token(keyring, ttl_s=600)}"}
         for server in (first, second):
-            created = httpx.post(server.base_url + "/v1/polls", headers=admin,
+            created = http_client.post(server.base_url + "/v1/polls", headers=admin,
                                  json={"id": POLL, "options": ["a"]})
             assert created.status_code == 201, created.text
         yield first, second, keyring
@@ -75,8 +76,8 @@ def flood(servers, keyring, address: str, first_voter: int) -> list[int]:
     """Votes from one address, alternating between the servers at SEND_PER_S for
     DURATION_S, each by a new voter; the statuses."""
     engines = servers[:2]
-    clients = [httpx.Client(base_url=engine.base_url, timeout=10.0,
-                            transport=httpx.HTTPTransport(local_address=address))
+    clients = [http_client.client_for(engine.base_url,
+                                      transport=httpx.HTTPTransport(local_address=address))
                for engine in engines]
     statuses = []
     started = time.monotonic()
@@ -95,7 +96,7 @@ def flood(servers, keyring, address: str, first_voter: int) -> list[int]:
 
 def metric(server, name: str) -> float:
     time.sleep(FLUSH_INTERVAL_S)
-    text = httpx.get(server.base_url + "/metrics").text
+    text = http_client.get(server.base_url + "/metrics").text
     return sum(sample.value for family in text_string_to_metric_families(text)
                for sample in family.samples if sample.name == name)
 
@@ -128,8 +129,8 @@ def test_store_calls_per_vote_under_load(servers) -> None:
     async def send_all() -> list[int]:
         # From 127.0.0.1, as the perf harness sends: exempt from the address limits by
         # default, so only the voter limit counts here (and every voter is new).
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0,
-                                     limits=httpx.Limits(max_connections=LOAD_CONCURRENCY)) as client:
+        limits = httpx.Limits(max_connections=LOAD_CONCURRENCY)
+        async with http_client.async_client_for(server.base_url, limits=limits) as client:
             queue = iter(tokens)
 
             async def sender() -> list[int]:
