@@ -297,15 +297,18 @@ class App:
         # The body is read first, however small, so the connection can carry the next
         # request after a 429; then the cheap rejection: the address limits before the token.
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
-        self.limiter.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER))
+        voter_limited = self.limiter.check_client(
+            scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
+            scope.headers.get(FORWARDED_HEADER) is not None)
         vote = _decode(_vote_decoder, body)
         if not IDENTIFIER_PATTERN.match(vote.option):
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         if span is not None:  # a sampled request: the same steps, each in a child span
-            return await self._vote_traced(scope, poll, body, vote, span)
+            return await self._vote_traced(scope, poll, body, vote, span, voter_limited)
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
-        self.limiter.check_voter(claims.voter)
+        if voter_limited:
+            self.limiter.check_voter(claims.voter)
         # Only cluster mode can forward to another node; the embedded path builds nothing.
         request = _forwarded(scope, body) if self._cluster else None
         try:
@@ -314,12 +317,14 @@ class App:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body
 
-    async def _vote_traced(self, scope, poll: str, body: bytes, vote: VoteBody, span):
+    async def _vote_traced(self, scope, poll: str, body: bytes, vote: VoteBody, span,
+                           voter_limited: bool):
         node = self._node()
         with tracing.child(span, "verify-voter-token"):
             claims = tokens.verify_voter_token(
                 self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
-        self.limiter.check_voter(claims.voter)
+        if voter_limited:
+            self.limiter.check_voter(claims.voter)
         request = _forwarded(scope, body) if self._cluster else None
         try:
             with tracing.child(span, "node.vote"):

@@ -190,14 +190,18 @@ class RateLimiter:
     def limiters(self) -> dict[str, Gcra]:
         return {"a": self.address, "p": self.prefix, "v": self.voter}
 
-    def check_client(self, scope_client: str, forwarded_for: str | None) -> None:
+    def check_client(self, scope_client: str, forwarded_for: str | None,
+                     node_forwarded: bool = False) -> bool:
         """Raise RateLimited when the request's client address or its prefix is over its
-        limit. Cheap: runs before the body is read or the token verified."""
+        limit. Cheap: runs before the token is verified. Answers whether the voter limit is
+        still to be checked: not for a vote that another node forwarded (marked so, from an
+        exempt peer: the cluster's own network), as that node checked it already."""
         if not self.enabled:
-            return
-        address = peer_address(scope_client)
+            return False
+        peer = peer_address(scope_client)
+        address = peer
         if self.trusted_proxies:
-            address = forwarded_client(address, forwarded_for, self.trusted_proxies)
+            address = forwarded_client(peer, forwarded_for, self.trusted_proxies)
         keys = self._address_keys
         if address in keys:
             prefix = keys[address]
@@ -208,11 +212,12 @@ class RateLimiter:
                 keys.clear()
             keys[address] = prefix
         if prefix is None:
-            return
+            return not (node_forwarded and address == peer)
         now = self.clock()
         wait_s = self.address.check(address, now) or self.prefix.check(prefix, now)
         if wait_s:
             raise rate_limited(wait_s, "this address")
+        return True
 
     def check_voter(self, voter: int) -> None:
         if not self.enabled:

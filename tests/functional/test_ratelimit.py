@@ -1,6 +1,7 @@
 """Rate limits on a real server (engine/ratelimit.py): one client address over its limit
 gets 429 `rate-limited` with Retry-After (whole seconds >= 1) while other addresses keep
-getting 201; a voter over the voter limit gets 429 instead of 409; every rejection is in
+getting 201; a voter over the voter limit gets 429 instead of 409; X-Forwarded-For names the
+client only when the peer is a trusted proxy; every rejection is in
 /metrics (`vote_rejected_total{reason="rate-limited"}`) and in the poll's results under
 `rejected.rate-limited`.
 
@@ -32,6 +33,7 @@ LIMITED_ENV = {
     "VOTES_RATELIMIT_PREFIX_BURST": "1000",
     "VOTES_RATELIMIT_VOTER_PER_S": str(1 / 60),
     "VOTES_RATELIMIT_VOTER_BURST": str(VOTER_BURST),
+    "VOTES_TRUSTED_PROXIES": "127.0.8.0/24",
 }
 FLOOD_VOTES = 15
 OTHER_ADDRESSES = ("127.0.3.1", "127.0.4.1")
@@ -83,6 +85,25 @@ def test_a_voter_over_its_limit_is_refused(engine, poll) -> None:
     assert statuses == [201] + [409] * (VOTER_BURST - 1) + [429, 429]
 
 
+def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(engine, poll) -> None:
+    proxy = client_from(engine, "127.0.8.1")
+    tokens = iter(engine.voter_tokens(4000, 3 * ADDRESS_BURST + 4, poll=poll))
+
+    def cast_as(client: httpx.Client, forwarded_for: str) -> int:
+        return client.post(f"/v1/polls/{poll}/votes", json={"option": "a"},
+                           headers={**bearer(next(tokens)), "x-forwarded-for": forwarded_for}
+                           ).status_code
+
+    # Behind the proxy each client has its own budget, not the proxy's address.
+    assert [cast_as(proxy, "203.0.113.9") for _ in range(ADDRESS_BURST + 1)] == (
+        [201] * ADDRESS_BURST + [429])
+    assert cast_as(proxy, "198.51.100.20") == 201
+    # A peer that is not a trusted proxy cannot rotate its address through the header.
+    direct = client_from(engine, "127.0.10.1")
+    assert [cast_as(direct, f"192.0.2.{index}") for index in range(ADDRESS_BURST + 2)] == (
+        [201] * ADDRESS_BURST + [429, 429])
+
+
 def rate_limited_metric(client: httpx.Client) -> float:
     text = client.get("/metrics").text
     return sum(sample.value for family in text_string_to_metric_families(text)
@@ -92,7 +113,7 @@ def rate_limited_metric(client: httpx.Client) -> float:
 
 
 def test_rejections_are_counted_in_metrics_and_results(engine, poll) -> None:
-    expected = FLOOD_VOTES - ADDRESS_BURST + 2
+    expected = FLOOD_VOTES - ADDRESS_BURST + 2 + 1 + 2
     client = client_from(engine, "127.0.9.1")
     time.sleep(FLUSH_INTERVAL_S)
     assert rate_limited_metric(client) == expected

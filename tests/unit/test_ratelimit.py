@@ -183,6 +183,16 @@ def test_exempt_networks_skip_address_limits_not_voter_limits() -> None:
         limiter.check_voter(7)
 
 
+def test_votes_forwarded_by_a_node_skip_the_voter_limit_unless_forged() -> None:
+    limiter = RateLimiter(limiter_config(ratelimit_exempt_networks="10.9.0.0/16"), FakeClock())
+    # From a node of the cluster (exempt peer): the forwarding node checked it already.
+    assert limiter.check_client("10.9.0.5:1", None, node_forwarded=True) is False
+    assert limiter.check_client("10.9.0.5:1", None, node_forwarded=False) is True
+    # A client cannot skip the limits by sending the forwarded header itself.
+    assert limiter.check_client("198.51.100.1:1", None, node_forwarded=True) is True
+    assert len(rejections(limiter, "198.51.100.1:1", 5)) == 3
+
+
 def test_forwarded_client_is_limited_from_trusted_proxy() -> None:
     limiter = RateLimiter(limiter_config(trusted_proxies="10.0.0.0/8"), FakeClock())
     assert len(rejections(limiter, "10.0.0.1:1", 5, "203.0.113.5")) == 2
