@@ -164,6 +164,8 @@ class App:
         self.node: Node | None = None
         self._cluster = False
         self._start_task: asyncio.Task | None = None
+        self._ratelimit_sync: GlobalSync | None = None
+        self._ratelimit_task: asyncio.Task | None = None
 
     def __rsgi_init__(self, loop) -> None:
         self.config = config_from_parent()
@@ -193,7 +195,8 @@ class App:
     def __rsgi_del__(self, loop) -> None:
         if self.node is not None:
             loop.run_until_complete(self.node.stop())
-        if self._ratelimit_sync is not None:
+        if self._ratelimit_task is not None and self._ratelimit_sync is not None:
+            self._ratelimit_task.cancel()
             loop.run_until_complete(self._ratelimit_sync.close())
         BUFFERED.flush()
         tracing.shutdown()

@@ -1,7 +1,7 @@
 """Rate limits of the vote path: GCRA per client address, per network prefix and per voter.
 
-Each worker answers every check from its own memory (`Gcra.check`, well under a microsecond,
-perf/bench_micro.py "ratelimit check"); the global view lives in a Redis Cluster and is
+Each worker answers every check from its own memory (`Gcra.check`, well under a microsecond:
+perf/bench_micro.py's "rate limit" line); the global view lives in a Redis Cluster and is
 synchronised in batches by `GlobalSync`, so Redis calls per vote stay far below one.
 
 GCRA keeps one number per key, its theoretical arrival time (TAT): a request at `now` is
@@ -9,10 +9,9 @@ admitted when `max(TAT, now) + interval - now <= interval * burst`, and then mov
 by one interval. So a fresh key takes `burst` requests at once, then one per interval; a
 rejected request answers how long until it would be admitted (Retry-After).
 
-Invariants: a limiter holds at most `keys_max` keys (expired ones dropped first, then the
-oldest-inserted; an
-entry whose TAT has passed carries no state, so its loss changes nothing) and at most
-`keys_max` pending sync counts. A check never waits on Redis: when Redis does not answer, the
+Invariants: a limiter holds at most `keys_max` keys (when full, the expired ones are dropped
+first: an entry whose TAT has passed carries no state, so its loss changes nothing; then the
+oldest-inserted) and at most `keys_max` pending sync counts. A check never waits on Redis: when Redis does not answer, the
 local limits keep working, and what could not be synchronised is counted as fail-open.
 
 The client address is the peer's; X-Forwarded-For is read only when the peer is in
@@ -28,6 +27,7 @@ import logging
 import math
 import time
 import zlib
+from typing import Any
 
 from redis.crc import key_slot
 
@@ -37,8 +37,7 @@ from engine.metrics import RATELIMIT_FAIL_OPEN, RATELIMIT_STORE_CALLS
 
 log = logging.getLogger("votes.ratelimit")
 
-IPV4_PREFIX_BITS = 24
-IPV6_PREFIX_BITS = 56
+IPV6_PREFIX_BITS = 56  # IPv4 prefixes are /24: the first three octets
 RETRY_AFTER_S_MIN = 1
 # Keys per Lua call: bounds one call's size and time in Redis.
 SYNC_KEYS_PER_CALL_MAX = 512
@@ -299,7 +298,7 @@ class GlobalSync:
         self.tags = bucket_tags(self.buckets)
         self.url = config.ratelimit_redis_url
         self.client = client
-        self.script = None
+        self.script: Any = None  # redis-py's AsyncScript, made on the first sync
         self.failing_since: float | None = None
         self.logged_at = 0.0
 
