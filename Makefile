@@ -61,12 +61,14 @@ $(PERF_STAMP): $(STAMP) pyproject.toml
 bench: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro
 	$(BIN)/python -m perf.bench_peers $(BENCH_ARGS)
+	$(BIN)/python -m perf.bench_memory
 	$(BIN)/python -m perf.capacity
 	$(BIN)/python -m perf.targets_report
 
 bench-quick: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro --quick
 	$(BIN)/python -m perf.bench_peers --quick $(BENCH_ARGS)
+	$(BIN)/python -m perf.bench_memory --lookup-s 2
 	$(BIN)/python -m perf.capacity
 	$(BIN)/python -m perf.targets_report
 

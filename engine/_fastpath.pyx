@@ -11,10 +11,10 @@ Why it is fast: votes arrive as packed little-endian uint32 voters and uint16 op
 common case (a live batch: no voter twice, none already voted) is detected with bulk
 roaring operations on a sorted copy (building a roaring bitmap from sorted ids is ~5x
 cheaper than from random ones; a radix sort makes the sorted copy in linear time),
-then the tallies and the receipt locator are updated in C loops. Only mixed groups
+then the tallies and the receipt locator's open run are updated in C loops. Only mixed groups
 (replay overlap, duplicates) take the per-vote path.
 
-The receipt locator (_fastpath_locator.pxi) and the receipt and token loops
+The receipt locator's open run and the sort of a run (_fastpath_locator.pxi) and the receipt and token loops
 (_fastpath_crypto.pxi) are included below, each with its twin in engine/fastpath_py.py.
 """
 
@@ -93,9 +93,9 @@ def apply_group(voters_bitmap, tallies, Locator locator not None, voters_bytes, 
     """Apply one group; return (counted, flags) where flags[i] == 1 iff vote i counted.
 
     voters_bitmap: pyroaring BitMap of voter indexes that already voted in this poll.
-    tallies: array('Q') with one counter per option; locator: the poll's Locator, whose
-    entry is set to locator_value for every vote that counts (the engine stores record
-    offset + 1).
+    tallies: array('Q') with one counter per option; locator: the open run of the poll's
+    receipt locator, which gets an entry (voter, locator_value) for every vote that counts
+    (the engine stores record offset + 1).
     voters_bytes / options_bytes: packed little-endian uint32 / uint16, same length n.
     An option index outside the tallies marks the vote as not counted.
     """
@@ -131,8 +131,9 @@ def apply_group(voters_bitmap, tallies, Locator locator not None, voters_bytes, 
                                                       voter_max)
     if sorted_values != &sorted_view[0]:
         sorted_voters, scratch = scratch, sorted_voters
-    # Every page the votes need exists before anything changes (allocation may fail).
-    locator._reserve(sorted_values, count)
+    # Room for every vote in the locator's open run before anything changes (allocation
+    # may fail).
+    locator._reserve(count)
     cdef bint unique = True
     for index in range(1, count):
         if sorted_values[index] == sorted_values[index - 1]:

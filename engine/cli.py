@@ -63,7 +63,8 @@ def main() -> None:
               help="Fencing groups (divides --shards), fixed when the data dir is created.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
 def serve(data_dir, port, host, workers, shards, groups, config_file) -> None:
-    """Run the engine (Granian RSGI + uvloop) on the embedded durable log."""
+    """Run the engine (Granian RSGI + uvloop): on the embedded durable log, or on Kafka when
+    kafka_bootstrap_servers is configured."""
     try:
         config = load_config(config_file, data_dir=data_dir, port=port, host=host,
                              workers=workers, shards=shards, groups=groups)
@@ -189,15 +190,16 @@ def receipt() -> None:
               help="Where keys/receipt-public.json lives.")
 def receipt_verify(receipt_text, data_dir) -> None:
     """Check a receipt offline against the engine's public key."""
-    from engine.keys import load_keys
+    from engine.keys import RECEIPT_PUBLIC_FILE, keys_dir, load_public_key_document
     from engine.receipts import decode_receipt, receipt_json, verify_receipt
 
     try:
-        keyring = load_keys(Path(data_dir))
+        # The public document alone: an auditor holds no private key file.
+        public_keys = load_public_key_document(keys_dir(Path(data_dir)) / RECEIPT_PUBLIC_FILE)
         decoded = decode_receipt(receipt_text.strip())
     except VotesError as exc:
         _fail(exc)
-    public_key = keyring.receipt_public_keys.get(decoded.key_id)
+    public_key = public_keys.get(decoded.key_id)
     if public_key is None or not verify_receipt(decoded, public_key):
         click.echo("invalid: the receipt does not verify under this engine's public key", err=True)
         sys.exit(1)

@@ -62,6 +62,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # the state grows, and recovery replays at most about this share from the log.
     snapshot_votes_share: float = 0.5
     snapshots_kept: int = 3
+    # Receipt locator (shards/locator_runs.py): entries kept in RAM per poll and shard before
+    # they are sorted into a run file, 12 bytes each (4096: ~1.6 MB for 32 shards).
+    locator_run_entries: int = 4096
     # Forwarding between workers of one host over private unix sockets.
     forward_timeout_s: float = 5.0
     forward_connections_max: int = 64
@@ -181,6 +184,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (1024 <= self.poll_body_bytes_max <= 1 << 24, "poll_body_bytes_max must be in 1KiB..16MiB"),
             (self.segment_bytes_max >= 1 << 16, "segment_bytes_max must be >= 64 KiB"),
             (self.snapshots_kept >= 1, "snapshots_kept must be >= 1"),
+            (1024 <= self.locator_run_entries <= 1 << 20,
+             "locator_run_entries must be in 1024..1048576"),
             (0 <= self.snapshot_votes_share <= 10, "snapshot_votes_share must be in 0..10"),
             (0 <= self.trace_sample_ratio <= 1, "trace_sample_ratio must be in 0..1"),
             (self.forward_timeout_s > 0, "forward_timeout_s must be positive"),

@@ -51,6 +51,7 @@ HmacSha256 = _implementation.HmacSha256
 Locator = _implementation.Locator
 apply_group = _implementation.apply_group
 batch_tree = _implementation.batch_tree
+sort_run = _implementation.sort_run
 token_payload = _implementation.token_payload
 
 __all__ = [
@@ -69,5 +70,6 @@ __all__ = [
     "MerkleTree",
     "apply_group",
     "batch_tree",
+    "sort_run",
     "token_payload",
 ]

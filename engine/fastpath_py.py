@@ -10,68 +10,72 @@ import array
 import binascii
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 from pyroaring import BitMap
 
-PAGE_ENTRIES = 4096  # as the compiled locator's LOCATOR_PAGE_ENTRIES
-
-
 class Locator:
-    """Receipt locator of one poll in one shard: voter index -> (log offset of the record
-    that counted the vote) + 1, 0 for none; pages of PAGE_ENTRIES entries, allocated zeroed
-    when first written (the compiled twin's layout)."""
+    """Open run of one poll's receipt locator in one shard: (voter index, value) pairs in the
+    order they were counted, value = log offset of the record that counted the vote + 1; the
+    newest entry of a voter wins (see the compiled twin)."""
 
-    __slots__ = ("_pages",)
+    __slots__ = ("_voters", "_values")
 
     def __init__(self) -> None:
-        self._pages: dict[int, array.array[int]] = {}
+        self._voters = array.array("I")
+        self._values = array.array("Q")
 
     @property
-    def pages(self) -> int:
-        return len(self._pages)
-
-    def _page(self, number: int) -> array.array[int]:
-        page = self._pages.get(number)
-        if page is None:
-            page = self._pages[number] = array.array("Q", bytes(8 * PAGE_ENTRIES))
-        return page
+    def entries(self) -> int:
+        return len(self._voters)
 
     def get(self, index: int) -> int:
         if index < 0:
             raise IndexError("voter index is negative")
-        page = self._pages.get(index // PAGE_ENTRIES)
-        return 0 if page is None else page[index % PAGE_ENTRIES]
+        for position in range(len(self._voters) - 1, -1, -1):
+            if self._voters[position] == index:
+                return self._values[position]
+        return 0
 
     def set(self, index: int, value: int) -> None:
         if not 0 <= index < 2**32:
             raise IndexError("voter index is outside 0..2**32-1")
-        self._page(index // PAGE_ENTRIES)[index % PAGE_ENTRIES] = value
+        self._voters.append(index)
+        self._values.append(value)
 
-    def page_numbers(self) -> list[int]:
-        return sorted(self._pages)
+    def entries_bytes(self) -> tuple[bytes, bytes]:
+        return self._voters.tobytes(), self._values.tobytes()
 
-    def page_view(self, number: int) -> memoryview:
-        if number not in self._pages:
-            raise IndexError(f"page {number} is not allocated")
-        return memoryview(self._pages[number]).cast("B").toreadonly()
+    def take_sorted(self) -> tuple[bytes, bytes]:
+        voters, values = self.entries_bytes()
+        del self._voters[:], self._values[:]
+        return sort_run(voters, values)
 
     @staticmethod
-    def from_pages(pages: Iterable[tuple[int, bytes]]) -> Locator:
+    def from_entries(voters_bytes: bytes, values_bytes: bytes) -> Locator:
         locator = Locator()
-        for number, page_bytes in pages:
-            if len(page_bytes) != 8 * PAGE_ENTRIES or not 0 <= number < 2**20:
-                raise ValueError(f"locator page {number!r} is not one whole page")
-            locator._pages[number] = array.array("Q", bytes(page_bytes))
+        locator._voters.frombytes(voters_bytes)
+        locator._values.frombytes(values_bytes)
+        if len(locator._voters) != len(locator._values):
+            raise ValueError("a run needs one uint64 value per uint32 voter")
         return locator
-
-    def count_set(self) -> int:
-        return sum(PAGE_ENTRIES - page.count(0) for page in self._pages.values())
 
     @property
     def nbytes(self) -> int:
-        return 8 * PAGE_ENTRIES * len(self._pages)
+        return 12 * len(self._voters)
+
+
+def sort_run(voters_bytes: bytes, values_bytes: bytes) -> tuple[bytes, bytes]:
+    """(voters, values) sorted by voter, the last entry of a voter kept (see the compiled twin)."""
+    voters = array.array("I", voters_bytes)
+    values = array.array("Q", values_bytes)
+    if len(voters) != len(values):
+        raise ValueError("a run needs one uint64 value per uint32 voter")
+    newest = dict(zip(voters, values, strict=True))  # later entries overwrite earlier ones
+    ordered = sorted(newest)
+    return (array.array("I", ordered).tobytes(),
+            array.array("Q", [newest[voter] for voter in ordered]).tobytes())
 
 
 def apply_group(
@@ -88,19 +92,15 @@ def apply_group(
         raise ValueError("voters and options differ in length")
     flags = bytearray(len(voters))
     option_count = len(tallies)
-    pages = locator._pages
     counted = 0
     for index, voter in enumerate(voters):
-        # Every vote's page exists afterwards, counted or not, as in the compiled twin.
-        page = pages.get(voter // PAGE_ENTRIES)
-        if page is None:
-            page = locator._page(voter // PAGE_ENTRIES)
         option = options[index]
         if option >= option_count or voter in voters_bitmap:
             continue
         voters_bitmap.add(voter)
         tallies[option] += 1
-        page[voter % PAGE_ENTRIES] = locator_value
+        locator._voters.append(voter)
+        locator._values.append(locator_value)
         flags[index] = 1
         counted += 1
     return counted, flags

@@ -1,4 +1,4 @@
-"""The `votes keys` and `votes issuer` commands (registered by engine/cli.py).
+"""The `votes keys` commands (registered by engine/cli.py); the issuer role is not built yet.
 
 `keys rotate|retire|list` change the voter and admin token key sets on disk; running servers
 reload them within `token_keys_check_s` (docs/tokens.md has the procedure). Errors a user can

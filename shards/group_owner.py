@@ -46,6 +46,7 @@ from engine.errors import (
 )
 from engine.keys import KeyRing
 from shards.commit import CommitMetrics, GroupCommitter
+from shards.locator_runs import RunWrite, runs_durable, wait_idle
 from shards.pending import (
     AppendInFlight,
     PendingControl,
@@ -170,6 +171,9 @@ class GroupOwner:
             # Let snapshots being written finish before their stores close (bounded: if one
             # does not, its manifest is not replaced and the previous snapshot stays in use).
             await asyncio.wait(writing, timeout=SNAPSHOT_FINISH_WAIT_S)
+        # Run writes and merges end before another owner may attach the same runs (bounded).
+        await wait_idle([poll.locator for state in self.states.values()
+                         for poll in state.polls.values()], SNAPSHOT_FINISH_WAIT_S)
         # An S3 store holds a client session; a group handed over must not leak it.
         for store in self.snapshot_stores.values():
             await store.close()
@@ -256,8 +260,10 @@ class GroupOwner:
 
     async def _receipt_for(self, state: ShardState, poll: PollState,
                            voter_index: int) -> signing.ReceiptDocument | None:
-        offset = state.record_of_voter(poll, voter_index)
+        offset = state.record_of_voter(poll, voter_index)  # LogCorrupt if its runs are damaged
         if offset is None:
+            log.error("shard %d: voter index %d of %s has no locator entry; 409 without "
+                      "its receipt", state.shard, voter_index, poll.definition.poll)
             return None
         signed = self._signed_batches.get(offset)
         if signed is None:
@@ -543,19 +549,22 @@ class GroupOwner:
         the loop. It covers the group's log up to what the group applied."""
         state = self.states[shard]
         state.advance_to(self._wal_offset_next)
-        data = freeze(state)
+        data, locator_writes = freeze(state), state.locator_writes_pending()  # runs it needs
         self._snapshot_votes_applied[shard] = state.votes_applied
         self._snapshot_time_s[shard] = time.monotonic()
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._write_snapshot(shard, data, state.wal_offset_next))
+        task = loop.create_task(self._write_snapshot(shard, data, state.wal_offset_next,
+                                                     locator_writes))
         self._snapshot_tasks[shard] = task
         return task
 
     def snapshot_all(self) -> list[asyncio.Task[None]]:
         return [self.snapshot_now(shard) for shard in self.shards]
 
-    async def _write_snapshot(self, shard: int, data: bytes, wal_offset_next: int) -> None:
+    async def _write_snapshot(self, shard: int, data: bytes, wal_offset_next: int,
+                              locator_writes: Sequence[RunWrite] = ()) -> None:
         try:
+            await runs_durable(locator_writes)  # OSError if one failed: not published
             await self.snapshot_stores[shard].save(data, wal_offset_next)
         except OSError as exc:
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)

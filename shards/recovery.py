@@ -11,15 +11,19 @@ never misread; a new, empty log gets its header before the group serves.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 
 from engine.config import Config
 from engine.errors import LogCorrupt
+from shards.backends import shard_directory
 from shards.pending import check_positions
 from shards.records import LOG_FORMAT, LogHeader, Record, VoteBatch, decode_record, encode_record
 from shards.snapshots import SnapshotStore, snapshot_name
 from shards.state import ShardState
 from shards.wal import Wal
+
+log = logging.getLogger("votes.recovery")
 
 
 def log_header(config: Config, group: int) -> LogHeader:
@@ -53,6 +57,22 @@ def check_header(record: Record, expected: LogHeader, offset: int, location: str
         f"that wrote it; do not point this group at it.")
 
 
+def attach_locator(config: Config, shard: int, state: ShardState | None) -> ShardState:
+    """The shard's state with its receipt locator's runs attached. A snapshot whose runs are
+    not all on this host (a new host, runs lost) is not used: the shard is rebuilt from the
+    log, which rebuilds its locator too (shards/locator_runs.py: runs are derived data)."""
+    directory = shard_directory(config.data_path, shard) / "locator"
+    if state is not None:
+        if state.attach_locator(directory, config.locator_run_entries):
+            return state
+        log.warning("shard %d: the receipt locator runs in %s do not cover its snapshot at "
+                    "offset %d; rebuilding the shard from the log", shard, directory,
+                    state.wal_offset_next)
+    fresh = ShardState(shard, config.shards, config.locator_run_entries)
+    fresh.attach_locator_fresh(directory, config.locator_run_entries)
+    return fresh
+
+
 async def recover_group(group: int, config: Config, wal: Wal,
                         snapshot_stores: Mapping[int, SnapshotStore],
                         ) -> tuple[dict[int, ShardState], int]:
@@ -68,7 +88,7 @@ async def recover_group(group: int, config: Config, wal: Wal,
                 f"{state.shard} of {state.shards_total}, not shard {shard} of {config.shards}: "
                 f"it was written by another layout. Point s3_prefix (or the data dir) at this "
                 f"layout's snapshots, or start with the layout that wrote them.")
-    states = {shard: state or ShardState(shard, config.shards)
+    states = {shard: attach_locator(config, shard, state)
               for shard, state in zip(shards, loaded, strict=True)}
     replay_from = min(state.wal_offset_next for state in states.values())
     header = log_header(config, group)
@@ -91,6 +111,12 @@ async def recover_group(group: int, config: Config, wal: Wal,
                 f"snapshot {snapshot_name(state.wal_offset_next)} of shard {shard} in "
                 f"{snapshot_stores[shard].location()} covers the log up to "
                 f"{state.wal_offset_next} but the log ends at {end_offset} "
+                f"({wal.location()}): the log lost acknowledged records")
+        if state.locator_covered_next() > end_offset:
+            # Runs point at records the log no longer has: their receipts would be wrong.
+            raise LogCorrupt(
+                f"the receipt locator runs of shard {shard} cover the log up to "
+                f"{state.locator_covered_next()} but the log ends at {end_offset} "
                 f"({wal.location()}): the log lost acknowledged records")
     # No record at all: a new log. Its end need not be 0 (Kafka's owner markers, which
     # replay skips, come first), so "empty" is judged by the records, not the offset.

@@ -1,5 +1,11 @@
 """Shard snapshots: a frozen copy of bitmaps, tallies, locators and the WAL offset they cover.
 
+A poll's receipt locator is carried as its open run (and the log offset it starts at); the
+sealed runs before it are run files beside the snapshots (shards/locator_runs.py), which
+must be durable before the snapshot is published (GroupOwner waits for their writes), and
+which recovery attaches after thawing (ShardState.attach_locator). Without a locator
+directory every entry is carried inline.
+
 `freeze` runs synchronously on the event loop between two applied records (a batch
 boundary), so the copy is consistent; writing it out happens afterwards, off the loop.
 A store keeps, per shard, snapshot objects plus a manifest listing them newest first with
@@ -23,12 +29,13 @@ import os
 import time
 from pathlib import Path
 from collections.abc import Awaitable
-from typing import Protocol, cast
+from typing import Protocol
 
 import msgspec
 from pyroaring import BitMap
 
 from engine.fastpath import Locator
+from shards.locator_runs import PollLocator
 from shards.records import PollCreated
 from shards.segment_log import fsync_directory
 from shards.state import PollState, ShardState
@@ -41,8 +48,11 @@ class PollSnapshot(msgspec.Struct, array_like=True, frozen=True):
     closed_ms: int | None
     voters: bytes  # roaring portable serialization
     tallies: list[int]
-    # The receipt locator's allocated pages: (page number, 4096 little-endian uint64).
-    locator: list[tuple[int, bytes]]
+    # The receipt locator's open run: the log offset from which it holds the counted votes
+    # (run files cover what lies before), packed uint32 voter indexes and uint64 values.
+    locator_open_from: int
+    locator_voters: bytes
+    locator_values: bytes
 
 
 class ShardSnapshot(msgspec.Struct, array_like=True, frozen=True):
@@ -75,25 +85,19 @@ _manifest_decoder = msgspec.json.Decoder(Manifest)
 def freeze(state: ShardState) -> bytes:
     """Serialize the whole shard state in one synchronous step (a batch boundary).
 
-    It runs on the event loop, so it copies the receipt locator (8 bytes per voter index,
-    16 MB at 2M voters) once, straight into the encoded snapshot, through a memoryview per
-    page: a copy first (tobytes) cost a second one, ~15 ms of stalled loop at 2M voters. The
-    views are released before this returns."""
-    views = []
+    It runs on the event loop; a locator adds only its open run (at most
+    locator_run_entries + one group's votes, 12 bytes each) when runs go to a directory."""
     polls = []
     for poll in state.polls.values():
-        pages = []
-        for number in poll.locator.page_numbers():
-            view = poll.locator.page_view(number)
-            views.append(view)
-            pages.append((number, view))  # msgspec writes any bytes-like as msgpack bin
+        open_from, voters, values = poll.locator.snapshot_entries()
         polls.append(PollSnapshot(
             definition=poll.definition,
             closed_ms=poll.closed_ms,
             voters=poll.voters.serialize(),
             tallies=poll.tallies.tolist(),
-            # The field is `bytes` because decoding yields bytes; encoding takes any buffer.
-            locator=cast("list[tuple[int, bytes]]", pages),
+            locator_open_from=open_from,
+            locator_voters=voters,
+            locator_values=values,
         ))
     snapshot = ShardSnapshot(
         shard=state.shard,
@@ -103,12 +107,7 @@ def freeze(state: ShardState) -> bytes:
         votes_applied=state.votes_applied,
         polls=polls,
     )
-    try:
-        return _snapshot_encoder.encode(snapshot)
-    finally:
-        del snapshot, polls
-        for view in views:
-            view.release()
+    return _snapshot_encoder.encode(snapshot)
 
 
 def thaw(data: bytes) -> ShardState:
@@ -118,11 +117,12 @@ def thaw(data: bytes) -> ShardState:
     state.batch_seq_next = snapshot.batch_seq_next
     state.votes_applied = snapshot.votes_applied
     for poll_snapshot in snapshot.polls:
-        poll = PollState(poll_snapshot.definition)
+        open_run = Locator.from_entries(poll_snapshot.locator_voters, poll_snapshot.locator_values)
+        poll = PollState(poll_snapshot.definition,
+                         PollLocator(open_from=poll_snapshot.locator_open_from, open_run=open_run))
         poll.closed_ms = poll_snapshot.closed_ms
         poll.voters = BitMap.deserialize(poll_snapshot.voters)
         poll.tallies = array.array("Q", poll_snapshot.tallies)
-        poll.locator = Locator.from_pages(poll_snapshot.locator)
         state.polls[poll_snapshot.definition.poll] = poll
     return state
 

@@ -8,20 +8,23 @@ record of a type this code does not know is LogCorrupt, never skipped.
 Voter ids map to shards as `shard = voter_id mod shards` and to bitmap positions as
 `voter_index = voter_id div shards`, which keeps each shard's bitmap dense.
 
-The receipt locator (engine.fastpath.Locator: per voter_index, the log offset of the record
+The receipt locator (shards/locator_runs.py: per voter_index, the log offset of the record
 that counted the vote + 1) lets a repeat vote get its original receipt back by reading one
-record; it costs 8 bytes per voter index, in pages of 4096 indexes allocated as votes reach
-them, whatever the number of batches.
+record. It keeps a bounded open run in RAM and the rest in sorted run files under the
+shard's locator directory (`attach_locator`); without one (replay tools, tests) every run
+stays in RAM.
 """
 
 from __future__ import annotations
 
 import array
+from pathlib import Path
 
 from pyroaring import BitMap
 
 from engine.errors import LogCorrupt
-from engine.fastpath import Locator, apply_group
+from engine.fastpath import apply_group
+from shards.locator_runs import RUN_ENTRIES_DEFAULT, PollLocator, RunWrite, poll_directory
 from shards.records import LogHeader, PollClosed, PollCreated, Record, VoteBatch
 
 # Outcome of one vote when its record is applied.
@@ -33,12 +36,12 @@ NOT_OPEN = 2  # the poll was unknown or already closed at this point in the log
 class PollState:
     __slots__ = ("definition", "option_index", "voters", "tallies", "locator", "closed_ms")
 
-    def __init__(self, definition: PollCreated) -> None:
+    def __init__(self, definition: PollCreated, locator: PollLocator | None = None) -> None:
         self.definition = definition
         self.option_index = {option: index for index, option in enumerate(definition.options)}
         self.voters = BitMap()
         self.tallies = array.array("Q", bytes(8 * len(definition.options)))
-        self.locator = Locator()
+        self.locator = locator if locator is not None else PollLocator()
         self.closed_ms: int | None = None
 
     @property
@@ -50,9 +53,12 @@ class PollState:
 
 
 class ShardState:
-    def __init__(self, shard: int, shards_total: int) -> None:
+    def __init__(self, shard: int, shards_total: int,
+                 locator_run_entries: int = RUN_ENTRIES_DEFAULT) -> None:
         self.shard = shard
         self.shards_total = shards_total
+        self.locator_run_entries = locator_run_entries
+        self.locator_directory: Path | None = None
         self.polls: dict[str, PollState] = {}
         self.wal_offset_next = 0  # the log offset just after the last applied record
         self.batch_seq_next = 0
@@ -73,10 +79,14 @@ class ShardState:
             return [None] * len(record.groups) if isinstance(record, VoteBatch) else []
         outcomes: list[bytearray | None] = []
         if isinstance(record, VoteBatch):
-            outcomes = self._apply_votes(offset, record)
+            outcomes = self._apply_votes(offset, next_offset, record)
         elif isinstance(record, PollCreated):
             if record.poll not in self.polls:
-                self.polls[record.poll] = PollState(record)
+                locator = PollLocator(self.locator_run_entries)
+                if self.locator_directory is not None:
+                    # A poll the state did not hold: no snapshot relies on runs left for it.
+                    locator.attach_fresh(poll_directory(self.locator_directory, record.poll))
+                self.polls[record.poll] = PollState(record, locator)
         elif isinstance(record, PollClosed):
             poll = self.polls.get(record.poll)
             if poll is not None and poll.closed_ms is None:
@@ -96,7 +106,34 @@ class ShardState:
         shard had no part in change nothing here, and a snapshot of it covers them."""
         self.wal_offset_next = max(self.wal_offset_next, wal_offset_next)
 
-    def _apply_votes(self, offset: int, batch: VoteBatch) -> list[bytearray | None]:
+    def attach_locator(self, directory: Path, run_entries: int) -> bool:
+        """Keep the polls' locator runs in `directory`: True if the runs there cover what
+        this state (a thawed snapshot) relies on, else False and nothing is attached (the
+        caller rebuilds the shard from the log)."""
+        for poll_id, poll in self.polls.items():
+            poll.locator.run_entries = run_entries
+            if not poll.locator.attach(poll_directory(directory, poll_id)):
+                return False
+        self.locator_directory = directory
+        self.locator_run_entries = run_entries
+        return True
+
+    def attach_locator_fresh(self, directory: Path, run_entries: int) -> None:
+        """Keep locator runs in `directory`, a state with no poll yet (rebuilt from the log)."""
+        if self.polls:
+            raise ValueError("a fresh locator directory is for a state with no poll")
+        self.locator_directory = directory
+        self.locator_run_entries = run_entries
+
+    def locator_covered_next(self) -> int:
+        """The furthest log offset a receipt locator run of this shard covers."""
+        return max((poll.locator.covered_next for poll in self.polls.values()), default=0)
+
+    def locator_writes_pending(self) -> list[RunWrite]:
+        """Run files a snapshot frozen now relies on and that are still being written."""
+        return [future for poll in self.polls.values() for future in poll.locator.writes_pending()]
+
+    def _apply_votes(self, offset: int, next_offset: int, batch: VoteBatch) -> list[bytearray | None]:
         self.batch_seq_next = max(self.batch_seq_next, batch.batch_seq + 1)
         outcomes: list[bytearray | None] = []
         for group in batch.groups:
@@ -105,8 +142,10 @@ class ShardState:
                 outcomes.append(None)
                 continue
             counted, flags = apply_group(
-                poll.voters, poll.tallies, poll.locator, group.voters, group.options, offset + 1
+                poll.voters, poll.tallies, poll.locator.open_run, group.voters, group.options,
+                offset + 1
             )
+            poll.locator.after_apply(next_offset)
             self.votes_applied += counted
             outcomes.append(flags)
         return outcomes

@@ -12,6 +12,7 @@ import datetime
 import itertools
 import json
 import re
+import shutil
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -247,6 +248,15 @@ def test_receipt_verify_accepts_real_and_rejects_tampered(server, client, admin)
 
     good = server.run_cli("receipt", "verify", receipt, check=False)
     assert good.returncode == 0, good.stdout + good.stderr
+
+    # An auditor holds the public key document only, no private key file.
+    auditor = server.data_dir.parent / "auditor"
+    (auditor / "keys").mkdir(parents=True, exist_ok=True)
+    shutil.copy(server.data_dir / "keys" / "receipt-public.json", auditor / "keys")
+    public_only = cli.run_cli("receipt", "verify", receipt, "--data-dir", str(auditor),
+                              check=False)
+    assert public_only.returncode == 0, public_only.stdout + public_only.stderr
+    assert public_only.stdout.startswith("valid: "), public_only.stdout
 
     bad = server.run_cli("receipt", "verify", flip_middle(receipt), check=False)
     assert bad.returncode != 0

@@ -1,10 +1,10 @@
 """Proves that the compiled engine._fastpath.apply_group and its pure-Python twin give the same
-(counted, flags), bitmaps, tallies and receipt locators (entries and allocated pages) on the
-same random inputs (duplicates in a group, voters already counted, option indexes past the
+(counted, flags), bitmaps, tallies and receipt locator open runs (their entries by meaning) on
+the same random inputs (duplicates in a group, voters already counted, option indexes past the
 option count, empty groups, voters far apart), that re-applying a group changes nothing, that
-both Locators keep the same entries and pages (a voter index near 2**32 costs one page, not a
-locator up to it), and that a run demanding the compiled module (VOTES_REQUIRE_CYTHON=1)
-fails when it did not load.
+both sort_run give the same sorted run keeping each voter's newest entry, that both Locators
+read each other's entries, and that a run demanding the compiled module
+(VOTES_REQUIRE_CYTHON=1) fails when it did not load.
 """
 
 from __future__ import annotations
@@ -26,19 +26,12 @@ else:
 
 VOTER_INDEX_MAX = 2**32 - 1
 MODULES = {"cython": compiled, "python": fastpath_py}
-PAGE_ENTRIES = fastpath_py.PAGE_ENTRIES
 
 
 def locator_entries(locator) -> dict[int, int]:
-    """Every entry that is not 0, read page by page through page_view."""
-    entries = {}
-    for number in locator.page_numbers():
-        page = array.array("Q")
-        page.frombytes(locator.page_view(number))
-        assert len(page) == PAGE_ENTRIES
-        entries.update({number * PAGE_ENTRIES + slot: value
-                        for slot, value in enumerate(page) if value})
-    return entries
+    """The open run's entries by meaning: voter -> its newest value."""
+    voters, values = locator.entries_bytes()
+    return dict(zip(array.array("I", voters), array.array("Q", values), strict=True))
 
 
 class GroupState:
@@ -63,8 +56,7 @@ class GroupState:
                                        locator_value)
 
     def snapshot(self) -> tuple:
-        return (list(self.voters), self.tallies.tolist(), locator_entries(self.locator),
-                self.locator.page_numbers())
+        return list(self.voters), self.tallies.tolist(), locator_entries(self.locator)
 
 
 def voter_indexes() -> st.SearchStrategy[int]:
@@ -136,9 +128,7 @@ def test_both_implementations_agree_group_after_group(scenario) -> None:
         for voter, flag in zip(packed, expected[1]):
             if flag:
                 assert states["cython"].locator.get(voter) == locator_value
-        # Every vote's page exists, counted or not (the compiled twin reserves them first).
-        assert {voter // PAGE_ENTRIES for voter in packed} <= set(
-            states["cython"].locator.page_numbers())
+                assert states["python"].locator.get(voter) == locator_value
 
 
 @given(scenarios())
@@ -166,9 +156,8 @@ def test_a_fresh_unique_group_counts_every_vote_once(name: str) -> None:
     assert state.tallies.tolist() == [12, 1, 2]
     assert locator_entries(state.locator) == {0: 41, 3: 41, 8: 41, 1_000_000: 41,
                                               2**32 - 1: 41}
-    # Three pages of 32 KiB, though the highest index is 2**32 - 1.
-    assert state.locator.page_numbers() == [0, 1_000_000 // PAGE_ENTRIES, (2**32 - 1) // PAGE_ENTRIES]
-    assert state.locator.nbytes == 3 * 8 * PAGE_ENTRIES
+    # 12 bytes per entry, though the highest index is 2**32 - 1.
+    assert state.locator.entries == 5
     assert [state.locator.get(i) for i in (7, 2**32, 2**40)] == [0, 0, 0]
 
 
@@ -180,29 +169,38 @@ def test_an_empty_group_changes_nothing(name: str) -> None:
     assert state.snapshot() == before
 
 
-def test_both_locators_use_one_page_size() -> None:
-    """Snapshots carry whole pages: the two implementations must agree on their size."""
-    assert compiled.PAGE_ENTRIES == fastpath_py.PAGE_ENTRIES
+@given(st.lists(st.tuples(st.one_of(st.integers(0, 50), st.integers(0, VOTER_INDEX_MAX)),
+                          st.integers(0, 2**64 - 1)), max_size=300))
+def test_both_sort_runs_keep_each_voters_newest_entry_in_voter_order(entries) -> None:
+    voters = array.array("I", [voter for voter, _ in entries]).tobytes()
+    values = array.array("Q", [value for _, value in entries]).tobytes()
+    newest = dict(entries)
+    expected = (array.array("I", sorted(newest)).tobytes(),
+                array.array("Q", [newest[voter] for voter in sorted(newest)]).tobytes())
+    assert compiled.sort_run(voters, values) == fastpath_py.sort_run(voters, values) == expected
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_locator_pages_round_trip(name: str) -> None:
+def test_locator_entries_round_trip(name: str) -> None:
     locator = MODULES[name].Locator()
-    for index, value in ((0, 1), (4095, 2), (4096, 3), (2**32 - 1, 2**64 - 1)):
+    for index, value in ((4096, 3), (0, 1), (2**32 - 1, 2**64 - 1), (4095, 2), (0, 5)):
         locator.set(index, value)
-    pages = [(number, bytes(locator.page_view(number))) for number in locator.page_numbers()]
-    for module in MODULES.values():  # either implementation reads the other's pages
-        copy = module.Locator.from_pages(pages)
-        assert locator_entries(copy) == {0: 1, 4095: 2, 4096: 3, 2**32 - 1: 2**64 - 1}
-        assert copy.count_set() == 4 and copy.pages == 3
+    assert locator.get(0) == 5  # the newest entry of a voter wins
+    entries = locator.entries_bytes()
+    for module in MODULES.values():  # either implementation reads the other's entries
+        copy = module.Locator.from_entries(*entries)
+        assert copy.entries == 5 and copy.get(0) == 5 and copy.get(4095) == 2
+        assert copy.take_sorted() == (array.array("I", [0, 4095, 4096, 2**32 - 1]).tobytes(),
+                                      array.array("Q", [5, 2, 3, 2**64 - 1]).tobytes())
+        assert copy.entries == 0 and copy.get(0) == 0
     with pytest.raises(ValueError):
-        MODULES[name].Locator.from_pages([(0, b"\x00" * 8)])
+        MODULES[name].Locator.from_entries(b"\x00" * 4, b"")
+    with pytest.raises(ValueError):
+        MODULES[name].sort_run(b"\x00" * 8, b"\x00" * 8)
     with pytest.raises(IndexError):
         locator.set(2**32, 1)
     with pytest.raises(IndexError):
         locator.get(-1)
-    with pytest.raises(IndexError):
-        locator.page_view(5)
 
 
 @pytest.mark.parametrize(
@@ -230,3 +228,4 @@ def test_the_compiled_module_is_in_use_when_required() -> None:
     assert fastpath.IMPLEMENTATION == "cython"
     assert fastpath.apply_group is compiled.apply_group
     assert fastpath.Locator is compiled.Locator
+    assert fastpath.sort_run is compiled.sort_run
