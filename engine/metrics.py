@@ -88,6 +88,17 @@ WAL_PENDING_VOTES = Gauge(
     ["group"], multiprocess_mode="livesum",
 )
 
+# Written by the rate limiter's sync task (engine/ratelimit.py), a few times per second.
+RATELIMIT_FAIL_OPEN = Counter(
+    "vote_ratelimit_fail_open_total",
+    "Requests let through because the rate limiter's store did not answer (their counts "
+    "never reached the global view; local limits still applied)",
+)
+RATELIMIT_STORE_CALLS = Counter(
+    "vote_ratelimit_store_calls_total",
+    "Calls to the rate limiter's store (one Lua call per bucket per sync), answered or not",
+)
+
 for _kind in WAL_APPEND_ERROR_KINDS:  # exported as 0 from the start, so rate() has a base
     WAL_APPEND_ERRORS.labels(_kind)
 
@@ -101,9 +112,6 @@ AWAITING_HOOK: dict[str, str] = {
 # export. tests/unit/test_alert_rules.py accepts these and AWAITING_HOOK's names besides
 # what a running engine exports, and prints them.
 NOT_YET_EMITTED: dict[str, tuple[str, str]] = {
-    "vote_ratelimit_fail_open_total": (
-        "counter", "Requests let through because the rate limiter's store did not answer "
-        "(issue 12)"),
     "vote_replication_lag_seconds": (
         "gauge", "Age of the newest WAL record the other region has applied (issue 13)"),
     "vote_crdt_recount_disagreements_total": (
