@@ -121,6 +121,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group_map: str = ""
     lease_ttl_s: float = 3.0
     lease_renew_s: float = 1.0
+    # The issuer role (`votes issuer`, docs/tokens.md "Issuer role"): the OIDC provider whose
+    # ID tokens it accepts (its issuer URL, discovery at <url>/.well-known/...), the audience
+    # they must name (our client id there), the PostgreSQL holding voter_identities, and the
+    # lifetime and country of the voter tokens it issues (region: `region` above).
+    issuer_oidc_url: str = ""
+    issuer_oidc_audience: str = ""
+    issuer_database_url: str = ""
+    issuer_token_ttl_s: int = 3600
+    issuer_country: str = "ZZ"
 
     def resolved(self) -> "Config":
         """This config with `groups = 0` replaced by the number it stands for."""
@@ -173,6 +182,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (10 <= self.results_publish_ms <= 60_000, "results_publish_ms must be in 10..60000"),
             (1 <= self.results_subscribers_max <= 1_000_000,
              "results_subscribers_max must be in 1..1000000"),
+            (60 <= self.issuer_token_ttl_s <= 7 * 86400,
+             "issuer_token_ttl_s must be in 60..604800"),
+            (not self.issuer_oidc_url
+             or self.issuer_oidc_url.startswith(("https://", "http://127.0.0.1",
+                                                 "http://localhost")),
+             "issuer_oidc_url must be https:// (plain http only on 127.0.0.1/localhost)"),
+            (not self.issuer_database_url
+             or self.issuer_database_url.startswith(("postgresql://", "postgres://")),
+             "issuer_database_url must be a postgresql:// URL"),
+            (1 <= len(self.issuer_country) <= 8, "issuer_country must be 1..8 characters"),
         ]
         for ok, message in checks:
             if not ok:
