@@ -8,7 +8,8 @@ provider's OIDC ID token for a voter token.
   for config `region` / `issuer_country`, valid issuer_token_ttl_s, bound to `poll` if given.
   401 for a bad, expired or foreign ID token (a fixed detail: nothing of the input is echoed);
   503 when the provider or PostgreSQL cannot be reached.
-- GET /healthz; GET /readyz (200 when PostgreSQL answers).
+- GET /healthz (the process serves HTTP; whether PostgreSQL and the provider answer shows
+  on the next exchange, as 201 or 503).
 The voter token keys are the data dir's, reloaded when `votes keys rotate|retire` replaces
 them (checked every token_keys_check_s), as the ingest role does.
 """
@@ -174,9 +175,6 @@ class IssuerApp:
             return 201, [*JSON, ("cache-control", "no-store")], _encoder.encode(answer)
         if path == "/healthz":
             return 200, JSON, b'{"status":"ok"}'
-        if path == "/readyz":
-            ready = await issuer.identities.ready()
-            return (200 if ready else 503), JSON, _encoder.encode({"ready": ready})
         raise NotFound("no such route")
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from engine.errors import NotReady
 
@@ -92,7 +92,7 @@ class VoterIdentities:
                     if found is None:
                         found = await connection.fetchval(INSERT_IDENTITY, issuer, subject,
                                                           timeout=STATEMENT_TIMEOUT_S)
-                if found is None:  # the lock's hash missed a racer; the primary key did not
+                if found is None:  # not while every writer takes the lock; the key holds anyway
                     found = await connection.fetchval(SELECT_VOTER_ID, issuer, subject,
                                                       timeout=STATEMENT_TIMEOUT_S)
                 if found is None:
@@ -122,15 +122,6 @@ class VoterIdentities:
                     raise
                 self.pool = pool
         return self.pool
-
-    async def ready(self) -> bool:
-        try:
-            pool = await self._pool()
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as connection:
-                await connection.fetchval("SELECT 1", timeout=STATEMENT_TIMEOUT_S)
-            return True
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return False
 
     async def close(self) -> None:
         if self.pool is not None:

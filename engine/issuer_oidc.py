@@ -140,7 +140,9 @@ class OidcVerifier:
         algorithms = tuple(alg for alg in ALGORITHMS if alg in advertised)
         document = await self._fetch_json(discovery["jwks_uri"])
         try:
-            key_set = KeySet.import_key_set(document)
+            if not isinstance(document, dict):
+                raise ValueError("the JWKS is not a JSON object")
+            key_set = KeySet.import_key_set(document)  # type: ignore[arg-type]
         except (JoseError, ValueError, TypeError, KeyError) as exc:
             log.error("issuer: the JWKS of %s does not import: %r", self.issuer_url, exc)
             raise ProviderUnavailable() from None
