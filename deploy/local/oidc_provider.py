@@ -13,18 +13,31 @@ time), so `down` never signals an unrelated process. Every wait is bounded.
 
 Python API: ``OidcProvider(state_dir, port).up()`` -> dict, ``.healthy()``, ``.down()``,
 ``.restart()`` (a new signing key: the JWKS rotates).
+
+Real ID tokens from it, for tests and local tries:
+- ``login_id_token(issuer_url, login)``: a person's login, the real authorization-code flow
+  driven with httpx: /auth, the provider's login form (development interactions: any login
+  name, any password), its consent form, the redirect with the code, then the token
+  endpoint with the client's secret; at most FLOW_STEPS_MAX requests.
+- ``granted_id_token(issuer_url, subject)``: the provider's test-only grant
+  (client-authenticated), which signs an ID token for any subject, optionally already
+  expired: quick, for many identities.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+import httpx
 
 from deploy.local.processes import Service, StackError, install_debian_package, terminate
 
@@ -37,6 +50,9 @@ STOP_TIMEOUT_S = 10.0
 DEFAULT_PORT = 19950
 DEFAULT_CLIENT_ID = "votes-issuer"
 DEFAULT_CLIENT_SECRET = "local-client-secret"
+TEST_GRANT = "urn:votes:test:id-token"
+FLOW_STEPS_MAX = 12
+REQUEST_TIMEOUT_S = 5.0
 
 
 def ensure_installed() -> Path:
@@ -116,6 +132,57 @@ class OidcProvider:
         return {"issuer": self.issuer_url, "port": self.port, "client_id": self.client_id,
                 "pid": self.service.pid() if self.service.alive() else None,
                 "log": str(self.service.log_file)}
+
+
+def login_id_token(issuer_url: str, login: str, *, client_id: str = DEFAULT_CLIENT_ID,
+                   client_secret: str = DEFAULT_CLIENT_SECRET) -> str:
+    redirect_uri = f"{issuer_url}/callback"
+    state = secrets.token_urlsafe(16)
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S, follow_redirects=False) as client:
+        response = client.get(f"{issuer_url}/auth", params={
+            "client_id": client_id, "response_type": "code", "scope": "openid",
+            "redirect_uri": redirect_uri, "state": state, "nonce": secrets.token_urlsafe(16)})
+        for _ in range(FLOW_STEPS_MAX):
+            if response.status_code in (302, 303):
+                location = urljoin(str(response.url), response.headers["location"])
+                if location.startswith(redirect_uri):
+                    query = parse_qs(urlsplit(location).query)
+                    if query.get("state") != [state]:
+                        raise StackError(f"the login came back with another state: {query}")
+                    return _exchange(client, issuer_url, query["code"][0], redirect_uri,
+                                     client_id, client_secret)
+                response = client.get(location)
+            elif response.status_code == 200 and 'name="prompt" value="login"' in response.text:
+                response = client.post(str(response.url), data={
+                    "prompt": "login", "login": login, "password": "any"})
+            elif response.status_code == 200 and 'name="prompt" value="consent"' in response.text:
+                response = client.post(str(response.url), data={"prompt": "consent"})
+            else:
+                raise StackError(f"unexpected answer {response.status_code} at "
+                                 f"{response.url}: {response.text[:500]}")
+    raise StackError(f"the login flow did not end within {FLOW_STEPS_MAX} steps")
+
+
+def _exchange(client: httpx.Client, issuer_url: str, code: str, redirect_uri: str,
+              client_id: str, client_secret: str) -> str:
+    answer = client.post(f"{issuer_url}/token", auth=(client_id, client_secret), data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri})
+    if answer.status_code != 200:
+        raise StackError(f"the token endpoint answered {answer.status_code}: {answer.text[:500]}")
+    return answer.json()["id_token"]
+
+
+def granted_id_token(issuer_url: str, subject: str, *, client_id: str = DEFAULT_CLIENT_ID,
+                     client_secret: str = DEFAULT_CLIENT_SECRET,
+                     expires_in_s: int | None = None) -> str:
+    data = {"grant_type": TEST_GRANT, "subject": subject}
+    if expires_in_s is not None:
+        data["expires_in_s"] = str(expires_in_s)
+    answer = httpx.post(f"{issuer_url}/token", auth=(client_id, client_secret), data=data,
+                        timeout=REQUEST_TIMEOUT_S)
+    if answer.status_code != 200:
+        raise StackError(f"the token endpoint answered {answer.status_code}: {answer.text[:500]}")
+    return answer.json()["id_token"]
 
 
 def main(argv: list[str] | None = None) -> int:

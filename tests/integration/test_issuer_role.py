@@ -33,7 +33,7 @@ from engine.tokens import issue_admin_token, verify_voter_token
 from tests.support import http_client
 from tests.support.cli import cli_command
 from tests.support.engine_process import EngineProcess, free_port
-from tests.support.oidc import granted_id_token, login_id_token
+from deploy.local.oidc_provider import granted_id_token, login_id_token
 from tests.support.waiting import wait_until
 
 DATABASE = "issuer_test"
@@ -62,7 +62,7 @@ def issuer_role(data_dir: Path, log_path: Path, *, oidc_url: str, database_url: 
         def healthy() -> bool:
             assert process.poll() is None, f"votes issuer exited ({log_path})"
             try:
-                return httpx.get(base_url + "/healthz", timeout=1.0).status_code == 200
+                return http_client.get(base_url + "/healthz", timeout_s=1.0).status_code == 200
             except httpx.TransportError:
                 return False
         wait_until(healthy, START_WAIT_S, f"votes issuer to answer /healthz ({log_path})")
