@@ -12,6 +12,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -184,9 +185,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "results_subscribers_max must be in 1..1000000"),
             (60 <= self.issuer_token_ttl_s <= 7 * 86400,
              "issuer_token_ttl_s must be in 60..604800"),
-            (not self.issuer_oidc_url
-             or self.issuer_oidc_url.startswith(("https://", "http://127.0.0.1",
-                                                 "http://localhost")),
+            (not self.issuer_oidc_url or _secure_or_local_url(self.issuer_oidc_url),
              "issuer_oidc_url must be https:// (plain http only on 127.0.0.1/localhost)"),
             (not self.issuer_database_url
              or self.issuer_database_url.startswith(("postgresql://", "postgres://")),
@@ -229,6 +228,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def uses_s3(self) -> bool:
         return bool(self.s3_bucket)
+
+
+def _secure_or_local_url(url: str) -> bool:
+    """https, or http to this host only: an ID token's keys must not travel in the clear."""
+    parts = urlsplit(url)
+    return bool(parts.hostname) and (parts.scheme == "https" or (
+        parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")))
 
 
 def parse_group_map(text: str, groups: int) -> dict[int, str]:

@@ -213,6 +213,11 @@ def test_bad_tokens_answer_401_without_echoing_them(issuer, oidc_provider):
         assert answer.json()["type"] == f"/problems/{slug}"
         assert subject not in answer.text and token[:20] not in answer.text
     assert exchange(base_url, good).status_code == 201  # the untampered one was fine
+    with http_client.client_for(base_url) as client:
+        assert client.post("/v1/voter-tokens", json={"id_token": good, "extra": 1}
+                           ).status_code == 400
+        assert client.post("/v1/voter-tokens", content=b"{" + b" " * 10_000 + b"}"
+                           ).status_code == 413
 
 
 def test_unreachable_database_or_provider_answers_503(tmp_path, oidc_provider):

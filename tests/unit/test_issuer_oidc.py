@@ -246,3 +246,29 @@ def test_provider_down_is_unavailable_and_stale_keys_are_bounded() -> None:
             await verifier.verify(signed(claims()))
 
     asyncio.run(scenario())
+
+
+# --- the issuer's config fields ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("issuer_token_ttl_s", 59), ("issuer_token_ttl_s", 8 * 86400),
+    ("issuer_oidc_url", "http://idp.example.test"),  # plain http off this host
+    ("issuer_oidc_url", "http://127.0.0.1.example.test"), ("issuer_oidc_url", "ftp://x"),
+    ("issuer_database_url", "mysql://x"), ("issuer_country", ""),
+])
+def test_issuer_config_checks_refuse(field: str, value) -> None:
+    from engine.config import load_config
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_config(None, **{field: value})
+
+
+def test_issuer_config_accepts_a_local_provider() -> None:
+    from engine.config import load_config
+
+    config = load_config(None, issuer_oidc_url="http://127.0.0.1:19950",
+                         issuer_database_url="postgresql://postgres@127.0.0.1:19960/x",
+                         issuer_token_ttl_s=600)
+    assert (config.issuer_token_ttl_s, config.issuer_country) == (600, "ZZ")
