@@ -18,6 +18,10 @@ Invariants:
 - A run file is written on a thread, fsynced and renamed into place before any snapshot
   that relies on it is published (`writes_pending` lets the snapshot wait for it); until
   then its entries stay in RAM and answer lookups.
+- A snapshot also carries the entries of the runs it relies on (`snapshot_sources`, read
+  off the loop by the snapshot writer), so a host without the run files (a group moved or
+  taken over, files lost) recovers from the snapshot alone: `attach` writes them out when
+  the directory does not cover the snapshot.
 - A damaged run file raises LogCorrupt naming the file; a missing answer is never made up.
 - At most RUNS_MAX runs per poll once merges catch up: a lookup costs at most one bisect of
   the fences and one pread of a block per run.
@@ -120,13 +124,15 @@ class PollLocator:
     not attached yet: a lookup that misses the open run then raises instead of answering."""
 
     def __init__(self, run_entries: int = RUN_ENTRIES_DEFAULT, open_from: int = 0,
-                 open_run: Locator | None = None) -> None:
+                 open_run: Locator | None = None, runs: list[Run] | None = None) -> None:
         self.run_entries = run_entries
         self.open_run = open_run if open_run is not None else Locator()
         self.open_from = open_from
         self.directory: Path | None = None
-        self.runs: list[Run] = []  # oldest first
-        self._seq_next = 0
+        # Oldest first. A thawed snapshot's runs start here in RAM (their entries travel
+        # with the snapshot) until `attach` finds them on disk or writes them out.
+        self.runs: list[Run] = list(runs) if runs is not None else []
+        self._seq_next = max((run.seq for run in self.runs), default=-1) + 1
         self._merging: Future[Run] | None = None
         self._merge_inputs: list[Run] = []
 
@@ -140,7 +146,14 @@ class PollLocator:
 
     def attach(self, directory: Path) -> bool:
         """Take the durable runs in `directory` that cover [0, open_from) (what the thawed
-        snapshot relies on). False if they do not: the caller rebuilds from the log."""
+        snapshot relies on); if they do not, write out the runs the snapshot carried (a new
+        host). False if neither covers it (a snapshot of a release that did not carry its
+        runs): the caller rebuilds from the log. Blocking file I/O: call it off the loop."""
+        if self._attach_local(directory):
+            return True
+        return self._attach_carried(directory)
+
+    def _attach_local(self, directory: Path) -> bool:
         loaded = _load_runs(directory)
         # Runs from open_from on are rebuilt by the replay after the snapshot; a run contained
         # in another was merged and its removal did not happen before a crash.
@@ -150,14 +163,8 @@ class PollLocator:
             and run.offset_next <= other.offset_next
             and (other.offset_first, other.offset_next) != (run.offset_first, run.offset_next)
             for other in runs)]
-        covered = 0
-        kept: list[Run] = []
-        for run in sorted(runs, key=lambda item: (item.offset_first, item.seq)):
-            if run.offset_first > covered:
-                break  # a gap: what lies beyond it cannot be trusted to be complete
-            covered = max(covered, run.offset_next)
-            kept.append(run)
-        if covered < self.open_from:
+        kept = _gapless(runs)
+        if _covered_next(kept) < self.open_from:
             return False
         for run in loaded:
             if run not in kept and run.path is not None:
@@ -165,6 +172,24 @@ class PollLocator:
         self.directory = directory
         self.runs = sorted(kept, key=lambda item: item.seq)
         self._seq_next = max((run.seq for run in loaded), default=-1) + 1
+        return True
+
+    def _attach_carried(self, directory: Path) -> bool:
+        """Write the runs the snapshot carried into `directory` (emptied first: what it held
+        does not cover the snapshot), each durable before this returns."""
+        carried = [run for run in self.runs if run.voters is not None and run.values is not None]
+        if self.open_from > 0 and _covered_next(carried) < self.open_from:
+            return False
+        _remove_runs(directory)
+        for run in carried:
+            assert run.voters is not None and run.values is not None
+            run.path, run.fences = _write_run(directory, run.seq, run.offset_first, run.offset_next,
+                                              run.voters.cast("B"), run.values.cast("B"))
+            run.voters = run.values = None
+        self.directory = directory
+        self.runs = carried
+        log.info("locator runs of %s restored from the snapshot: %d runs, %d entries",
+                 directory, len(carried), sum(run.entries for run in carried))
         return True
 
     # The live path --------------------------------------------------------------------------
@@ -225,6 +250,24 @@ class PollLocator:
         self._collect()
         self._retry_writes()
         return [run.writing for run in self.runs if run.writing is not None]
+
+    def snapshot_sources(self) -> list[RunSource]:
+        """The runs a snapshot taken now relies on, to be read off the loop (RunSource.read):
+        entries still in RAM are taken as they are (immutable bytes), a run file is opened
+        now, so a merge that removes it meanwhile does not take it from the reader. Empty
+        without a directory (snapshot_entries then carries every entry)."""
+        if self.directory is None:
+            return []
+        self._collect()
+        sources = []
+        try:
+            for run in self.runs:
+                sources.append(RunSource.of(run))
+        except OSError:
+            for source in sources:
+                source.close()
+            raise
+        return sources
 
     def snapshot_entries(self) -> tuple[int, bytes, bytes]:
         """(open_from, voters, values) a snapshot carries: the open run, or, without a
@@ -325,6 +368,72 @@ class PollLocator:
         self._merging = _merger.submit(_merge_to_file, self.directory, seq, inputs)
 
 
+class RunSource:
+    """One run's entries as a snapshot captured them: views of bytes in RAM, or a file
+    descriptor opened at the capture (closed by `read` or `close`)."""
+
+    def __init__(self, run: Run, fd: int | None) -> None:
+        self.seq, self.offset_first, self.offset_next = run.seq, run.offset_first, run.offset_next
+        self.entries, self.blocks = run.entries, len(run.fences)
+        self.path = run.path
+        self.voters, self.values = run.voters, run.values
+        self.fd = fd
+
+    @classmethod
+    def of(cls, run: Run) -> RunSource:
+        if run.voters is not None and run.values is not None:
+            return cls(run, None)
+        if run.path is None:
+            raise LogCorrupt(f"locator run {run.seq} has neither entries nor a file")
+        return cls(run, os.open(run.path, os.O_RDONLY))
+
+    def read(self) -> tuple[bytes, bytes]:
+        """(voters, values) as packed bytes, each block's checksum checked; blocking."""
+        try:
+            if self.fd is None:
+                assert self.voters is not None and self.values is not None
+                return self.voters.tobytes(), self.values.tobytes()
+            return _read_all_fd(self.fd, self.path, self.entries, self.blocks)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        self.voters = self.values = None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # a snapshot abandoned before it was read
+        self.close()
+
+
+def restored_run(seq: int, offset_first: int, offset_next: int, voters_bytes: bytes,
+                 values_bytes: bytes) -> Run:
+    """A run a snapshot carried, in RAM until `PollLocator.attach` writes it out."""
+    if len(voters_bytes) % 4 or len(values_bytes) != 2 * len(voters_bytes):
+        raise ValueError(f"locator run {seq} in the snapshot has {len(voters_bytes)} voter "
+                         f"bytes and {len(values_bytes)} value bytes")
+    voters, values = memoryview(voters_bytes).cast("I"), memoryview(values_bytes).cast("Q")
+    return Run(seq, offset_first, offset_next, len(voters), voters=voters, values=values)
+
+
+def _gapless(runs: list[Run]) -> list[Run]:
+    """The runs that cover [0, x) without a gap, from offset 0 on."""
+    covered = 0
+    kept: list[Run] = []
+    for run in sorted(runs, key=lambda item: (item.offset_first, item.seq)):
+        if run.offset_first > covered:
+            break  # a gap: what lies beyond it cannot be trusted to be complete
+        covered = max(covered, run.offset_next)
+        kept.append(run)
+    return kept
+
+
+def _covered_next(runs: list[Run]) -> int:
+    """Where the gapless cover of `runs` from offset 0 ends."""
+    return max((run.offset_next for run in _gapless(runs)), default=0)
+
+
 async def runs_durable(writes: Sequence[RunWrite]) -> None:
     """Wait for run writes a snapshot relies on: it is published only once they are durable
     (a failed write raises its OSError, and that snapshot is not published)."""
@@ -414,7 +523,7 @@ def _data_start(blocks: int) -> int:
 
 
 def _write_run(directory: Path, seq: int, offset_first: int, offset_next: int,
-               voters_bytes: bytes, values_bytes: bytes) -> tuple[Path, array.array[int]]:
+               voters_bytes: bytes | memoryview, values_bytes: bytes | memoryview) -> tuple[Path, array.array[int]]:
     """Write a sorted run durably (temporary file, fsync, rename, fsync the directory), block
     by block: a merge's output is not copied whole once more on its way out."""
     voters = memoryview(voters_bytes).cast("I")
@@ -462,7 +571,19 @@ def _read_block(path: Path, entries: int, blocks: int, block: int) -> tuple[arra
 def _read_all(path: Path, entries: int, blocks: int) -> tuple[bytes, bytes]:
     """Every entry of a run file, each block's checksum checked (merges read runs whole)."""
     try:
-        data = memoryview(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise LogCorrupt(f"locator run {path} unreadable: {exc}") from exc
+    try:
+        return _read_all_fd(fd, path, entries, blocks)
+    finally:
+        os.close(fd)
+
+
+def _read_all_fd(fd: int, path: Path | None, entries: int, blocks: int) -> tuple[bytes, bytes]:
+    size = _data_start(blocks) + 12 * entries + _CRC.size * blocks
+    try:
+        data = memoryview(os.pread(fd, size, 0))
     except OSError as exc:
         raise LogCorrupt(f"locator run {path} unreadable: {exc}") from exc
     voters, values = [], []
