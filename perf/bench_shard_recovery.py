@@ -272,6 +272,9 @@ class TimedStore:
     async def save(self, data: bytes, wal_offset_next: int):
         return await self.store.save(data, wal_offset_next)
 
+    def location(self) -> str:
+        return self.store.location()
+
     async def close(self) -> None:
         await self.store.close()
 
