@@ -54,7 +54,8 @@ from perf.bench_fastpath import make_wal_payloads, run_apply
 from perf.machine import describe_machine
 from perf.output import print_conditions, print_table, write_json
 from perf.processes import ServerProcess, free_port
-from shards.locator_runs import RUN_BLOCK_ENTRIES, RUN_ENTRIES_DEFAULT
+from shards.locator_runs import RUN_ENTRIES_DEFAULT
+from shards.run_files import RUN_BLOCK_ENTRIES
 from shards.records import decode_record, encode_record, frame
 
 VOTERS_ELIGIBLE = 300_000_000

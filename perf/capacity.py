@@ -118,9 +118,7 @@ def default_inputs() -> dict[str, Figure]:
         "instance_network_gbit": Figure(12.5, "Gbit/s", "c7i.2xlarge: up to 12.5 Gbit/s"),
         # Memory per poll (bench_micro.py).
         "bitmap_bits_per_eligible": Figure(1.12, "bits", "bench_micro default, S=1024, 50% turnout"),
-        # The locator's RAM (open runs + fences); its entries are on disk, 12 B per vote.
-        "locator_bits_per_eligible": Figure(0.44, "bits", "measured: docs/performance.md "
-                                            "'Receipt locator out of RAM' (bench_memory, 10M voters)"),
+        "locator_bits_per_eligible": Figure(0.44, "bits", "RAM; docs/performance.md locator section"),
     }
 
 

@@ -47,7 +47,7 @@ from engine.errors import (
 )
 from engine.keys import KeyRing
 from shards.commit import CommitMetrics, GroupCommitter
-from shards.locator_runs import RunWrite, runs_durable, wait_idle
+from shards.locator_runs import wait_idle
 from shards.pending import (
     AppendInFlight,
     PendingControl,
@@ -550,32 +550,26 @@ class GroupOwner:
         the loop. It covers the group's log up to what the group applied."""
         state = self.states[shard]
         state.advance_to(self._wal_offset_next)
-        frozen, locator_writes = freeze_deferred(state), state.locator_writes_pending()
+        frozen = freeze_deferred(state)  # with the locator run writes it waits for
         self._snapshot_votes_applied[shard] = state.votes_applied
         self._snapshot_time_s[shard] = time.monotonic()
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._write_snapshot(shard, frozen, state.wal_offset_next,
-                                                     locator_writes))
+        task = loop.create_task(self._write_snapshot(shard, frozen, state.wal_offset_next))
         self._snapshot_tasks[shard] = task
         return task
 
     def snapshot_all(self) -> list[asyncio.Task[None]]:
         return [self.snapshot_now(shard) for shard in self.shards]
 
-    async def _write_snapshot(self, shard: int, frozen: FrozenShard, wal_offset_next: int,
-                              locator_writes: Sequence[RunWrite] = ()) -> None:
+    async def _write_snapshot(self, shard: int, frozen: FrozenShard, wal_offset_next: int) -> None:
         try:
-            await runs_durable(locator_writes)  # OSError if one failed: not published
-            # Reads the run files the snapshot carries: off the loop.
-            data = await asyncio.to_thread(frozen.encode)
+            data = await frozen.encoded()  # OSError if a run write failed: not published
             await self.snapshot_stores[shard].save(data, wal_offset_next)
         except (OSError, LogCorrupt) as exc:  # LogCorrupt: a damaged run file it would carry
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)
             if self.metrics is not None:
                 self.metrics.snapshot_failed(shard)
             return
-        finally:
-            frozen.close()  # a no-op once encoded
         if self.metrics is not None:
             self.metrics.snapshot_written(shard, time.time())
 

@@ -35,14 +35,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 import msgspec
 from pyroaring import BitMap
 
 from engine.fastpath import Locator
-from shards.locator_runs import PollLocator, RunSource, restored_run
+from shards.locator_runs import PollLocator, RunSource, RunWrite, restored_run, runs_durable
 from shards.records import PollCreated
 from shards.segment_log import fsync_directory
 from shards.state import PollState, ShardState
@@ -107,9 +107,22 @@ class FrozenShard:
     """A shard state captured at a batch boundary; `encode` (blocking: it reads the run files
     the snapshot relies on) turns it into the snapshot's bytes, once."""
 
-    def __init__(self, snapshot: ShardSnapshot, sources: list[list[RunSource]]) -> None:
+    def __init__(self, snapshot: ShardSnapshot, sources: list[list[RunSource]],
+                 writes: Sequence[RunWrite] = ()) -> None:
         self.snapshot = snapshot
         self.sources = sources  # per poll of the snapshot, its runs
+        self.writes = writes  # run files being written when it was frozen
+
+    async def encoded(self) -> bytes:
+        """The bytes, once the run writes it was frozen with are durable (their OSError if
+        one failed: this snapshot is not published), encoded on a thread (the shard owner's
+        snapshot writer)."""
+        try:
+            await runs_durable(self.writes)
+        except BaseException:
+            self.close()
+            raise
+        return await asyncio.to_thread(self.encode)  # which closes the sources itself
 
     def encode(self) -> bytes:
         try:
@@ -163,7 +176,7 @@ def freeze_deferred(state: ShardState) -> FrozenShard:
         polls=polls,
         groups=state.groups,
     )
-    return FrozenShard(snapshot, sources)
+    return FrozenShard(snapshot, sources, state.locator_writes_pending())
 
 
 def freeze(state: ShardState) -> bytes:

@@ -227,7 +227,7 @@ def test_locator_run_entries_is_checked() -> None:
 
 
 def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, keyring) -> None:
-    """GroupOwner._write_snapshot waits for the run writes frozen with it: while one is in
+    """GroupOwner._write_snapshot waits for the run writes frozen with it (FrozenShard.encoded): while one is in
     flight the manifest does not name the snapshot; a failed one means no snapshot at all."""
 
     async def scenario() -> None:
@@ -239,7 +239,7 @@ def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, 
                            keyring=keyring, hasher=signing.VoterHasher(keyring.voter_hash_secret))
         store = stores[SHARD]
         pending: Future = Future()
-        writing = asyncio.ensure_future(owner._write_snapshot(SHARD, Encoded(b"state"), 700, [pending]))
+        writing = asyncio.ensure_future(owner._write_snapshot(SHARD, frozen_empty([pending]), 700))
         await asyncio.sleep(0.05)
         assert store.read_manifest().snapshots == []  # the run is not durable yet
         pending.set_result(None)
@@ -248,23 +248,17 @@ def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, 
 
         failed: Future = Future()
         failed.set_exception(OSError("disk full"))
-        await owner._write_snapshot(SHARD, Encoded(b"newer"), 900, [failed])
+        await owner._write_snapshot(SHARD, frozen_empty([failed]), 900)
         assert [entry.wal_offset_next for entry in store.read_manifest().snapshots] == [700]
 
     asyncio.run(scenario())
 
 
-class Encoded:
-    """Stands in for a FrozenShard (shards/snapshots.py) whose bytes are known."""
+def frozen_empty(writes: list[Future]):
+    """A frozen shard with no poll, frozen while these run writes were in flight."""
+    from shards.snapshots import FrozenShard, ShardSnapshot
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def encode(self) -> bytes:
-        return self.data
-
-    def close(self) -> None:
-        pass
+    return FrozenShard(ShardSnapshot(SHARD, SHARDS_TOTAL, 0, 0, 0, [], groups=2), [], writes)
 
 
 @pytest.mark.parametrize("runs_kept", [True, False], ids=["runs-kept", "runs-lost-new-host"])
