@@ -262,7 +262,7 @@ class PollLocator:
         try:
             for run in self.runs:
                 sources.append(RunSource.of(run))
-        except OSError:
+        except BaseException:  # OSError, or LogCorrupt: release what was opened already
             for source in sources:
                 source.close()
             raise
