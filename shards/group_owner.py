@@ -563,8 +563,8 @@ class GroupOwner:
 
     async def _write_snapshot(self, shard: int, frozen: FrozenShard, wal_offset_next: int) -> None:
         try:
-            data = await frozen.encoded()  # OSError if a run write failed: not published
-            await self.snapshot_stores[shard].save(data, wal_offset_next)
+            # Encoded off the loop; OSError if a run write it relies on failed: not published.
+            await frozen.save_to(self.snapshot_stores[shard], wal_offset_next)
         except (OSError, LogCorrupt) as exc:  # LogCorrupt: a damaged run file it would carry
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)
             if self.metrics is not None:

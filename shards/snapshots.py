@@ -14,7 +14,8 @@ its fencing group, and recovery refuses a snapshot of another layout (shards/rec
 
 `freeze_deferred` runs synchronously on the event loop between two applied records (a batch
 boundary), so the copy is consistent: it copies bitmaps and tallies and captures the runs
-(FrozenShard); `FrozenShard.encode` reads the run files and encodes, off the loop.
+(FrozenShard); `FrozenShard.save_to` reads the run files, encodes and saves, off the loop
+and a bounded number of shards at once.
 A store keeps, per shard, snapshot objects plus a manifest listing them newest first with
 their SHA-256; the object is written first and the manifest is replaced atomically after,
 so a crash or failure in between leaves the previous snapshot in use. Loading walks the
@@ -34,6 +35,7 @@ import hashlib
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
@@ -113,16 +115,22 @@ class FrozenShard:
         self.sources = sources  # per poll of the snapshot, its runs
         self.writes = writes  # run files being written when it was frozen
 
-    async def encoded(self) -> bytes:
-        """The bytes, once the run writes it was frozen with are durable (their OSError if
-        one failed: this snapshot is not published), encoded on a thread (the shard owner's
-        snapshot writer)."""
+    async def save_to(self, store: SnapshotStore, wal_offset_next: int) -> ManifestEntry:
+        """The shard owner's snapshot writer: once the run writes it was frozen with are
+        durable (their OSError if one failed: this snapshot is not published), encode it on
+        a thread and save it, at most SNAPSHOTS_IN_FLIGHT_MAX of the process at once."""
+        slots = _in_flight_slots()
         try:
             await runs_durable(self.writes)
+            await slots.acquire()
         except BaseException:
             self.close()
             raise
-        return await asyncio.to_thread(self.encode)  # which closes the sources itself
+        try:
+            data = await asyncio.to_thread(self.encode)  # which closes the sources itself
+            return await store.save(data, wal_offset_next)
+        finally:
+            slots.release()
 
     def encode(self) -> bytes:
         try:
@@ -141,6 +149,24 @@ class FrozenShard:
         for sources in self.sources:
             for source in sources:
                 source.close()
+
+
+# Snapshots of one process being encoded or saved at once. Each holds up to ~24 B per counted
+# vote of its shard (the runs read, then the encoded bytes) until its store has it, and
+# shards fill at the same rate, so they fall due together: they queue here instead of
+# holding every shard's copy at once.
+SNAPSHOTS_IN_FLIGHT_MAX = 2
+_in_flight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
+
+
+def _in_flight_slots() -> asyncio.Semaphore:
+    """The running loop's semaphore (an asyncio.Semaphore belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    slots = _in_flight.get(loop)
+    if slots is None:
+        slots = _in_flight[loop] = asyncio.Semaphore(SNAPSHOTS_IN_FLIGHT_MAX)
+    return slots
 
 
 def freeze_deferred(state: ShardState) -> FrozenShard:

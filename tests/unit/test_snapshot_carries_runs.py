@@ -206,3 +206,40 @@ def test_a_snapshot_that_does_not_record_its_groups_is_rebuilt_from_the_log(
         states, _ = asyncio.run(recover_group(1, config_of(tmp_path), log, {SHARD: store}))
     assert log.replayed_from == [0] and "song" in states[SHARD].polls
     assert any("does not record its fencing groups" in record.message for record in caplog.records)
+
+
+def test_snapshots_held_encoded_at_once_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    """Each snapshot being encoded or saved holds a copy of its shard's runs: while
+    SNAPSHOTS_IN_FLIGHT_MAX saves are stuck, the next snapshot is not even encoded."""
+    from shards import snapshots
+    from shards.snapshots import FrozenShard
+
+    monkeypatch.setattr(snapshots, "SNAPSHOTS_IN_FLIGHT_MAX", 2)
+    encoded: list[int] = []
+
+    class Counted(FrozenShard):
+        def encode(self) -> bytes:
+            encoded.append(self.snapshot.wal_offset_next)
+            return super().encode()
+
+    class StuckStore:
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        async def save(self, data: bytes, wal_offset_next: int):
+            await self.release.wait()
+            return wal_offset_next
+
+    async def scenario() -> None:
+        store = StuckStore()
+        frozen = [Counted(ShardSnapshot(SHARD, SHARDS_TOTAL, offset, 0, 0, [], groups=GROUPS), [])
+                  for offset in (100, 200, 300)]
+        saving = [asyncio.ensure_future(item.save_to(store, item.snapshot.wal_offset_next))  # type: ignore[arg-type]
+                  for item in frozen]
+        await asyncio.sleep(0.2)
+        assert encoded == [100, 200]  # the third waits for a slot
+        store.release.set()
+        assert await asyncio.wait_for(asyncio.gather(*saving), 5) == [100, 200, 300]
+        assert encoded == [100, 200, 300]
+
+    asyncio.run(scenario())
