@@ -5,7 +5,10 @@ log is replayed once from the oldest of them, every record through the live appl
 (`apply_record`), and a shard skips what its snapshot already holds (ShardState.apply). The
 log's first record is its `LogHeader`: a log that starts with anything else, or with the
 header of another layout or group, is refused (LogCorrupt naming the file or partition),
-never misread; a new, empty log gets its header before the group serves.
+never misread; a new, empty log gets its header before the group serves. A snapshot of
+another layout (its shard count, or its group count: its offsets are then in another
+group's log) is refused the same way; one that does not record its groups (an older
+release) is not used, and the shard is rebuilt from the log.
 """
 
 from __future__ import annotations
