@@ -8,13 +8,18 @@ The scenario (also run by tests/integration/test_s3_snapshots.py, which imports 
    `--records-per-append` records per append (signature fields zeroed: neither the WAL nor
    apply checks them). A second, small poll is closed on the way, with votes after its close
    record that must not count.
-2. A first owner fences the log, rebuilds the state by replay from 0, freezes it and saves
-   the snapshot to S3 (covering `--snapshot-fraction` of the voters), then appends the
-   remaining votes and is killed: the fence is released (embedded: the flock; Kafka: the
-   producer), and everything in memory is dropped.
-3. A fresh GroupOwner (one shard per group) starts (fence, S3 load, replay from the snapshot's offset) and is timed
-   until `ready`; the load and the replay are timed on their own. The bench then runs the
-   same recovery without any snapshot (the WAL alone) for comparison.
+2. A first owner fences the log, rebuilds the state by replay from 0 (its receipt locator
+   sealing runs into files in a directory of its own, as on its host), freezes it and saves
+   the snapshot to S3 (covering `--snapshot-fraction` of the voters; it carries the locator
+   runs it relies on), then appends the remaining votes and is killed: the fence is released
+   (embedded: the flock; Kafka: the producer), and everything in memory is dropped.
+3. A fresh GroupOwner (one shard per group) starts on a data dir without any run file (a
+   new host: fence, S3 load, the carried runs written out, replay from the snapshot's
+   offset) and is timed until `ready`; the load and the replay are timed on their own. The
+   bench then runs the same recovery without any snapshot (the WAL alone) for comparison.
+   With more voters than locator_run_entries the snapshot relies on run files, so this is
+   the path a moved group takes; the bench prints that condition and refuses to run without
+   it.
 
 Needs the local stack for S3 (`make cluster-up`). Prints conditions and results, and writes
 perf/results/shard_recovery.json, one case per WAL kind and voter count. Each recovery gets a
@@ -58,7 +63,7 @@ from shards.records import (
     decode_record,
     encode_record,
 )
-from shards.snapshots import freeze
+from shards.snapshots import freeze_deferred
 from shards.state import ShardState
 
 OPTIONS = ["a", "b", "c"]
@@ -98,6 +103,9 @@ class Seeded:
     snapshot_offset: int = 0
     snapshot_bytes: int = 0
     records_after_snapshot: int = 0
+    locator_run_entries: int = 0  # the config's bound on the open run
+    locator_runs: int = 0  # sealed runs the snapshot carries
+    locator_entries_in_runs: int = 0
     write_s: float = 0.0
     snapshot_build_s: float = 0.0
     snapshot_save_s: float = 0.0
@@ -114,6 +122,7 @@ class Recovery:
     replay_from_offset: int
     replay_end_offset: int
     records_replayed: int
+    locator_runs_on_host: int = 0  # run files the fresh owner's locator uses, in its data dir
     counts: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -211,9 +220,23 @@ async def seed_shard(config: Config, plan: Plan, store) -> Seeded:
     try:  # the first owner: rebuild by replay, snapshot to S3, take the rest, then die
         await asyncio.wait_for(wal.acquire(), STEP_TIMEOUT_S)
         started = time.perf_counter()
-        state = ShardState(plan.shard, config.shards)
+        state = ShardState(plan.shard, config.shards, config.locator_run_entries,
+                           groups=config.groups)
+        # The first owner's host: not the fresh owner's data dir, which finds no run file.
+        state.attach_locator_fresh(Path(config.data_dir) / "first-owner-host" / "locator",
+                                   config.locator_run_entries)
         await replay_into(wal, state, 0)
-        data = freeze(state)
+        locators = [poll.locator for poll in state.polls.values()]
+        await asyncio.to_thread(lambda: [locator.wait_idle() for locator in locators])
+        seeded.locator_run_entries = config.locator_run_entries
+        seeded.locator_runs = sum(len(locator.runs) for locator in locators)
+        seeded.locator_entries_in_runs = sum(run.entries for locator in locators
+                                             for run in locator.runs)
+        if seeded.locator_entries_in_runs <= config.locator_run_entries:
+            raise RuntimeError(f"{plan.voters} voters fit in one open run of "
+                               f"{config.locator_run_entries}: the snapshot would not rely on "
+                               f"run files; use more voters")
+        data = await asyncio.to_thread(freeze_deferred(state).encode)  # as the owner does
         seeded.snapshot_build_s = time.perf_counter() - started
         started = time.perf_counter()
         await asyncio.wait_for(store.save(data, state.wal_offset_next), STEP_TIMEOUT_S)
@@ -248,6 +271,9 @@ class TimedStore:
 
     async def save(self, data: bytes, wal_offset_next: int):
         return await self.store.save(data, wal_offset_next)
+
+    def location(self) -> str:
+        return self.store.location()
 
     async def close(self) -> None:
         await self.store.close()
@@ -292,11 +318,14 @@ async def start_owner(config: Config, shard: int, store, keyring) -> tuple[Group
         raise RuntimeError(f"shard {shard} did not become ready: {owner.failure}")
     ready_s = time.perf_counter() - started
     counts = {poll: owner.poll_summaries(poll)[0][2] for poll in owner.states[shard].polls}
+    runs_on_host = sum(1 for poll in owner.states[shard].polls.values()
+                       for run in poll.locator.runs
+                       if run.path is not None and config.data_path in run.path.parents)
     return owner, Recovery(
         ready_s=ready_s, load_s=timed_store.load_s, replay_s=timed_wal.replay_s,
         snapshot_found=timed_store.found, replay_from_offset=timed_wal.from_offset,
         replay_end_offset=timed_wal.end_offset, records_replayed=timed_wal.records,
-        counts=counts,
+        locator_runs_on_host=runs_on_host, counts=counts,
     )
 
 
@@ -435,7 +464,8 @@ async def run_cases(args: argparse.Namespace, stack, work_dir: Path, run_id: str
             runs[name] = asdict(recovery)
             runs[name].pop("counts")
             print(f"== {name}: ready in {recovery.ready_s:.3f} s (load {recovery.load_s:.3f} s, "
-                  f"replay {recovery.replay_s:.3f} s of {recovery.records_replayed} records)",
+                  f"replay {recovery.replay_s:.3f} s of {recovery.records_replayed} records; "
+                  f"{recovery.locator_runs_on_host} locator run files on the fresh host)",
                   flush=True)
     finally:
         await delete_prefix(config)
@@ -458,6 +488,9 @@ def check_recovery(plan: Plan, seeded: Seeded, recovery: Recovery, expect_snapsh
         if recovery.records_replayed != seeded.records_after_snapshot:
             raise AssertionError(f"replayed {recovery.records_replayed} records, "
                                  f"{seeded.records_after_snapshot} came after the snapshot")
+        if recovery.locator_runs_on_host < min(1, seeded.locator_runs):
+            raise AssertionError("the fresh host has no locator run file: the runs the "
+                                 "snapshot carries were not written out")
     elif recovery.replay_from_offset != 0:
         raise AssertionError("without a snapshot the replay began at "
                              f"{recovery.replay_from_offset}")
@@ -493,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  snapshot                 {seeded['snapshot_bytes']:,} bytes at offset "
           f"{seeded['snapshot_offset']:,}; built by replay in {seeded['snapshot_build_s']:.3f} s, "
           f"saved in {seeded['snapshot_save_s']:.3f} s")
+    print(f"  locator runs carried     {seeded['locator_runs']} runs, "
+          f"{seeded['locator_entries_in_runs']:,} entries > locator_run_entries "
+          f"{seeded['locator_run_entries']:,}: recovery on the fresh host writes them out")
     for name, run in result["runs"].items():
         print(f"  {name:24} ready {run['ready_s']:.3f} s = S3 load {run['load_s']:.3f} s + "
               f"WAL replay {run['replay_s']:.3f} s ({run['records_replayed']:,} records from "

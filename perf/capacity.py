@@ -119,7 +119,7 @@ def default_inputs() -> dict[str, Figure]:
         "instance_network_gbit": Figure(12.5, "Gbit/s", "c7i.2xlarge: up to 12.5 Gbit/s"),
         # Memory per poll (bench_micro.py).
         "bitmap_bits_per_eligible": Figure(1.12, "bits", "bench_micro default, S=1024, 50% turnout"),
-        "locator_bits_per_eligible": Figure(64.0, "bits", "shards/state.py: 8 B per voter index"),
+        "locator_bits_per_eligible": Figure(0.44, "bits", "RAM; docs/performance.md locator section"),
     } | {name: Figure(*figure) for name, figure in FANOUT_INPUTS.items()}  # perf/capacity_fanout.py
 
 
@@ -243,9 +243,7 @@ def measured_micro(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
             worst = max(rows, key=lambda r: r["bits_per_eligible_serialized"])
             inputs["bitmap_bits_per_eligible"] = Figure(worst["bits_per_eligible_serialized"], "bits",
                 f"measured: {micro_path.name} {when}, S={worst['shards']}, 50% turnout")  # fmt: skip
-            inputs["locator_bits_per_eligible"] = Figure(worst["locator_bits_per_eligible"], "bits",
-                f"measured: {micro_path.name} {when}")  # fmt: skip
-            used.append(f"bitmap and locator bits from {micro_path.name}")
+            used.append(f"bitmap bits from {micro_path.name}")
     return used
 
 
@@ -478,7 +476,7 @@ class Model:
                  f"{i['voters_eligible']:,.0f} x {i['bitmap_bits_per_eligible']:g} bits / 8")  # fmt: skip
         self.put(s, "locator_gb_per_poll", round(locator / 1e9, 2),
                  f"{i['voters_eligible']:,.0f} x {i['locator_bits_per_eligible']:g} bits / 8 "
-                 "(receipt locator, shards/state.py)")  # fmt: skip
+                 "(receipt locator in RAM, shards/locator_runs.py)")  # fmt: skip
         self.put(s, "state_gb_per_engine_instance",
                  round((bitmap + locator) * i["polls_concurrent"] / instances / 1e9, 2),
                  f"({bitmap / 1e9:.3f} + {locator / 1e9:.2f}) GB x {i['polls_concurrent']:g} polls / "

@@ -19,7 +19,8 @@ from replay.errors import DataDamaged
 from shards.segment_log import fsync_directory
 
 CHECKPOINT_FORMAT = 1
-# A checkpoint holds a whole shard state (about 9 bytes per voter index with the locator).
+# A checkpoint holds a whole shard state (shards.snapshots.freeze): about 12 bytes per counted
+# vote (the receipt locator's runs it carries) plus the bitmap's ~1 bit per eligible voter.
 CHECKPOINT_BYTES_MAX = 8 * 1024 * 1024 * 1024
 
 

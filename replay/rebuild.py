@@ -202,7 +202,8 @@ class ShardRebuild:
             self.state = loaded
             self.started_offset = loaded.wal_offset_next
             return f"snapshot at offset {loaded.wal_offset_next}"
-        self.state = ShardState(self.shard, self.config.shards)
+        # Records the layout's groups: recovery refuses a snapshot of another one.
+        self.state = ShardState(self.shard, self.config.shards, groups=self.config.resolved().groups)
         return "the start of the log" + ("" if self.options.from_wal else " (no snapshot)")
 
     async def _resume(self, checkpoint: Checkpoint) -> None:

@@ -33,6 +33,7 @@ from engine.config import Config
 from engine.errors import (
     AlreadyVoted,
     InvariantViolation,
+    LogCorrupt,
     NotReady,
     OutcomeUnknown,
     Overloaded,
@@ -46,7 +47,7 @@ from engine.errors import (
 )
 from engine.keys import KeyRing
 from shards.commit import CommitMetrics, GroupCommitter
-from shards.locator_runs import RunWrite, runs_durable, wait_idle
+from shards.locator_runs import wait_idle
 from shards.pending import (
     AppendInFlight,
     PendingControl,
@@ -60,7 +61,7 @@ from shards.planning import QueuedItem, plan_records, take_items
 from shards.records import PollCreated, Record, VoteBatch, decode_record, encode_record
 from shards.records import PollClosed as PollClosedRecord
 from shards.recovery import apply_record, recover_group
-from shards.snapshots import SnapshotStore, freeze
+from shards.snapshots import FrozenShard, SnapshotStore, freeze_deferred
 from shards.state import COUNTED, PollState, ShardState
 from shards.wal import Positions, Wal
 
@@ -549,24 +550,22 @@ class GroupOwner:
         the loop. It covers the group's log up to what the group applied."""
         state = self.states[shard]
         state.advance_to(self._wal_offset_next)
-        data, locator_writes = freeze(state), state.locator_writes_pending()  # runs it needs
+        frozen = freeze_deferred(state)  # with the locator run writes it waits for
         self._snapshot_votes_applied[shard] = state.votes_applied
         self._snapshot_time_s[shard] = time.monotonic()
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._write_snapshot(shard, data, state.wal_offset_next,
-                                                     locator_writes))
+        task = loop.create_task(self._write_snapshot(shard, frozen, state.wal_offset_next))
         self._snapshot_tasks[shard] = task
         return task
 
     def snapshot_all(self) -> list[asyncio.Task[None]]:
         return [self.snapshot_now(shard) for shard in self.shards]
 
-    async def _write_snapshot(self, shard: int, data: bytes, wal_offset_next: int,
-                              locator_writes: Sequence[RunWrite] = ()) -> None:
+    async def _write_snapshot(self, shard: int, frozen: FrozenShard, wal_offset_next: int) -> None:
         try:
-            await runs_durable(locator_writes)  # OSError if one failed: not published
-            await self.snapshot_stores[shard].save(data, wal_offset_next)
-        except OSError as exc:
+            # Encoded off the loop; OSError if a run write it relies on failed: not published.
+            await frozen.save_to(self.snapshot_stores[shard], wal_offset_next)
+        except (OSError, LogCorrupt) as exc:  # LogCorrupt: a damaged run file it would carry
             log.warning("snapshot of shard %d failed: %s (the previous one stays in use)", shard, exc)
             if self.metrics is not None:
                 self.metrics.snapshot_failed(shard)

@@ -18,6 +18,10 @@ Invariants:
 - A run file is written on a thread, fsynced and renamed into place before any snapshot
   that relies on it is published (`writes_pending` lets the snapshot wait for it); until
   then its entries stay in RAM and answer lookups.
+- A snapshot also carries the entries of the runs it relies on (`snapshot_sources`, read
+  off the loop by the snapshot writer), so a host without the run files (a group moved or
+  taken over, files lost) recovers from the snapshot alone: `attach` writes them out when
+  the directory does not cover the snapshot.
 - A damaged run file raises LogCorrupt naming the file; a missing answer is never made up.
 - At most RUNS_MAX runs per poll once merges catch up: a lookup costs at most one bisect of
   the fences and one pread of a block per run.
@@ -27,25 +31,29 @@ from __future__ import annotations
 
 import array
 import asyncio
-import ctypes
 import hashlib
 import logging
 import os
-import struct
-import zlib
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import LogCorrupt
 from engine.fastpath import Locator, sort_run
-from shards.segment_log import fsync_directory
+from shards.run_files import (
+    load_runs,
+    read_all,
+    read_all_fd,
+    read_block,
+    release_free_heap,
+    remove_runs,
+    write_run,
+)
 
 log = logging.getLogger("votes.locator")
 
-RUN_BLOCK_ENTRIES = 1024  # entries per block: one pread of 12 KiB per lookup in a run
 RUNS_MAX = 16  # more durable runs than this in a poll: merge some
 MERGE_FAN_IN = 8  # how many adjacent runs one merge joins
 RUN_ENTRIES_DEFAULT = 4096  # engine.config's locator_run_entries default
@@ -54,12 +62,6 @@ RUN_ENTRIES_DEFAULT = 4096  # engine.config's locator_run_entries default
 # down instead of growing RAM.
 RUN_WRITES_PENDING_MAX = 2
 
-_MAGIC = b"VLRUN001"
-# magic, offset_first, offset_next, entries, block_entries: then one uint32 fence per block
-# and the CRC-32 of header and fences; then the blocks, each its voters (uint32), values
-# (uint64) and their CRC-32.
-_HEADER = struct.Struct("<8sQQQI")
-_CRC = struct.Struct("<I")
 
 # One thread writes sealed runs, another merges: a long merge never holds a write back.
 # Both are shared by every poll of the process; their queues are bounded by the polls'
@@ -100,7 +102,7 @@ class Run:
         block = bisect_right(self.fences, voter) - 1
         if block < 0 or self.path is None:
             return 0
-        voters, values = _read_block(self.path, self.entries, len(self.fences), block)
+        voters, values = read_block(self.path, self.entries, len(self.fences), block)
         position = bisect_left(voters, voter)
         return values[position] if position < len(voters) and voters[position] == voter else 0
 
@@ -109,7 +111,7 @@ class Run:
             return self.voters.tobytes(), self.values.tobytes()
         if self.path is None:
             raise LogCorrupt(f"locator run {self.seq} has neither entries nor a file")
-        return _read_all(self.path, self.entries, len(self.fences))
+        return read_all(self.path, self.entries, len(self.fences))
 
 
 class PollLocator:
@@ -120,13 +122,15 @@ class PollLocator:
     not attached yet: a lookup that misses the open run then raises instead of answering."""
 
     def __init__(self, run_entries: int = RUN_ENTRIES_DEFAULT, open_from: int = 0,
-                 open_run: Locator | None = None) -> None:
+                 open_run: Locator | None = None, runs: list[Run] | None = None) -> None:
         self.run_entries = run_entries
         self.open_run = open_run if open_run is not None else Locator()
         self.open_from = open_from
         self.directory: Path | None = None
-        self.runs: list[Run] = []  # oldest first
-        self._seq_next = 0
+        # Oldest first. A thawed snapshot's runs start here in RAM (their entries travel
+        # with the snapshot) until `attach` finds them on disk or writes them out.
+        self.runs: list[Run] = list(runs) if runs is not None else []
+        self._seq_next = max((run.seq for run in self.runs), default=-1) + 1
         self._merging: Future[Run] | None = None
         self._merge_inputs: list[Run] = []
 
@@ -135,13 +139,21 @@ class PollLocator:
     def attach_fresh(self, directory: Path) -> None:
         """Use `directory` for this poll's runs, removing any left there: nothing relies on
         them (a new poll, or a shard rebuilt from the log)."""
-        _remove_runs(directory)
+        remove_runs(directory)
         self.directory = directory
 
     def attach(self, directory: Path) -> bool:
         """Take the durable runs in `directory` that cover [0, open_from) (what the thawed
-        snapshot relies on). False if they do not: the caller rebuilds from the log."""
-        loaded = _load_runs(directory)
+        snapshot relies on); if they do not, write out the runs the snapshot carried (a new
+        host). False if neither covers it (a snapshot of a release that did not carry its
+        runs): the caller rebuilds from the log. Blocking file I/O: call it off the loop."""
+        if self._attach_local(directory):
+            return True
+        return self._attach_carried(directory)
+
+    def _attach_local(self, directory: Path) -> bool:
+        loaded = [Run(file.seq, file.offset_first, file.offset_next, file.entries, path=file.path,
+                      fences=file.fences) for file in load_runs(directory)]
         # Runs from open_from on are rebuilt by the replay after the snapshot; a run contained
         # in another was merged and its removal did not happen before a crash.
         runs = [run for run in loaded if run.offset_first < self.open_from]
@@ -150,14 +162,8 @@ class PollLocator:
             and run.offset_next <= other.offset_next
             and (other.offset_first, other.offset_next) != (run.offset_first, run.offset_next)
             for other in runs)]
-        covered = 0
-        kept: list[Run] = []
-        for run in sorted(runs, key=lambda item: (item.offset_first, item.seq)):
-            if run.offset_first > covered:
-                break  # a gap: what lies beyond it cannot be trusted to be complete
-            covered = max(covered, run.offset_next)
-            kept.append(run)
-        if covered < self.open_from:
+        kept = _gapless(runs)
+        if _covered_next(kept) < self.open_from:
             return False
         for run in loaded:
             if run not in kept and run.path is not None:
@@ -165,6 +171,24 @@ class PollLocator:
         self.directory = directory
         self.runs = sorted(kept, key=lambda item: item.seq)
         self._seq_next = max((run.seq for run in loaded), default=-1) + 1
+        return True
+
+    def _attach_carried(self, directory: Path) -> bool:
+        """Write the runs the snapshot carried into `directory` (emptied first: what it held
+        does not cover the snapshot), each durable before this returns."""
+        carried = [run for run in self.runs if run.voters is not None and run.values is not None]
+        if self.open_from > 0 and _covered_next(carried) < self.open_from:
+            return False
+        remove_runs(directory)
+        for run in carried:
+            assert run.voters is not None and run.values is not None
+            run.path, run.fences = write_run(directory, run.seq, run.offset_first, run.offset_next,
+                                              run.voters.cast("B"), run.values.cast("B"))
+            run.voters = run.values = None
+        self.directory = directory
+        self.runs = carried
+        log.info("locator runs of %s restored from the snapshot: %d runs, %d entries",
+                 directory, len(carried), sum(run.entries for run in carried))
         return True
 
     # The live path --------------------------------------------------------------------------
@@ -193,7 +217,7 @@ class PollLocator:
         self._retry_writes()
         self.runs.append(run)
         if self.directory is not None:
-            run.writing = _writer.submit(_write_run, self.directory, run.seq, run.offset_first,
+            run.writing = _writer.submit(write_run, self.directory, run.seq, run.offset_first,
                                          run.offset_next, voters_bytes, values_bytes)
         self._maybe_merge()
 
@@ -225,6 +249,24 @@ class PollLocator:
         self._collect()
         self._retry_writes()
         return [run.writing for run in self.runs if run.writing is not None]
+
+    def snapshot_sources(self) -> list[RunSource]:
+        """The runs a snapshot taken now relies on, to be read off the loop (RunSource.read):
+        entries still in RAM are taken as they are (immutable bytes), a run file is opened
+        now, so a merge that removes it meanwhile does not take it from the reader. Empty
+        without a directory (snapshot_entries then carries every entry)."""
+        if self.directory is None:
+            return []
+        self._collect()
+        sources = []
+        try:
+            for run in self.runs:
+                sources.append(RunSource.of(run))
+        except BaseException:  # OSError, or LogCorrupt: release what was opened already
+            for source in sources:
+                source.close()
+            raise
+        return sources
 
     def snapshot_entries(self) -> tuple[int, bytes, bytes]:
         """(open_from, voters, values) a snapshot carries: the open run, or, without a
@@ -302,7 +344,7 @@ class PollLocator:
             return
         for run in self.runs:
             if run.writing is None and run.path is None:
-                run.writing = _writer.submit(_write_run, self.directory, run.seq,
+                run.writing = _writer.submit(write_run, self.directory, run.seq,
                                              run.offset_first, run.offset_next, *run.read_all())
 
     def _maybe_merge(self) -> None:
@@ -323,6 +365,72 @@ class PollLocator:
             return
         self._merge_inputs = inputs
         self._merging = _merger.submit(_merge_to_file, self.directory, seq, inputs)
+
+
+class RunSource:
+    """One run's entries as a snapshot captured them: views of bytes in RAM, or a file
+    descriptor opened at the capture (closed by `read` or `close`)."""
+
+    def __init__(self, run: Run, fd: int | None) -> None:
+        self.seq, self.offset_first, self.offset_next = run.seq, run.offset_first, run.offset_next
+        self.entries, self.blocks = run.entries, len(run.fences)
+        self.path = run.path
+        self.voters, self.values = run.voters, run.values
+        self.fd = fd
+
+    @classmethod
+    def of(cls, run: Run) -> RunSource:
+        if run.voters is not None and run.values is not None:
+            return cls(run, None)
+        if run.path is None:
+            raise LogCorrupt(f"locator run {run.seq} has neither entries nor a file")
+        return cls(run, os.open(run.path, os.O_RDONLY))
+
+    def read(self) -> tuple[bytes, bytes]:
+        """(voters, values) as packed bytes, each block's checksum checked; blocking."""
+        try:
+            if self.fd is None:
+                assert self.voters is not None and self.values is not None
+                return self.voters.tobytes(), self.values.tobytes()
+            return read_all_fd(self.fd, self.path, self.entries, self.blocks)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        self.voters = self.values = None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # a snapshot abandoned before it was read
+        self.close()
+
+
+def restored_run(seq: int, offset_first: int, offset_next: int, voters_bytes: bytes,
+                 values_bytes: bytes) -> Run:
+    """A run a snapshot carried, in RAM until `PollLocator.attach` writes it out."""
+    if len(voters_bytes) % 4 or len(values_bytes) != 2 * len(voters_bytes):
+        raise ValueError(f"locator run {seq} in the snapshot has {len(voters_bytes)} voter "
+                         f"bytes and {len(values_bytes)} value bytes")
+    voters, values = memoryview(voters_bytes).cast("I"), memoryview(values_bytes).cast("Q")
+    return Run(seq, offset_first, offset_next, len(voters), voters=voters, values=values)
+
+
+def _gapless(runs: list[Run]) -> list[Run]:
+    """The runs that cover [0, x) without a gap, from offset 0 on."""
+    covered = 0
+    kept: list[Run] = []
+    for run in sorted(runs, key=lambda item: (item.offset_first, item.seq)):
+        if run.offset_first > covered:
+            break  # a gap: what lies beyond it cannot be trusted to be complete
+        covered = max(covered, run.offset_next)
+        kept.append(run)
+    return kept
+
+
+def _covered_next(runs: list[Run]) -> int:
+    """Where the gapless cover of `runs` from offset 0 ends."""
+    return max((run.offset_next for run in _gapless(runs)), default=0)
 
 
 async def runs_durable(writes: Sequence[RunWrite]) -> None:
@@ -371,154 +479,7 @@ def _merge_to_file(directory: Path, seq: int, runs: list[Run]) -> Run:
     voters, values = _merge_entries(runs)
     offset_first, offset_next = runs[0].offset_first, runs[-1].offset_next
     entries = len(voters) // 4
-    path, fences = _write_run(directory, seq, offset_first, offset_next, voters, values)
+    path, fences = write_run(directory, seq, offset_first, offset_next, voters, values)
     del voters, values
-    _release_free_heap()
+    release_free_heap()
     return Run(seq, offset_first, offset_next, entries, path=path, fences=fences)
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: nothing to release this way
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def _release_free_heap() -> None:
-    """Give the process's free heap pages back to the system (glibc's malloc_trim).
-
-    Sealing and merging runs leaves free chunks all over the heap, between long-lived
-    allocations (bitmap containers, open runs) that pin them: measured with
-    perf/bench_memory.py, RSS grew by 20+ bits per eligible voter of which under 4 were live
-    data. Called after each merge and run write, on their threads (~1 ms), not on the loop."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-# Run files ----------------------------------------------------------------------------------
-
-
-def _run_name(seq: int, offset_first: int, offset_next: int) -> str:
-    return f"run-{seq:08d}-{offset_first:020d}-{offset_next:020d}.bin"
-
-
-def _block_count(entries: int) -> int:
-    return (entries + RUN_BLOCK_ENTRIES - 1) // RUN_BLOCK_ENTRIES
-
-
-def _data_start(blocks: int) -> int:
-    return _HEADER.size + 4 * blocks + _CRC.size
-
-
-def _write_run(directory: Path, seq: int, offset_first: int, offset_next: int,
-               voters_bytes: bytes, values_bytes: bytes) -> tuple[Path, array.array[int]]:
-    """Write a sorted run durably (temporary file, fsync, rename, fsync the directory), block
-    by block: a merge's output is not copied whole once more on its way out."""
-    voters = memoryview(voters_bytes).cast("I")
-    values = memoryview(values_bytes).cast("Q")
-    entries = len(voters)
-    fences = array.array("I", voters[::RUN_BLOCK_ENTRIES])
-    head = _HEADER.pack(_MAGIC, offset_first, offset_next, entries, RUN_BLOCK_ENTRIES) + fences.tobytes()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / _run_name(seq, offset_first, offset_next)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(head)
-        handle.write(_CRC.pack(zlib.crc32(head)))
-        for start in range(0, entries, RUN_BLOCK_ENTRIES):
-            block_voters = voters[start:start + RUN_BLOCK_ENTRIES].cast("B")
-            block_values = values[start:start + RUN_BLOCK_ENTRIES].cast("B")
-            handle.write(block_voters)
-            handle.write(block_values)
-            handle.write(_CRC.pack(zlib.crc32(block_values, zlib.crc32(block_voters))))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_directory(directory)
-    _release_free_heap()
-    return path, fences
-
-
-def _read_block(path: Path, entries: int, blocks: int, block: int) -> tuple[array.array[int], array.array[int]]:
-    count = min(RUN_BLOCK_ENTRIES, entries - block * RUN_BLOCK_ENTRIES)
-    position = _data_start(blocks) + block * (12 * RUN_BLOCK_ENTRIES + _CRC.size)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, 12 * count + _CRC.size, position)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise LogCorrupt(f"locator run {path} unreadable: {exc}") from exc
-    body = data[:12 * count]
-    if len(data) != 12 * count + _CRC.size or _CRC.unpack_from(data, 12 * count)[0] != zlib.crc32(body):
-        raise LogCorrupt(f"locator run {path}: block {block} fails its checksum")
-    return array.array("I", body[:4 * count]), array.array("Q", body[4 * count:])
-
-
-def _read_all(path: Path, entries: int, blocks: int) -> tuple[bytes, bytes]:
-    """Every entry of a run file, each block's checksum checked (merges read runs whole)."""
-    try:
-        data = memoryview(path.read_bytes())
-    except OSError as exc:
-        raise LogCorrupt(f"locator run {path} unreadable: {exc}") from exc
-    voters, values = [], []
-    position = _data_start(blocks)
-    for block in range(blocks):
-        count = min(RUN_BLOCK_ENTRIES, entries - block * RUN_BLOCK_ENTRIES)
-        body = data[position:position + 12 * count]
-        crc = data[position + 12 * count:position + 12 * count + _CRC.size]
-        if len(body) != 12 * count or len(crc) != _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(body):
-            raise LogCorrupt(f"locator run {path}: block {block} fails its checksum")
-        voters.append(body[:4 * count])
-        values.append(body[4 * count:])
-        position += 12 * count + _CRC.size
-    return b"".join(voters), b"".join(values)
-
-
-def _load_header(path: Path) -> Run | None:
-    """A run file's header and fences, or None if it is not a whole, valid run file."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_HEADER.size)
-            if len(head) != _HEADER.size:
-                return None
-            magic, offset_first, offset_next, entries, block_entries = _HEADER.unpack(head)
-            if magic != _MAGIC or block_entries != RUN_BLOCK_ENTRIES:
-                return None
-            blocks = _block_count(entries)
-            fences_bytes = handle.read(4 * blocks)
-            crc = handle.read(_CRC.size)
-            size = os.fstat(handle.fileno()).st_size
-    except OSError:
-        return None
-    if len(crc) != _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(head + fences_bytes):
-        return None
-    if size != _data_start(blocks) + 12 * entries + _CRC.size * blocks:
-        return None
-    seq = int(path.name.split("-")[1])
-    return Run(seq, offset_first, offset_next, entries, path=path,
-               fences=array.array("I", fences_bytes))
-
-
-def _load_runs(directory: Path) -> list[Run]:
-    runs = []
-    for path in sorted(directory.glob("run-*.bin")) if directory.is_dir() else []:
-        run = _load_header(path)
-        if run is None:
-            log.warning("locator run %s is not a whole run file; removed (rebuilt from the log)", path)
-            path.unlink(missing_ok=True)
-            continue
-        runs.append(run)
-    for path in directory.glob("run-*.tmp") if directory.is_dir() else []:
-        path.unlink(missing_ok=True)
-    return runs
-
-
-def _remove_runs(directory: Path) -> None:
-    if directory.is_dir():
-        for path in directory.glob("run-*"):
-            path.unlink(missing_ok=True)

@@ -5,7 +5,10 @@ log is replayed once from the oldest of them, every record through the live appl
 (`apply_record`), and a shard skips what its snapshot already holds (ShardState.apply). The
 log's first record is its `LogHeader`: a log that starts with anything else, or with the
 header of another layout or group, is refused (LogCorrupt naming the file or partition),
-never misread; a new, empty log gets its header before the group serves.
+never misread; a new, empty log gets its header before the group serves. A snapshot of
+another layout (its shard count, or its group count: its offsets are then in another
+group's log) is refused the same way; one that does not record its groups (an older
+release) is not used, and the shard is rebuilt from the log.
 """
 
 from __future__ import annotations
@@ -58,19 +61,56 @@ def check_header(record: Record, expected: LogHeader, offset: int, location: str
 
 
 def attach_locator(config: Config, shard: int, state: ShardState | None) -> ShardState:
-    """The shard's state with its receipt locator's runs attached. A snapshot whose runs are
-    not all on this host (a new host, runs lost) is not used: the shard is rebuilt from the
-    log, which rebuilds its locator too (shards/locator_runs.py: runs are derived data)."""
+    """The shard's state with its receipt locator's runs attached: the run files on this
+    host, or on a new host the runs the snapshot carried, written out. A snapshot that
+    carried none and whose runs are not all here (a snapshot of an older release) is not
+    used: the shard is rebuilt from the log, which rebuilds its locator too
+    (shards/locator_runs.py: runs are derived data). Blocking file I/O: off the loop."""
     directory = shard_directory(config.data_path, shard) / "locator"
     if state is not None:
         if state.attach_locator(directory, config.locator_run_entries):
+            state.groups = config.resolved().groups
             return state
         log.warning("shard %d: the receipt locator runs in %s do not cover its snapshot at "
-                    "offset %d; rebuilding the shard from the log", shard, directory,
-                    state.wal_offset_next)
-    fresh = ShardState(shard, config.shards, config.locator_run_entries)
+                    "offset %d and the snapshot does not carry them; rebuilding the shard "
+                    "from the log", shard, directory, state.wal_offset_next)
+    fresh = ShardState(shard, config.shards, config.locator_run_entries,
+                       groups=config.resolved().groups)
     fresh.attach_locator_fresh(directory, config.locator_run_entries)
     return fresh
+
+
+def check_layout(config: Config, shard: int, state: ShardState | None,
+                 location: str) -> ShardState | None:
+    """The loaded snapshot if it is of this layout; None (rebuild from the log) if it does
+    not say which groups it was written for; LogCorrupt if it is of another layout."""
+    if state is None:
+        return None
+    if (state.shard, state.shards_total) != (shard, config.shards):
+        # Voter ids map to bitmap positions through the shard count: another layout's
+        # snapshot would count every voter under someone else's id.
+        raise LogCorrupt(
+            f"the newest snapshot in {location} is of shard {state.shard} of "
+            f"{state.shards_total}, not shard {shard} of {config.shards}: it was written by "
+            f"another layout. Point s3_prefix (or the data dir) at this layout's snapshots, "
+            f"or start with the layout that wrote them.")
+    groups = config.resolved().groups
+    if state.groups == 0:
+        # Written before snapshots recorded their groups: its offsets may be in another
+        # group's log, and the log alone is safe (slower).
+        log.warning("shard %d: the newest snapshot in %s does not record its fencing groups; "
+                    "rebuilding the shard from the log", shard, location)
+        return None
+    if state.groups != groups:
+        # A shard's group is shard mod groups: with another group count its offsets are
+        # positions in another group's log, and replaying this one from them would skip
+        # or misapply records.
+        raise LogCorrupt(
+            f"the newest snapshot in {location} was written by a layout of "
+            f"{state.groups} fencing groups, not {groups}: its offsets are in another "
+            f"group's log. Start with groups = {state.groups}, or point s3_prefix (or the "
+            f"data dir) at this layout's snapshots (an empty one rebuilds from the log).")
+    return state
 
 
 async def recover_group(group: int, config: Config, wal: Wal,
@@ -79,17 +119,13 @@ async def recover_group(group: int, config: Config, wal: Wal,
     """Every shard's state of the group and the log offset after the last record applied."""
     shards = sorted(snapshot_stores)
     loaded = await asyncio.gather(*(snapshot_stores[shard].load() for shard in shards))
-    for shard, state in zip(shards, loaded, strict=True):
-        if state is not None and (state.shard, state.shards_total) != (shard, config.shards):
-            # Voter ids map to bitmap positions through the shard count: another layout's
-            # snapshot would count every voter under someone else's id.
-            raise LogCorrupt(
-                f"the newest snapshot in {snapshot_stores[shard].location()} is of shard "
-                f"{state.shard} of {state.shards_total}, not shard {shard} of {config.shards}: "
-                f"it was written by another layout. Point s3_prefix (or the data dir) at this "
-                f"layout's snapshots, or start with the layout that wrote them.")
-    states = {shard: attach_locator(config, shard, state)
-              for shard, state in zip(shards, loaded, strict=True)}
+    checked = [check_layout(config, shard, state, snapshot_stores[shard].location())
+               for shard, state in zip(shards, loaded, strict=True)]
+    # Writing out the runs a snapshot carried is file I/O: off the loop, which may be
+    # serving the worker's other groups (a takeover).
+    states = await asyncio.to_thread(lambda: {
+        shard: attach_locator(config, shard, state)
+        for shard, state in zip(shards, checked, strict=True)})
     replay_from = min(state.wal_offset_next for state in states.values())
     header = log_header(config, group)
     records_seen = 0

@@ -3,6 +3,9 @@
 Layout, per shard: `<s3_prefix>/shard-<4 digits>/snapshot-<20-digit offset>.bin` (a frozen
 ShardState, see shards/snapshots.py) and `<s3_prefix>/shard-<4 digits>/MANIFEST.json`, which
 lists the kept snapshots newest first with their SHA-256, in the directory store's format.
+A snapshot object is self-contained: it carries the receipt locator runs it relies on (12
+bytes per counted vote, shards/snapshots.py), so any host recovers from it alone and no
+other object needs uploading, listing or pruning beside it.
 
 Rules a caller can rely on:
 - `save` uploads the object first (S3 checks its SHA-256 on arrival), then replaces the

@@ -1,13 +1,21 @@
 """Shard snapshots: a frozen copy of bitmaps, tallies, locators and the WAL offset they cover.
 
-A poll's receipt locator is carried as its open run (and the log offset it starts at); the
-sealed runs before it are run files beside the snapshots (shards/locator_runs.py), which
-must be durable before the snapshot is published (GroupOwner waits for their writes), and
-which recovery attaches after thawing (ShardState.attach_locator). Without a locator
-directory every entry is carried inline.
+A poll's receipt locator is carried as its open run (and the log offset it starts at) and
+the entries of the sealed runs before it (shards/locator_runs.py), so the snapshot alone
+restores the shard on any host: recovery (ShardState.attach_locator) uses the run files on
+this host when they cover the snapshot, else writes out the runs the snapshot carried. That
+costs 12 bytes per counted vote in every snapshot (docs/performance.md, the locator
+section); a snapshot of an older release, which carried no runs, is usable only with the
+run files beside it, else the shard is rebuilt from the log. Without a locator directory
+every entry is carried in the open run.
 
-`freeze` runs synchronously on the event loop between two applied records (a batch
-boundary), so the copy is consistent; writing it out happens afterwards, off the loop.
+The snapshot records its layout (shards_total and groups): its offsets are in the log of
+its fencing group, and recovery refuses a snapshot of another layout (shards/recovery.py).
+
+`freeze_deferred` runs synchronously on the event loop between two applied records (a batch
+boundary), so the copy is consistent: it copies bitmaps and tallies and captures the runs
+(FrozenShard); `FrozenShard.save_to` reads the run files, encodes and saves, off the loop
+and a bounded number of shards at once.
 A store keeps, per shard, snapshot objects plus a manifest listing them newest first with
 their SHA-256; the object is written first and the manifest is replaced atomically after,
 so a crash or failure in between leaves the previous snapshot in use. Loading walks the
@@ -27,20 +35,31 @@ import hashlib
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 import msgspec
 from pyroaring import BitMap
 
 from engine.fastpath import Locator
-from shards.locator_runs import PollLocator
+from shards.locator_runs import PollLocator, RunSource, RunWrite, restored_run, runs_durable
 from shards.records import PollCreated
 from shards.segment_log import fsync_directory
 from shards.state import PollState, ShardState
 
 log = logging.getLogger("votes.snapshots")
+
+
+class RunSnapshot(msgspec.Struct, array_like=True, frozen=True):
+    """A sealed locator run the snapshot relies on: packed uint32 voters, uint64 values."""
+
+    seq: int
+    offset_first: int
+    offset_next: int
+    voters: bytes
+    values: bytes
 
 
 class PollSnapshot(msgspec.Struct, array_like=True, frozen=True):
@@ -53,6 +72,9 @@ class PollSnapshot(msgspec.Struct, array_like=True, frozen=True):
     locator_open_from: int
     locator_voters: bytes
     locator_values: bytes
+    # The sealed runs covering [0, locator_open_from), oldest first. Fields added last, with
+    # a default, so a snapshot of the release before decodes (it carried no runs).
+    locator_runs: list[RunSnapshot] = []
 
 
 class ShardSnapshot(msgspec.Struct, array_like=True, frozen=True):
@@ -62,6 +84,7 @@ class ShardSnapshot(msgspec.Struct, array_like=True, frozen=True):
     batch_seq_next: int
     votes_applied: int
     polls: list[PollSnapshot]
+    groups: int = 0  # the layout's fencing groups; 0: a release that did not record it
 
 
 class ManifestEntry(msgspec.Struct, frozen=True):
@@ -82,23 +105,94 @@ _snapshot_decoder = msgspec.msgpack.Decoder(ShardSnapshot)
 _manifest_decoder = msgspec.json.Decoder(Manifest)
 
 
-def freeze(state: ShardState) -> bytes:
-    """Serialize the whole shard state in one synchronous step (a batch boundary).
+class FrozenShard:
+    """A shard state captured at a batch boundary; `encode` (blocking: it reads the run files
+    the snapshot relies on) turns it into the snapshot's bytes, once."""
 
-    It runs on the event loop; a locator adds only its open run (at most
-    locator_run_entries + one group's votes, 12 bytes each) when runs go to a directory."""
+    def __init__(self, snapshot: ShardSnapshot, sources: list[list[RunSource]],
+                 writes: Sequence[RunWrite] = ()) -> None:
+        self.snapshot = snapshot
+        self.sources = sources  # per poll of the snapshot, its runs
+        self.writes = writes  # run files being written when it was frozen
+
+    async def save_to(self, store: SnapshotStore, wal_offset_next: int) -> ManifestEntry:
+        """The shard owner's snapshot writer: once the run writes it was frozen with are
+        durable (their OSError if one failed: this snapshot is not published), encode it on
+        a thread and save it, at most SNAPSHOTS_IN_FLIGHT_MAX of the process at once."""
+        slots = _in_flight_slots()
+        try:
+            await runs_durable(self.writes)
+            await slots.acquire()
+        except BaseException:
+            self.close()
+            raise
+        try:
+            data = await asyncio.to_thread(self.encode)  # which closes the sources itself
+            return await store.save(data, wal_offset_next)
+        finally:
+            slots.release()
+
+    def encode(self) -> bytes:
+        try:
+            polls = [
+                msgspec.structs.replace(poll, locator_runs=[
+                    RunSnapshot(source.seq, source.offset_first, source.offset_next,
+                                *source.read())
+                    for source in sources])
+                for poll, sources in zip(self.snapshot.polls, self.sources, strict=True)]
+        finally:
+            self.close()
+        return _snapshot_encoder.encode(msgspec.structs.replace(self.snapshot, polls=polls))
+
+    def close(self) -> None:
+        """Release the captured runs (a snapshot abandoned before `encode`)."""
+        for sources in self.sources:
+            for source in sources:
+                source.close()
+
+
+# Snapshots of one process being encoded or saved at once. Each holds up to ~24 B per counted
+# vote of its shard (the runs read, then the encoded bytes) until its store has it, and
+# shards fill at the same rate, so they fall due together: they queue here instead of
+# holding every shard's copy at once.
+SNAPSHOTS_IN_FLIGHT_MAX = 2
+_in_flight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
+
+
+def _in_flight_slots() -> asyncio.Semaphore:
+    """The running loop's semaphore (an asyncio.Semaphore belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    slots = _in_flight.get(loop)
+    if slots is None:
+        slots = _in_flight[loop] = asyncio.Semaphore(SNAPSHOTS_IN_FLIGHT_MAX)
+    return slots
+
+
+def freeze_deferred(state: ShardState) -> FrozenShard:
+    """Capture the whole shard state in one synchronous step (a batch boundary).
+
+    It runs on the event loop: bitmaps and tallies are serialized, a locator adds its open
+    run (at most locator_run_entries + one group's votes, 12 bytes each) and opens its run
+    files; their entries are read by `FrozenShard.encode`, off the loop."""
     polls = []
-    for poll in state.polls.values():
-        open_from, voters, values = poll.locator.snapshot_entries()
-        polls.append(PollSnapshot(
-            definition=poll.definition,
-            closed_ms=poll.closed_ms,
-            voters=poll.voters.serialize(),
-            tallies=poll.tallies.tolist(),
-            locator_open_from=open_from,
-            locator_voters=voters,
-            locator_values=values,
-        ))
+    sources = []
+    try:
+        for poll in state.polls.values():
+            sources.append(poll.locator.snapshot_sources())
+            open_from, voters, values = poll.locator.snapshot_entries()
+            polls.append(PollSnapshot(
+                definition=poll.definition,
+                closed_ms=poll.closed_ms,
+                voters=poll.voters.serialize(),
+                tallies=poll.tallies.tolist(),
+                locator_open_from=open_from,
+                locator_voters=voters,
+                locator_values=values,
+            ))
+    except BaseException:
+        FrozenShard(ShardSnapshot(state.shard, state.shards_total, 0, 0, 0, []), sources).close()
+        raise
     snapshot = ShardSnapshot(
         shard=state.shard,
         shards_total=state.shards_total,
@@ -106,20 +200,30 @@ def freeze(state: ShardState) -> bytes:
         batch_seq_next=state.batch_seq_next,
         votes_applied=state.votes_applied,
         polls=polls,
+        groups=state.groups,
     )
-    return _snapshot_encoder.encode(snapshot)
+    return FrozenShard(snapshot, sources, state.locator_writes_pending())
+
+
+def freeze(state: ShardState) -> bytes:
+    """The snapshot's bytes at once (tools and tests; the shard owner uses freeze_deferred
+    and encodes off the loop, since this reads the run files where it is called)."""
+    return freeze_deferred(state).encode()
 
 
 def thaw(data: bytes) -> ShardState:
     snapshot = _snapshot_decoder.decode(data)
-    state = ShardState(snapshot.shard, snapshot.shards_total)
+    state = ShardState(snapshot.shard, snapshot.shards_total, groups=snapshot.groups)
     state.wal_offset_next = snapshot.wal_offset_next
     state.batch_seq_next = snapshot.batch_seq_next
     state.votes_applied = snapshot.votes_applied
     for poll_snapshot in snapshot.polls:
         open_run = Locator.from_entries(poll_snapshot.locator_voters, poll_snapshot.locator_values)
+        runs = [restored_run(run.seq, run.offset_first, run.offset_next, run.voters, run.values)
+                for run in poll_snapshot.locator_runs]
         poll = PollState(poll_snapshot.definition,
-                         PollLocator(open_from=poll_snapshot.locator_open_from, open_run=open_run))
+                         PollLocator(open_from=poll_snapshot.locator_open_from, open_run=open_run,
+                                     runs=runs))
         poll.closed_ms = poll_snapshot.closed_ms
         poll.voters = BitMap.deserialize(poll_snapshot.voters)
         poll.tallies = array.array("Q", poll_snapshot.tallies)

@@ -54,9 +54,12 @@ class PollState:
 
 class ShardState:
     def __init__(self, shard: int, shards_total: int,
-                 locator_run_entries: int = RUN_ENTRIES_DEFAULT) -> None:
+                 locator_run_entries: int = RUN_ENTRIES_DEFAULT, groups: int = 0) -> None:
         self.shard = shard
         self.shards_total = shards_total
+        # The layout's fencing groups (config.groups), recorded in snapshots: their offsets
+        # are in this group's log. 0: unknown (a state built without a config).
+        self.groups = groups
         self.locator_run_entries = locator_run_entries
         self.locator_directory: Path | None = None
         self.polls: dict[str, PollState] = {}
@@ -108,8 +111,8 @@ class ShardState:
 
     def attach_locator(self, directory: Path, run_entries: int) -> bool:
         """Keep the polls' locator runs in `directory`: True if the runs there cover what
-        this state (a thawed snapshot) relies on, else False and nothing is attached (the
-        caller rebuilds the shard from the log)."""
+        this state (a thawed snapshot) relies on or the snapshot carried them, else False
+        (the caller rebuilds the shard from the log). Blocking file I/O: off the loop."""
         for poll_id, poll in self.polls.items():
             poll.locator.run_entries = run_entries
             if not poll.locator.attach(poll_directory(directory, poll_id)):

@@ -12,6 +12,12 @@ The engine-level test, once per WAL kind (embedded log, Kafka), seeds one shard'
 which this file imports), saves a snapshot to S3 at 900,000 voters, kills the owner, and times
 a fresh GroupOwner (one shard per group) until it serves: the counts must come back exactly, the replay must start at
 the snapshot's offset, and a new vote must be accepted. Each test uses its own S3 prefix.
+
+The new-host test: an owner takes several times locator_run_entries votes (its receipt locator
+seals them into run files), snapshots to S3, takes more and stops; an owner with a fresh
+data dir (the group moved: same log, no run files) recovers from the S3 snapshot, which
+carries the runs, with the log replayed from the snapshot's offset only, and every repeat
+vote answers 409 with exactly the receipt its voter got the first time.
 """
 
 from __future__ import annotations
@@ -324,6 +330,90 @@ def test_silent_s3_hits_the_call_deadline(local_stack, tmp_path: Path, monkeypat
             await asyncio.sleep(0)  # let the handlers see their connections closed
 
     asyncio.run(main())
+
+
+# A group moved to a new host: the receipt locator travels with the S3 snapshot ------------------
+
+
+NEW_HOST_RUN_ENTRIES = 1024
+NEW_HOST_VOTERS_BEFORE = 5000  # ~5 runs sealed before the snapshot
+NEW_HOST_VOTERS_AFTER = 1500
+
+
+def test_a_new_host_recovers_receipts_from_the_s3_snapshot_without_replaying_from_0(
+        local_stack, tmp_path: Path, s3_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    import random
+
+    from engine import signing
+    from engine.errors import AlreadyVoted
+    from shards.segment_log import SegmentLog
+    from shards.wal import EmbeddedWal
+
+    bench = load_bench()
+    host_a = s3_config(local_stack, tmp_path / "host-a", s3_prefix, shards=1, groups=1,
+                       group_commit_ms=1.0, locator_run_entries=NEW_HOST_RUN_ENTRIES)
+    host_b = msgspec.structs.replace(host_a, data_dir=str(tmp_path / "host-b"))
+    ensure_keys(tmp_path)
+    keyring = load_keys(tmp_path)
+    voters = random.Random(20261204).sample(range(1_000_000),
+                                            NEW_HOST_VOTERS_BEFORE + NEW_HOST_VOTERS_AFTER)
+    print("seed 20261204")
+
+    def owner_on(config: Config, wal) -> GroupOwner:
+        return GroupOwner(0, config, wal, {0: S3SnapshotStore(config, 0)}, keyring,
+                          signing.VoterHasher(keyring.voter_hash_secret))
+
+    def shared_log():  # the group's log, reachable from both hosts (as Kafka would be)
+        return EmbeddedWal(SegmentLog(tmp_path / "group-log", host_a.segment_bytes_max))
+
+    async def cast(owner: GroupOwner, chosen: list[int]) -> dict[int, dict]:
+        bodies = {}
+        for start in range(0, len(chosen), 500):
+            part = chosen[start:start + 500]
+            answers = await asyncio.gather(*(owner.submit_vote("song", voter, "a") for voter in part))
+            bodies.update({voter: json.loads(body) for voter, body in zip(part, answers, strict=True)})
+        return bodies
+
+    async def scenario() -> None:
+        owner = owner_on(host_a, shared_log())
+        await owner.start()
+        try:
+            assert await owner.create_poll(poll_created("song", ["a", "b"]))
+            receipts = await cast(owner, voters[:NEW_HOST_VOTERS_BEFORE])
+            await asyncio.gather(*owner.snapshot_all())
+            snapshot = (await owner.snapshot_stores[0].read_manifest()).snapshots[0]
+            runs = owner.states[0].polls["song"].locator.runs
+            assert sum(run.entries for run in runs) > NEW_HOST_RUN_ENTRIES
+            receipts.update(await cast(owner, voters[NEW_HOST_VOTERS_BEFORE:]))
+        finally:
+            await owner.stop()
+        assert not (Path(host_b.data_dir) / "shards").exists()
+
+        timed_wal = bench.TimedWal(shared_log())
+        moved = owner_on(host_b, timed_wal)
+        with caplog.at_level("WARNING", logger="votes.recovery"):
+            await moved.start()
+        try:
+            assert moved.ready, moved.failure
+            assert not any("rebuilding the shard" in record.message for record in caplog.records)
+            assert 0 < timed_wal.from_offset == snapshot.wal_offset_next
+            locator = moved.states[0].polls["song"].locator
+            restored = [run for run in locator.runs if run.offset_next <= snapshot.wal_offset_next]
+            assert restored and all(run.path is not None and
+                                    Path(host_b.data_dir) in run.path.parents for run in restored)
+            print(f"\nnew host: snapshot {snapshot.size_bytes:,} bytes at offset "
+                  f"{snapshot.wal_offset_next:,} carrying {len(restored)} runs "
+                  f"({sum(run.entries for run in restored):,} entries, locator_run_entries "
+                  f"{NEW_HOST_RUN_ENTRIES}); replay from offset {timed_wal.from_offset:,}, "
+                  f"{timed_wal.records} records")
+            for voter in voters:
+                with pytest.raises(AlreadyVoted) as repeat:
+                    await moved.submit_vote("song", voter, "b")
+                assert repeat.value.extra["receipt"] == receipts[voter], voter
+        finally:
+            await moved.stop()
+
+    asyncio.run(scenario())
 
 
 # Recovery of a shard holding a million voters --------------------------------------------------

@@ -3,8 +3,9 @@ counted voter with the offset of the record that counted it, from its open run, 
 yet written and from run files alike; that merges keep the runs per poll bounded and lose no
 entry; that its RAM stays bounded (open run + fences) while the entries sit on disk; that a
 thawed snapshot with the runs it relies on, plus a replay of the records after it, answers
-exactly as the live state did; that missing runs make the snapshot unusable (the shard is
-rebuilt from the log) instead of answering "no receipt"; that a damaged run file raises
+exactly as the live state did; that missing run files are restored from the runs the
+snapshot carries, and that a snapshot carrying none makes the shard rebuild from the log
+instead of answering "no receipt"; that a damaged run file raises
 LogCorrupt rather than a made-up answer; that a failed run write keeps the entries in RAM
 and fails the snapshot that would rely on it; and that the group owner publishes a snapshot
 only once the runs it relies on are durable.
@@ -148,7 +149,14 @@ def test_a_thawed_snapshot_with_its_runs_answers_as_the_live_state(tmp_path: Pat
     check_answers(restored, replayable.counted, absent)
 
 
-def test_missing_runs_make_the_shard_rebuild_from_the_log(tmp_path: Path) -> None:
+def test_missing_runs_are_restored_from_the_snapshot_or_the_shard_is_rebuilt(tmp_path: Path) -> None:
+    """A new host: the snapshot came from elsewhere, the run files did not. The runs the
+    snapshot carries are written out; a snapshot that carries none (the release before)
+    makes the shard rebuild from the log, and never answers "no receipt" meanwhile."""
+    import msgspec
+
+    from shards.snapshots import ShardSnapshot
+
     config = Config(data_dir=str(tmp_path), shards=SHARDS_TOTAL, locator_run_entries=RUN_ENTRIES)
     directory = tmp_path / "shards" / f"shard-{SHARD:04d}" / "locator"
     replayable = live_state(directory)
@@ -157,12 +165,22 @@ def test_missing_runs_make_the_shard_rebuild_from_the_log(tmp_path: Path) -> Non
     replayable.state.polls["song"].locator.wait_idle()
     frozen = freeze(replayable.state)
     for path in poll_directory(directory, "song").glob("run-*.bin"):
-        path.unlink()  # a new host: the snapshot came from elsewhere, the runs did not
+        path.unlink()
 
-    detached = thaw(frozen)
+    restored = attach_locator(config, SHARD, thaw(frozen))
+    assert restored.wal_offset_next == replayable.state.wal_offset_next  # the snapshot is used
+    assert sorted(poll_directory(directory, "song").glob("run-*.bin"))
+    check_answers(restored, replayable.counted, absent)
+
+    for path in poll_directory(directory, "song").glob("run-*.bin"):
+        path.unlink()
+    snapshot = msgspec.msgpack.decode(frozen, type=ShardSnapshot)
+    carrying_none = msgspec.msgpack.encode(msgspec.structs.replace(
+        snapshot, polls=[msgspec.structs.replace(poll, locator_runs=[]) for poll in snapshot.polls]))
+    detached = thaw(carrying_none)
     with pytest.raises(LogCorrupt):  # never "no receipt" for a voter the runs would hold
         detached.record_of_voter(detached.polls["song"], next(iter(replayable.counted)))
-    recovered = attach_locator(config, SHARD, thaw(frozen))
+    recovered = attach_locator(config, SHARD, thaw(carrying_none))
     assert recovered.polls == {} and recovered.wal_offset_next == 0  # rebuilt from the log
     replayable.replay_onto(recovered)
     check_answers(recovered, replayable.counted, absent)
@@ -209,7 +227,7 @@ def test_locator_run_entries_is_checked() -> None:
 
 
 def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, keyring) -> None:
-    """GroupOwner._write_snapshot waits for the run writes frozen with it: while one is in
+    """GroupOwner._write_snapshot waits for the run writes frozen with it (FrozenShard.encoded): while one is in
     flight the manifest does not name the snapshot; a failed one means no snapshot at all."""
 
     async def scenario() -> None:
@@ -221,7 +239,7 @@ def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, 
                            keyring=keyring, hasher=signing.VoterHasher(keyring.voter_hash_secret))
         store = stores[SHARD]
         pending: Future = Future()
-        writing = asyncio.ensure_future(owner._write_snapshot(SHARD, b"state", 700, [pending]))
+        writing = asyncio.ensure_future(owner._write_snapshot(SHARD, frozen_empty([pending]), 700))
         await asyncio.sleep(0.05)
         assert store.read_manifest().snapshots == []  # the run is not durable yet
         pending.set_result(None)
@@ -230,19 +248,26 @@ def test_a_snapshot_is_published_only_once_its_runs_are_durable(tmp_path: Path, 
 
         failed: Future = Future()
         failed.set_exception(OSError("disk full"))
-        await owner._write_snapshot(SHARD, b"newer", 900, [failed])
+        await owner._write_snapshot(SHARD, frozen_empty([failed]), 900)
         assert [entry.wal_offset_next for entry in store.read_manifest().snapshots] == [700]
 
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("runs_kept", [True, False], ids=["runs-kept", "runs-lost"])
+def frozen_empty(writes: list[Future]):
+    """A frozen shard with no poll, frozen while these run writes were in flight."""
+    from shards.snapshots import FrozenShard, ShardSnapshot
+
+    return FrozenShard(ShardSnapshot(SHARD, SHARDS_TOTAL, 0, 0, 0, [], groups=2), [], writes)
+
+
+@pytest.mark.parametrize("runs_kept", [True, False], ids=["runs-kept", "runs-lost-new-host"])
 def test_repeats_get_their_original_receipt_after_a_restart_from_snapshot_and_runs(
         tmp_path: Path, keyring, caplog: pytest.LogCaptureFixture, runs_kept: bool) -> None:
     """End to end on the embedded log: votes sealed into run files, a snapshot in the middle,
-    more votes after it; a new owner recovers (snapshot + runs + replay, or, with the runs
-    lost, the log from its start) and every repeat answers 409 with exactly the 201 body its
-    voter got the first time."""
+    more votes after it; a new owner recovers from the snapshot + runs + replay (with the run
+    files lost, as on a new host, the runs the snapshot carries) and every repeat answers 409
+    with exactly the 201 body its voter got the first time."""
     import json
     import shutil
 
@@ -287,7 +312,7 @@ def test_repeats_get_their_original_receipt_after_a_restart_from_snapshot_and_ru
             await restarted.start()
         rebuilt = any("rebuilding the shard from the log" in record.message
                       for record in caplog.records)
-        assert rebuilt is not runs_kept  # the snapshot was used exactly when its runs were there
+        assert not rebuilt  # the snapshot is used either way: it carries its runs
         try:
             for voter in voters[::20] + [voters[0], voters[2999], voters[-1]]:
                 with pytest.raises(AlreadyVoted) as repeat:
