@@ -88,6 +88,15 @@ WAL_PENDING_VOTES = Gauge(
     ["group"], multiprocess_mode="livesum",
 )
 
+# Set by the replicator role only (engine/replicator.py), which serves it on its own
+# /metrics; ingest workers export it at 0. "max": the most stale of the processes.
+REPLICATION_LAG = Gauge(
+    "vote_replication_lag_seconds",
+    "Seconds since the source region's tally state that this replicator last shipped in "
+    "full was read (an upper bound on how stale the other region's copy is)",
+    multiprocess_mode="max",
+)
+
 for _kind in WAL_APPEND_ERROR_KINDS:  # exported as 0 from the start, so rate() has a base
     WAL_APPEND_ERRORS.labels(_kind)
 
@@ -104,8 +113,6 @@ NOT_YET_EMITTED: dict[str, tuple[str, str]] = {
     "vote_ratelimit_fail_open_total": (
         "counter", "Requests let through because the rate limiter's store did not answer "
         "(issue 12)"),
-    "vote_replication_lag_seconds": (
-        "gauge", "Age of the newest WAL record the other region has applied (issue 13)"),
     "vote_crdt_recount_disagreements_total": (
         "counter", "Poll results where the CRDT counts and a recount from the log differ "
         "(issue 13)"),
