@@ -104,7 +104,8 @@ class ReplicatorProcess:
 
     def lag_s(self) -> float | None:
         try:
-            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1.0).text
+            text = http_client.get(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                   timeout_s=1.0).text
         except httpx.TransportError:
             return None
         found = re.search(r"^vote_replication_lag_seconds (\S+)$", text, re.MULTILINE)
