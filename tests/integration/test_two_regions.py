@@ -43,7 +43,7 @@ from deploy.local.redis_server import start_redis, wait_redis
 from engine import crdt
 from engine.keys import load_keys
 from engine.replicator import region_fields
-from engine.results_publisher import MERGE_SCRIPT, merge_poll_fields, merged_key
+from engine.results_publisher import MERGE_SCRIPT, channel, merge_poll_fields, merged_key
 from engine.tokens import issue_admin_token, issue_voter_token
 from tests.integration.test_results_role import results_role
 from tests.support import http_client
@@ -223,7 +223,7 @@ def wait_converged(results_urls: dict[str, str], poll: str, counts: dict, region
 @pytest.mark.timeout(240)
 def test_two_regions_count_each_voter_once_and_converge(tmp_path: Path) -> None:
     poll = f"regions-{uuid.uuid4().hex[:8]}"
-    with two_regions(tmp_path) as (engines, results_urls, replicators, _):
+    with two_regions(tmp_path) as (engines, results_urls, replicators, redis_urls):
         voters = Voters(engines, poll)
         voters.create_poll()
         # Phase 1: voters 1-40 (both home regions), each sent to both regions at once.
@@ -238,14 +238,29 @@ def test_two_regions_count_each_voter_once_and_converge(tmp_path: Path) -> None:
         replicators["eu"].kill()
         voters.send([(voter, "eu" if voter % 4 < 2 else "us") for voter in range(41, 81)]
                     + [(voter, region) for voter in range(1, 11) for region in REGIONS])
-        wait_until(lambda: results_of(results_urls["eu"], poll)["total"] > sum(counts.values()),
-                   CONVERGE_S, "eu's own results to show phase 2")
+        _, regions = voters.expected({voter for voter, answers in voters.answers.items()
+                                      if any(status == 201 for _, status, _ in answers)})
+        for region in REGIONS:  # each region's own results show its own voters of phase 2
+            wait_until(lambda region=region: results_of(results_urls[region], poll)[
+                "regions"][region] == regions[region], CONVERGE_S, f"{region}'s own voters")
+        assert regions["eu"] != eu_seen_by_us
         assert results_of(results_urls["us"], poll)["regions"]["eu"] == eu_seen_by_us
 
+        # What us's results role listens to (its SSE streams wake on it): us's own voters
+        # are all published already, so a message now is the replicator's merge of eu.
+        us_redis = redis.Redis.from_url(redis_urls["us"])
+        changes = us_redis.pubsub()
+        changes.subscribe(channel(poll))
         replicators["eu"].start()
         counts, regions = voters.expected(voters.counted())
         assert sum(counts.values()) == 80
         wait_converged(results_urls, poll, counts, regions)
+        notified = [message for _ in range(10)
+                    if (message := changes.get_message(timeout=0.5)) is not None
+                    and message["type"] == "message"]
+        assert notified, "the replicator's merge into us announced nothing"
+        changes.close()
+        us_redis.close()
         for replicator in replicators.values():
             lag_s = wait_until(replicator.lag_s, 10.0, "the replicator's lag gauge")
             assert 0 <= lag_s < LAG_BOUND_S
