@@ -19,8 +19,9 @@ a target Redis that restarted empty.
 Lag (`vote_replication_lag_seconds`, engine/metrics.py): now minus the time the source state
 of the last complete cycle was read. Everything A's Redis held at that read is in B's Redis,
 so it bounds how stale B's copy of A is (plus A's own publish interval); it grows while the
-replicator cannot read A or write B. Logged every LAG_LOG_INTERVAL_S and served on
-`--metrics-port` when given.
+replicator cannot read A or write B (the gauge is computed at each scrape); before the
+first complete cycle it is the time since the replicator started. Logged every
+LAG_LOG_INTERVAL_S and served on `--metrics-port` when given.
 Bounds: POLLS_PER_CYCLE_MAX polls per cycle, FIELDS_PER_CALL_MAX fields per script call,
 each Redis call REDIS_TIMEOUT_S, each cycle CYCLE_TIMEOUT_S.
 """
@@ -35,6 +36,7 @@ from typing import Any
 from engine import crdt
 from engine.metrics import REPLICATION_LAG
 from engine.results_publisher import (
+    ERROR_LOG_INTERVAL_S,
     KEY_PREFIX,
     MERGE_SCRIPT,
     REDIS_TIMEOUT_S,
@@ -83,7 +85,10 @@ class Replicator:
         self.script = target.register_script(MERGE_SCRIPT)
         self.shipped_versions: dict[str, str | None] = {}  # poll -> source version shipped
         self.full_ship_at = 0.0
-        self.shipped_read_at: float | None = None  # time.time() of the last complete cycle's read
+        # time.time() of the last complete cycle's read; before the first, of the start
+        # (what the target held then is unknown, so the lag is at least the time since).
+        self.started_at = time.time()
+        self.shipped_read_at: float | None = None
         self.errors = 0
 
     async def polls(self) -> list[str]:
@@ -119,11 +124,13 @@ class Replicator:
         self.shipped_read_at = read_at
         return sent
 
-    def lag_s(self) -> float | None:
-        return None if self.shipped_read_at is None else time.time() - self.shipped_read_at
+    def lag_s(self) -> float:
+        return time.time() - (self.shipped_read_at or self.started_at)
 
     async def run(self) -> None:
-        lag_logged_at = 0.0
+        # Read at each scrape, so the gauge also grows while a cycle hangs or fails.
+        REPLICATION_LAG.set_function(self.lag_s)
+        lag_logged_at = error_logged_at = 0.0
         while True:
             started = time.monotonic()
             try:
@@ -133,14 +140,13 @@ class Replicator:
             except Exception as exc:  # noqa: BLE001 - a Redis down or slow: retry, lag grows
                 self.errors += 1
                 self.full_ship_at = 0.0  # what the target holds is unknown: ship everything
-                log.warning("replication of region %s failed (%d so far): %r", self.region,
-                            self.errors, exc)
-            lag_s = self.lag_s()
-            if lag_s is not None:
-                REPLICATION_LAG.set(lag_s)
-                if started - lag_logged_at >= LAG_LOG_INTERVAL_S:
-                    lag_logged_at = started
-                    log.info("region %s replication lag %.3f s", self.region, lag_s)
+                if started - error_logged_at >= ERROR_LOG_INTERVAL_S:  # not 5 lines a second
+                    error_logged_at = started
+                    log.warning("replication of region %s failed (%d so far): %r",
+                                self.region, self.errors, exc)
+            if started - lag_logged_at >= LAG_LOG_INTERVAL_S:
+                lag_logged_at = started
+                log.info("region %s replication lag %.3f s", self.region, self.lag_s())
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
 

@@ -5,7 +5,8 @@
 - against real sockets: an answer is relayed as it is; a refused connection is `not-ready`
   (nothing sent); a server that read the vote and never answered is `outcome-unknown`;
 - the replicator ships its own region's fields only, refuses fields it did not write, and
-  its shipments converge whatever their order or duplication (hypothesis).
+  its shipments converge whatever their order or duplication (hypothesis); its lag gauge
+  keeps growing while the source cannot be read, and drops once a cycle completes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from engine import crdt
 from engine.config import Config, load_config, parse_region_urls
 from engine.errors import ConfigError, NotReady, OutcomeUnknown
 from engine.regions import REGION_FORWARDED_HEADER, RegionForwarder
-from engine.replicator import poll_of_merged_key, region_fields
+from engine.metrics import REPLICATION_LAG
+from engine.replicator import Replicator, poll_of_merged_key, region_fields
 from engine.results_publisher import merged_key
 from engine.tokens import TokenForbidden
 
@@ -167,3 +169,37 @@ def test_shipments_converge_in_any_order_with_duplicates(growth, data) -> None:
     for index in order:
         crdt.merge_into(target, crdt.counters_from_fields("p", shipments[index]))
     assert crdt.region_totals(target, "p") == {"eu": {"a": sum(current)}, "us": {"a": 7}}
+
+
+class FlakySource:
+    """A source Redis that fails every call while `down`, and holds no polls."""
+
+    def __init__(self) -> None:
+        self.down = True
+
+    async def scan_iter(self, **_):
+        if self.down:
+            raise ConnectionError("source Redis down")
+        for key in ():
+            yield key
+
+
+class NoTarget:
+    def register_script(self, _):
+        return None
+
+
+def test_lag_grows_while_the_source_is_down_and_drops_after_a_cycle() -> None:
+    source = FlakySource()
+    replicator = Replicator(source, NoTarget(), "eu", interval_s=0.02)
+
+    async def run_for(seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(replicator.run(), seconds)
+
+    asyncio.run(run_for(0.3))
+    assert replicator.errors >= 3 and replicator.shipped_read_at is None
+    assert REPLICATION_LAG.collect()[0].samples[0].value >= 0.3  # read at the scrape
+    source.down = False
+    asyncio.run(run_for(0.1))
+    assert REPLICATION_LAG.collect()[0].samples[0].value < 0.1
