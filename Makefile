@@ -49,7 +49,8 @@ chaos: setup
 # The perf harness (perf/README.md): micro-benchmarks, then the engine (default config)
 # against the ceiling and the peers (PostgreSQL and Redis installed and started by the
 # harness's own scripts) with the shard sweep after each engine, then the capacity model and
-# issue 10's targets table. JSON and PNG plots land in perf/results/. bench-quick with
+# issue 10's targets table; between them, issue 13's results freshness (~15 s) and SSE
+# fan-out (~80 s) benches. JSON and PNG plots land in perf/results/. bench-quick with
 # --kafka took 5 min 9 s (2026-12-02); bench without --kafka is estimated at 6-7 min.
 # BENCH_ARGS passes more, e.g. BENCH_ARGS="--kafka --stack-base-port 19400 --duration-scale 3".
 PERF_STAMP := $(VENV)/.installed-perf
@@ -62,6 +63,8 @@ bench: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro
 	$(BIN)/python -m perf.bench_peers $(BENCH_ARGS)
 	$(BIN)/python -m perf.bench_memory
+	$(BIN)/python -m perf.bench_results_freshness --duration-s 10
+	$(BIN)/python -m perf.bench_results_fanout --updates 20
 	$(BIN)/python -m perf.capacity
 	$(BIN)/python -m perf.targets_report
 
@@ -69,6 +72,8 @@ bench-quick: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_micro --quick
 	$(BIN)/python -m perf.bench_peers --quick $(BENCH_ARGS)
 	$(BIN)/python -m perf.bench_memory --lookup-s 2
+	$(BIN)/python -m perf.bench_results_freshness --duration-s 4
+	$(BIN)/python -m perf.bench_results_fanout --subscribers 1000,5000,20000 --updates 10
 	$(BIN)/python -m perf.capacity
 	$(BIN)/python -m perf.targets_report
 

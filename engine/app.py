@@ -42,6 +42,7 @@ from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from engine.problems import problem_of
+from engine.ratelimit import FORWARDED_FOR_HEADER, GlobalSync, RateLimited, RateLimiter
 from engine.regions import RegionForwarder
 from engine.results_page import LocalStreams, page_response, receipt_status
 from engine.results_publisher import start_publisher
@@ -83,6 +84,7 @@ _REJECTION_REASON: dict[type[VotesError], str] = {
     PollClosed: "closed-poll",
     PollNotOpen: "not-open",
     UnknownOption: "unknown-option",
+    RateLimited: "rate-limited",
 }
 
 
@@ -163,6 +165,8 @@ class App:
         self.node: Node | None = None
         self._cluster = False
         self._start_task: asyncio.Task | None = None
+        self._ratelimit_sync: GlobalSync | None = None
+        self._ratelimit_task: asyncio.Task | None = None
         self._regions = RegionForwarder(Config())  # single-region until __rsgi_init__
 
     def __rsgi_init__(self, loop) -> None:
@@ -179,6 +183,11 @@ class App:
         # Results go to Redis only when one is configured (engine/results_publisher.py).
         self._results_task = start_publisher(loop, self.config, self.node)
         self._streams = LocalStreams(self.config.results_subscribers_max)
+        self.limiter = RateLimiter(self.config)
+        self._ratelimit_sync = (GlobalSync(self.config, self.limiter)
+                                if self.config.ratelimit_redis_url else None)
+        self._ratelimit_task = (loop.create_task(self._ratelimit_sync.run())
+                                if self._ratelimit_sync is not None else None)
         # Every request allocates dozens of objects, so the default young-generation
         # threshold (700) ran a collection every few requests (~5% of the loop). Objects of
         # the start-up are frozen out of collections; young ones are collected every
@@ -189,6 +198,9 @@ class App:
     def __rsgi_del__(self, loop) -> None:
         if self.node is not None:
             loop.run_until_complete(self.node.stop())
+        if self._ratelimit_task is not None and self._ratelimit_sync is not None:
+            self._ratelimit_task.cancel()
+            loop.run_until_complete(self._ratelimit_sync.close())
         loop.run_until_complete(self._regions.close())
         BUFFERED.flush()
         tracing.shutdown()
@@ -228,6 +240,9 @@ class App:
         allow = extra.pop("allow", None)
         if allow is not None:  # RFC 9110: a 405 names the methods the resource offers
             headers = PROBLEM_JSON + [("allow", str(allow))]
+        retry_after = extra.pop("retry_after", None)
+        if retry_after is not None:  # RFC 9110: whole seconds
+            headers = PROBLEM_JSON + [("retry-after", str(retry_after))]
         if isinstance(exc, BodyTooLarge):
             # The rest of the body was never read, so the connection cannot carry another
             # request: say so, or a keep-alive client sends its next request into a socket
@@ -286,14 +301,21 @@ class App:
 
     async def _vote(self, scope, proto, poll: str, span=None):
         node = self._node()
+        # The body is read first, however small, so the connection can carry the next
+        # request after a 429; then the cheap rejection: the address limits before the token.
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
+        voter_limited = self.limiter.check_client(
+            scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
+            scope.headers.get(FORWARDED_HEADER) is not None)
         vote = _decode(_vote_decoder, body)
         if not IDENTIFIER_PATTERN.match(vote.option):
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         if span is not None:  # a sampled request: the same steps, each in a child span
-            return await self._vote_traced(scope, poll, body, vote, span)
+            return await self._vote_traced(scope, poll, body, vote, span, voter_limited)
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
+        if voter_limited:
+            self.limiter.check_voter(claims.voter)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             return await self._forward_home(scope, poll, body, home_url)
         # Only cluster mode can forward to another node; the embedded path builds nothing.
@@ -304,11 +326,14 @@ class App:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body
 
-    async def _vote_traced(self, scope, poll: str, body: bytes, vote: VoteBody, span):
+    async def _vote_traced(self, scope, poll: str, body: bytes, vote: VoteBody, span,
+                           voter_limited: bool):
         node = self._node()
         with tracing.child(span, "verify-voter-token"):
             claims = tokens.verify_voter_token(
                 self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
+        if voter_limited:
+            self.limiter.check_voter(claims.voter)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             with tracing.child(span, "region-forward"):
                 return await self._forward_home(scope, poll, body, home_url)

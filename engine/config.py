@@ -8,6 +8,7 @@ server run with exactly the same settings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -130,6 +131,33 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group_map: str = ""
     lease_ttl_s: float = 3.0
     lease_renew_s: float = 1.0
+    # Rate limits of the vote path (engine/ratelimit.py, docs/security.md): GCRA per client
+    # address, per /24 (IPv4) or /56 (IPv6) prefix, and per voter; `burst` requests at once,
+    # then `per_s`. Addresses in ratelimit_exempt_networks skip the address and prefix
+    # limits: loopback by default, so the perf harness and tests (one address, 127.0.0.1,
+    # tens of thousands of votes/s) are not throttled; production serves no client there.
+    # The voter limit applies to every voter: one voter votes once per poll, so its
+    # defaults leave room for retries and concurrent duplicates.
+    ratelimit_enabled: bool = True
+    ratelimit_address_per_s: float = 50.0
+    ratelimit_address_burst: int = 200
+    ratelimit_prefix_per_s: float = 500.0
+    ratelimit_prefix_burst: int = 2000
+    ratelimit_voter_per_s: float = 10.0
+    ratelimit_voter_burst: int = 100
+    ratelimit_exempt_networks: str = "127.0.0.0/8,::1/128"
+    # Peers whose X-Forwarded-For names the client (the edge), as a CIDR list; empty: none.
+    trusted_proxies: str = ""
+    # Keys each limiter of a worker remembers (least recently used evicted beyond).
+    ratelimit_keys_max: int = 100_000
+    # The global view: a Redis Cluster node (redis://host:port); empty: local limits only.
+    # Each worker sends its counts every ratelimit_sync_ms, one Lua call per bucket (a hash
+    # slot) with pending keys; a call waits at most ratelimit_store_timeout_ms. Buckets:
+    # as many as the cluster has masters (their slots spread evenly over the slot space).
+    ratelimit_redis_url: str = ""
+    ratelimit_sync_ms: float = 200.0
+    ratelimit_sync_buckets: int = 3
+    ratelimit_store_timeout_ms: float = 250.0
 
     def resolved(self) -> "Config":
         """This config with `groups = 0` replaced by the number it stands for."""
@@ -185,6 +213,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (0 < self.region_forward_timeout_s <= 60, "region_forward_timeout_s must be in (0, 60]"),
             (1 <= self.region_forward_connections_max <= 4096,
              "region_forward_connections_max must be in 1..4096"),
+            *self._ratelimit_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -194,6 +223,28 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if urls and self.region not in urls:
             raise ConfigError(f"region_urls must name this region {self.region!r} too")
         return self
+
+    def _ratelimit_checks(self) -> list[tuple[bool, str]]:
+        return [
+            *[(0 < rate <= 1_000_000, f"ratelimit_{kind}_per_s must be in (0, 1000000]")
+              for kind, rate in (("address", self.ratelimit_address_per_s),
+                                 ("prefix", self.ratelimit_prefix_per_s),
+                                 ("voter", self.ratelimit_voter_per_s))],
+            *[(1 <= burst <= 1_000_000, f"ratelimit_{kind}_burst must be in 1..1000000")
+              for kind, burst in (("address", self.ratelimit_address_burst),
+                                  ("prefix", self.ratelimit_prefix_burst),
+                                  ("voter", self.ratelimit_voter_burst))],
+            (1000 <= self.ratelimit_keys_max <= 10_000_000,
+             "ratelimit_keys_max must be in 1000..10000000"),
+            (10 <= self.ratelimit_sync_ms <= 60_000, "ratelimit_sync_ms must be in 10..60000"),
+            (1 <= self.ratelimit_sync_buckets <= 256, "ratelimit_sync_buckets must be in 1..256"),
+            (1 <= self.ratelimit_store_timeout_ms <= 10_000,
+             "ratelimit_store_timeout_ms must be in 1..10000"),
+            (_networks_valid(self.ratelimit_exempt_networks),
+             "ratelimit_exempt_networks must be a comma-separated CIDR list"),
+            (_networks_valid(self.trusted_proxies),
+             "trusted_proxies must be a comma-separated CIDR list"),
+        ]
 
     def group_of(self, shard: int) -> int:
         return shard % self.groups
@@ -225,6 +276,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def uses_s3(self) -> bool:
         return bool(self.s3_bucket)
+
+
+def _networks_valid(text: str) -> bool:
+    try:
+        for part in text.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_group_map(text: str, groups: int) -> dict[int, str]:
@@ -283,10 +344,18 @@ def _from_environment() -> dict[str, Any]:
         if raw is None:
             continue
         try:
-            values[name] = kind(raw)
+            values[name] = _parse_bool(raw) if kind is bool else kind(raw)
         except ValueError as exc:
             raise ConfigError(f"VOTES_{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
     return values
+
+
+def _parse_bool(raw: str) -> bool:
+    """bool("false") is True, so booleans from the environment are spelled out."""
+    spelled = raw.strip().lower()
+    if spelled not in ("true", "false", "1", "0"):
+        raise ValueError(raw)
+    return spelled in ("true", "1")
 
 
 def load_config(config_file: str | None = None, **overrides: Any) -> Config:

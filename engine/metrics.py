@@ -88,6 +88,16 @@ WAL_PENDING_VOTES = Gauge(
     ["group"], multiprocess_mode="livesum",
 )
 
+# Written by the rate limiter's sync task (engine/ratelimit.py), a few times per second.
+RATELIMIT_FAIL_OPEN = Counter(
+    "vote_ratelimit_fail_open_total",
+    "Requests let through because the rate limiter's store did not answer (their counts "
+    "never reached the global view; local limits still applied)",
+)
+RATELIMIT_STORE_CALLS = Counter(
+    "vote_ratelimit_store_calls_total",
+    "Calls to the rate limiter's store (one Lua call per bucket per sync), answered or not",
+)
 # Set by the replicator role only (engine/replicator.py), which serves it on its own
 # /metrics; ingest workers export it at 0. "max": the most stale of the processes.
 REPLICATION_LAG = Gauge(
@@ -110,9 +120,6 @@ AWAITING_HOOK: dict[str, str] = {
 # export. tests/unit/test_alert_rules.py accepts these and AWAITING_HOOK's names besides
 # what a running engine exports, and prints them.
 NOT_YET_EMITTED: dict[str, tuple[str, str]] = {
-    "vote_ratelimit_fail_open_total": (
-        "counter", "Requests let through because the rate limiter's store did not answer "
-        "(issue 12)"),
     "vote_crdt_recount_disagreements_total": (
         "counter", "Poll results where the CRDT counts and a recount from the log differ "
         "(issue 13)"),

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from engine import errors
 from engine.keys import KeysCorrupt, KeysMissing
+from engine.ratelimit import RateLimited
 from engine.receipts import ReceiptInvalid
 from engine.tokens import TokenError, TokenExpired, TokenForbidden, TokenInvalid, TokenMissing
 from shards.kafka_wal import WalFenced
@@ -44,6 +45,7 @@ PROBLEMS: dict[type[errors.VotesError], Problem] = {
         503, "outcome-unknown", "The vote may or may not have been recorded; it counts at most once"),
     errors.NotReady: Problem(503, "not-ready", "The shard is being fenced or is catching up"),
     WalFenced: Problem(503, "not-ready", "Another owner holds this shard"),
+    RateLimited: Problem(429, "rate-limited", "Too many requests; retry after Retry-After"),
     errors.Overloaded: Problem(503, "overloaded", "The shard's queue is full; retry shortly"),
     errors.LogCorrupt: Problem(500, "log-corrupt", "The write-ahead log is corrupt"),
     errors.InvariantViolation: Problem(500, "internal", "Internal error"),

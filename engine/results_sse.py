@@ -3,12 +3,23 @@ notifications, and the Server-Sent Events loop of one subscriber.
 
 One process holds one pub/sub connection (PSUBSCRIBE on every poll's `changed` channel) and,
 per poll being watched, one `PollWatch`: the last snapshot read and an event that is set and
-replaced on every change, so a change costs one Redis read per process and one wake-up per
-subscriber, whatever the number of subscribers. Bounds: `subscribers_max` streams per
-process (beyond: 503 `overloaded`), at most one event per EVENT_INTERVAL_S per subscriber
-(changes in between are folded into the next event), polls watched at most WATCHES_MAX.
-A subscriber re-reads the snapshot at every keep-alive too, so a lost notification delays
-an event by at most KEEPALIVE_S.
+replaced to wake the poll's streams, so a change costs one Redis read per process and one
+wake-up per subscriber, whatever the number of subscribers. On a change the hub reads the
+snapshot first and wakes the streams after (`_refresh`), so woken streams find it cached
+(reading after the wake made every stream wait a second time, on the read). The hub wakes
+a poll's streams at most once per EVENT_INTERVAL_S (changes in between are folded into the
+next wake), so a stream sends about ten events per second at most, with no timer of its
+own. Bounds: `subscribers_max` streams per process (beyond: 503 `overloaded`), one refresh
+in flight per poll, polls watched at most WATCHES_MAX.
+Every KEEPALIVE_TICK_S the hub wakes every stream (one timer per process, not one per
+subscriber per wait: those timers were a third of the process's CPU at 5,000 subscribers);
+a woken stream re-reads the snapshot, so a lost notification delays an event by at most
+KEEPALIVE_TICK_S, and sends a keep-alive comment after KEEPALIVE_S of silence.
+
+Reads are single-flight per poll: the subscribers woken by one change share one Redis read
+(without it, thousands of woken streams each opened a pipeline and exhausted the client's
+connection pool, MaxConnectionsError). A read started before a change never serves the
+subscribers woken by it: `invalidate` drops it, and its snapshot is not cached.
 """
 
 from __future__ import annotations
@@ -27,10 +38,14 @@ from engine.results_view import parse_definition, results_document
 
 log = logging.getLogger("votes.results")
 
-EVENT_INTERVAL_S = 0.1  # at most ~10 events per second per subscriber
-KEEPALIVE_S = 15.0
+EVENT_INTERVAL_S = 0.1  # a poll's streams are woken at most this often: ~10 events/s
+KEEPALIVE_S = 10.0  # a comment once a stream has sent nothing for this long...
+KEEPALIVE_TICK_S = 5.0  # ...checked when the hub wakes every stream: silence <= 15 s
 WATCHES_MAX = 1024
-SNAPSHOT_FRESH_S = 0.05  # a request within this of the last read reuses it
+# A request within this of the last read reuses it. A change drops the snapshot at once;
+# the age only bounds a notification lost without a listener error, and lets a herd of
+# 20,000 woken streams (longer than 50 ms to serve) share one read.
+SNAPSHOT_FRESH_S = 0.5
 CHANNEL_PATTERN = KEY_PREFIX + "{*}:changed"
 RESUBSCRIBE_S = 1.0
 
@@ -42,13 +57,51 @@ class Snapshot(NamedTuple):
     read_at: float
 
 
+class SharedRead:
+    """One read awaited by many subscribers. They wait on an Event, not on the task itself:
+    a subscriber leaving cancels only its own wait, never the read (asyncio.shield would do
+    the same with two futures and two callbacks per waiter; this is one future)."""
+
+    def __init__(self, read: Awaitable[Snapshot]) -> None:
+        self.finished = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run(read))
+        # Waiters that left never fetch a failure: fetch it here, or asyncio logs it.
+        self.task.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def _run(self, read: Awaitable[Snapshot]) -> Snapshot:
+        try:
+            return await read
+        finally:
+            self.finished.set()
+
+    async def result(self) -> Snapshot:
+        await self.finished.wait()
+        return self.task.result()
+
+
 class PollWatch:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
         self.changed = asyncio.Event()
+        self.reading: SharedRead | None = None  # the read in flight, shared
+        self.generation = 0  # raised by every change: a read of an older one is stale
+        self.refresh: asyncio.Task[None] | None = None  # the read-then-wake in flight
+        self.woken_at = 0.0
+
+    def invalidate(self) -> None:
+        self.snapshot = None
+        self.reading = None
+        self.generation += 1
 
     def notify(self) -> None:
-        self.snapshot = None
+        """Invalidate and wake at once (the streams read for themselves)."""
+        self.invalidate()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every stream of this poll (they re-read a snapshot older than
+        SNAPSHOT_FRESH_S, and send a keep-alive if due)."""
+        self.woken_at = time.monotonic()
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -59,15 +112,23 @@ class ResultsHub:
         self.subscribers_max = subscribers_max
         self.subscribers = 0
         self.watches: dict[str, PollWatch] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._listener = loop.create_task(self._listen(), name="results-listener")
+        self._tasks = [loop.create_task(self._listen(), name="results-listener"),
+                       loop.create_task(self._tick(), name="results-keepalive")]
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
+        refreshes = [watch.refresh for watch in self.watches.values() if watch.refresh]
+        for task in [*self._tasks, *refreshes]:
+            task.cancel()
         await self.redis.aclose()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_TICK_S)
+            for watch in list(self.watches.values()):
+                watch.wake()
 
     async def _listen(self) -> None:
         while True:
@@ -90,7 +151,24 @@ class ResultsHub:
         poll = name[len(KEY_PREFIX) + 1:name.rfind("}")]
         watch = self.watches.get(poll)
         if watch is not None:
-            watch.notify()
+            watch.invalidate()
+            if watch.refresh is None:  # one in flight: later changes fold into its wake
+                watch.refresh = asyncio.ensure_future(self._refresh(poll, watch))
+
+    async def _refresh(self, poll: str, watch: PollWatch) -> None:
+        """Read the poll once, then wake its streams (no sooner than EVENT_INTERVAL_S after
+        the last wake). A change during the read invalidates it again: the woken streams
+        then share the next read, so none sends what was read before that change."""
+        try:
+            await asyncio.sleep(max(0.0, watch.woken_at + EVENT_INTERVAL_S - time.monotonic()))
+            await self.snapshot(poll)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001, S110 - the woken streams read again and meet it
+            pass
+        finally:
+            watch.refresh = None
+            watch.wake()
 
     def watch(self, poll: str) -> PollWatch:
         watch = self.watches.get(poll)
@@ -106,6 +184,22 @@ class ResultsHub:
         cached = watch.snapshot
         if cached is not None and time.monotonic() - cached.read_at < SNAPSHOT_FRESH_S:
             return cached
+        reading = watch.reading
+        if reading is None:
+            reading = watch.reading = SharedRead(self._read(poll, watch, watch.generation))
+        return await reading.result()
+
+    async def _read(self, poll: str, watch: PollWatch, generation: int) -> Snapshot:
+        try:
+            snapshot = await self._read_redis(poll)
+        finally:
+            if watch.generation == generation:
+                watch.reading = None
+        if watch.generation == generation:
+            watch.snapshot = snapshot
+        return snapshot
+
+    async def _read_redis(self, poll: str) -> Snapshot:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(definition_key(poll))
             pipe.get(version_key(poll))
@@ -118,10 +212,8 @@ class ResultsHub:
         document = results_document(poll, parse_definition(raw_definition), state,
                                     int(raw_version or 0))
         event_id = f"{document['version']}{'f' if document['final'] else ''}"
-        snapshot = Snapshot(document, json.dumps(document, separators=(",", ":")).encode(),
-                            event_id, time.monotonic())
-        watch.snapshot = snapshot
-        return snapshot
+        return Snapshot(document, json.dumps(document, separators=(",", ":")).encode(),
+                        event_id, time.monotonic())
 
     def admit(self) -> None:
         if self.subscribers >= self.subscribers_max:
@@ -145,10 +237,13 @@ async def stream_results(read: Callable[[], Awaitable[Snapshot]],
                          changed: Callable[[], asyncio.Event],
                          send: Callable[[bytes], Awaitable[None]],
                          last_event_id: str | None) -> None:
-    """Send an event whenever the snapshot's id changes (at most every EVENT_INTERVAL_S),
-    a comment every KEEPALIVE_S otherwise, and stop after the final event. The caller
-    cancels it when the client goes away. With `last_event_id` equal to the current id
-    (a resuming client that saw it), nothing is sent until the next change."""
+    """Send an event whenever the snapshot's id changes, a comment once nothing was sent
+    for KEEPALIVE_S, and stop after the final event. The caller cancels it when the client
+    goes away. With `last_event_id` equal to the current id (a resuming client that saw
+    it), nothing is sent until the next change. `changed()` paces the stream: its event
+    must be set at most about every EVENT_INTERVAL_S and at least every KEEPALIVE_TICK_S
+    (ResultsHub: its refresh and tick; the ingest role: a timer of EVENT_INTERVAL_S). No
+    timer is armed here: one per subscriber per wait was most of the cost of a delivery."""
     sent_id = last_event_id
     sent_at = 0.0
     while True:
@@ -159,11 +254,7 @@ async def stream_results(read: Callable[[], Awaitable[Snapshot]],
             sent_id, sent_at = snapshot.event_id, time.monotonic()
         if snapshot.document["final"]:
             return
-        try:
-            await asyncio.wait_for(event.wait(), KEEPALIVE_S)
-        except TimeoutError:
-            pass
+        await event.wait()
         if time.monotonic() - sent_at >= KEEPALIVE_S:
             await send(KEEPALIVE_BYTES)
             sent_at = time.monotonic()
-        await asyncio.sleep(max(0.0, sent_at + EVENT_INTERVAL_S - time.monotonic()))

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 from engine import crdt
 
-REJECTION_REASONS = ("duplicate", "bad-token", "closed-poll", "not-open", "unknown-option")
+REJECTION_REASONS = ("duplicate", "bad-token", "closed-poll", "not-open", "unknown-option",
+                     "rate-limited")
 
 
 class Definition(NamedTuple):

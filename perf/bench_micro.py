@@ -7,7 +7,8 @@ re-implemented here:
    VoteBatch records encoded and decoded with shards/records.py (perf/bench_fastpath.py);
 2. WAL encode/decode: shards/records.py encode_record + frame, decode_record, on batches
    of ``--batch-votes`` votes: votes/s, MB/s, bytes per vote on the log;
-3. token verify: engine/tokens.py verify_voter_token on distinct real tokens;
+3. token verify: engine/tokens.py verify_voter_token on distinct real tokens; and the rate
+   limiter's checks (engine/ratelimit.py) over as many distinct addresses and voters;
 4. receipt signing: engine/signing.py sign_commit (one Ed25519 signature and the Merkle
    trees per group commit, SignedBatch per shard batch) and SignedBatch.receipt_bodies (every 201 body), per
    commit and per vote, for several commit sizes;
@@ -41,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 from pyroaring import BitMap
 
 from engine import _fastpath as compiled
@@ -145,6 +147,50 @@ def bench_tokens(args, keyring) -> dict:
     rate = median_rate(run, count, args.rounds)
     return {"tokens": count, "token_len": len(issued[0]), "verify_per_s": round(rate),
             "verify_us": round(1e6 / rate, 2)}  # fmt: skip
+
+
+# --- 3b. rate limit check ---------------------------------------------------------------
+
+
+def bench_ratelimit(args) -> dict:
+    """engine/ratelimit.py on the vote path's two calls: check_client (address + /24 prefix,
+    before the token; once at each address's first sight, then on known addresses) and
+    check_voter, over `--tokens` distinct addresses and voters, and one Gcra.check on a
+    warm key. Generous limits: every check admits (the common case)."""
+    from engine.config import Config
+    from engine.ratelimit import RateLimiter
+
+    count = args.tokens
+    config = msgspec.structs.replace(
+        Config(), ratelimit_exempt_networks="", ratelimit_redis_url="redis://unused:1",
+        ratelimit_address_per_s=1e6, ratelimit_prefix_per_s=1e6, ratelimit_voter_per_s=1e6)
+    limiter = RateLimiter(config)  # syncing: pending counts kept, as with a Redis Cluster
+    clients = [f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}:40000"
+               for index in range(count)]
+    gcra, now = limiter.address, time.monotonic()
+
+    def run_client() -> None:
+        for client in clients:
+            limiter.check_client(client, None)
+
+    def run_voter() -> None:
+        for voter in range(count):
+            limiter.check_voter(voter)
+
+    def run_warm() -> None:
+        for _ in range(count):
+            gcra.check("10.0.0.1", now)
+
+    # First sight of every address: the exemption and prefix are computed (ipaddress) and
+    # cached, and every key is new; then the timed rounds see known keys.
+    first_sight_s = time.perf_counter()
+    run_client()
+    first_sight_s = time.perf_counter() - first_sight_s
+    rates = {name: median_rate(run, count, args.rounds)
+             for name, run in (("check_client", run_client), ("check_voter", run_voter),
+                               ("gcra_check_warm", run_warm))}
+    return {"keys": count, "check_client_first_sight_us": round(first_sight_s / count * 1e6, 3),
+            **{f"{name}_us": round(1e6 / rate, 3) for name, rate in rates.items()}}
 
 
 # --- 4. receipt signing -----------------------------------------------------------------
@@ -349,6 +395,11 @@ def print_report(result: dict) -> None:
     tok = result["tokens"]
     print(f"\n== token verify: {tok['verify_per_s']:,}/s ({tok['verify_us']} us each, "
           f"{tok['token_len']}-char tokens)")  # fmt: skip
+    limits = result["ratelimit"]
+    print(f"\n== rate limit ({limits['keys']:,} distinct keys): check_client "
+          f"{limits['check_client_us']} us ({limits['check_client_first_sight_us']} us at an "
+          f"address's first sight), check_voter {limits['check_voter_us']} us, one warm "
+          f"Gcra.check {limits['gcra_check_warm_us']} us")
     print("\n== receipt signing (sign_commit: Merkle trees + one Ed25519 signature per commit)")
     print_table(["shard batches", "votes/commit", "sign us/commit", "sign us/vote", "receipts us/vote"],
                 [[r["shard_batches"], r["votes_per_commit"], r["sign_commit_us"], r["sign_us_per_vote"],
@@ -417,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                     "parameters": {k: v for k, v in vars(args).items() if k != "out"}}  # fmt: skip
     steps = (("apply", lambda: bench_apply(args)), ("wal", lambda: bench_wal(args)),
              ("tokens", lambda: bench_tokens(args, keyring)),
+             ("ratelimit", lambda: bench_ratelimit(args)),
              ("receipts", lambda: bench_receipts(args, keyring)),
              ("bitmaps", lambda: bench_bitmaps(args)),
              ("redis_set", lambda: redis_set_bytes_per_member(args)))  # fmt: skip

@@ -29,10 +29,11 @@ from pathlib import Path
 class Scope:
     """What the app reads of Granian's RSGI scope."""
 
-    __slots__ = ("headers", "method", "path", "proto")
+    __slots__ = ("client", "headers", "method", "path", "proto")
 
     def __init__(self, method: str, path: str, headers: dict) -> None:
         self.proto = "http"
+        self.client = "127.0.0.1:40000"  # the peer address the rate limiter reads
         self.method = method
         self.path = path
         self.headers = headers

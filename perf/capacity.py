@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf import RESULTS_DIR
+from perf.capacity_fanout import FANOUT_INPUTS, fanout_section, measured_fanout_figures
 
 # A measured engine's CPU per vote is used only if its worker was at least this busy.
 ENGINE_BUSY_PERCENT_MIN = 50.0
@@ -119,7 +120,7 @@ def default_inputs() -> dict[str, Figure]:
         # Memory per poll (bench_micro.py).
         "bitmap_bits_per_eligible": Figure(1.12, "bits", "bench_micro default, S=1024, 50% turnout"),
         "locator_bits_per_eligible": Figure(64.0, "bits", "shards/state.py: 8 B per voter index"),
-    }
+    } | {name: Figure(*figure) for name, figure in FANOUT_INPUTS.items()}  # perf/capacity_fanout.py
 
 
 def read_json(path: Path) -> dict | None:
@@ -133,6 +134,7 @@ def load_measured(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
     """Override defaults with figures from the result files; returns what was used."""
     return [*measured_engine_cpu(results_dir, inputs),
             *measured_transactions(results_dir, inputs),
+            *measured_fanout(results_dir, inputs),
             *measured_micro(results_dir, inputs)]  # fmt: skip
 
 
@@ -208,6 +210,12 @@ def measured_transactions(results_dir: Path, inputs: dict[str, Figure]) -> list[
     return used
 
 
+def measured_fanout(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
+    figures, used = measured_fanout_figures(results_dir)
+    inputs.update({name: Figure(*figure) for name, figure in figures.items()})
+    return used
+
+
 def least_squares_slope(points: dict[int, float]) -> float:
     """The slope of the least-squares line through (x, y) points."""
     mean_x = sum(points) / len(points)
@@ -271,6 +279,7 @@ class Model:
                  o["engine_instances"] + o["kafka_brokers"] + o["redis_nodes"] + o["haproxy_instances"] +
                  o["results_instances_with_cdn"],
                  "engine + Kafka brokers + Redis nodes + HAProxy + results (CDN variant)")  # fmt: skip
+        fanout_section(self)
         return self
 
     def _engine(self) -> None:

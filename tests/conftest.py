@@ -128,3 +128,21 @@ def local_stack():
 def stack_endpoints(local_stack):
     """The endpoints dict (same content as <state_dir>/stack.json)."""
     return local_stack.endpoints()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A three-master Redis Cluster (deploy/local/redis_cluster.py) on the stack's base port
+    (VOTES_STACK_BASE_PORT), started fresh once per session and stopped at its end."""
+    from deploy.local.processes import StackError
+    from deploy.local.redis_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster()
+    try:
+        cluster.down()  # fresh: no limiter state from an earlier session
+        cluster.up()
+    except StackError as exc:
+        cluster.down()
+        pytest.fail(f"redis cluster did not come up:\n{exc}", pytrace=False)
+    yield cluster
+    cluster.down()

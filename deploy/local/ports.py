@@ -36,6 +36,9 @@ WEED_FILER_GRPC_OFFSET = 46
 # -admin.port.grpc says, so the stack uses exactly that port.
 WEED_ADMIN_GRPC_DISTANCE = 10000
 REDIS_OFFSET = 79
+# Redis Cluster (deploy/local/redis_cluster.py): masters at + 50..52, cluster bus at + 53..55.
+REDIS_CLUSTER_OFFSET = 50
+REDIS_CLUSTER_MASTERS = 3
 
 
 def default_base_port() -> int:
@@ -102,6 +105,17 @@ class Ports:
     @property
     def redis(self) -> int:
         return self.base + REDIS_OFFSET
+
+    def redis_cluster(self, index: int) -> int:
+        return self.base + REDIS_CLUSTER_OFFSET + index
+
+    def redis_cluster_bus(self, index: int) -> int:
+        return self.base + REDIS_CLUSTER_OFFSET + REDIS_CLUSTER_MASTERS + index
+
+    def redis_cluster_all(self) -> list[int]:
+        """Every port the Redis Cluster binds (started on its own, not by `stack up`)."""
+        return [port for index in range(REDIS_CLUSTER_MASTERS)
+                for port in (self.redis_cluster(index), self.redis_cluster_bus(index))]
 
     def weed_all(self) -> list[int]:
         """Every port SeaweedFS's `weed mini` binds."""

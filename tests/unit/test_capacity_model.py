@@ -165,3 +165,24 @@ def test_measured_transaction_costs_by_partitions_per_transaction(tmp_path: Path
     assert inputs["broker_cpu_ms_per_transaction"].value == capacity.default_inputs()[
         "broker_cpu_ms_per_transaction"].value
     assert used and used[0].startswith("NOT kafka_transactions.json")
+
+
+def test_fanout_reads_fanout_json_and_the_cdn_needs_fewer_processes(tmp_path: Path) -> None:
+    """The fan-out section sizes `fanout_viewers` from fanout.json's streams per process and
+    bytes per stream: direct streams need viewers / streams-per-vCPU-process processes; behind
+    a CDN only edges x polls origin streams remain; a memory-bound stream size caps an
+    instance by memory, not CPU."""
+    (tmp_path / "fanout.json").write_text(json.dumps({
+        "subscribers_held_max": 10_000, "rss_bytes_per_subscriber": 20_000,
+        "parameters": {"update_rate_per_s": 10.0}}))
+    model, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    out = model.out
+    assert inputs["sse_subscribers_per_process"].value == 10_000 and len(used) == 1
+    per_process = out["fanout_streams_per_vcpu_process"]
+    assert per_process == 10_000 * inputs["vcpu_share_of_core"].value
+    assert out["fanout_processes_direct"] == -(-inputs["fanout_viewers"].value // per_process)
+    assert out["fanout_processes_with_cdn"] < out["fanout_processes_direct"]
+    assert out["fanout_instances_with_cdn"] < out["fanout_instances_direct"]
+    assert out["fanout_instances_direct"] % inputs["azs"].value == 0
+    heavy, _ = model_of("--set", "sse_bytes_per_subscriber=10000000")  # 10 MB per stream
+    assert heavy["fanout_streams_per_instance"] == 16e9 * 0.7 // 10e6
