@@ -426,9 +426,10 @@ _add_replay()
 
 
 def _add_issuer() -> None:
-    from engine.issuer_cli import keys_commands
+    from engine.issuer_cli import issuer_command, keys_commands
 
     main.add_command(keys_commands)
+    main.add_command(issuer_command)
 
 
 _add_issuer()

@@ -14,6 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -158,6 +159,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ratelimit_sync_ms: float = 200.0
     ratelimit_sync_buckets: int = 3
     ratelimit_store_timeout_ms: float = 250.0
+    # The issuer role (`votes issuer`, docs/tokens.md "Issuer role"): the OIDC provider whose
+    # ID tokens it accepts (its issuer URL, discovery at <url>/.well-known/...), the audience
+    # they must name (our client id there), the PostgreSQL holding voter_identities, and the
+    # lifetime and country of the voter tokens it issues (region: `region` above).
+    issuer_oidc_url: str = ""
+    issuer_oidc_audience: str = ""
+    issuer_database_url: str = ""
+    issuer_token_ttl_s: int = 3600
+    issuer_country: str = "ZZ"
 
     def resolved(self) -> "Config":
         """This config with `groups = 0` replaced by the number it stands for."""
@@ -214,6 +224,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (1 <= self.region_forward_connections_max <= 4096,
              "region_forward_connections_max must be in 1..4096"),
             *self._ratelimit_checks(),
+            (60 <= self.issuer_token_ttl_s <= 7 * 86400,
+             "issuer_token_ttl_s must be in 60..604800"),
+            (not self.issuer_oidc_url or _secure_or_local_url(self.issuer_oidc_url),
+             "issuer_oidc_url must be https:// (plain http only on 127.0.0.1/localhost)"),
+            (not self.issuer_database_url
+             or self.issuer_database_url.startswith(("postgresql://", "postgres://")),
+             "issuer_database_url must be a postgresql:// URL"),
+            (1 <= len(self.issuer_country) <= 8, "issuer_country must be 1..8 characters"),
         ]
         for ok, message in checks:
             if not ok:
@@ -286,6 +304,13 @@ def _networks_valid(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _secure_or_local_url(url: str) -> bool:
+    """https, or http to this host only: an ID token's keys must not travel in the clear."""
+    parts = urlsplit(url)
+    return bool(parts.hostname) and (parts.scheme == "https" or (
+        parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")))
 
 
 def parse_group_map(text: str, groups: int) -> dict[int, str]:

@@ -19,3 +19,48 @@ def pytest_collection_modifyitems(config, items):
             continue
         if here in p.parents:
             item.add_marker(pytest.mark.integration)
+
+
+# The issuer role's services (tests/integration/test_issuer_role.py), each started once per
+# session by the project's own scripts and stopped at its end. Their ports sit in the local
+# stack's port span (deploy/local/ports.py: offsets 0..99 of VOTES_STACK_BASE_PORT), at
+# offsets the stack itself does not use.
+OIDC_PROVIDER_PORT_OFFSET = 50
+ISSUER_POSTGRES_PORT_OFFSET = 60
+
+
+@pytest.fixture(scope="session")
+def oidc_provider(tmp_path_factory):
+    """The real OIDC provider of deploy/local/oidc_provider.py (npm oidc-provider)."""
+    from deploy.local.oidc_provider import OidcProvider
+    from deploy.local.ports import default_base_port
+
+    provider = OidcProvider(tmp_path_factory.mktemp("oidc-provider"),
+                            default_base_port() + OIDC_PROVIDER_PORT_OFFSET)
+    provider.up()
+    try:
+        yield provider
+    finally:
+        provider.down()
+
+
+@pytest.fixture(scope="session")
+def issuer_postgres():
+    """A private PostgreSQL cluster (deploy/local/postgres.py), wiped at the session's end."""
+    import shutil
+    import tempfile
+
+    from deploy.local.ports import default_base_port
+    from deploy.local.postgres import PostgresCluster
+
+    # Not under tmp_path_factory: its directories are 0700 root, and the server runs as the
+    # postgres user when the tests run as root.
+    parent = Path(tempfile.mkdtemp(prefix="votes-issuer-pg-"))
+    parent.chmod(0o755)
+    cluster = PostgresCluster(parent / "data", default_base_port() + ISSUER_POSTGRES_PORT_OFFSET)
+    cluster.up()
+    try:
+        yield cluster
+    finally:
+        cluster.down(wipe=True)
+        shutil.rmtree(parent, ignore_errors=True)

@@ -75,6 +75,7 @@ def test_every_contract_operation_is_documented() -> None:
         ("get", "/polls/{poll}"),
         ("get", "/polls/static/{file}"),
         ("get", "/v1/challenge"),
+        ("post", "/v1/voter-tokens"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
