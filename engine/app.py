@@ -43,6 +43,7 @@ from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from engine.problems import problem_of
 from engine.ratelimit import FORWARDED_FOR_HEADER, GlobalSync, RateLimited, RateLimiter
+from engine.regions import RegionForwarder
 from engine.results_page import LocalStreams, page_response, receipt_status
 from engine.results_publisher import start_publisher
 from shards.backends import durability
@@ -166,6 +167,7 @@ class App:
         self._start_task: asyncio.Task | None = None
         self._ratelimit_sync: GlobalSync | None = None
         self._ratelimit_task: asyncio.Task | None = None
+        self._regions = RegionForwarder(Config())  # single-region until __rsgi_init__
 
     def __rsgi_init__(self, loop) -> None:
         self.config = config_from_parent()
@@ -174,6 +176,7 @@ class App:
         tracing.configure(self.config.trace_sample_ratio, self.config.trace_otlp_endpoint)
         self.keyring = load_keys(self.config.data_path)
         self.node = make_node(self.config, self.keyring)
+        self._regions = RegionForwarder(self.config)
         self._start_task = loop.create_task(self.node.start())
         self._flush_task = loop.create_task(_flush_metrics())
         self._token_keys_task = loop.create_task(self._watch_token_keys())
@@ -198,6 +201,7 @@ class App:
         if self._ratelimit_task is not None and self._ratelimit_sync is not None:
             self._ratelimit_task.cancel()
             loop.run_until_complete(self._ratelimit_sync.close())
+        loop.run_until_complete(self._regions.close())
         BUFFERED.flush()
         tracing.shutdown()
 
@@ -312,6 +316,8 @@ class App:
                                            int(time.time()), poll)
         if voter_limited:
             self.limiter.check_voter(claims.voter)
+        if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
+            return await self._forward_home(scope, poll, body, home_url)
         # Only cluster mode can forward to another node; the embedded path builds nothing.
         request = _forwarded(scope, body) if self._cluster else None
         try:
@@ -328,6 +334,9 @@ class App:
                 self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
         if voter_limited:
             self.limiter.check_voter(claims.voter)
+        if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
+            with tracing.child(span, "region-forward"):
+                return await self._forward_home(scope, poll, body, home_url)
         request = _forwarded(scope, body) if self._cluster else None
         try:
             with tracing.child(span, "node.vote"):
@@ -335,6 +344,12 @@ class App:
         except Relayed as relayed:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body
+
+    async def _forward_home(self, scope, poll: str, body: bytes, home_url: str):
+        """The voter's home region counts the vote; its answer is ours (engine/regions.py)."""
+        answer = await self._regions.forward(home_url, poll, body,
+                                             scope.headers.get("authorization"), request_id.get())
+        return answer.status, [("content-type", answer.content_type)], answer.body
 
     async def _create(self, scope, proto):
         node = self._node()

@@ -135,6 +135,21 @@ def results(port, host, redis_url, config_file) -> None:
 
 
 @main.command()
+@click.option("--region", required=True, help="The region whose tallies are shipped.")
+@click.option("--from-redis", "from_redis", required=True, help="That region's Redis.")
+@click.option("--to-redis", "to_redis", required=True, help="The other region's Redis.")
+@click.option("--interval-ms", default=200, type=click.IntRange(10, 60_000))
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None)
+def replicator(region, from_redis, to_redis, interval_ms, metrics_port) -> None:
+    """Run the replicator role: ship REGION's tally state into another region's Redis."""
+    from engine.logs import configure_logging
+    from engine.replicator import run_replicator
+
+    configure_logging()
+    run_replicator(region, from_redis, to_redis, interval_ms / 1000, metrics_port)
+
+
+@main.command()
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--voter", required=True, type=click.IntRange(0, 2**32 - 1), help="First voter id.")
 @click.option("--count", default=1, type=click.IntRange(1, 100_000_000))

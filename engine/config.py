@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # changed (`votes keys rotate|retire`): the bound on how long a rotation takes to apply.
     token_keys_check_s: float = 1.0
     region: str = "local"
+    # Home-region forwarding (engine/regions.py): "eu=http://10.0.1.5:8000,us=http://..." names
+    # every region's vote endpoint. Empty: one region, and a token's region is not checked.
+    # When set, a vote whose token names another region is sent there (one pooled client per
+    # worker, at most region_forward_connections_max connections), waiting at most
+    # region_forward_timeout_s; a token naming a region not listed here is refused (403).
+    region_urls: str = ""
+    region_forward_timeout_s: float = 2.0
+    region_forward_connections_max: int = 64
     # Results (engine/results_publisher.py): each worker merges its tallies into Redis
     # (redis_url) this often; the results role streams what changed.
     results_publish_ms: float = 100.0
@@ -211,6 +220,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (10 <= self.results_publish_ms <= 60_000, "results_publish_ms must be in 10..60000"),
             (1 <= self.results_subscribers_max <= 1_000_000,
              "results_subscribers_max must be in 1..1000000"),
+            (0 < self.region_forward_timeout_s <= 60, "region_forward_timeout_s must be in (0, 60]"),
+            (1 <= self.region_forward_connections_max <= 4096,
+             "region_forward_connections_max must be in 1..4096"),
             *self._ratelimit_checks(),
             (60 <= self.issuer_token_ttl_s <= 7 * 86400,
              "issuer_token_ttl_s must be in 60..604800"),
@@ -225,6 +237,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if not ok:
                 raise ConfigError(message)
         parse_group_map(self.group_map, self.groups)
+        urls = parse_region_urls(self.region_urls)
+        if urls and self.region not in urls:
+            raise ConfigError(f"region_urls must name this region {self.region!r} too")
         return self
 
     def _ratelimit_checks(self) -> list[tuple[bool, str]]:
@@ -323,6 +338,25 @@ def parse_group_map(text: str, groups: int) -> dict[int, str]:
     if missing:
         raise ConfigError(f"group_map does not name groups {missing}: every group needs one node")
     return preferred
+
+
+REGION_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # no "|": it separates CRDT fields
+
+
+def parse_region_urls(text: str) -> dict[str, str]:
+    """`"eu=http://127.0.0.1:8001,us=http://127.0.0.1:8002"` -> {region: base URL without a
+    trailing slash}. Empty text -> {} (a single region). Each region once, URLs http(s)."""
+    if not text.strip():
+        return {}
+    urls: dict[str, str] = {}
+    for entry in text.split(","):
+        region, _, url = (part.strip() for part in entry.partition("="))
+        if not REGION_PATTERN.match(region) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"region_urls entry {entry.strip()!r} is not REGION=http(s)://HOST:PORT")
+        if region in urls:
+            raise ConfigError(f"region_urls names region {region!r} twice")
+        urls[region] = url.rstrip("/")
+    return urls
 
 
 _FIELD_TYPES = {name: type(getattr(Config(), name)) for name in Config.__struct_fields__}

@@ -98,6 +98,14 @@ RATELIMIT_STORE_CALLS = Counter(
     "vote_ratelimit_store_calls_total",
     "Calls to the rate limiter's store (one Lua call per bucket per sync), answered or not",
 )
+# Set by the replicator role only (engine/replicator.py), which serves it on its own
+# /metrics; ingest workers export it at 0. "max": the most stale of the processes.
+REPLICATION_LAG = Gauge(
+    "vote_replication_lag_seconds",
+    "Seconds since the source region's tally state that this replicator last shipped in "
+    "full was read (an upper bound on how stale the other region's copy is)",
+    multiprocess_mode="max",
+)
 
 for _kind in WAL_APPEND_ERROR_KINDS:  # exported as 0 from the start, so rate() has a base
     WAL_APPEND_ERRORS.labels(_kind)
@@ -112,8 +120,6 @@ AWAITING_HOOK: dict[str, str] = {
 # export. tests/unit/test_alert_rules.py accepts these and AWAITING_HOOK's names besides
 # what a running engine exports, and prints them.
 NOT_YET_EMITTED: dict[str, tuple[str, str]] = {
-    "vote_replication_lag_seconds": (
-        "gauge", "Age of the newest WAL record the other region has applied (issue 13)"),
     "vote_crdt_recount_disagreements_total": (
         "counter", "Poll results where the CRDT counts and a recount from the log differ "
         "(issue 13)"),

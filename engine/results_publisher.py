@@ -136,6 +136,21 @@ def poll_publishes(region: str, replica: str, shards_total: int,
             for poll, definition in definitions.items()}
 
 
+async def merge_poll_fields(script: Any, poll: str, definition: str,
+                            fields: list[tuple[str, int]]) -> int:
+    """Max-merge `fields` into the poll's hash with MERGE_SCRIPT (registered on the target
+    Redis), in calls of at most FIELDS_PER_CALL_MAX fields; one call even with no fields (it
+    sets the definition). The number of fields sent. Shared with engine/replicator.py."""
+    for start in range(0, max(len(fields), 1), FIELDS_PER_CALL_MAX):
+        chunk = fields[start:start + FIELDS_PER_CALL_MAX]
+        arguments: list[str | int] = [channel(poll), definition]
+        for name, value in chunk:
+            arguments += [name, value]
+        await script(keys=[merged_key(poll), definition_key(poll), version_key(poll)],
+                     args=arguments)
+    return len(fields)
+
+
 class ResultsPublisher:
     """Publishes this worker's counters; `run` loops until cancelled."""
 
@@ -170,15 +185,8 @@ class ResultsPublisher:
                      if value > known.get(name, -1)]
             if not grown and not full:
                 continue
-            for start in range(0, max(len(grown), 1), FIELDS_PER_CALL_MAX):
-                chunk = grown[start:start + FIELDS_PER_CALL_MAX]
-                arguments: list[str | int] = [channel(poll), publish.definition]
-                for name, value in chunk:
-                    arguments += [name, value]
-                await self.script(keys=[merged_key(poll), definition_key(poll),
-                                        version_key(poll)], args=arguments)
-                known.update(chunk)
-                sent += len(chunk)
+            sent += await merge_poll_fields(self.script, poll, publish.definition, grown)
+            known.update(grown)
         return sent
 
     async def run(self) -> None:
