@@ -188,7 +188,11 @@ def start_engine(tmp_path: Path, name: str, env: dict[str, str],
     engine = EngineProcess(tmp_path / name, tmp_path / f"{name}.log", env, keys_from=keys_from,
                            **KAFKA_READINESS)
     engine.start()
-    took = engine.wait_ready()
+    try:
+        took = engine.wait_ready()
+    except BaseException:
+        engine.kill()  # a caller that never got the engine cannot stop it
+        raise
     print(f"engine {name} ready in {took:.1f} s (port {engine.port})")
     return engine
 
