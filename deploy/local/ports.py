@@ -39,6 +39,12 @@ REDIS_OFFSET = 79
 # Redis Cluster (deploy/local/redis_cluster.py): masters at + 50..52, cluster bus at + 53..55.
 REDIS_CLUSTER_OFFSET = 50
 REDIS_CLUSTER_MASTERS = 3
+# The issuer role's test services (tests/integration/conftest.py): the OIDC provider
+# (deploy/local/oidc_provider.py) and its PostgreSQL. Every offset here is distinct
+# (tests/unit/test_local_stack.py checks it): the issuer's once shared + 50 with the
+# Redis Cluster, and whichever started second could not bind.
+OIDC_PROVIDER_OFFSET = 60
+ISSUER_POSTGRES_OFFSET = 61
 
 
 def default_base_port() -> int:

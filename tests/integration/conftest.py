@@ -23,20 +23,17 @@ def pytest_collection_modifyitems(config, items):
 
 # The issuer role's services (tests/integration/test_issuer_role.py), each started once per
 # session by the project's own scripts and stopped at its end. Their ports sit in the local
-# stack's port span (deploy/local/ports.py: offsets 0..99 of VOTES_STACK_BASE_PORT), at
-# offsets the stack itself does not use.
-OIDC_PROVIDER_PORT_OFFSET = 50
-ISSUER_POSTGRES_PORT_OFFSET = 60
+# stack's port span, at the offsets deploy/local/ports.py reserves for them.
 
 
 @pytest.fixture(scope="session")
 def oidc_provider(tmp_path_factory):
     """The real OIDC provider of deploy/local/oidc_provider.py (npm oidc-provider)."""
     from deploy.local.oidc_provider import OidcProvider
-    from deploy.local.ports import default_base_port
+    from deploy.local.ports import OIDC_PROVIDER_OFFSET, default_base_port
 
     provider = OidcProvider(tmp_path_factory.mktemp("oidc-provider"),
-                            default_base_port() + OIDC_PROVIDER_PORT_OFFSET)
+                            default_base_port() + OIDC_PROVIDER_OFFSET)
     provider.up()
     try:
         yield provider
@@ -50,14 +47,14 @@ def issuer_postgres():
     import shutil
     import tempfile
 
-    from deploy.local.ports import default_base_port
+    from deploy.local.ports import ISSUER_POSTGRES_OFFSET, default_base_port
     from deploy.local.postgres import PostgresCluster
 
     # Not under tmp_path_factory: its directories are 0700 root, and the server runs as the
     # postgres user when the tests run as root.
     parent = Path(tempfile.mkdtemp(prefix="votes-issuer-pg-"))
     parent.chmod(0o755)
-    cluster = PostgresCluster(parent / "data", default_base_port() + ISSUER_POSTGRES_PORT_OFFSET)
+    cluster = PostgresCluster(parent / "data", default_base_port() + ISSUER_POSTGRES_OFFSET)
     cluster.up()
     try:
         yield cluster

@@ -248,3 +248,23 @@ def test_the_installer_refuses_without_root_naming_the_package() -> None:
 def test_the_installer_returns_a_command_that_is_there_without_installing() -> None:
     # log=pytest.fail: any attempt to install fails the test.
     assert Path(ensure_debian_package("sh", "dash", log=pytest.fail)).name == "sh"
+
+
+def test_every_reserved_offset_is_distinct() -> None:
+    """Each service started at base + an offset (deploy/local/ports.py) has ports of its own:
+    the issuer's test services once shared + 50 with the Redis Cluster."""
+    from deploy.local import ports as layout
+
+    spans = {"KAFKA_BROKER_OFFSET": range(1, BROKER_COUNT + 1),
+             "KAFKA_CONTROLLER_OFFSET": range(1, BROKER_COUNT + 1),
+             "REDIS_CLUSTER_OFFSET": range(2 * layout.REDIS_CLUSTER_MASTERS)}
+    taken: dict[int, str] = {}
+    for name in dir(layout):
+        if not name.endswith("_OFFSET"):
+            continue
+        for extra in spans.get(name, range(1)):
+            offset = getattr(layout, name) + extra
+            assert offset not in taken, f"{name} + {extra} = {offset} is {taken.get(offset)}'s"
+            assert 0 <= offset < STACK_PORT_SPAN, name
+            taken[offset] = name
+    assert {"OIDC_PROVIDER_OFFSET", "ISSUER_POSTGRES_OFFSET"} <= set(taken.values())
