@@ -39,7 +39,13 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 
-from deploy.local.processes import Service, StackError, install_debian_package, terminate
+from deploy.local.processes import (
+    Service,
+    StackError,
+    install_debian_package,
+    port_open,
+    terminate,
+)
 
 PROVIDER_DIR = Path(__file__).resolve().parent / "oidc"
 NPM_CI_TIMEOUT_S = 300.0
@@ -122,6 +128,11 @@ class OidcProvider:
         if self.service.alive():
             terminate([self.service.pid()], timeout=STOP_TIMEOUT_S)
         self.service.pid_file.unlink(missing_ok=True)
+        # The listening socket can outlive the pid's exit by a moment (seen in a test
+        # session: a restart found the port still open); wait, bounded, so up() can bind.
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while port_open(self.port) and time.monotonic() < deadline:
+            time.sleep(HEALTH_POLL_S)
 
     def restart(self) -> dict:
         """Stop and start again: the provider generates a new signing key (a key rotation)."""
