@@ -44,6 +44,7 @@ from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from engine.problems import problem_of
 from engine.ratelimit import FORWARDED_FOR_HEADER, GlobalSync, RateLimited, RateLimiter
 from engine.regions import RegionForwarder
+from engine.request_body import read_body
 from engine.results_page import LocalStreams, page_response, receipt_status
 from engine.results_publisher import start_publisher
 from shards.backends import durability
@@ -136,25 +137,6 @@ def poll_record(body: PollBody) -> PollCreated:
 def poll_body(record: PollCreated) -> dict:
     return {"id": record.poll, "options": record.options, "opens_at": _iso(record.opens_at_ms),
             "closes_at": _iso(record.closes_at_ms), "embargo": record.embargo}
-
-
-async def read_body(scope, proto, limit_bytes: int) -> bytes:
-    """The request body, refusing (413) anything over `limit_bytes` without buffering it."""
-    declared = scope.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest("content-length is not a number")
-        if int(declared) > limit_bytes:
-            raise BodyTooLarge(f"the body is over {limit_bytes} bytes")
-        return await proto()
-    chunks = []
-    size = 0
-    async for chunk in proto:
-        size += len(chunk)
-        if size > limit_bytes:
-            raise BodyTooLarge(f"the body is over {limit_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class App:

@@ -25,12 +25,13 @@ import httpx
 import msgspec
 
 from engine.config import Config, config_from_parent
-from engine.errors import BadRequest, BodyTooLarge, MethodNotAllowed, NotFound, VotesError
+from engine.errors import BadRequest, MethodNotAllowed, NotFound, VotesError
 from engine.issuer_identities import VoterIdentities
 from engine.issuer_oidc import ID_TOKEN_BYTES_MAX, OidcVerifier
 from engine.keys import KeyRing, TokenKeyWatch, load_keys, reload_token_keys
 from engine.logs import configure_logging
 from engine.problems import problem_of
+from engine.request_body import read_body
 from engine.tokens import POLL_ID_CHARS_MAX, issue_voter_token
 
 log = logging.getLogger("votes.issuer")
@@ -66,24 +67,6 @@ def problem_response(exc: VotesError) -> tuple[int, list[tuple[str, str]], bytes
     body = {"type": f"/problems/{problem.slug}", "title": problem.title,
             "status": problem.status, "detail": exc.detail or problem.title}
     return problem.status, headers, _encoder.encode(body)
-
-
-async def read_body(scope, proto, limit_bytes: int) -> bytes:
-    """The request body, refusing (413) anything over `limit_bytes` without buffering it."""
-    declared = scope.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest("content-length is not a number")
-        if int(declared) > limit_bytes:
-            raise BodyTooLarge(f"the body is over {limit_bytes} bytes")
-    chunks = []
-    size = 0
-    async for chunk in proto:
-        size += len(chunk)
-        if size > limit_bytes:
-            raise BodyTooLarge(f"the body is over {limit_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class Issuer:
