@@ -93,6 +93,7 @@ def serve(data_dir, port, host, workers, shards, groups, config_file) -> None:
 
     from granian import Granian
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     server = Granian(
         "engine.app:app",
@@ -106,6 +107,8 @@ def serve(data_dir, port, host, workers, shards, groups, config_file) -> None:
         respawn_interval=0.5,
         backlog=config.requests_in_flight_max,
         backpressure=config.requests_in_flight_max,
+        http1_settings=HTTP1Settings(header_read_timeout=config.header_read_timeout_ms,
+                                     max_buffer_size=config.request_head_bytes_max),
     )
     server.serve()
 

@@ -54,6 +54,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A vote is held until its commit, so a worker carries rate x commit latency of them:
     # on the Kafka WAL (tens of ms a transaction) Granian's default of 1024 capped the rate.
     requests_in_flight_max: int = 4096
+    # Slow and oversized request heads (Granian's HTTP/1 settings): a connection whose
+    # request line and headers have not all arrived within header_read_timeout_ms is closed
+    # (slowloris), and a head that does not fit request_head_bytes_max is refused, so idle
+    # or hostile sockets cannot hold a worker's buffers (tests/functional/test_slow_clients.py).
+    header_read_timeout_ms: int = 5000
+    request_head_bytes_max: int = 128 * 1024
     vote_body_bytes_max: int = 4096
     poll_body_bytes_max: int = 65536
     segment_bytes_max: int = 64 * 1024 * 1024
@@ -197,6 +203,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (self.group_queue_votes_max >= self.batch_votes_max,
              "group_queue_votes_max must be >= batch_votes_max"),
             (self.append_timeout_s > 0, "append_timeout_s must be positive"),
+            (100 <= self.header_read_timeout_ms <= 60_000,
+             "header_read_timeout_ms must be in 100..60000"),
+            (8192 <= self.request_head_bytes_max <= 1 << 20,
+             "request_head_bytes_max must be in 8KiB..1MiB"),
             (128 <= self.requests_in_flight_max <= 65536,
              "requests_in_flight_max must be in 128..65536"),
             (256 <= self.vote_body_bytes_max <= 1 << 20, "vote_body_bytes_max must be in 256..1MiB"),
