@@ -61,6 +61,8 @@ class CommitMetrics(Protocol):
 
     def snapshot_failed(self, shard: int) -> None: ...
 
+    def wal_pending_votes(self, group: int, votes: int) -> None: ...
+
 
 class CommitGroup(Protocol):
     """What the committer needs of a group's owner (shards/group_owner.py `GroupOwner`)."""
@@ -156,6 +158,9 @@ class GroupCommitter:
                 if owner.has_queued() and owner.appends_in_flight < owner.appends_in_flight_max:
                     items = owner.take_items()
                     work.append((owner, items, owner.plan_records(items)))
+            if self.metrics is not None:  # what this cycle left behind: the groups' backlog
+                for owner in self._owners:
+                    self.metrics.wal_pending_votes(owner.group, owner.queued_votes)
             if work:
                 waits = self._start_commit(work)
                 if waits:

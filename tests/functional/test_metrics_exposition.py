@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.config import Config
 from engine.metrics import AWAITING_HOOK, FLUSH_INTERVAL_S, NOT_YET_EMITTED
 from tests.support.vote_client import bearer
 
@@ -120,6 +121,11 @@ def test_commit_cycles_hold_every_accepted_vote(samples) -> None:
     assert value(samples, "vote_commit_cycle_duration_seconds_count") >= 1
     assert value(samples, "vote_wal_append_errors_total", kind="outcome-unknown") == 0
     assert value(samples, "vote_wal_append_errors_total", kind="wal-unavailable") == 0
+    # Every group's backlog is exported, and every 201 above waited for nothing left behind.
+    backlog = {dict(labels)["group"]: count for (name, labels), count in samples.items()
+               if name == "vote_wal_pending_votes"}
+    assert set(backlog) == {str(group) for group in range(Config().validate().groups)}, backlog
+    assert all(count == 0 for count in backlog.values()), backlog
 
 
 def names_used() -> dict[str, set[str]]:

@@ -116,3 +116,14 @@ def fingerprint(state: ShardState) -> dict:
             for name, poll in state.polls.items()
         },
     }
+
+
+def check_answers(state: ShardState, counted: dict[int, int], absent: list[int],
+                  poll_id: str = "song") -> None:
+    """Every counted voter's receipt lookup names the record that counted it (`counted`:
+    voter -> that record's offset), and no absent voter is found."""
+    poll = state.polls[poll_id]
+    for voter, offset in counted.items():
+        assert state.record_of_voter(poll, voter) == offset, voter
+    for voter in absent:
+        assert state.record_of_voter(poll, voter) is None, voter

@@ -30,7 +30,7 @@ from shards.records import Record
 from shards.recovery import attach_locator
 from shards.snapshots import DirectorySnapshotStore, freeze, thaw
 from shards.state import ShardState
-from tests.support.records import poll_created, vote_batch
+from tests.support.records import check_answers, poll_created, vote_batch
 
 SHARD = 1
 SHARDS_TOTAL = 4
@@ -78,14 +78,6 @@ def live_state(directory: Path) -> Replayable:
 def cast_votes(replayable: Replayable, voters: list[int], batch_votes: int = 300) -> None:
     for start in range(0, len(voters), batch_votes):
         replayable.votes(voters[start:start + batch_votes])
-
-
-def check_answers(state: ShardState, counted: dict[int, int], absent: list[int]) -> None:
-    poll = state.polls["song"]
-    for voter, offset in counted.items():
-        assert state.record_of_voter(poll, voter) == offset, voter
-    for voter in absent:
-        assert state.record_of_voter(poll, voter) is None, voter
 
 
 def random_voters(count: int, seed: int = SEED) -> tuple[list[int], list[int]]:

@@ -22,7 +22,7 @@ from shards.recovery import log_header, recover_group
 from shards.records import Record, encode_record
 from shards.snapshots import DirectorySnapshotStore, ShardSnapshot, freeze, freeze_deferred, thaw
 from shards.state import ShardState
-from tests.support.records import poll_created, vote_batch
+from tests.support.records import check_answers, poll_created, vote_batch
 
 SHARD = 1
 SHARDS_TOTAL = 2
@@ -91,14 +91,6 @@ def voters_and_absent(count: int, seed: int) -> tuple[list[int], list[int]]:
     print(f"seed {seed}")
     pool = random.Random(seed).sample(range(4 * count), count + 200)
     return pool[:count], pool[count:]
-
-
-def check_answers(state: ShardState, counted: dict[int, int], absent: list[int]) -> None:
-    poll = state.polls["song"]
-    for voter, offset in counted.items():
-        assert state.record_of_voter(poll, voter) == offset, voter
-    for voter in absent:
-        assert state.record_of_voter(poll, voter) is None, voter
 
 
 def snapshot_on_host_a(tmp_path: Path, votes: int, seed: int) -> tuple[Host, DirectorySnapshotStore, int, list[int]]:
