@@ -17,6 +17,7 @@ the poll's results are final. The full audit of the log record is `votes replay 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from engine.security_headers import API_HEADERS, PAGE_HEADERS
 
 STATIC_DIRECTORY = Path(__file__).resolve().parent / "static"
 PAGE_FILES = {"results.js": "text/javascript", "results.css": "text/css"}
+# A page only for a well-formed poll id (the engine's id rule), so an invalid one is a 404
+# like everywhere else; whether the poll exists the page's script finds out.
+POLL_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @functools.cache
@@ -35,7 +39,7 @@ def static_file(name: str) -> bytes:
 
 def page_response(parts: list[str]) -> tuple[int, list[tuple[str, str]], bytes] | None:
     """The answer for /polls/{poll} and /polls/static/{file}, or None for other paths."""
-    if len(parts) == 2 and parts[0] == "polls":
+    if len(parts) == 2 and parts[0] == "polls" and POLL_ID_PATTERN.fullmatch(parts[1]):
         return 200, [("content-type", "text/html; charset=utf-8"), *PAGE_HEADERS], \
             static_file("results.html")
     if len(parts) == 3 and parts[:2] == ["polls", "static"] and parts[2] in PAGE_FILES:
