@@ -119,7 +119,8 @@ def engine(server_factory):
 
 
 @served.parametrize()
-@settings(deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_the_server_keeps_the_contract(case, engine) -> None:
     # An open poll's stream lasts until the poll is closed: its answer would never end. And
     # the open poll stays open, so votes keep reaching the log.
