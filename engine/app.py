@@ -6,6 +6,9 @@ msgspec decoder, verifies the voter token, and hands (poll, voter, option) to
 or forwards it there.
 Every VotesError becomes one problem+json answer in `_problem`, as engine/problems.py
 says; anything else is a bug, logged with its traceback and answered 500 without details.
+No answer and no log line repeats what the client sent (path, poll or option names, header
+values, decoder messages): details are fixed text, logs name the route label, and every
+answer carries the security headers of engine/security_headers.py (docs/security.md).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from engine.regions import RegionForwarder
 from engine.request_body import read_body
 from engine.results_page import LocalStreams, page_response, receipt_status
 from engine.results_publisher import start_publisher
+from engine.security_headers import API_HEADERS
 from shards.backends import durability
 from shards.records import PollCreated
 
@@ -60,6 +64,13 @@ TOKEN_KEYS_CHECK_S_MIN = 0.05
 
 JSON = [("content-type", "application/json")]
 PROBLEM_JSON = [("content-type", "application/problem+json")]
+# What a malformed body answers: fixed text, since msgspec's messages name the unknown
+# fields and values the client sent.
+VOTE_BODY_EXPECTED = 'the body must be {"option": "<option id>"}'
+POLL_BODY_EXPECTED = ('the body must be {"id": "<poll id>", "options": ["<option id>", ...]} '
+                      'with optional "opens_at", "closes_at" (RFC 3339) and "embargo" (boolean)')
+# The methods a log line may name; any other is logged as "other" (it is the client's text).
+LOGGED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class VoteBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,12 +105,12 @@ def _rejection_reason(error: VotesError) -> str | None:
                  if cls in _REJECTION_REASON), None)
 
 
-def _decode(decoder: msgspec.json.Decoder, body: bytes):
+def _decode(decoder: msgspec.json.Decoder, body: bytes, expected: str):
     try:
         return decoder.decode(body)
     # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError, not DecodeError.
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(str(exc)) from None
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        raise BadRequest(expected) from None
 
 
 def _epoch_ms(moment: datetime.datetime | None) -> int | None:
@@ -208,10 +219,15 @@ class App:
                 if poll is not None and node is not None:
                     node.count_rejection(poll, reason)
         except Exception:
-            log.exception("unhandled error on %s %s", scope.method, scope.path)
+            log.exception("unhandled error on %s %s",
+                          scope.method if scope.method in LOGGED_METHODS else "other",
+                          _route_of(scope.path))
             status, headers, body = self._problem(VotesError("internal error"))
         if headers is not None:  # None: a stream, already answered
-            proto.response_bytes(status, headers + [(REQUEST_ID_HEADER, current_request_id)], body)
+            # The page and its files carry their own, stricter set (engine/results_page.py).
+            tail = [(REQUEST_ID_HEADER, current_request_id)]
+            proto.response_bytes(status, headers + (tail if route == "page" else
+                                                    tail + API_HEADERS), body)
         BUFFERED.request(route, status, time.perf_counter() - started)
         if span is not None:
             tracing.finish_request(span, route, status, _poll_of(scope.path))
@@ -269,7 +285,7 @@ class App:
         elif len(parts) == 1 and parts[0] in ("healthz", "readyz", "metrics"):
             _require(method, "GET")
             return (parts[0],) + await self._operator(parts[0])
-        raise NotFound(f"no route for {scope.path}")
+        raise NotFound("no route for this path")
 
     def _node(self) -> Node:
         if self.node is None:
@@ -289,7 +305,7 @@ class App:
         voter_limited = self.limiter.check_client(
             scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
             scope.headers.get(FORWARDED_HEADER) is not None)
-        vote = _decode(_vote_decoder, body)
+        vote = _decode(_vote_decoder, body, VOTE_BODY_EXPECTED)
         if not IDENTIFIER_PATTERN.match(vote.option):
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         if span is not None:  # a sampled request: the same steps, each in a child span
@@ -337,10 +353,10 @@ class App:
         node = self._node()
         body = await read_body(scope, proto, self._config().poll_body_bytes_max)
         tokens.verify_admin_token(self.keyring, scope.headers.get("authorization"), int(time.time()))
-        record = poll_record(_decode(_poll_decoder, body))
+        record = poll_record(_decode(_poll_decoder, body, POLL_BODY_EXPECTED))
         try:
             if not await node.create_poll(record, _forwarded(scope, body)):
-                raise PollExists(f"poll {record.poll!r} already exists")
+                raise PollExists("a poll with this id already exists")
         except Relayed as relayed:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, _json.encode(poll_body(record))

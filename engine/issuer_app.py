@@ -32,6 +32,7 @@ from engine.keys import KeyRing, TokenKeyWatch, load_keys, reload_token_keys
 from engine.logs import configure_logging
 from engine.problems import problem_of
 from engine.request_body import read_body
+from engine.security_headers import API_HEADERS
 from engine.tokens import POLL_ID_CHARS_MAX, issue_voter_token
 
 log = logging.getLogger("votes.issuer")
@@ -82,7 +83,8 @@ class Issuer:
     async def voter_token(self, body: bytes) -> VoterTokenAnswer:
         try:
             request = _request_decoder.decode(body)
-        except msgspec.DecodeError:
+        # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError, not DecodeError.
+        except (msgspec.DecodeError, UnicodeDecodeError):
             raise BadRequest('the body must be {"id_token": "<ID token>", "poll"?: "<poll>"}') \
                 from None
         identity = await self.verifier.verify(request.id_token)
@@ -141,9 +143,9 @@ class IssuerApp:
         except VotesError as exc:
             status, headers, body = problem_response(exc)
         except Exception:  # a defect: no details to the client
-            log.exception("issuer: error on %s %s", scope.method, scope.path)
+            log.exception("issuer: unhandled error")  # nothing of the request: it is input
             status, headers, body = problem_response(VotesError())
-        proto.response_bytes(status, headers, body)
+        proto.response_bytes(status, headers + API_HEADERS, body)
 
     async def _route(self, scope, proto) -> tuple[int, list[tuple[str, str]], bytes]:
         issuer = self.issuer

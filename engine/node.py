@@ -202,7 +202,7 @@ class Node:
 
     async def _local_close(self, poll: str) -> None:
         if not self.knows_poll(poll):
-            raise PollNotFound(f"poll {poll!r} does not exist")
+            raise PollNotFound("no poll with this id")
         results = await asyncio.gather(*(owner.close_poll(poll) for owner in self.owners.values()
                                          if owner.knows_poll(poll)),
                                        return_exceptions=True)
@@ -275,7 +275,7 @@ class Node:
         parts = await self._result_parts(poll)
         definitions = [part["definition"] for part in parts if part["definition"] is not None]
         if not definitions:
-            raise PollNotFound(f"poll {poll!r} does not exist")
+            raise PollNotFound("no poll with this id")
         definition = PollCreated(*definitions[0])
         tallies = [0] * len(definition.options)
         rejected: Counter = Counter()

@@ -271,8 +271,8 @@ def decode_receipt(text: str | bytes) -> Receipt:
         raise ReceiptInvalid(f"receipt does not start with {RECEIPT_PREFIX!r}")
     try:
         receipt = _receipt_decoder.decode(_b64url_decode(raw[len(RECEIPT_PREFIX):]))
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise ReceiptInvalid(f"receipt is malformed: {exc}") from None
+    except (msgspec.DecodeError, ValueError):
+        raise ReceiptInvalid("receipt is malformed: its content does not decode") from None
     _check_receipt_shape(receipt)
     return receipt
 
@@ -313,8 +313,8 @@ def receipt_from_json(document: object) -> Receipt:
         fields["batch_path"] = [bytes.fromhex(sibling) for sibling in fields["batch_path"]]
         # Receipt is array_like, so it converts from its fields in declaration order.
         receipt = msgspec.convert([fields[name] for name in Receipt.__struct_fields__], Receipt)
-    except (msgspec.ValidationError, ValueError, TypeError, KeyError) as exc:
-        raise ReceiptInvalid(f"receipt JSON is malformed: {exc!r}") from None
+    except (msgspec.ValidationError, ValueError, TypeError, KeyError):
+        raise ReceiptInvalid("receipt JSON is malformed") from None
     _check_receipt_shape(receipt)
     return receipt
 

@@ -60,11 +60,11 @@ class RegionForwarder:
         if not self.urls or token_region == self.region:
             return None
         if headers.get(REGION_FORWARDED_HEADER) is not None:
-            raise TokenForbidden(f"region {self.region!r} received a vote forwarded for region "
-                                 f"{token_region!r}: the regions' region_urls disagree")
+            raise TokenForbidden("this region received a vote forwarded for another region: "
+                                 "the regions' region_urls disagree")
         url = self.urls.get(token_region)
         if url is None:
-            raise TokenForbidden(f"the token's home region {token_region!r} is not served here")
+            raise TokenForbidden("the token's home region is not served here")
         return url
 
     def client(self) -> httpx.AsyncClient:

@@ -25,6 +25,7 @@ from engine.logs import configure_logging
 from engine.problems import problem_of
 from engine.results_page import page_response
 from engine.results_sse import ResultsHub, stream_results
+from engine.security_headers import API_HEADERS
 
 log = logging.getLogger("votes.results")
 
@@ -42,7 +43,7 @@ GIL_SWITCH_INTERVAL_S = 0.0001
 
 def poll_id(text: str) -> str:
     if not 1 <= len(text) <= 64 or not set(text) <= IDENTIFIER_CHARS:
-        raise PollNotFound(f"no poll {text[:64]!r}: ids are 1-64 characters of A-Z a-z 0-9 _ -")
+        raise PollNotFound("no poll with this id: ids are 1-64 characters of A-Z a-z 0-9 _ -")
     return text
 
 
@@ -81,12 +82,13 @@ class ResultsApp:
     async def __rsgi__(self, scope, proto) -> None:
         if scope.proto != "http":
             return
+        security_headers = API_HEADERS  # the page's answers carry their own, stricter set
         try:
             parts = scope.path.strip("/").split("/")
             if scope.method != "GET":
                 if parts[:2] == ["v1", "polls"] or parts == ["healthz"]:
                     raise MethodNotAllowed("use GET", allow="GET")
-                raise NotFound(f"no route for {scope.path}")
+                raise NotFound("no route for this path")
             if len(parts) == 4 and parts[:2] == ["v1", "polls"] and parts[3] == "results":
                 status, headers, body = await self._results(scope, poll_id(parts[2]))
             elif len(parts) == 5 and parts[:2] == ["v1", "polls"] and parts[3:] == [
@@ -95,17 +97,18 @@ class ResultsApp:
                 return
             elif parts[0] == "polls" and (page := page_response(parts)) is not None:
                 status, headers, body = page
+                security_headers = []
             elif parts == ["healthz"]:
                 status, headers, body = 200, [("content-type", "application/json")], \
                     b'{"status":"ok"}'
             else:
-                raise NotFound(f"no route for {scope.path}")
+                raise NotFound("no route for this path")
         except VotesError as exc:
             status, headers, body = problem_response(exc)
         except Exception:  # Redis down or a defect: no details to the client
-            log.exception("results: error on %s %s", scope.method, scope.path)
+            log.exception("results: unhandled error")  # nothing of the request: it is input
             status, headers, body = problem_response(_unavailable())
-        proto.response_bytes(status, headers, body)
+        proto.response_bytes(status, headers + security_headers, body)
 
     def _hub(self) -> ResultsHub:
         if self.hub is None:
@@ -127,7 +130,7 @@ class ResultsApp:
         try:
             transport = proto.response_stream(200, [
                 ("content-type", "text/event-stream"), ("cache-control", "no-store"),
-                ("x-accel-buffering", "no")])
+                ("x-accel-buffering", "no"), *API_HEADERS])
             streaming = asyncio.ensure_future(stream_results(
                 lambda: hub.snapshot(poll), lambda: hub.watch(poll).changed,
                 transport.send_bytes, scope.headers.get("last-event-id")))

@@ -3,7 +3,7 @@ the read-only receipt lookup (`GET /v1/receipts/{receipt}`), for the ingest role
 
 The page is the same bytes for every poll (the script reads the poll id from the path), sent
 with a strict Content-Security-Policy (scripts and connections to this origin only, no
-inline script, no framing) and the usual hardening headers.
+inline script, no framing) and the usual hardening headers (engine/security_headers.py).
 
 Receipt lookup: the receipt must decode (else 400 `receipt-invalid`) and name a poll that
 exists (else 404). `counted` when its Ed25519 signature and Merkle paths verify with the
@@ -17,24 +17,19 @@ the poll's results are final. The full audit of the log record is `votes replay 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
 from engine.errors import NotReady
 from engine.receipts import decode_receipt, verify_receipt
+from engine.security_headers import API_HEADERS, PAGE_HEADERS
 
 STATIC_DIRECTORY = Path(__file__).resolve().parent / "static"
 PAGE_FILES = {"results.js": "text/javascript", "results.css": "text/css"}
-SECURITY_HEADERS = [
-    ("content-security-policy",
-     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
-    ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
-    ("x-frame-options", "DENY"),
-    ("cross-origin-opener-policy", "same-origin"),
-    ("cache-control", "public, max-age=60"),
-]
+# A page only for a well-formed poll id (the engine's id rule), so an invalid one is a 404
+# like everywhere else; whether the poll exists the page's script finds out.
+POLL_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @functools.cache
@@ -44,11 +39,11 @@ def static_file(name: str) -> bytes:
 
 def page_response(parts: list[str]) -> tuple[int, list[tuple[str, str]], bytes] | None:
     """The answer for /polls/{poll} and /polls/static/{file}, or None for other paths."""
-    if len(parts) == 2 and parts[0] == "polls":
-        return 200, [("content-type", "text/html; charset=utf-8"), *SECURITY_HEADERS], \
+    if len(parts) == 2 and parts[0] == "polls" and POLL_ID_PATTERN.fullmatch(parts[1]):
+        return 200, [("content-type", "text/html; charset=utf-8"), *PAGE_HEADERS], \
             static_file("results.html")
     if len(parts) == 3 and parts[:2] == ["polls", "static"] and parts[2] in PAGE_FILES:
-        return 200, [("content-type", PAGE_FILES[parts[2]]), *SECURITY_HEADERS], \
+        return 200, [("content-type", PAGE_FILES[parts[2]]), *PAGE_HEADERS], \
             static_file(parts[2])
     return None
 
@@ -102,7 +97,7 @@ class LocalStreams:
         self.subscribers += 1
         try:
             transport = proto.response_stream(200, [
-                ("content-type", "text/event-stream"), ("cache-control", "no-store")])
+                ("content-type", "text/event-stream"), ("cache-control", "no-store"), *API_HEADERS])
             streaming = asyncio.ensure_future(stream_results(
                 read, tick, transport.send_bytes, scope.headers.get("last-event-id")))
             disconnected = asyncio.ensure_future(proto.client_disconnect())

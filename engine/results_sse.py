@@ -206,7 +206,7 @@ class ResultsHub:
             pipe.hgetall(merged_key(poll))
             raw_definition, raw_version, fields = await pipe.execute()
         if raw_definition is None:
-            raise PollNotFound(f"poll {poll!r} has no published results")
+            raise PollNotFound("no published results for this poll")
         state = crdt.counters_from_fields(poll, [(name.decode(), int(value))
                                                  for name, value in fields.items()])
         document = results_document(poll, parse_definition(raw_definition), state,

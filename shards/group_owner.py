@@ -207,10 +207,10 @@ class GroupOwner:
         state = self._ready_state(shard)
         poll = state.polls.get(poll_id)
         if poll is None:
-            raise PollNotFound(f"poll {poll_id!r} does not exist")
+            raise PollNotFound("no poll with this id")
         option_index = poll.option_index.get(option)
         if option_index is None:
-            raise UnknownOption(f"poll {poll_id!r} has no option {option!r}")
+            raise UnknownOption("the poll has no such option")
         self._check_open(poll)
         voter_index = voter_id // shards_total
         key = (poll_id, voter_id)
@@ -239,14 +239,14 @@ class GroupOwner:
     def _check_open(self, poll: PollState) -> None:
         definition = poll.definition
         if poll.closed or definition.poll in self._closing:
-            raise PollClosed(f"poll {definition.poll!r} is closed")
+            raise PollClosed("the poll is closed")
         if definition.closes_at_ms is None and definition.opens_at_ms is None:
             return  # no schedule: the clock is not read on the vote path
         current_ms = now_ms()
         if definition.closes_at_ms is not None and current_ms >= definition.closes_at_ms:
-            raise PollClosed(f"poll {definition.poll!r} is closed")
+            raise PollClosed("the poll is closed")
         if definition.opens_at_ms is not None and current_ms < definition.opens_at_ms:
-            raise PollNotOpen(f"poll {definition.poll!r} opens later")
+            raise PollNotOpen("the poll opens later")
 
     async def _outcome_of_earlier(self, earlier: _VoterWaiter) -> None:
         """Wait for the same voter's vote in flight; raise what its outcome means for this one."""
@@ -297,7 +297,7 @@ class GroupOwner:
         if existing is not None:
             if _same_definition(existing.definition, record):
                 return False
-            raise PollExists(f"poll {record.poll!r} exists with another definition")
+            raise PollExists("a poll with this id exists with another definition")
         if len(state.polls) >= self.config.polls_max:
             raise Overloaded(f"group {self.group} already holds {len(state.polls)} polls")
         await self._submit_control(record)
@@ -306,7 +306,7 @@ class GroupOwner:
     async def close_poll(self, poll_id: str) -> None:
         poll = self._any_ready_state().polls.get(poll_id)
         if poll is None:
-            raise PollNotFound(f"poll {poll_id!r} does not exist")
+            raise PollNotFound("no poll with this id")
         if poll.closed:
             return
         self._closing.add(poll_id)
@@ -501,7 +501,7 @@ class GroupOwner:
                 vote = votes[leaf]
                 inflight.pop((vote.poll, vote.voter_id), None)
                 if flags is None:
-                    answer(vote.future, exception=PollClosed(f"poll {vote.poll!r} closed before this vote"))
+                    answer(vote.future, exception=PollClosed("the poll closed before this vote"))
                 elif flags[position] == COUNTED:
                     answer(vote.future, bodies[leaf])
                 else:

@@ -89,7 +89,12 @@ def encode_record(record: Record) -> bytes:
 
 
 def decode_record(payload: bytes | memoryview) -> Record:
-    record: Record = _decoder.decode(payload)
+    try:
+        record: Record = _decoder.decode(payload)
+    except UnicodeDecodeError as exc:
+        # msgspec lets a string of invalid UTF-8 through as UnicodeDecodeError; recovery and
+        # replay treat every undecodable record alike, as a DecodeError.
+        raise msgspec.DecodeError("record holds a string that is not UTF-8") from exc
     return record
 
 

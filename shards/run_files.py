@@ -167,14 +167,16 @@ def _load_header(path: Path) -> RunFile | None:
             if magic != _MAGIC or block_entries != RUN_BLOCK_ENTRIES:
                 return None
             blocks = _block_count(entries)
+            # The size is checked before the fences are read: a torn or forged header could
+            # claim any entry count, and reading what it claims could exhaust memory.
+            if os.fstat(handle.fileno()).st_size != (
+                    _data_start(blocks) + 12 * entries + _CRC.size * blocks):
+                return None
             fences_bytes = handle.read(4 * blocks)
             crc = handle.read(_CRC.size)
-            size = os.fstat(handle.fileno()).st_size
     except OSError:
         return None
     if len(crc) != _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(head + fences_bytes):
-        return None
-    if size != _data_start(blocks) + 12 * entries + _CRC.size * blocks:
         return None
     seq = int(path.name.split("-")[1])
     return RunFile(seq, offset_first, offset_next, entries, path, array.array("I", fences_bytes))
