@@ -8,6 +8,8 @@ worker unless told otherwise):
 - ``default``: the engine as shipped: local limits per worker, loopback exempt from the
   address and prefix limits, no trusted proxy (X-Forwarded-For ignored), no Redis.
 - ``off``: ``ratelimit_enabled = false``: no limit at all.
+- ``local-limits``: the defended engine without Redis (each worker limits alone), so the
+  cost of the checks and the cost of the global view's sync are told apart.
 - ``defended``: every defence built: ``trusted_proxies = "127.0.0.1/32"`` (the load
   generator plays the edge proxy and names each client in X-Forwarded-For), no exempt
   network (every client address is limited), and the global view on a private
@@ -39,7 +41,8 @@ VOTES_SCRIPT = Path(__file__).resolve().parent / "wrk" / "votes.lua"
 
 VENV_BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 60.0
-CONFIGS = ("default", "off", "defended")
+CONFIGS = ("default", "off", "local-limits", "defended")
+PROXY_TOML = 'trusted_proxies = "127.0.0.1/32"\nratelimit_exempt_networks = ""\n'
 # The commands the limiter's sync sends (a Lua script by EVALSHA, EVAL the first time it
 # is not cached). INFO commandstats also counts the commands a script runs inside Redis
 # (engine/ratelimit.py SYNC_SCRIPT's redis.call()s): work in Redis, not round trips, so
@@ -54,12 +57,12 @@ def config_toml(name: str, redis_url: str | None) -> str:
         return ""
     if name == "off":
         return "ratelimit_enabled = false\n"
+    if name == "local-limits":
+        return PROXY_TOML
     if name == "defended":
         if not redis_url:
             raise BenchError("the defended engine needs the Redis Cluster's URL")
-        return ('trusted_proxies = "127.0.0.1/32"\n'
-                'ratelimit_exempt_networks = ""\n'
-                f'ratelimit_redis_url = "{redis_url}"\n')
+        return PROXY_TOML + f'ratelimit_redis_url = "{redis_url}"\n'
     raise BenchError(f"unknown engine configuration {name!r}; known: {', '.join(CONFIGS)}")
 
 
