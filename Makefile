@@ -65,6 +65,8 @@ bench: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_memory
 	$(BIN)/python -m perf.bench_results_freshness --duration-s 10
 	$(BIN)/python -m perf.bench_results_fanout --updates 20
+	$(BIN)/python -m perf.bench_defences
+	$(BIN)/python -m perf.bench_attack
 	$(BIN)/python -m perf.capacity
 	$(BIN)/python -m perf.targets_report
 
@@ -74,6 +76,8 @@ bench-quick: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_memory --lookup-s 2
 	$(BIN)/python -m perf.bench_results_freshness --duration-s 4
 	$(BIN)/python -m perf.bench_results_fanout --subscribers 1000,5000,20000 --updates 10
+	$(BIN)/python -m perf.bench_defences --quick
+	$(BIN)/python -m perf.bench_attack --quick
 	$(BIN)/python -m perf.capacity
 	$(BIN)/python -m perf.targets_report
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from perf import RESULTS_DIR
 from perf.capacity_fanout import FANOUT_INPUTS, fanout_section, measured_fanout_figures
+from perf.capacity_redis import REDIS_INPUTS, measured_redis_figures, redis_section
 
 # A measured engine's CPU per vote is used only if its worker was at least this busy.
 ENGINE_BUSY_PERCENT_MIN = 50.0
@@ -102,8 +103,7 @@ def default_inputs() -> dict[str, Figure]:
                                     "(replication bursts, GC, a broker's share after an AZ loss)"),
         "broker_write_mb_per_s": Figure(125.0, "MB/s", a + ": m7i.2xlarge + gp3, half its 250 MB/s"),
         "broker_partition_replicas_max": Figure(4_000, "replicas", a + ": per-broker guidance"),
-        # Redis (rate limits, tally publish): planned, docs/design.md "Not built yet".
-        "redis_calls_per_vote": Figure(3, "calls", "planned: per IP, per prefix, per voter limits"),
+        # Redis (rate limits, tally publish); calls and CPU per vote: perf/capacity_redis.py.
         "redis_calls_per_s_per_primary": Figure(80_000, "calls/s", a + ": small Lua GCRA script, r7g.large"),
         "tally_publish_per_s_per_owner": Figure(10, "msg/s", "planned: tally publish every ~100 ms"),
         # Edge.
@@ -120,7 +120,8 @@ def default_inputs() -> dict[str, Figure]:
         # Memory per poll (bench_micro.py).
         "bitmap_bits_per_eligible": Figure(1.12, "bits", "bench_micro default, S=1024, 50% turnout"),
         "locator_bits_per_eligible": Figure(0.44, "bits", "RAM; docs/performance.md locator section"),
-    } | {name: Figure(*figure) for name, figure in FANOUT_INPUTS.items()}  # perf/capacity_fanout.py
+    } | {name: Figure(*figure) for name, figure in FANOUT_INPUTS.items()} \
+      | {name: Figure(*figure) for name, figure in REDIS_INPUTS.items()}  # perf/capacity_redis.py
 
 
 def read_json(path: Path) -> dict | None:
@@ -135,6 +136,7 @@ def load_measured(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
     return [*measured_engine_cpu(results_dir, inputs),
             *measured_transactions(results_dir, inputs),
             *measured_fanout(results_dir, inputs),
+            *measured_redis(results_dir, inputs),
             *measured_micro(results_dir, inputs)]  # fmt: skip
 
 
@@ -212,6 +214,12 @@ def measured_transactions(results_dir: Path, inputs: dict[str, Figure]) -> list[
 
 def measured_fanout(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
     figures, used = measured_fanout_figures(results_dir)
+    inputs.update({name: Figure(*figure) for name, figure in figures.items()})
+    return used
+
+
+def measured_redis(results_dir: Path, inputs: dict[str, Figure]) -> list[str]:
+    figures, used = measured_redis_figures(results_dir)
     inputs.update({name: Figure(*figure) for name, figure in figures.items()})
     return used
 
@@ -425,21 +433,8 @@ class Model:
 
     def _redis_and_edge(self) -> None:
         i, o = self.i, self.out
-        design, instances = o["design_votes_per_s"], o["engine_instances"]
-        workers_per_instance = o["workers_per_instance"]
-        workers_total = instances * workers_per_instance
-        s = "redis"
-        calls = design * i["redis_calls_per_vote"] + instances * workers_per_instance * \
-            i["tally_publish_per_s_per_owner"] * i["polls_concurrent"]
-        self.put(s, "redis_calls_per_s", round(calls),
-                 f"{design:,.0f} x {i['redis_calls_per_vote']:g} limit calls + {workers_total:g} owners x "
-                 f"{i['tally_publish_per_s_per_owner']:g}/s x {i['polls_concurrent']:g} polls")  # fmt: skip
-        primaries = self.put(s, "redis_primaries",
-                             round_up_to(math.ceil(calls / i["redis_calls_per_s_per_primary"]), int(i["azs"])),
-                             f"ceil({calls:,.0f} / {i['redis_calls_per_s_per_primary']:,.0f}) up to a multiple "
-                             f"of {i['azs']:g}")  # fmt: skip
-        self.put(s, "redis_nodes", primaries * 2, f"{primaries} primaries + 1 replica each, "
-                 "replica in another AZ (Redis holds limits and tallies, never the one-vote truth)")  # fmt: skip
+        design = o["design_votes_per_s"]
+        redis_section(self)  # perf/capacity_redis.py
 
         s = "edge"
         haproxy_vcpus = math.ceil(design / i["haproxy_req_per_s_per_vcpu"])
@@ -511,6 +506,11 @@ def render(model: Model, inputs: dict[str, Figure], used: list[str]) -> str:
         f"({o['results_instances_sse_direct']:.0f} if every viewer held an SSE connection), "
         f"over {inputs['azs'].value:g} AZs: {o['ec2_instances_total']:.0f} EC2 instances in all."
     )
+    out.append(f"Redis Cluster for the rate limits at {o['design_votes_per_s']:,.0f} votes/s: "
+               f"{o['redis_primaries']:.0f} primaries + {o['redis_primaries']:.0f} replicas "
+               f"({inputs['redis_calls_per_vote'].value:g} calls and "
+               f"{inputs['redis_cpu_us_per_vote'].value:g} us of Redis CPU per vote; "
+               f"{inputs['redis_calls_per_vote'].source})")
     verdict = "PASS" if o["kafka_brokers_target_met"] else "FAIL"
     out.append(f"{verdict}: Kafka brokers <= {KAFKA_BROKERS_TARGET} (3 per AZ) for the "
                f"{o['design_votes_per_s']:,.0f} votes/s design rate: {o['kafka_brokers']:.0f}")

@@ -10,7 +10,10 @@ Reads what the steps before it wrote to perf/results/ (nothing is measured here)
   them): Kafka brokers for the design rate, at most 9, and the fleet total;
 - memory.json (perf/bench_memory.py) if present: its ``targets`` rows (each ``target``,
   ``description``, ``threshold``, ``sense``, ``measured``, ``verdict``), else one row that
-  says the file has none; "not measured" without the file.
+  says the file has none; "not measured" without the file;
+- issue 12's rows the same way: defences.json (perf/bench_defences.py: throughput with
+  every defence on ÷ off, Redis calls per vote) and attack.json (perf/bench_attack.py: the
+  attack simulation), with their integrity failures.
 
 A FAIL is reported, not fatal, as in perf/targets.py: the exit status is 1 only when a
 target is INVALID (an integrity check failed: a vote lost or counted twice) or an input
@@ -71,14 +74,21 @@ def capacity_source(results_dir: Path) -> str:
     return f"inputs measured: {'; '.join(used) or 'none (defaults)'}; engine CPU {cpu.value:g} us/vote ({cpu.source})"
 
 
-def memory_rows(memory: dict | None) -> list[dict]:
-    if memory is None:
-        return [{"target": "memory", "description": "memory per eligible voter (perf/bench_memory.py)",
-                 "threshold": None, "sense": "", "measured": None, "verdict": "not measured"}]  # fmt: skip
-    rows = memory.get("targets")
+# The files whose own `targets` rows are printed as they are, and what each measures.
+ROW_FILES = {"memory.json": ("memory", "memory per eligible voter (perf/bench_memory.py)"),
+             "defences.json": ("defences", "throughput with the defences on (perf/bench_defences.py)"),
+             "attack.json": ("attack", "the attack simulation (perf/bench_attack.py)")}  # fmt: skip
+
+
+def file_rows(name: str, document: dict | None) -> list[dict]:
+    target, description = ROW_FILES[name]
+    if document is None:
+        return [{"target": target, "description": description, "threshold": None, "sense": "",
+                 "measured": None, "verdict": "not measured"}]  # fmt: skip
+    rows = document.get("targets")
     if isinstance(rows, list) and rows:
         return rows
-    return [{"target": "memory", "description": "perf/results/memory.json has no `targets` rows",
+    return [{"target": target, "description": f"perf/results/{name} has no `targets` rows",
              "threshold": None, "sense": "", "measured": None, "verdict": "not measured"}]  # fmt: skip
 
 
@@ -103,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     problems = []
     files = {}
-    for name in ("peers.json", "sweep.json", "memory.json"):
+    for name in ("peers.json", "sweep.json", *ROW_FILES):
         files[name], problem = read_json(args.results_dir / name)
         if problem:
             problems.append(problem)
     peers, sweep = files["peers.json"], files["sweep.json"]
     rows = [*(peers or {}).get("targets", []), *(sweep or {}).get("targets", []),
-            *capacity_rows(args.results_dir), *memory_rows(files["memory.json"])]  # fmt: skip
-    print("\n== issue 10 targets (from the files of this run, perf/results/)")
+            *capacity_rows(args.results_dir),
+            *(row for name in ROW_FILES for row in file_rows(name, files[name]))]  # fmt: skip
+    print("\n== issue 10 and 12 targets (from the files of this run, perf/results/)")
     for name, document in files.items():
         print(file_line(name, document))
     if peers:
@@ -120,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 [[row["description"], threshold_cell(row), ratio_cell(row["measured"], "{:,.4g}"),
                   row["verdict"]] for row in rows])  # fmt: skip
     integrity = [*(peers or {}).get("integrity", {}).get("failures", []),
-                 *(sweep or {}).get("integrity", {}).get("failures", [])]  # fmt: skip
+                 *(sweep or {}).get("integrity", {}).get("failures", []),
+                 *(f"{name}: {failure}" for name in ("defences.json", "attack.json")
+                   for failure in (files[name] or {}).get("integrity", {}).get("failures", []))]  # fmt: skip
     for failure in integrity:
         print(f"  INTEGRITY FAILURE {failure}")
     for problem in problems:

@@ -19,6 +19,11 @@
 --   VOTES_RATE_PER_S   optional: pace the whole run at this many requests per second
 --                      (all threads together); unset, every connection sends as fast
 --                      as it gets answers
+--   VOTES_FORWARDED_FOR  optional: an X-Forwarded-For header on every vote, for an engine
+--                      that trusts 127.0.0.1 as its proxy (docs/security.md): "spread"
+--                      gives vote k of the thread its own address, 250 per /24 in turn
+--                      (10.x.y.1-250), so no address or prefix limit is reached at any
+--                      rate; any other value is sent as is (one client address)
 --
 -- Pacing uses wrk's delay() hook: before each request, a connection asks delay() how
 -- many milliseconds to wait. Each thread hands out send slots rate/threads apart, one
@@ -67,6 +72,7 @@ token_next = 1
 option_prefixes = nil
 option_bodies = nil
 option_next = 1
+forwarded_for = nil
 counts = {}
 sent = 0
 sent_after_exhaustion = 0
@@ -113,6 +119,7 @@ function init(args)
    local polls = split_commas(os.getenv("VOTES_POLLS") or os.getenv("VOTES_POLL") or "bench")
    local options = split_commas(os.getenv("VOTES_OPTIONS") or "a")
 
+   forwarded_for = os.getenv("VOTES_FORWARDED_FOR")
    tokens = load_tokens(path, thread_index, thread_count)
    token_count = #tokens
 
@@ -141,6 +148,18 @@ local function not_a_vote()
    return "GET /readyz HTTP/1.1\r\nHost: " .. (wrk.headers["Host"] or "localhost") .. "\r\n\r\n"
 end
 
+-- The client address of the next vote (VOTES_FORWARDED_FOR): thread t starts at
+-- 10.<16 t>.0.0 and moves to the next /16 every 64,000 votes, so threads do not share a
+-- prefix until one has sent a million votes.
+function client_address()
+   if forwarded_for ~= "spread" then
+      return forwarded_for
+   end
+   local k = sent
+   return "10." .. ((thread_index * 16 + math.floor(k / 64000)) % 256) .. "."
+      .. (math.floor(k / 250) % 256) .. "." .. (k % 250 + 1)
+end
+
 function request()
    if tokens == nil then
       return not_a_vote()
@@ -160,6 +179,10 @@ function request()
    local i = option_next
    option_next = (i % #option_bodies) + 1
    sent = sent + 1
+   if forwarded_for ~= nil then
+      return option_prefixes[i] .. token .. "\r\nX-Forwarded-For: " .. client_address()
+         .. "\r\n\r\n" .. option_bodies[i]
+   end
    return option_prefixes[i] .. token .. "\r\n\r\n" .. option_bodies[i]
 end
 

@@ -186,3 +186,33 @@ def test_fanout_reads_fanout_json_and_the_cdn_needs_fewer_processes(tmp_path: Pa
     assert out["fanout_instances_direct"] % inputs["azs"].value == 0
     heavy, _ = model_of("--set", "sse_bytes_per_subscriber=10000000")  # 10 MB per stream
     assert heavy["fanout_streams_per_instance"] == 16e9 * 0.7 // 10e6
+
+
+def test_redis_is_sized_from_defences_json_by_calls_or_cpu(tmp_path: Path) -> None:
+    """Without defences.json the stated defaults size Redis; with it, its median calls and
+    the masters' CPU per vote do, and the larger of the two counts of primaries wins; a
+    file whose integrity checks failed is refused."""
+    _, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    assert "default" in inputs["redis_calls_per_vote"].source and not used
+    document = {"conditions": {"time_utc": "t"}, "integrity": {"failures": []},
+                "redis": {"calls_per_vote_median": 0.01, "redis_cpu_us_per_vote": 40.0,
+                          "votes_per_s": 4000}}
+    (tmp_path / "defences.json").write_text(json.dumps(document))
+    model, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    out = model.out
+    assert inputs["redis_calls_per_vote"].value == 0.01
+    assert inputs["redis_cpu_us_per_vote"].value == 40.0
+    assert any("defences.json" in line for line in used)
+    assert out["redis_cores_for_limits"] == 20.0  # 500,000 x 40 us
+    assert out["redis_primaries_by_cpu"] == 40  # at half a core each
+    assert out["redis_primaries"] == 42 and out["redis_nodes"] == 84  # up to a multiple of 3
+    more_calls = capacity.build(["--results-dir", str(tmp_path),
+                                 "--set", "redis_calls_per_vote=10"])[0].out
+    by_calls = more_calls["redis_primaries_by_calls"]  # 5M calls/s / 80,000 = 63
+    assert by_calls > more_calls["redis_primaries_by_cpu"]
+    assert more_calls["redis_primaries"] == -(-by_calls // 3) * 3 == 63
+    document["integrity"]["failures"] = ["results total 5 outside [6, +0]"]
+    (tmp_path / "defences.json").write_text(json.dumps(document))
+    _, inputs, used, _ = capacity.build(["--results-dir", str(tmp_path)])
+    assert "default" in inputs["redis_calls_per_vote"].source
+    assert any(line.startswith("NOT defences.json") for line in used)
