@@ -16,6 +16,15 @@ subscriber per wait: those timers were a third of the process's CPU at 5,000 sub
 a woken stream re-reads the snapshot, so a lost notification delays an event by at most
 KEEPALIVE_TICK_S, and sends a keep-alive comment after KEEPALIVE_S of silence.
 
+The results role's streams (`subscribe`) have no loop of their own: each wake runs one
+broadcast per poll (`_broadcast`) that encodes the event once and hands the same bytes to
+every subscriber's send in one synchronous sweep (a task per stream woken per event, each
+encoding and sending for itself, was most of the cost per delivery). A send the transport
+did not take at once is awaited in a task of its own and marks the subscriber busy: the
+sweep skips it, and when it completes it is offered the latest broadcast (one send in
+flight per subscriber; a slow client folds events, it never queues them). `stream_results`
+stays the loop of the ingest role's own stream (engine/results_page.py).
+
 Reads are single-flight per poll: the subscribers woken by one change share one Redis read
 (without it, thousands of woken streams each opened a pipeline and exhausted the client's
 connection pool, MaxConnectionsError). A read started before a change never serves the
@@ -79,6 +88,23 @@ class SharedRead:
         return self.task.result()
 
 
+class Subscriber:
+    """One stream of the results role, sent to by its poll's broadcast: no task of its own
+    wakes per event. `busy` while a send the transport did not take at once is awaited (one
+    at a time: a slow client is sent the latest event when it catches up, never a backlog);
+    `ended` resolves when the final event went out or a send failed."""
+
+    __slots__ = ("send", "sent_id", "sent_at", "busy", "ended")
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], last_event_id: str | None,
+                 ended: asyncio.Future[None]) -> None:
+        self.send = send
+        self.sent_id = last_event_id
+        self.sent_at = time.monotonic()
+        self.busy = False
+        self.ended = ended
+
+
 class PollWatch:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
@@ -87,6 +113,11 @@ class PollWatch:
         self.generation = 0  # raised by every change: a read of an older one is stale
         self.refresh: asyncio.Task[None] | None = None  # the read-then-wake in flight
         self.woken_at = 0.0
+        self.subscribers: set[Subscriber] = set()  # bounded by the hub's subscribers_max
+        self.delivered: Snapshot | None = None  # what the last broadcast sent
+        self.broadcasting: asyncio.Task[None] | None = None  # one sweep in flight per poll
+        self.broadcast_again = False  # woken during a sweep: one more after it
+        self.draining: set[asyncio.Task[None]] = set()  # at most one per subscriber (busy)
 
     def invalidate(self) -> None:
         self.snapshot = None
@@ -107,9 +138,13 @@ class PollWatch:
 
 
 class ResultsHub:
-    def __init__(self, redis: Any, subscribers_max: int) -> None:
+    def __init__(self, redis: Any, subscribers_max: int,
+                 sent_at_once: Callable[[Awaitable[None]], bool] = lambda pending: False) -> None:
         self.redis = redis
         self.subscribers_max = subscribers_max
+        # Whether a send's awaitable is already complete (Granian's for a send its channel
+        # took at once), so the sweep need not await it; any other is awaited off the sweep.
+        self.sent_at_once = sent_at_once
         self.subscribers = 0
         self.watches: dict[str, PollWatch] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,7 +154,8 @@ class ResultsHub:
                        loop.create_task(self._tick(), name="results-keepalive")]
 
     async def stop(self) -> None:
-        refreshes = [watch.refresh for watch in self.watches.values() if watch.refresh]
+        refreshes = [task for watch in self.watches.values()
+                     for task in (watch.refresh, watch.broadcasting, *watch.draining) if task]
         for task in [*self._tasks, *refreshes]:
             task.cancel()
         await self.redis.aclose()
@@ -127,8 +163,8 @@ class ResultsHub:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(KEEPALIVE_TICK_S)
-            for watch in list(self.watches.values()):
-                watch.wake()
+            for poll, watch in list(self.watches.items()):
+                self._wake(poll, watch)
 
     async def _listen(self) -> None:
         while True:
@@ -142,8 +178,9 @@ class ResultsHub:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: keep-alive re-reads cover it
                 log.warning("results listener: %r; subscribing again", exc)
-                for watch in self.watches.values():
-                    watch.notify()
+                for poll, watch in list(self.watches.items()):
+                    watch.invalidate()
+                    self._wake(poll, watch)
                 await asyncio.sleep(RESUBSCRIBE_S)
 
     def _changed(self, channel: bytes | str) -> None:
@@ -168,13 +205,25 @@ class ResultsHub:
             pass
         finally:
             watch.refresh = None
-            watch.wake()
+            self._wake(poll, watch)
+
+    def _wake(self, poll: str, watch: PollWatch) -> None:
+        """Wake the poll's `stream_results` loops and broadcast to its subscribers."""
+        watch.wake()
+        if not watch.subscribers:
+            return
+        if watch.broadcasting is None:
+            watch.broadcasting = asyncio.ensure_future(self._broadcast(poll, watch))
+        else:
+            watch.broadcast_again = True
 
     def watch(self, poll: str) -> PollWatch:
         watch = self.watches.get(poll)
         if watch is None:
-            if len(self.watches) >= WATCHES_MAX:  # drop the oldest: it is re-read on demand
-                self.watches.pop(next(iter(self.watches)))
+            if len(self.watches) >= WATCHES_MAX:  # drop the oldest unwatched: re-read on demand
+                idle = next((name for name, old in self.watches.items() if not old.subscribers),
+                            next(iter(self.watches)))
+                self.watches.pop(idle)
             watch = self.watches[poll] = PollWatch()
         return watch
 
@@ -214,6 +263,95 @@ class ResultsHub:
         event_id = f"{document['version']}{'f' if document['final'] else ''}"
         return Snapshot(document, json.dumps(document, separators=(",", ":")).encode(),
                         event_id, time.monotonic())
+
+    # --- the broadcast: one sweep per wake sends one encoding to every subscriber ----------
+
+    def subscribe(self, poll: str, send: Callable[[bytes], Awaitable[None]],
+                  last_event_id: str | None, snapshot: Snapshot) -> Subscriber:
+        """Join the poll's broadcast and get `snapshot` (or a newer one already broadcast)
+        at once, unless the client's Last-Event-ID is its id. Admit first (`admit`)."""
+        watch = self.watch(poll)
+        subscriber = Subscriber(send, last_event_id, asyncio.get_running_loop().create_future())
+        watch.subscribers.add(subscriber)
+        latest = watch.delivered
+        if latest is None or latest.read_at < snapshot.read_at:
+            latest = snapshot
+        self._offer(watch, subscriber, latest, sse_event(latest), time.monotonic())
+        return subscriber
+
+    def unsubscribe(self, poll: str, subscriber: Subscriber) -> None:
+        watch = self.watches.get(poll)
+        if watch is not None:
+            watch.subscribers.discard(subscriber)
+
+    async def _broadcast(self, poll: str, watch: PollWatch) -> None:
+        try:
+            while True:
+                watch.broadcast_again = False
+                try:
+                    snapshot = await self.snapshot(poll)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - Redis away: the next tick retries
+                    log.warning("results broadcast of %s: %r", poll, exc)
+                    return
+                watch.delivered = snapshot
+                event, now = sse_event(snapshot), time.monotonic()  # encoded once for all
+                for subscriber in list(watch.subscribers):  # a failed send leaves the set
+                    if not subscriber.busy:
+                        self._offer(watch, subscriber, snapshot, event, now)
+                if not watch.broadcast_again:
+                    return
+        finally:
+            watch.broadcasting = None
+
+    def _offer(self, watch: PollWatch, subscriber: Subscriber, snapshot: Snapshot,
+               event: bytes, now: float) -> None:
+        """Send the event if the subscriber has not seen it, else a keep-alive if due."""
+        if subscriber.sent_id != snapshot.event_id:
+            self._send(watch, subscriber, event, snapshot.event_id, now,
+                       bool(snapshot.document["final"]))
+        elif now - subscriber.sent_at >= KEEPALIVE_S:
+            self._send(watch, subscriber, KEEPALIVE_BYTES, subscriber.sent_id, now, False)
+
+    def _send(self, watch: PollWatch, subscriber: Subscriber, data: bytes,
+              event_id: str | None, now: float, final: bool) -> None:
+        try:
+            pending = subscriber.send(data)
+        except Exception as exc:  # noqa: BLE001 - the client went away
+            self._end(watch, subscriber, exc)
+            return
+        subscriber.sent_id, subscriber.sent_at = event_id, now
+        if not self.sent_at_once(pending):
+            subscriber.busy = True
+            task = asyncio.ensure_future(self._drain(watch, subscriber, pending, final))
+            watch.draining.add(task)  # held: the loop keeps only a weak reference
+            task.add_done_callback(watch.draining.discard)
+        elif final:
+            self._end(watch, subscriber, None)
+
+    async def _drain(self, watch: PollWatch, subscriber: Subscriber, pending: Awaitable[None],
+                     final: bool) -> None:
+        """Await a send the transport queued, then offer what was broadcast meanwhile."""
+        try:
+            await pending
+        except Exception as exc:  # noqa: BLE001 - the client went away
+            self._end(watch, subscriber, exc)
+            return
+        subscriber.busy = False
+        if final:
+            self._end(watch, subscriber, None)
+        elif watch.delivered is not None and subscriber in watch.subscribers:
+            latest = watch.delivered
+            self._offer(watch, subscriber, latest, sse_event(latest), time.monotonic())
+
+    @staticmethod
+    def _end(watch: PollWatch, subscriber: Subscriber, error: Exception | None) -> None:
+        watch.subscribers.discard(subscriber)
+        if not subscriber.ended.done():
+            subscriber.ended.set_result(None)
+        if error is not None:
+            log.info("results stream ended: %r", error)
 
     def admit(self) -> None:
         if self.subscribers >= self.subscribers_max:

@@ -45,6 +45,7 @@ from perf.cpu_sampling import CpuSampler, process_tree
 from perf.machine import describe_machine
 from perf.output import print_conditions, print_table, write_json
 from perf.processes import ServerProcess
+from perf.sse_client import ensure_sse_client, go_version
 
 SUBSCRIBERS_TARGET = 20_000
 DELAY_TARGET_MS = 250.0
@@ -211,10 +212,9 @@ async def reset_poll(redis_url: str) -> None:
 
 
 class ClientProcess:
-    def __init__(self, run_dir: Path, index: int) -> None:
+    def __init__(self, run_dir: Path, index: int, argv: list[str]) -> None:
         self.log = open(run_dir / f"client-{index}.log", "wb")  # noqa: SIM115 - as long as the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "perf.bench_results_fanout", "--client"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, start_new_session=True)
 
     def send(self, document: dict) -> None:
@@ -260,7 +260,7 @@ def run_step(run_dir: Path, redis: ServerProcess, redis_url: str, requested: int
         rss_before = tree_rss_bytes(results.pid)
         shares = [subscribers // args.clients + (index < subscribers % args.clients)
                   for index in range(args.clients)]
-        clients = [ClientProcess(run_dir, index) for index in range(args.clients)]
+        clients = [ClientProcess(run_dir, index, args.client_argv) for index in range(args.clients)]
         for client, share in zip(clients, shares, strict=True):
             client.send({"host": host, "port": int(port), "count": share})
         connected = [client.receive() for client in clients]
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> dict:
             "target": {"subscribers": SUBSCRIBERS_TARGET, "delay_p99_ms": DELAY_TARGET_MS},
             "verdict": "PASS" if best >= SUBSCRIBERS_TARGET else "FAIL",
             "parameters": {"updates": args.updates, "update_rate_per_s": args.update_rate,
-                           "clients": args.clients}}
+                           "clients": args.clients, "client_kind": args.client_kind}}
 
 
 def report(measured: dict) -> None:
@@ -368,6 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--update-rate", type=float, default=10.0, help="updates per second")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--client-kind", choices=("go", "python"), default="go",
+                        help="the subscriber client: Go (perf/sse_client, default) or Python")
     parser.add_argument("--data-root", default="/var/tmp")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "fanout.json")
     parser.add_argument("--keep-run-dir", action="store_true", help="keep the logs")
@@ -387,7 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(client_main())
         return 0
     conditions = describe_machine(("votes-engine", "granian", "uvloop", "redis"))
-    print_conditions(conditions, vars(args) | {"output": str(args.output)})
+    if args.client_kind == "go":
+        args.client_argv = [str(ensure_sse_client())]
+        conditions["subscriber_client"] = f"perf/sse_client (Go), {go_version()}"
+    else:
+        args.client_argv = [sys.executable, "-m", "perf.bench_results_fanout", "--client"]
+        conditions["subscriber_client"] = "perf.bench_results_fanout --client (Python, uvloop)"
+    print_conditions(conditions, {k: v for k, v in vars(args).items() if k != "client_argv"}
+                     | {"output": str(args.output)})
     measured = run(args)
     report(measured)
     write_json(args.output, {"benchmark": "results_fanout", "conditions": conditions, **measured})

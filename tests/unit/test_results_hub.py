@@ -163,3 +163,41 @@ def test_the_hub_tick_brings_a_quiet_stream_its_keep_alive(run, monkeypatch) -> 
     sent = run(scenario())
     assert sent[0].startswith(b"id: 1\nevent: results\n")
     assert KEEPALIVE_BYTES in sent[1:] and all(data == KEEPALIVE_BYTES for data in sent[1:])
+
+
+def test_a_broadcast_sends_one_encoding_to_all_and_a_slow_stream_gets_the_latest(run) -> None:
+    """The results role's streams are sent to by one sweep per change (ResultsHub.subscribe):
+    every fast subscriber gets each change as the same bytes object (encoded once), while a
+    subscriber whose send is still pending holds nothing back and, once it completes, gets
+    only the latest event, never a backlog (one send in flight per subscriber)."""
+    async def scenario() -> tuple[list[list[bytes]], list[int], int]:
+        redis = FakeRedis(delay_s=0.0)
+        hub = ResultsHub(redis, subscribers_max=100, sent_at_once=lambda pending: pending is None)
+        fast: list[list[bytes]] = [[] for _ in range(50)]
+        slow_seen: list[int] = []
+        release = asyncio.get_running_loop().create_future()
+
+        def fast_send(seen: list[bytes]):
+            return lambda data: seen.append(data)  # None: taken at once
+
+        def slow_send(data: bytes):
+            slow_seen.append(json.loads(data.split(b"data: ")[1])["total"])
+            return release if len(slow_seen) == 1 else None
+
+        first = await hub.snapshot(POLL)
+        hub.subscribe(POLL, slow_send, None, first)
+        for seen in fast:
+            hub.subscribe(POLL, fast_send(seen), None, first)
+        for total in (2, 3, 4):  # apart by more than EVENT_INTERVAL_S: no folding
+            redis.total = total
+            hub._changed(f"results:{{{POLL}}}:changed".encode())
+            await asyncio.sleep(results_sse.EVENT_INTERVAL_S + 0.05)
+        release.set_result(None)
+        await asyncio.sleep(0.05)
+        return fast, slow_seen, len(hub.watch(POLL).subscribers)
+
+    fast, slow_seen, subscribers = run(scenario())
+    totals = [[json.loads(data.split(b"data: ")[1])["total"] for data in seen] for seen in fast]
+    assert all(seen == [1, 2, 3, 4] for seen in totals), totals[:3]
+    assert all(fast[0][k] is seen[k] for seen in fast for k in range(1, 4))  # one encoding
+    assert slow_seen == [1, 4] and subscribers == 51

@@ -1,0 +1,3 @@
+module votes-engine/perf/sse_client
+
+go 1.19
