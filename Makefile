@@ -7,7 +7,7 @@ DATA_DIR ?= .data
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run serve test chaos bench bench-quick bench-ceiling lint lint-deploy cluster-up cluster-run cluster-down cluster-status clean
+.PHONY: setup run serve test two-regions chaos bench bench-quick bench-ceiling lint lint-deploy cluster-up cluster-run cluster-down cluster-status clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ serve: setup
 # does not allow (ALLOWED_SKIP_REASONS) fails the run.
 test: setup
 	VOTES_REQUIRE_CYTHON=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
+
+# Two regions, each on a full local stack of its own (3 Kafka brokers, S3, Redis; base ports
+# VOTES_STACK_BASE_PORT and 20300): tests/integration/test_two_regions.py, which `make test`
+# runs with the second region on the embedded log.
+two-regions: setup
+	VOTES_TWO_REGIONS_FULL_STACKS=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider \
+		tests/integration/test_two_regions.py $(PYTEST_ARGS)
 
 # Faults under load, the long profile of every schedule in tests/chaos (embedded log, and the
 # Kafka/S3 ones on the local stack, which the suite starts itself); `make test` runs the short

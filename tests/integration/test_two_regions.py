@@ -1,11 +1,16 @@
 """Two regions on one machine, "eu" and "us": nobody is counted twice, and both converge.
 
 Each region: its own Redis (deploy/local/redis_server.py, on the Redis port of stack base
-ports 20100 and 20300), one `votes serve` on the embedded durable log (a region's own Kafka
-stack is not needed to show the forwarding and the replication; the WAL choice does not
-change either), `region` eu/us, `region_urls` naming both, publishing results to its own
-Redis, and a `votes results` role reading that Redis. Two replicators ship eu -> us and
-us -> eu. Both engines share token keys, as regions would through the secrets store.
+ports 20100 and 20300), one `votes serve` with `region` eu/us and `region_urls` naming both,
+publishing results to its own Redis, and a `votes results` role reading that Redis. eu's
+engine writes its WAL to the session's real 3-broker Kafka stack (a topic of its own, one
+fencing group per partition, transactional producers); us's to the embedded durable log,
+so one run covers both WALs (two full Kafka stacks at once are more than CI's 2 cores
+need: the forwarding and the replication do not depend on the WAL). `make two-regions`
+(VOTES_TWO_REGIONS_FULL_STACKS=1) runs the same test with us on a second full local stack
+of its own (deploy/local/stack.py at base port 20300: 3 Kafka brokers, S3, its Redis).
+Two replicators ship eu -> us and us -> eu. Both engines share token keys, as regions
+would through the secrets store.
 
 The voters of both home regions vote in both regions, each voter's vote sent to both
 regions at once. Every answer is 201, 409 or 503 outcome-unknown; no voter gets two 201s;
@@ -40,15 +45,17 @@ import redis.asyncio
 from deploy.local.ports import Ports
 from deploy.local.processes import Service, terminate
 from deploy.local.redis_server import start_redis, wait_redis
+from deploy.local.stack import LocalStack
 from engine import crdt
 from engine.keys import load_keys
 from engine.replicator import region_fields
 from engine.results_publisher import MERGE_SCRIPT, channel, merge_poll_fields, merged_key
 from engine.tokens import issue_admin_token, issue_voter_token
+from tests.integration.test_kafka_wal import create_topic, delete_topics
 from tests.integration.test_results_role import results_role
 from tests.support import http_client
 from tests.support.cli import cli_command
-from tests.support.engine_process import EngineProcess, free_port
+from tests.support.engine_process import KAFKA_READINESS, EngineProcess, free_port, kafka_env
 from tests.support.waiting import wait_until
 
 REGIONS = {"eu": 20100, "us": 20300}  # region -> its stack base port (its Redis port)
@@ -57,6 +64,8 @@ OPTIONS = ["a", "b", "c"]
 CONVERGE_S = 20.0
 REPLICATOR_INTERVAL_MS = 100
 LAG_BOUND_S = 5.0
+# us on a full stack of its own too (make two-regions): outside CI, minutes more per run.
+FULL_STACKS = os.environ.get("VOTES_TWO_REGIONS_FULL_STACKS") == "1"
 
 
 def home_of(voter: int) -> str:
@@ -113,20 +122,54 @@ class ReplicatorProcess:
 
 
 @contextmanager
-def two_regions(tmp_path: Path):
+def kafka_topic(stack):
+    """A WAL topic of the region's own on `stack`'s Kafka, deleted afterwards."""
+    topic = f"wal-region-{uuid.uuid4().hex[:8]}"
+    asyncio.run(create_topic(stack.bootstrap_servers, topic, partitions=stack.partitions))
+    try:
+        yield topic
+    finally:
+        asyncio.run(delete_topics(stack.bootstrap_servers, [topic]))
+
+
+@contextmanager
+def region_services(tmp_path: Path, region: str, local_stack):
+    """Yields the region's (Redis URL, WAL environment of its engine)."""
+    if region == "eu":
+        with region_redis(tmp_path, region) as url, kafka_topic(local_stack) as topic:
+            yield url, kafka_env(local_stack, VOTES_WAL_TOPIC=topic)
+    elif FULL_STACKS:  # its Redis is the stack's own, on the same port region_redis takes
+        stack = LocalStack(base_port=REGIONS[region], partitions=local_stack.partitions)
+        stack.up(fresh=True)
+        try:
+            with kafka_topic(stack) as topic:
+                yield (f"redis://127.0.0.1:{stack.ports.redis}/0",
+                       kafka_env(stack, VOTES_WAL_TOPIC=topic))
+        finally:
+            stack.down(wipe=True)
+    else:
+        with region_redis(tmp_path, region) as url:
+            yield url, {"VOTES_SHARDS": str(SHARDS)}
+
+
+@contextmanager
+def two_regions(tmp_path: Path, local_stack):
     """Yields (engines, results URLs, replicators, Redis URLs), each keyed by region."""
-    with region_redis(tmp_path, "eu") as eu_redis, region_redis(tmp_path, "us") as us_redis:
+    with region_services(tmp_path, "eu", local_stack) as (eu_redis, eu_wal), \
+            region_services(tmp_path, "us", local_stack) as (us_redis, us_wal):
         redis_urls = {"eu": eu_redis, "us": us_redis}
         ports = {region: free_port() for region in REGIONS}
         region_urls = ",".join(f"{region}=http://127.0.0.1:{port}" for region, port in ports.items())
+        wal = {"eu": eu_wal, "us": us_wal}
         engines = {}
         for region in REGIONS:
             environment = {"VOTES_REGION": region, "VOTES_REGION_URLS": region_urls,
-                           "VOTES_REDIS_URL": redis_urls[region], "VOTES_SHARDS": str(SHARDS),
-                           "VOTES_RESULTS_PUBLISH_MS": "50"}
+                           "VOTES_REDIS_URL": redis_urls[region],
+                           "VOTES_RESULTS_PUBLISH_MS": "50", **wal[region]}
             engines[region] = EngineProcess(
                 tmp_path / region / "data", tmp_path / region / "engine.log", environment,
-                port=ports[region], keys_from=engines["eu"].data_dir if engines else None)
+                port=ports[region], keys_from=engines["eu"].data_dir if engines else None,
+                **KAFKA_READINESS)
             engines[region].start()
             engines[region].wait_ready()  # eu first: its keys are copied to us
         replicators = {
@@ -221,9 +264,9 @@ def wait_converged(results_urls: dict[str, str], poll: str, counts: dict, region
 
 
 @pytest.mark.timeout(240)
-def test_two_regions_count_each_voter_once_and_converge(tmp_path: Path) -> None:
+def test_two_regions_count_each_voter_once_and_converge(tmp_path: Path, local_stack) -> None:
     poll = f"regions-{uuid.uuid4().hex[:8]}"
-    with two_regions(tmp_path) as (engines, results_urls, replicators, redis_urls):
+    with two_regions(tmp_path, local_stack) as (engines, results_urls, replicators, redis_urls):
         voters = Voters(engines, poll)
         voters.create_poll()
         # Phase 1: voters 1-40 (both home regions), each sent to both regions at once.
