@@ -274,7 +274,8 @@ class App:
             return "results-stream", 200, None, b""  # answered as a stream already
         elif len(parts) == 3 and parts[:2] == ["v1", "receipts"]:
             _require(method, "GET")
-            status = await receipt_status(self._node(), self.keyring, parts[2])
+            status = await receipt_status(self._node(), self.keyring, parts[2],
+                                          _forwarded(scope, b""))
             return "receipt", 200, JSON, _json.encode(status)
         elif parts[0] == "polls" and (page := page_response(parts)) is not None:
             _require(method, "GET")

@@ -33,6 +33,8 @@ from engine.ownership import (
     parse_lease,
     redis_client,
 )
+from engine.receipt_lookup import COUNTED, NOT_COUNTED, PENDING
+from engine.receipts import Receipt
 from engine.tokens import issue_admin_token
 from shards.records import PollCreated
 
@@ -151,6 +153,37 @@ class ClusterNode(Node):
                                   body=request.body, outcome_unknown=True)
         raise Relayed(answer.status_code, answer.headers.get("content-type", "application/json"),
                       answer.content)
+
+    async def receipt_state(self, receipt_text: str, receipt: Receipt,
+                            request: ForwardedRequest | None = None) -> str:
+        """As Node's, with the group's owner found through its lease: this worker, another
+        worker of this node, or another node (the lookup relayed, once)."""
+        if receipt.shard >= self.config.shards:
+            return NOT_COUNTED
+        group = self.config.group_of(receipt.shard)
+        if group in self.owners:
+            return await self._local_receipt(receipt_text)
+        holder = await self._holder(group)
+        if holder is None:
+            raise NotReady(f"group {group} has no owner yet")
+        node_id, url = holder
+        if node_id == self.config.node_name:
+            slot = self._slot_of(group)
+            if slot != self.slot:
+                status: str = await self.peers[slot].call("receipt", receipt_text)
+                return status
+            raise NotReady(f"group {group} is being handed over")
+        if request is None or request.forwarded:
+            raise NotReady(f"group {group} is held by {node_id}, not by this node")
+        answer = await self._send("GET", f"{url}/v1/receipts/{receipt_text}",
+                                  headers=request.headers())
+        try:
+            relayed = answer.json()["status"] if answer.status_code == 200 else None
+        except (ValueError, KeyError, TypeError):
+            relayed = None
+        if relayed not in (COUNTED, NOT_COUNTED, PENDING):
+            raise NotReady(f"the holder of group {group} answered {answer.status_code}")
+        return str(relayed)
 
     async def _fan_out(self, path: str, request: ForwardedRequest | None, ok: tuple[int, ...]) -> list:
         """POST the request to every other holder; the answers whose status is in `ok`."""

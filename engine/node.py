@@ -28,6 +28,8 @@ from engine.errors import NotReady, PollNotFound, VotesError
 from engine.forwarding import ForwardServer, PeerClient, socket_path
 from engine.keys import KeyRing
 from engine.metrics import BUFFERED, SHARDS_READY, group_owned, group_ready
+from engine.receipt_lookup import NOT_COUNTED, owner_receipt_status
+from engine.receipts import Receipt, decode_receipt
 from engine.results_view import poll_results
 from engine.ownership import (
     ForwardedRequest,
@@ -81,6 +83,7 @@ class Node:
             "summary": self._local_summary,
             "ready": self._local_ready,
             "shard_summaries": self._local_shard_summaries,
+            "receipt": self._local_receipt,
         })
         await self._server.start()
         metrics = BUFFERED
@@ -166,6 +169,20 @@ class Node:
             raise NotReady("this worker is still starting")
         return self.peers[slot].call("vote", poll, voter_id, option, unknown_on_timeout=True)
 
+    async def receipt_state(self, receipt_text: str, receipt: Receipt,
+                            request: ForwardedRequest | None = None) -> str:
+        """counted / not-counted / pending, from the owner of the receipt's group
+        (engine/receipt_lookup.py); the receipt's signature is checked already."""
+        if receipt.shard >= self.config.shards:
+            return NOT_COUNTED
+        slot = self._slot_of(self.config.group_of(receipt.shard))
+        if slot == self.slot:
+            return await self._local_receipt(receipt_text)
+        if self.slot is None:
+            raise NotReady("this worker is still starting")
+        status: str = await self.peers[slot].call("receipt", receipt_text)
+        return status
+
     async def _everywhere(self, operation: str, *arguments: Any) -> list[Any]:
         """Run an operation on every slot (this one locally); the first error wins."""
         if self.slot is None:
@@ -190,6 +207,13 @@ class Node:
         if owner is None:
             raise NotReady("this worker does not own the voter's group")
         return owner.submit_vote(poll, voter_id, option)
+
+    async def _local_receipt(self, receipt_text: str) -> str:
+        receipt = decode_receipt(receipt_text)
+        owner = self.owners.get(self.config.group_of(receipt.shard))
+        if owner is None:
+            raise NotReady("this worker does not own the receipt's group")
+        return await owner_receipt_status(owner, receipt)
 
     async def _local_create(self, definition: list) -> bool:
         record = PollCreated(*definition)

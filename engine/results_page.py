@@ -48,18 +48,26 @@ def page_response(parts: list[str]) -> tuple[int, list[tuple[str, str]], bytes] 
     return None
 
 
-async def receipt_status(node: Any, keyring: Any, receipt_text: str) -> dict[str, Any]:
+async def receipt_status(node: Any, keyring: Any, receipt_text: str,
+                         request: Any = None) -> dict[str, Any]:
+    """The receipt's signature offline, then the owner's check of its log and state
+    (engine/receipt_lookup.py). Pending while the poll's results or the shard are not
+    ready; final once every shard applied the poll's close."""
     receipt = decode_receipt(receipt_text)
+    answer = {"poll": receipt.poll, "shard": receipt.shard, "status": "pending",
+              "final": False, "option": receipt.option}
     try:
         results = await node.results(receipt.poll)  # PollNotFound: 404
     except NotReady:
-        return {"poll": receipt.poll, "shard": receipt.shard, "status": "pending",
-                "final": False, "option": receipt.option}
+        return answer
     public_key = keyring.receipt_public_keys.get(receipt.key_id)
-    verified = public_key is not None and verify_receipt(receipt, public_key)
-    return {"poll": receipt.poll, "shard": receipt.shard,
-            "status": "counted" if verified else "not-counted",
-            "final": bool(results["final"]), "option": receipt.option}
+    if public_key is None or not verify_receipt(receipt, public_key):
+        return answer | {"status": "not-counted", "final": bool(results["final"])}
+    try:
+        status = await node.receipt_state(receipt_text, receipt, request)
+    except NotReady:
+        return answer
+    return answer | {"status": status, "final": bool(results["final"]) and status != "pending"}
 
 
 class LocalStreams:

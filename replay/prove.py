@@ -81,7 +81,7 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
         return proof
     if not _check_record(proof, receipt, batch) or not isinstance(batch, Batch):
         return proof  # _check_record found it is not a vote batch
-    poll, voter_index, option_index = _vote_at(batch, receipt.index)
+    poll, voter_index, option_index = vote_at(batch, receipt.index)
     voter_id = voter_index * config.shards + receipt.shard
     until = None if claimed is None else claimed["shards"].get(receipt.shard, {}).get("end_offset")
     recount = await recount_shard(config, receipt.shard, chain=[receipt.poll],
@@ -121,24 +121,36 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
 
 
 def _check_record(proof: Proof, receipt: Receipt, batch) -> bool:
-    if not proof.check(isinstance(batch, Batch) and batch.shard == receipt.shard
-                       and batch.batch_seq == receipt.batch_seq,
+    if not proof.check(is_receipts_batch(receipt, batch),
                        f"the record at offset {receipt.offset} is batch {receipt.batch_seq} of "
                        f"shard {receipt.shard}"):
         return False
+    return proof.check(
+        batch_holds_receipt(receipt, batch),
+        f"the record holds {receipt.leaf_count} votes and the receipt's signature and batch node")
+
+
+def is_receipts_batch(receipt: Receipt, batch: object) -> bool:
+    """Whether a decoded record (replay/rawlog.py) is vote batch `batch_seq` of the
+    receipt's shard (steps 2 of the module docstring; the receipt lookup of the live
+    engine, engine/receipt_lookup.py, runs the same checks)."""
+    return isinstance(batch, Batch) and batch.shard == receipt.shard \
+        and batch.batch_seq == receipt.batch_seq
+
+
+def batch_holds_receipt(receipt: Receipt, batch: Batch) -> bool:
+    """Whether the batch holds the receipt's vote count, signature and batch node."""
     leaf = leaf_hash(receipt.poll, receipt.shard, receipt.voter_hash, receipt.option)
     batch_root = path_root(leaf, receipt.index, receipt.leaf_count, receipt.path)
     node = None if batch_root is None else batch_node(receipt.shard, receipt.batch_seq,
                                                        receipt.leaf_count, batch_root)
-    return proof.check(
-        batch.vote_count == receipt.leaf_count and batch.signature == receipt.signature
-        and 0 <= batch.batch_position < len(batch.batch_nodes)
-        and batch.batch_position == receipt.batch_position
-        and batch.batch_nodes[batch.batch_position] == node,
-        f"the record holds {receipt.leaf_count} votes and the receipt's signature and batch node")
+    return (batch.vote_count == receipt.leaf_count and batch.signature == receipt.signature
+            and 0 <= batch.batch_position < len(batch.batch_nodes)
+            and batch.batch_position == receipt.batch_position
+            and batch.batch_nodes[batch.batch_position] == node)
 
 
-def _vote_at(batch: Batch, index: int) -> tuple[str, int, int]:
+def vote_at(batch: Batch, index: int) -> tuple[str, int, int]:
     """(poll, voter index, option index) of vote `index` in the batch's leaf order."""
     for group in batch.groups:
         if index < group.size:

@@ -4,7 +4,8 @@ group (tests/support/engine_process.py kafka_env), so "shard N" below is also gr
 
 - static map: node A prefers shards 0-3, node B 4-7; both become ready holding exactly
   those; votes for voters of every shard sent to A all get 201 (forwarded to B when B holds
-  the shard: the receipt names the voter's shard), and both nodes report exact counts;
+  the shard: the receipt names the voter's shard), both nodes report exact counts, and
+  every receipt's lookup answers "counted" through either node;
 - `votes shard move 5 --to A`: B stops serving 5, A fences, replays and serves it; a voter
   acknowledged on shard 5 before the move gets 409 with the identical receipt after it (at
   A and through B); new votes on shard 5 get 201; counts are exact (nothing lost or doubled);
@@ -192,6 +193,12 @@ def test_static_map_forwards_votes_to_the_shard_holder(cluster):
     assert_counts(cluster.b, poll, voters)
     # A repeat through either node finds the original receipt at the holder.
     assert_repeats(send_all(cluster.b, poll, tokens, voters), receipts)
+    # A receipt lookup through either node is answered by the holder of its group's log
+    # (engine/receipt_lookup.py; relayed once to the other node).
+    for node in (cluster.a, cluster.b):
+        for receipt in receipts.values():
+            answer = http_client.get(f"{node.base_url}/v1/receipts/{receipt}")
+            assert (answer.status_code, answer.json()["status"]) == (200, "counted"), answer.text
     print(f"static map test: {time.monotonic() - started:.1f} s")
 
 
