@@ -20,7 +20,7 @@ from collections.abc import Awaitable
 import httpx
 
 from engine.config import Config
-from engine.errors import NotReady, OutcomeUnknown, VotesError
+from engine.errors import InvariantViolation, NotReady, OutcomeUnknown, VotesError
 from engine.keys import KeyRing
 from engine.metrics import SHARDS_READY, group_owned, group_ready
 from engine.node import DRAIN_POLL_S, Node
@@ -132,12 +132,10 @@ class ClusterNode(Node):
             self._admin_token = (now, issue_admin_token(self.keyring, ttl_s=ADMIN_TOKEN_TTL_S))
         return {"authorization": f"Bearer {self._admin_token[1]}", "x-votes-forwarded": "1"}
 
-    async def _cluster_vote(self, poll: str, voter_id: int, option: str,
-                            request: ForwardedRequest | None) -> bytes:
-        group = voter_id % self.config.groups
-        owner = self.owners.get(group)
-        if owner is not None:
-            return await owner.submit_vote(poll, voter_id, option)
+    async def _route_to_holder(self, group: int, request: ForwardedRequest | None) -> int | str:
+        """Where a request for a group this worker does not own goes: another worker of this
+        node (its slot) or another node (its URL; a request already forwarded never is
+        again). NotReady when the group has no holder or is being handed over."""
         holder = await self._holder(group)
         if holder is None:
             raise NotReady(f"group {group} has no owner yet")
@@ -145,11 +143,24 @@ class ClusterNode(Node):
         if node_id == self.config.node_name:
             slot = self._slot_of(group)
             if slot != self.slot:
-                return await self.peers[slot].call("vote", poll, voter_id, option, unknown_on_timeout=True)
+                return slot
             raise NotReady(f"group {group} is being handed over")
         if request is None or request.forwarded:
             raise NotReady(f"group {group} is held by {node_id}, not by this node")
-        answer = await self._send("POST", f"{url}/v1/polls/{poll}/votes", headers=request.headers(),
+        return url
+
+    async def _cluster_vote(self, poll: str, voter_id: int, option: str,
+                            request: ForwardedRequest | None) -> bytes:
+        group = voter_id % self.config.groups
+        owner = self.owners.get(group)
+        if owner is not None:
+            return await owner.submit_vote(poll, voter_id, option)
+        holder = await self._route_to_holder(group, request)
+        if isinstance(holder, int):
+            return await self.peers[holder].call("vote", poll, voter_id, option, unknown_on_timeout=True)
+        if request is None:
+            raise InvariantViolation("a vote was routed to another node without its request")
+        answer = await self._send("POST", f"{holder}/v1/polls/{poll}/votes", headers=request.headers(),
                                   body=request.body, outcome_unknown=True)
         raise Relayed(answer.status_code, answer.headers.get("content-type", "application/json"),
                       answer.content)
@@ -163,19 +174,13 @@ class ClusterNode(Node):
         group = self.config.group_of(receipt.shard)
         if group in self.owners:
             return await self._local_receipt(receipt_text)
-        holder = await self._holder(group)
-        if holder is None:
-            raise NotReady(f"group {group} has no owner yet")
-        node_id, url = holder
-        if node_id == self.config.node_name:
-            slot = self._slot_of(group)
-            if slot != self.slot:
-                status: str = await self.peers[slot].call("receipt", receipt_text)
-                return status
-            raise NotReady(f"group {group} is being handed over")
-        if request is None or request.forwarded:
-            raise NotReady(f"group {group} is held by {node_id}, not by this node")
-        answer = await self._send("GET", f"{url}/v1/receipts/{receipt_text}",
+        holder = await self._route_to_holder(group, request)
+        if isinstance(holder, int):
+            status: str = await self.peers[holder].call("receipt", receipt_text)
+            return status
+        if request is None:
+            raise InvariantViolation("a lookup was routed to another node without its request")
+        answer = await self._send("GET", f"{holder}/v1/receipts/{receipt_text}",
                                   headers=request.headers())
         try:
             relayed = answer.json()["status"] if answer.status_code == 200 else None
