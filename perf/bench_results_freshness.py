@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -341,16 +342,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure_and_write(benchmark: str, args: argparse.Namespace,
+                      run_bench: Callable[[argparse.Namespace], dict],
+                      report_bench: Callable[[dict], None]) -> int:
+    """Print the conditions, run, print the table, write the JSON (this bench's and the
+    cross-region one's, perf/bench_results_freshness_regions.py)."""
     conditions = describe_machine(("votes-engine", "granian", "redis"))
     print_conditions(conditions, vars(args) | {"output": str(args.output)})
-    measured = run(args)
-    report(measured)
-    write_json(args.output, {"benchmark": "results_freshness", "conditions": conditions,
-                             **measured})
+    measured = run_bench(args)
+    report_bench(measured)
+    write_json(args.output, {"benchmark": benchmark, "conditions": conditions, **measured})
     print(f"  wrote {args.output}")
     return 0  # a FAIL is a verdict, printed and in the JSON; a run that broke raises
+
+
+def main(argv: list[str] | None = None) -> int:
+    return measure_and_write("results_freshness", parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

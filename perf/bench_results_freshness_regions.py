@@ -26,11 +26,10 @@ from pathlib import Path
 from perf import RESULTS_DIR
 from perf.bench_results_freshness import (
     CROSS_REGION_TARGET_MS, READY_WAIT_S, SETTLE_WAIT_S, TOKEN_TTL_S, VENV_BIN, StreamWatcher,
-    create_poll, freshness_ms, percentile, send_votes, start_engine, start_redis,
+    create_poll, freshness_ms, measure_and_write, percentile, send_votes, start_engine, start_redis,
     start_results_role, stopping, wait_results)
 from perf.cpu_sampling import CpuSampler
-from perf.machine import describe_machine
-from perf.output import print_conditions, print_table, write_json
+from perf.output import print_table
 from perf.processes import ServerProcess
 
 POLL = "freshness-regions"
@@ -126,15 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    conditions = describe_machine(("votes-engine", "granian", "redis"))
-    print_conditions(conditions, vars(args) | {"output": str(args.output)})
-    measured = run(args)
-    report(measured)
-    write_json(args.output, {"benchmark": "results_freshness_regions", "conditions": conditions,
-                             **measured})
-    print(f"  wrote {args.output}")
-    return 0
+    return measure_and_write("results_freshness_regions", parse_args(argv), run, report)
 
 
 if __name__ == "__main__":
