@@ -181,6 +181,10 @@ class MerkleTree:
     def leaf_count(self) -> int:
         return len(self._levels[0])
 
+    @property
+    def leaves(self) -> list[bytes]:
+        return self._levels[0]
+
     def path(self, index: int) -> list[bytes]:
         """Sibling hashes from leaf `index` up to the root, skipping promoted levels."""
         self._check_index(index)

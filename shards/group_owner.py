@@ -21,7 +21,6 @@ Until the fence is held and the log replayed to its end, every call raises NotRe
 
 from __future__ import annotations
 
-import array
 import asyncio
 import logging
 import time
@@ -61,6 +60,7 @@ from shards.planning import QueuedItem, plan_records, take_items
 from shards.records import PollCreated, Record, VoteBatch, decode_record, encode_record
 from shards.records import PollClosed as PollClosedRecord
 from shards.recovery import apply_record, recover_group
+from shards.repeat_receipts import RepeatReceipts, rebuild_signed_batch
 from shards.snapshots import FrozenShard, SnapshotStore, freeze_deferred
 from shards.state import COUNTED, PollState, ShardState
 from shards.wal import Positions, Wal
@@ -111,6 +111,7 @@ class GroupOwner:
         self._wal_offset_next = 0
         self._batch_seq_next: dict[int, int] = {}
         self._signed_batches: OrderedDict[int, signing.SignedBatch] = OrderedDict()
+        self._repeat_receipts = RepeatReceipts()
         self._snapshot_tasks: dict[int, asyncio.Task[None]] = {}
         self._snapshot_votes_applied: dict[int, int] = {}
         self._snapshot_time_s: dict[int, float] = {}
@@ -261,32 +262,27 @@ class GroupOwner:
 
     async def _receipt_for(self, state: ShardState, poll: PollState,
                            voter_index: int) -> signing.ReceiptDocument | None:
+        poll_id, voter_id = poll.definition.poll, state.voter_id(voter_index)
+        cached = self._repeat_receipts.get(poll_id, voter_id)
+        if cached is not None:
+            return cached
         offset = state.record_of_voter(poll, voter_index)  # LogCorrupt if its runs are damaged
         if offset is None:
             log.error("shard %d: voter index %d of %s has no locator entry; 409 without "
-                      "its receipt", state.shard, voter_index, poll.definition.poll)
+                      "its receipt", state.shard, voter_index, poll_id)
             return None
         signed = self._signed_batches.get(offset)
         if signed is None:
             batch = decode_record(await self.wal.read_at(offset))
             if not isinstance(batch, VoteBatch) or batch.shard != state.shard:
                 raise VotesError(f"record at offset {offset} is not a vote batch of shard {state.shard}")
-            signed = self._rebuild_signed_batch(state, batch)
-        poll_id = poll.definition.poll
-        index = signed.index_of(poll_id, self.hasher(poll_id, state.voter_id(voter_index)))
-        return None if index is None else signing.receipt_document(signed.receipt(index, offset))
-
-    def _rebuild_signed_batch(self, state: ShardState, batch: VoteBatch) -> signing.SignedBatch:
-        runs = [signing.VoteRun(group.poll, state.polls[group.poll].definition.options,
-                                array.array("Q", [state.voter_id(voter_index) for voter_index
-                                                  in array.array("I", group.voters)]).tobytes(),
-                                group.options)
-                for group in batch.groups]
-        return signing.SignedBatch.restore(
-            self.hasher, shard=batch.shard, batch_seq=batch.batch_seq, time_ms=batch.time_ms,
-            runs=runs, batch_position=batch.batch_position, batch_nodes=batch.batch_nodes,
-            key_id=batch.key_id, signature=batch.signature,
-        )
+            signed = rebuild_signed_batch(self.hasher, state, batch)
+        index = signed.index_of(poll_id, self.hasher(poll_id, voter_id))
+        if index is None:
+            return None
+        receipt = signing.receipt_document(signed.receipt(index, offset))
+        self._repeat_receipts.put(poll_id, voter_id, receipt)
+        return receipt
 
     # Control records: polls created and closed, one record for the whole group --------------
 
