@@ -56,6 +56,7 @@ LOCK_RETRY_S = 0.2
 # Appends of one fencing group queued at the writer at once: while one round fsyncs, the next cycles'
 # appends wait behind it and share the next round's write and fsync.
 APPENDS_IN_FLIGHT_MAX = 8
+RECENT_READ_BYTES = 32 << 20  # see EmbeddedWal.read_at
 
 
 class EmbeddedWal:
@@ -103,6 +104,12 @@ class EmbeddedWal:
         return self.writer.append(self.log, [frame(payload) for payload in payloads], loop)
 
     async def read_at(self, offset: int) -> bytes:
+        # A record among the log's last RECENT_READ_BYTES was written moments ago and sits
+        # in the page cache: read it here (a few microseconds) rather than through the
+        # executor, whose hand-off cost the event loop ~70 us of CPU per 409 on this VM.
+        # Older records may need the disk: the executor keeps that wait off the loop.
+        if 0 <= self.log.end_offset - offset <= RECENT_READ_BYTES:
+            return self.log.read_at(offset)
         return await self._run(self.log.read_at, offset)
 
     async def _run(self, function: Callable[..., _Result], *arguments: Any) -> _Result:
