@@ -2,19 +2,28 @@
 no proof-of-work; a rate-limited address makes its address and prefix suspicious (16 bits)
 for suspicion_s, others not; the velocity rules mark a prefix suspicious or ban it; a vote
 asked for a solution gets 428 with a fresh challenge and passes with its solution; the local
-ban list refuses banned voters, addresses and prefixes until their expiry; every table stays
-within its bound.
+ban list refuses banned voters, addresses and prefixes until their expiry, and keeps applying
+when the ban store does not answer; every table stays within its bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from engine import challenge
-from engine.bans import Banned, BanList, BanValueInvalid, normalized
+from engine.bans import (
+    AUTOBANS_PENDING_MAX,
+    Banned,
+    BanList,
+    BanRefresher,
+    BanValueInvalid,
+    normalized,
+)
 from engine.challenge import ChallengeFailed, ChallengeRequired
 from engine.config import Config
 from engine.defences import Defences, ExpiringKeys, Velocity, poll_of_query
@@ -186,3 +195,33 @@ def test_the_challenge_query_is_strict() -> None:
     for query in ("", "poll=a&poll=b", "other=1", "poll", "poll=a&x=1"):
         with pytest.raises(BadRequest):
             poll_of_query(query)
+
+
+def test_a_ban_store_that_does_not_answer_keeps_the_last_list() -> None:
+    config = msgspec.structs.replace(Config(), bans_redis_url="redis://127.0.0.1:1",
+                                     bans_store_timeout_ms=50)
+    bans = BanList()
+    now_ms = time.time_ns() // 1_000_000
+    bans.replace(3, {"address": [("198.51.100.9", now_ms + 60_000)]})
+
+    class Unanswering:
+        async def execute_command(self, *args):
+            raise ConnectionError("down")
+
+        async def aclose(self) -> None:
+            pass
+
+    async def script(**kwargs):
+        await asyncio.sleep(1.0)  # longer than the store timeout
+
+    refresher = BanRefresher(config, bans, Unanswering())
+    refresher.script = script
+    refresher.queue_autoban("prefix", "203.0.113.0/24", now_ms + 60_000)
+    failures_before = REGISTRY.get_sample_value("vote_bans_refresh_failures_total") or 0.0
+    asyncio.run(refresher.refresh_once())
+    assert bans.client_banned("198.51.100.9", "198.51.100", now_ms) and bans.version == 3
+    assert refresher.autobans  # kept for the next refresh
+    assert REGISTRY.get_sample_value("vote_bans_refresh_failures_total") == failures_before + 1
+    for _ in range(AUTOBANS_PENDING_MAX):
+        refresher.queue_autoban("prefix", "203.0.113.0/24", now_ms)
+    assert len(refresher.autobans) == AUTOBANS_PENDING_MAX
