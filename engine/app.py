@@ -23,8 +23,11 @@ import time
 import msgspec
 
 from engine import tokens, tracing
+from engine.bans import Banned
+from engine.challenge import ChallengeFailed, ChallengeRequired
 from engine.cluster_node import make_node
 from engine.config import Config, config_from_parent
+from engine.defences import ClientCheck, Defences, poll_of_query
 from engine.errors import (
     AlreadyVoted,
     BadRequest,
@@ -97,6 +100,9 @@ _REJECTION_REASON: dict[type[VotesError], str] = {
     PollNotOpen: "not-open",
     UnknownOption: "unknown-option",
     RateLimited: "rate-limited",
+    ChallengeRequired: "challenge-required",
+    ChallengeFailed: "challenge-failed",
+    Banned: "banned",
 }
 
 
@@ -181,6 +187,8 @@ class App:
                                 if self.config.ratelimit_redis_url else None)
         self._ratelimit_task = (loop.create_task(self._ratelimit_sync.run())
                                 if self._ratelimit_sync is not None else None)
+        self.defences = Defences(self.config, self.limiter)
+        self._defences_task = loop.create_task(self.defences.run())
         # Every request allocates dozens of objects, so the default young-generation
         # threshold (700) ran a collection every few requests (~5% of the loop). Objects of
         # the start-up are frozen out of collections; young ones are collected every
@@ -194,6 +202,8 @@ class App:
         if self._ratelimit_task is not None and self._ratelimit_sync is not None:
             self._ratelimit_task.cancel()
             loop.run_until_complete(self._ratelimit_sync.close())
+        self._defences_task.cancel()
+        loop.run_until_complete(self.defences.close())
         loop.run_until_complete(self._regions.close())
         BUFFERED.flush()
         tracing.shutdown()
@@ -280,6 +290,9 @@ class App:
         elif parts[0] == "polls" and (page := page_response(parts)) is not None:
             _require(method, "GET")
             return ("page",) + page
+        elif parts == ["v1", "challenge"]:
+            _require(method, "GET")
+            return "challenge", 200, JSON, _json.encode(self._challenge(scope))
         elif parts == ["v1", "polls"]:
             _require(method, "POST")
             return ("create",) + await self._create(scope, proto)
@@ -303,18 +316,16 @@ class App:
         # The body is read first, however small, so the connection can carry the next
         # request after a 429; then the cheap rejection: the address limits before the token.
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
-        voter_limited = self.limiter.check_client(
-            scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
-            scope.headers.get(FORWARDED_HEADER) is not None)
+        client = self.defences.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
+                                            scope.headers.get(FORWARDED_HEADER) is not None)
         vote = _decode(_vote_decoder, body, VOTE_BODY_EXPECTED)
         if not IDENTIFIER_PATTERN.match(vote.option):
             raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         if span is not None:  # a sampled request: the same steps, each in a child span
-            return await self._vote_traced(scope, poll, body, vote, span, voter_limited)
+            return await self._vote_traced(scope, poll, body, vote, span, client)
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
-        if voter_limited:
-            self.limiter.check_voter(claims.voter)
+        self.defences.check_voter(client, claims.voter, poll, scope.headers, self.keyring)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             return await self._forward_home(scope, poll, body, home_url)
         # Only cluster mode can forward to another node; the embedded path builds nothing.
@@ -326,13 +337,13 @@ class App:
         return 201, JSON, body
 
     async def _vote_traced(self, scope, poll: str, body: bytes, vote: VoteBody, span,
-                           voter_limited: bool):
+                           client: ClientCheck):
         node = self._node()
         with tracing.child(span, "verify-voter-token"):
             claims = tokens.verify_voter_token(
                 self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
-        if voter_limited:
-            self.limiter.check_voter(claims.voter)
+        with tracing.child(span, "defences"):
+            self.defences.check_voter(client, claims.voter, poll, scope.headers, self.keyring)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             with tracing.child(span, "region-forward"):
                 return await self._forward_home(scope, poll, body, home_url)
@@ -343,6 +354,15 @@ class App:
         except Relayed as relayed:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body
+
+    def _challenge(self, scope) -> dict:
+        """`GET /v1/challenge?poll=P` with the voter's token: a challenge bound to both."""
+        poll = poll_of_query(scope.query_string)
+        client = self.defences.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
+                                            False)
+        claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
+                                           int(time.time()), poll)
+        return self.defences.challenge_for(client, poll, claims.voter, self.keyring)
 
     async def _forward_home(self, scope, poll: str, body: bytes, home_url: str):
         """The voter's home region counts the vote; its answer is ours (engine/regions.py)."""
@@ -441,6 +461,8 @@ def _route_of(path: str) -> str:
         return "internal-summary"
     if parts == ["v1", "polls"]:
         return "create"
+    if parts == ["v1", "challenge"]:
+        return "challenge"
     if len(parts) == 1 and parts[0] in ("healthz", "readyz", "metrics"):
         return parts[0]
     return "unmatched"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from engine.ban_cli import ban_commands
 from engine.config import CONFIG_ENV, Config, config_for_workers, load_config
 from engine.errors import VotesError
 
@@ -436,6 +437,7 @@ def _add_issuer() -> None:
 
 
 _add_issuer()
+main.add_command(ban_commands)  # `votes ban` (engine/ban_cli.py)
 
 
 if __name__ == "__main__":

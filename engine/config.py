@@ -165,6 +165,35 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ratelimit_sync_ms: float = 200.0
     ratelimit_sync_buckets: int = 3
     ratelimit_store_timeout_ms: float = 250.0
+    # Proof-of-work and velocity rules (engine/defences.py, engine/challenge.py,
+    # docs/security.md): a vote's difficulty is the sum of the parts that apply, capped at
+    # _max; with these defaults honest traffic solves nothing (min 0, load rule off) until
+    # its address or prefix is rate limited or breaks a velocity rule (then suspicious for
+    # suspicion_s). A challenge is valid for challenge_ttl_s, and a solution of one up to
+    # challenge_grace_bits easier than asked for now is still taken (difficulty that rose
+    # while the voter solved). The bits were chosen from perf/bench_challenge.py's figures.
+    challenge_difficulty_bits_min: int = 0
+    challenge_difficulty_bits_suspicious: int = 16
+    challenge_difficulty_bits_load: int = 12
+    challenge_difficulty_bits_max: int = 20
+    challenge_load_votes_per_s: float = 0.0
+    challenge_ttl_s: int = 120
+    challenge_grace_bits: int = 2
+    suspicion_s: float = 60.0
+    suspicion_keys_max: int = 100_000
+    velocity_window_s: float = 60.0
+    velocity_prefix_votes_max: int = 3000
+    velocity_prefix_voters_max: int = 300
+    velocity_autoban_voters_max: int = 0
+    velocity_autoban_ttl_s: int = 600
+    # Ban lists (engine/bans.py): a Redis Cluster node holding them (empty: no store; the
+    # velocity rules' auto-bans stay in the worker that made them). Each worker reloads its
+    # copy every bans_refresh_ms (the bound on how stale it is), waiting at most
+    # bans_store_timeout_ms, and loads at most bans_max entries per kind.
+    bans_redis_url: str = ""
+    bans_refresh_ms: float = 1000.0
+    bans_store_timeout_ms: float = 500.0
+    bans_max: int = 100_000
     # The issuer role (`votes issuer`, docs/tokens.md "Issuer role"): the OIDC provider whose
     # ID tokens it accepts (its issuer URL, discovery at <url>/.well-known/...), the audience
     # they must name (our client id there), the PostgreSQL holding voter_identities, and the
@@ -234,6 +263,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (1 <= self.region_forward_connections_max <= 4096,
              "region_forward_connections_max must be in 1..4096"),
             *self._ratelimit_checks(),
+            *self._defence_checks(),
             (60 <= self.issuer_token_ttl_s <= 7 * 86400,
              "issuer_token_ttl_s must be in 60..604800"),
             (not self.issuer_oidc_url or _secure_or_local_url(self.issuer_oidc_url),
@@ -272,6 +302,40 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "ratelimit_exempt_networks must be a comma-separated CIDR list"),
             (_networks_valid(self.trusted_proxies),
              "trusted_proxies must be a comma-separated CIDR list"),
+        ]
+
+    def _defence_checks(self) -> list[tuple[bool, str]]:
+        bits = (("min", self.challenge_difficulty_bits_min),
+                ("suspicious", self.challenge_difficulty_bits_suspicious),
+                ("load", self.challenge_difficulty_bits_load),
+                ("max", self.challenge_difficulty_bits_max))
+        return [
+            *[(0 <= value <= 32, f"challenge_difficulty_bits_{name} must be in 0..32")
+              for name, value in bits],
+            (0 <= self.challenge_load_votes_per_s <= 10_000_000,
+             "challenge_load_votes_per_s must be in 0..10000000 (0: off)"),
+            (10 <= self.challenge_ttl_s <= 3600, "challenge_ttl_s must be in 10..3600"),
+            (0 <= self.challenge_grace_bits <= 8, "challenge_grace_bits must be in 0..8"),
+            (1 <= self.suspicion_s <= 86400, "suspicion_s must be in 1..86400"),
+            (1000 <= self.suspicion_keys_max <= 10_000_000,
+             "suspicion_keys_max must be in 1000..10000000"),
+            (1 <= self.velocity_window_s <= 3600, "velocity_window_s must be in 1..3600"),
+            (1 <= self.velocity_prefix_votes_max <= 10_000_000,
+             "velocity_prefix_votes_max must be in 1..10000000"),
+            (1 <= self.velocity_prefix_voters_max <= 100_000,
+             "velocity_prefix_voters_max must be in 1..100000"),
+            (0 <= self.velocity_autoban_voters_max <= 100_000,
+             "velocity_autoban_voters_max must be in 0..100000 (0: off)"),
+            # A prefix is suspected (asked for proof-of-work) before it is banned.
+            (self.velocity_autoban_voters_max == 0
+             or self.velocity_autoban_voters_max >= self.velocity_prefix_voters_max,
+             "velocity_autoban_voters_max must be 0 or at least velocity_prefix_voters_max"),
+            (60 <= self.velocity_autoban_ttl_s <= 30 * 86400,
+             "velocity_autoban_ttl_s must be in 60..2592000"),
+            (50 <= self.bans_refresh_ms <= 60_000, "bans_refresh_ms must be in 50..60000"),
+            (1 <= self.bans_store_timeout_ms <= 10_000,
+             "bans_store_timeout_ms must be in 1..10000"),
+            (1 <= self.bans_max <= 10_000_000, "bans_max must be in 1..10000000"),
         ]
 
     def group_of(self, shard: int) -> int:

@@ -99,6 +99,12 @@ RATELIMIT_STORE_CALLS = Counter(
     "vote_ratelimit_store_calls_total",
     "Calls to the rate limiter's store (one Lua call per bucket per sync), answered or not",
 )
+# Written by the ban list's refresh task (engine/bans.py), once per bans_refresh_ms at most.
+BANS_REFRESH_FAILURES = Counter(
+    "vote_bans_refresh_failures_total",
+    "Refreshes of a worker's ban list that the ban store did not answer (the last list "
+    "kept applying)",
+)
 # Set by the replicator role only (engine/replicator.py), which serves it on its own
 # /metrics; ingest workers export it at 0. "max": the most stale of the processes.
 REPLICATION_LAG = Gauge(

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from engine import errors
+from engine.bans import Banned, BanValueInvalid
+from engine.challenge import ChallengeFailed, ChallengeRequired
 from engine.keys import KeysCorrupt, KeysMissing
 from engine.ratelimit import RateLimited
 from engine.receipts import ReceiptInvalid
@@ -46,6 +48,11 @@ PROBLEMS: dict[type[errors.VotesError], Problem] = {
     errors.NotReady: Problem(503, "not-ready", "The shard is being fenced or is catching up"),
     WalFenced: Problem(503, "not-ready", "Another owner holds this shard"),
     RateLimited: Problem(429, "rate-limited", "Too many requests; retry after Retry-After"),
+    ChallengeRequired: Problem(428, "challenge-required",
+                               "Solve the proof-of-work challenge and send the solution"),
+    ChallengeFailed: Problem(403, "challenge-failed", "The proof-of-work solution is not valid"),
+    Banned: Problem(403, "banned", "Requests from here are refused for now"),
+    BanValueInvalid: Problem(400, "bad-request", "The request is malformed"),
     errors.Overloaded: Problem(503, "overloaded", "The shard's queue is full; retry shortly"),
     errors.LogCorrupt: Problem(500, "log-corrupt", "The write-ahead log is corrupt"),
     errors.InvariantViolation: Problem(500, "internal", "Internal error"),

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from engine import crdt
 
 REJECTION_REASONS = ("duplicate", "bad-token", "closed-poll", "not-open", "unknown-option",
-                     "rate-limited")
+                     "rate-limited", "challenge-required", "challenge-failed", "banned")
 
 
 class Definition(NamedTuple):
