@@ -131,11 +131,11 @@ class ClusterNode(Node):
         return {"authorization": f"Bearer {self._admin_token[1]}", "x-votes-forwarded": "1"}
 
     async def _cluster_vote(self, poll: str, voter_id: int, option: str,
-                            request: ForwardedRequest | None) -> bytes:
+                            request: ForwardedRequest | None, country: str) -> bytes:
         group = voter_id % self.config.groups
         owner = self.owners.get(group)
         if owner is not None:
-            return await owner.submit_vote(poll, voter_id, option)
+            return await owner.submit_vote(poll, voter_id, option, country)
         holder = await self._holder(group)
         if holder is None:
             raise NotReady(f"group {group} has no owner yet")
@@ -143,7 +143,8 @@ class ClusterNode(Node):
         if node_id == self.config.node_name:
             slot = self._slot_of(group)
             if slot != self.slot:
-                return await self.peers[slot].call("vote", poll, voter_id, option, unknown_on_timeout=True)
+                return await self.peers[slot].call("vote", poll, voter_id, option, country,
+                                                   unknown_on_timeout=True)
             raise NotReady(f"group {group} is being handed over")
         if request is None or request.forwarded:
             raise NotReady(f"group {group} is held by {node_id}, not by this node")
@@ -185,9 +186,11 @@ class ClusterNode(Node):
             raise NotReady(f"shards {missing} have no ready owner")
         for part in parts_by_shard.values():
             if part is not None:
-                definition, tallies, closed = part
+                # A node of the release before sends no country tallies (a rolling upgrade).
+                definition, tallies, closed, *countries = part
                 parts.append({"definition": definition, "tallies": tallies,
-                              "closed_shards": int(closed), "rejected": {}})
+                              "closed_shards": int(closed), "rejected": {},
+                              "countries": countries[0] if countries else {}})
         return parts
 
     async def _owners_stopped(self) -> None:
@@ -196,8 +199,8 @@ class ClusterNode(Node):
         await self.http.aclose()
 
     def vote(self, poll: str, voter_id: int, option: str,
-             request: ForwardedRequest | None = None) -> Awaitable[bytes]:
-        return self._cluster_vote(poll, voter_id, option, request)
+             request: ForwardedRequest | None = None, country: str = "") -> Awaitable[bytes]:
+        return self._cluster_vote(poll, voter_id, option, request, country)
 
     async def _local_ready(self) -> list:
         return [*await super()._local_ready(), self.leases.settled()]
