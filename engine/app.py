@@ -55,7 +55,7 @@ from engine.results_page import LocalStreams, page_response, receipt_status
 from engine.results_publisher import start_publisher
 from engine.security_headers import API_HEADERS
 from shards.backends import durability
-from shards.records import PollCreated
+from shards.records import BREAKDOWNS, PollCreated
 
 log = logging.getLogger("votes.app")
 
@@ -86,6 +86,7 @@ class PollBody(msgspec.Struct, forbid_unknown_fields=True):
     opens_at: datetime.datetime | None = None
     closes_at: datetime.datetime | None = None
     embargo: bool = False
+    breakdown: list[str] = []
 
 
 _vote_decoder = msgspec.json.Decoder(VoteBody)
@@ -146,14 +147,18 @@ def poll_record(body: PollBody) -> PollCreated:
     opens_at_ms, closes_at_ms = _epoch_ms(body.opens_at), _epoch_ms(body.closes_at)
     if opens_at_ms is not None and closes_at_ms is not None and closes_at_ms <= opens_at_ms:
         raise BadRequest("closes_at must be after opens_at")
+    breakdown = body.breakdown
+    if not set(breakdown) <= set(BREAKDOWNS) or len(set(breakdown)) != len(breakdown):
+        raise BadRequest(f"breakdown must list distinct entries of {list(BREAKDOWNS)}")
     return PollCreated(poll=body.id, options=list(body.options), opens_at_ms=opens_at_ms,
                        closes_at_ms=closes_at_ms, embargo=body.embargo,
-                       created_ms=time.time_ns() // 1_000_000)
+                       created_ms=time.time_ns() // 1_000_000, breakdown=list(breakdown))
 
 
 def poll_body(record: PollCreated) -> dict:
     return {"id": record.poll, "options": record.options, "opens_at": _iso(record.opens_at_ms),
-            "closes_at": _iso(record.closes_at_ms), "embargo": record.embargo}
+            "closes_at": _iso(record.closes_at_ms), "embargo": record.embargo,
+            "breakdown": record.breakdown}
 
 
 class App:
@@ -331,7 +336,7 @@ class App:
         # Only cluster mode can forward to another node; the embedded path builds nothing.
         request = _forwarded(scope, body) if self._cluster else None
         try:
-            body = await node.vote(poll, claims.voter, vote.option, request)
+            body = await node.vote(poll, claims.voter, vote.option, request, claims.country)
         except Relayed as relayed:  # the shard's owner on another node answered
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body
@@ -350,7 +355,7 @@ class App:
         request = _forwarded(scope, body) if self._cluster else None
         try:
             with tracing.child(span, "node.vote"):
-                body = await node.vote(poll, claims.voter, vote.option, request)
+                body = await node.vote(poll, claims.voter, vote.option, request, claims.country)
         except Relayed as relayed:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body

@@ -174,8 +174,12 @@ def token(data_dir, voter, count, poll, ttl_s, region, country) -> None:
         _fail(exc)
     write = sys.stdout.write
     lines = []
-    for issued in issue_voter_tokens(keyring, voter, count, region=region, country=country,
-                                     ttl_s=ttl_s, poll=poll):
+    try:  # a region, country or poll it cannot sign: a message, not a traceback
+        issued_tokens = issue_voter_tokens(keyring, voter, count, region=region,
+                                           country=country, ttl_s=ttl_s, poll=poll)
+    except ValueError as exc:
+        _fail(exc)
+    for issued in issued_tokens:
         lines.append(issued)
         if len(lines) >= 10_000:
             write("\n".join(lines) + "\n")

@@ -150,14 +150,15 @@ class ClusterNode(Node):
         return url
 
     async def _cluster_vote(self, poll: str, voter_id: int, option: str,
-                            request: ForwardedRequest | None) -> bytes:
+                            request: ForwardedRequest | None, country: str) -> bytes:
         group = voter_id % self.config.groups
         owner = self.owners.get(group)
         if owner is not None:
-            return await owner.submit_vote(poll, voter_id, option)
+            return await owner.submit_vote(poll, voter_id, option, country)
         holder = await self._route_to_holder(group, request)
         if isinstance(holder, int):
-            return await self.peers[holder].call("vote", poll, voter_id, option, unknown_on_timeout=True)
+            return await self.peers[holder].call("vote", poll, voter_id, option, country,
+                                                 unknown_on_timeout=True)
         if request is None:
             raise InvariantViolation("a vote was routed to another node without its request")
         answer = await self._send("POST", f"{holder}/v1/polls/{poll}/votes", headers=request.headers(),
@@ -223,9 +224,11 @@ class ClusterNode(Node):
             raise NotReady(f"shards {missing} have no ready owner")
         for part in parts_by_shard.values():
             if part is not None:
-                definition, tallies, closed = part
+                # A node of the release before sends no country tallies (a rolling upgrade).
+                definition, tallies, closed, *countries = part
                 parts.append({"definition": definition, "tallies": tallies,
-                              "closed_shards": int(closed), "rejected": {}})
+                              "closed_shards": int(closed), "rejected": {},
+                              "countries": countries[0] if countries else {}})
         return parts
 
     async def _owners_stopped(self) -> None:
@@ -234,8 +237,8 @@ class ClusterNode(Node):
         await self.http.aclose()
 
     def vote(self, poll: str, voter_id: int, option: str,
-             request: ForwardedRequest | None = None) -> Awaitable[bytes]:
-        return self._cluster_vote(poll, voter_id, option, request)
+             request: ForwardedRequest | None = None, country: str = "") -> Awaitable[bytes]:
+        return self._cluster_vote(poll, voter_id, option, request, country)
 
     async def _local_ready(self) -> list:
         return [*await super()._local_ready(), self.leases.settled()]

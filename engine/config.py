@@ -271,7 +271,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (not self.issuer_database_url
              or self.issuer_database_url.startswith(("postgresql://", "postgres://")),
              "issuer_database_url must be a postgresql:// URL"),
-            (1 <= len(self.issuer_country) <= 8, "issuer_country must be 1..8 characters"),
+            (re.fullmatch(r"[A-Za-z0-9_-]{1,8}", self.issuer_country) is not None,
+             "issuer_country must be 1..8 characters of A-Z a-z 0-9 _ -"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,6 +16,9 @@ Keys:
   lowers one, which keeps max-merge correct.
 - closed: (region, shard, poll) present once that shard applied the poll's close record
   (a grow-only set; merge is union).
+- countries: (region, shard, poll, country, option) -> votes counted from voters of that
+  country claim, for a poll with the country breakdown; a shard's counters, so they grow
+  like its tallies, and per (region, shard, poll, option) they sum to the tally.
 
 Invariant (checked): counters are non-negative integers.
 """
@@ -24,17 +27,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 TallyKey = tuple[str, int, str, str]  # region, shard, poll, option
 RejectionKey = tuple[str, str, str, str]  # region, replica, poll, reason
 ClosedKey = tuple[str, int, str]  # region, shard, poll
+CountryKey = tuple[str, int, str, str, str]  # region, shard, poll, country, option
 
 # Field names inside one poll's merged hash (the poll is in the hash's key). The separator
-# cannot occur in region, replica, option or reason ids (A-Z a-z 0-9 _ - : .).
+# cannot occur in region, replica, country, option or reason ids (A-Z a-z 0-9 _ - : .).
 FIELD_SEPARATOR = "|"
 TALLY_FIELD = "t"
 REJECTION_FIELD = "r"
 CLOSED_FIELD = "c"
+COUNTRY_FIELD = "k"
 
 
 class CounterInvalid(ValueError):
@@ -46,9 +52,11 @@ class Counters:
     tallies: dict[TallyKey, int] = field(default_factory=dict)
     rejected: dict[RejectionKey, int] = field(default_factory=dict)
     closed: set[ClosedKey] = field(default_factory=set)
+    countries: dict[CountryKey, int] = field(default_factory=dict)
 
     def copy(self) -> Counters:
-        return Counters(dict(self.tallies), dict(self.rejected), set(self.closed))
+        return Counters(dict(self.tallies), dict(self.rejected), set(self.closed),
+                        dict(self.countries))
 
 
 def _merge_counts(target: dict, update: Mapping) -> bool:
@@ -66,6 +74,7 @@ def merge_into(target: Counters, update: Counters) -> bool:
     """Merge `update` into `target` (element-wise max, union); True if `target` changed."""
     changed = _merge_counts(target.tallies, update.tallies)
     changed = _merge_counts(target.rejected, update.rejected) or changed
+    changed = _merge_counts(target.countries, update.countries) or changed
     new_closed = update.closed - target.closed
     target.closed |= new_closed
     return changed or bool(new_closed)
@@ -97,6 +106,16 @@ def region_totals(state: Counters, poll: str) -> dict[str, dict[str, int]]:
     return regions
 
 
+def country_totals(state: Counters, poll: str) -> dict[str, dict[str, int]]:
+    """Per country, per option: the sum over regions and shards."""
+    countries: dict[str, dict[str, int]] = {}
+    for (_, _, key_poll, country, option), value in state.countries.items():
+        if key_poll == poll:
+            counts = countries.setdefault(country, {})
+            counts[option] = counts.get(option, 0) + value
+    return countries
+
+
 def rejected_totals(state: Counters, poll: str) -> dict[str, int]:
     """Per reason: the sum over regions and replicas."""
     reasons: dict[str, int] = {}
@@ -119,7 +138,7 @@ def closed_shards(state: Counters, poll: str) -> dict[str, set[int]]:
 
 def poll_fields(state: Counters, poll: str) -> dict[str, int]:
     """The poll's counters as {field: value}: `t|region|shard|option`,
-    `r|region|replica|reason`, `c|region|shard` (value 1)."""
+    `r|region|replica|reason`, `c|region|shard` (value 1), `k|region|shard|country|option`."""
     join = FIELD_SEPARATOR.join
     fields: dict[str, int] = {}
     for (region, shard, key_poll, option), value in state.tallies.items():
@@ -131,6 +150,9 @@ def poll_fields(state: Counters, poll: str) -> dict[str, int]:
     for region, shard, key_poll in state.closed:
         if key_poll == poll:
             fields[join((CLOSED_FIELD, region, str(shard)))] = 1
+    for (region, shard, key_poll, country, option), value in state.countries.items():
+        if key_poll == poll:
+            fields[join((COUNTRY_FIELD, region, str(shard), country, option))] = value
     return fields
 
 
@@ -144,6 +166,9 @@ def counters_from_fields(poll: str, fields: Iterable[tuple[str, int]]) -> Counte
                 _merge_counts(state.tallies, {(parts[1], int(parts[2]), poll, parts[3]): value})
             elif parts[0] == REJECTION_FIELD and len(parts) == 4:
                 _merge_counts(state.rejected, {(parts[1], parts[2], poll, parts[3]): value})
+            elif parts[0] == COUNTRY_FIELD and len(parts) == 5:
+                _merge_counts(state.countries,
+                              {(parts[1], int(parts[2]), poll, parts[3], parts[4]): value})
             elif parts[0] == CLOSED_FIELD and len(parts) == 3:
                 if value:
                     state.closed.add((parts[1], int(parts[2]), poll))
@@ -152,3 +177,56 @@ def counters_from_fields(poll: str, fields: Iterable[tuple[str, int]]) -> Counte
         except ValueError as exc:  # int() of a shard that is not a number
             raise CounterInvalid(f"results field {name!r}: {exc}") from None
     return state
+
+
+# The CRDT against a recount of the log --------------------------------------------------------
+
+class ShardCounts(NamedTuple):
+    """One shard's counts of one poll from its log (a recount, or its owner's state)."""
+
+    counts: Mapping[str, int]  # per option
+    countries: Mapping[str, Mapping[str, int]]  # per country claim, per option ({}: none)
+    closed: bool  # the shard applied the poll's close record
+
+
+class Disagreement(NamedTuple):
+    shard: int
+    option: str
+    country: str | None  # None: the shard's tally of the option
+    crdt: int
+    log: int
+
+    def __str__(self) -> str:
+        where = f"option {self.option!r}" + (
+            "" if self.country is None else f", country {self.country!r}")
+        return f"shard {self.shard}, {where}: the CRDT says {self.crdt}, the log {self.log}"
+
+
+def recount_disagreements(state: Counters, region: str, poll: str,
+                          shards: Mapping[int, ShardCounts]) -> list[Disagreement]:
+    """Where the CRDT entries of `region`'s shards in `shards` differ from their counts from
+    the log. A shard that applied the close record must agree exactly (final results are
+    the log's counts up to the close); an open shard's entries may lag its log, since they
+    are published about every 100 ms, but never exceed it. Per option and per (country,
+    option); the region and global totals are sums of these entries, so they agree when
+    these do."""
+    crdt_counts: dict[tuple[int, str | None, str], int] = {}
+    for (key_region, shard, key_poll, option), value in state.tallies.items():
+        if key_region == region and key_poll == poll and shard in shards:
+            crdt_counts[(shard, None, option)] = value
+    for (key_region, shard, key_poll, country, option), value in state.countries.items():
+        if key_region == region and key_poll == poll and shard in shards:
+            crdt_counts[(shard, country, option)] = value
+    log_counts: dict[tuple[int, str | None, str], int] = {}
+    for shard, part in shards.items():
+        log_counts.update(((shard, None, option), count) for option, count in part.counts.items())
+        log_counts.update(((shard, country, option), count)
+                          for country, counts in part.countries.items()
+                          for option, count in counts.items())
+    found = []
+    for key in sorted(set(crdt_counts) | set(log_counts),
+                      key=lambda key: (key[0], key[1] or "", key[2])):
+        crdt_value, log_value = crdt_counts.get(key, 0), log_counts.get(key, 0)
+        if crdt_value > log_value or (shards[key[0]].closed and crdt_value != log_value):
+            found.append(Disagreement(key[0], key[2], key[1], crdt_value, log_value))
+    return found

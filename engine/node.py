@@ -157,17 +157,18 @@ class Node:
         return group % self.config.workers
 
     def vote(self, poll: str, voter_id: int, option: str,
-             request: ForwardedRequest | None = None) -> Awaitable[bytes]:
+             request: ForwardedRequest | None = None, country: str = "") -> Awaitable[bytes]:
         """The vote's 201 body, to await: the owner's own coroutine when this worker owns the
         voter's group (not wrapped in one more coroutine: a frame less per vote), else a
         forward. The voter's group: (voter_id mod shards) mod groups = voter_id mod groups,
         since groups divides shards."""
         slot = self._slot_of(voter_id % self.config.groups)
         if slot == self.slot:
-            return self._local_vote(poll, voter_id, option)
+            return self._local_vote(poll, voter_id, option, country)
         if self.slot is None:
             raise NotReady("this worker is still starting")
-        return self.peers[slot].call("vote", poll, voter_id, option, unknown_on_timeout=True)
+        return self.peers[slot].call("vote", poll, voter_id, option, country,
+                                     unknown_on_timeout=True)
 
     async def receipt_state(self, receipt_text: str, receipt: Receipt,
                             request: ForwardedRequest | None = None) -> str:
@@ -202,11 +203,12 @@ class Node:
 
     # Operations on this worker's own groups ------------------------------------------------
 
-    def _local_vote(self, poll: str, voter_id: int, option: str) -> Awaitable[bytes]:
+    def _local_vote(self, poll: str, voter_id: int, option: str,
+                    country: str = "") -> Awaitable[bytes]:
         owner = self.owners.get(voter_id % self.config.groups)
         if owner is None:
             raise NotReady("this worker does not own the voter's group")
-        return owner.submit_vote(poll, voter_id, option)
+        return owner.submit_vote(poll, voter_id, option, country)
 
     async def _local_receipt(self, receipt_text: str) -> str:
         receipt = decode_receipt(receipt_text)
@@ -235,21 +237,26 @@ class Node:
                 raise result
 
     async def _local_summary(self, poll: str) -> dict | None:
-        """This worker's part of a poll's results: summed tallies, closed shard count."""
+        """This worker's part of a poll's results: summed tallies, closed shard count and
+        the country tallies summed too (the breakdown's, else {})."""
         definition = None
         tallies: list[int] = []
+        countries: dict[str, list[int]] = {}
         closed_shards = 0
         for owner in self.owners.values():
-            for _, shard_definition, shard_tallies, closed in owner.poll_summaries(poll):
+            for part in owner.poll_summaries(poll):
                 if definition is None:
-                    definition, tallies = shard_definition, [0] * len(shard_tallies)
-                tallies = [total + count for total, count in zip(tallies, shard_tallies, strict=True)]
-                closed_shards += closed
+                    definition, tallies = part.definition, [0] * len(part.tallies)
+                tallies = add_counts(tallies, part.tallies)
+                for country, counts in part.country_tallies.items():
+                    countries[country] = add_counts(countries.get(country, [0] * len(counts)),
+                                                    counts)
+                closed_shards += part.closed
         if definition is None:
             return None
-        return {"definition": fields_of(definition),
-                "tallies": tallies, "closed_shards": closed_shards,
-                "rejected": dict(self.rejected.get(poll, {}))}
+        return {"definition": fields_of(definition), "tallies": tallies,
+                "closed_shards": closed_shards, "rejected": dict(self.rejected.get(poll, {})),
+                "countries": countries}
 
     async def _local_shard_summaries(self, poll: str) -> dict:
         """Per shard (ready ones only): [definition fields, tallies, closed] or None."""
@@ -257,8 +264,9 @@ class Node:
         for owner in self.owners.values():
             if not owner.ready:
                 continue
-            summaries = {shard: [fields_of(definition), tallies, closed]
-                         for shard, definition, tallies, closed in owner.poll_summaries(poll)}
+            summaries = {part.shard: [fields_of(part.definition), part.tallies, part.closed,
+                                      part.country_tallies]
+                         for part in owner.poll_summaries(poll)}
             for shard in owner.shards:
                 shards[str(shard)] = summaries.get(shard)
         return {"shards": shards, "rejected": dict(self.rejected.get(poll, {}))}
@@ -302,18 +310,25 @@ class Node:
             raise PollNotFound("no poll with this id")
         definition = PollCreated(*definitions[0])
         tallies = [0] * len(definition.options)
+        countries: dict[str, list[int]] = {}
         rejected: Counter = Counter()
         closed_shards = 0
         for part in parts:
             if part["tallies"]:
-                tallies = [total + count
-                           for total, count in zip(tallies, part["tallies"], strict=True)]
+                tallies = add_counts(tallies, part["tallies"])
+            for country, counts in part.get("countries", {}).items():
+                countries[country] = add_counts(countries.get(country, [0] * len(counts)), counts)
             closed_shards += part["closed_shards"]
             rejected.update(part["rejected"])
         final = closed_shards == self.config.shards
         embargoed = definition.embargo and not final
         counts = {} if embargoed else dict(zip(definition.options, tallies, strict=True))
-        return poll_results(poll, counts, final, embargoed, rejected)
+        document = poll_results(poll, counts, final, embargoed, rejected)
+        if definition.by_country:
+            document["countries"] = {} if embargoed else {
+                country: dict(zip(definition.options, countries[country], strict=True))
+                for country in sorted(countries)}
+        return document
 
     async def readiness(self) -> dict:
         return (await self._readiness_parts())[0]
@@ -349,6 +364,10 @@ class Node:
     def count_rejection(self, poll: str, reason: str) -> None:
         if self.knows_poll(poll):
             self.rejected.setdefault(poll, Counter())[reason] += 1
+
+
+def add_counts(left: list[int], right: list[int]) -> list[int]:
+    return [total + count for total, count in zip(left, right, strict=True)]
 
 
 def fields_of(record: PollCreated) -> list:

@@ -25,11 +25,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from engine import crdt
 from engine.config import Config
+from engine.results_close_check import CloseCheck
 
 log = logging.getLogger("votes.results")
 
@@ -69,6 +70,9 @@ class ShardTallies(NamedTuple):
     tallies: list[int]
     closed: bool
     embargo: bool = False
+    # Per country claim, votes per option index: a poll with the country breakdown only.
+    countries: Mapping[str, list[int]] = {}
+    breakdown: Sequence[str] = ()  # the poll's (records.PollCreated.breakdown)
 
 
 TalliesSource = Callable[[], Iterable[ShardTallies]]
@@ -100,9 +104,10 @@ def node_tallies(node: Any) -> TalliesSource:
             if not owner.ready or not owner.states:
                 continue
             for poll in list(owner.states[owner.shards[0]].polls):
-                for shard, definition, tallies, closed in owner.poll_summaries(poll):
-                    yield ShardTallies(shard, poll, list(definition.options), tallies, closed,
-                                       definition.embargo)
+                for part in owner.poll_summaries(poll):
+                    yield ShardTallies(part.shard, poll, list(part.definition.options),
+                                       part.tallies, part.closed, part.definition.embargo,
+                                       part.country_tallies, part.definition.breakdown)
     return read
 
 
@@ -124,10 +129,15 @@ def poll_publishes(region: str, replica: str, shards_total: int,
     for part in shard_tallies:
         for option, count in zip(part.options, part.tallies, strict=True):
             state.tallies[(region, part.shard, part.poll, option)] = count
+        for country, counts in part.countries.items():
+            for option, count in zip(part.options, counts, strict=True):
+                state.countries[(region, part.shard, part.poll, country, option)] = count
         if part.closed:
             state.closed.add((region, part.shard, part.poll))
-        definitions.setdefault(part.poll, json.dumps(
-            {"options": part.options, "embargo": part.embargo, "shards": shards_total}))
+        definition = {"options": part.options, "embargo": part.embargo, "shards": shards_total}
+        if part.breakdown:
+            definition["breakdown"] = list(part.breakdown)
+        definitions.setdefault(part.poll, json.dumps(definition))
     for poll, reasons in rejections.items():
         if poll in definitions:  # rejections of polls this worker does not hold wait
             for reason, count in reasons.items():
@@ -168,6 +178,7 @@ class ResultsPublisher:
         self.full_publish_at = 0.0
         self.errors = 0
         self._error_logged_at = 0.0
+        self.close_check = CloseCheck(redis, self.region, FIELDS_PER_CALL_MAX)
 
     async def publish_once(self) -> int:
         """Merge what grew since the last publish (everything, when a full one is due);
@@ -177,7 +188,8 @@ class ResultsPublisher:
             self.published.clear()
             self.full_publish_at = time.monotonic() + FULL_PUBLISH_S
         sent = 0
-        current = poll_publishes(self.region, self.replica, self.shards_total, self.tallies(),
+        parts = list(self.tallies())
+        current = poll_publishes(self.region, self.replica, self.shards_total, parts,
                                  self.rejections())
         for poll, publish in current.items():
             known = self.published.setdefault(poll, {})
@@ -187,6 +199,8 @@ class ResultsPublisher:
                 continue
             sent += await merge_poll_fields(self.script, poll, publish.definition, grown)
             known.update(grown)
+        if full:  # Redis holds at least every counter of `parts` now: see the close check
+            await self.close_check.check(parts, merged_key)
         return sent
 
     async def run(self) -> None:

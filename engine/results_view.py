@@ -2,7 +2,7 @@
 
 Rules: a poll is final once, in every region that holds tallies of it, all `shards` shards
 applied its close record; provisional before. While an embargoed poll is not final, counts,
-totals and the region breakdown are hidden (empty / 0), and so is the merge version: the
+totals and the region and country breakdowns are hidden (empty / 0), and so is the merge version: the
 document's `version` stays 0, so neither an ETag nor an SSE event id reveals activity.
 """
 
@@ -22,12 +22,13 @@ class Definition(NamedTuple):
     options: list[str]
     embargo: bool
     shards: int
+    breakdown: tuple[str, ...] = ()  # "country": the document has a `countries` section
 
 
 def parse_definition(raw: bytes | str) -> Definition:
     document = json.loads(raw)
     return Definition(list(document["options"]), bool(document["embargo"]),
-                      int(document["shards"]))
+                      int(document["shards"]), tuple(document.get("breakdown", ())))
 
 
 def is_final(state: crdt.Counters, poll: str, shards: int) -> bool:
@@ -52,8 +53,13 @@ def results_document(poll: str, definition: Definition, state: crdt.Counters,
     regions = {} if embargoed else {
         region: {option: region_counts.get(option, 0) for option in definition.options}
         for region, region_counts in sorted(crdt.region_totals(state, poll).items())}
-    return {**poll_results(poll, counts, final, embargoed, crdt.rejected_totals(state, poll)),
-            "regions": regions, "version": 0 if embargoed else version}
+    document = {**poll_results(poll, counts, final, embargoed, crdt.rejected_totals(state, poll)),
+                "regions": regions, "version": 0 if embargoed else version}
+    if "country" in definition.breakdown:
+        document["countries"] = {} if embargoed else {
+            country: {option: country_counts.get(option, 0) for option in definition.options}
+            for country, country_counts in sorted(crdt.country_totals(state, poll).items())}
+    return document
 
 
 def poll_results(poll: str, counts: dict[str, int], final: bool, embargoed: bool,

@@ -17,6 +17,7 @@ Invariants a caller can rely on:
 from __future__ import annotations
 
 import binascii
+import re
 import time
 import weakref
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ AUTHORIZATION_BYTES_MAX = 1024
 VOTER_ID_END = 2**32
 REGION_CHARS_MAX = 32
 COUNTRY_CHARS_MAX = 8
+# A country claim names per-country results (engine/crdt.py field names, which use "|"
+# as their separator), so it is limited to the identifier characters.
+COUNTRY_PATTERN = "^[A-Za-z0-9_-]*$"
 POLL_ID_CHARS_MAX = 128
 SUBJECT_CHARS_MAX = 128
 VOTER_TYP = "voter"
@@ -66,7 +70,7 @@ class VoterClaims(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     typ: str
     voter: Annotated[int, msgspec.Meta(ge=0, lt=VOTER_ID_END)]
     region: Annotated[str, msgspec.Meta(max_length=REGION_CHARS_MAX)]
-    country: Annotated[str, msgspec.Meta(max_length=COUNTRY_CHARS_MAX)]
+    country: Annotated[str, msgspec.Meta(max_length=COUNTRY_CHARS_MAX, pattern=COUNTRY_PATTERN)]
     exp: Annotated[int, msgspec.Meta(ge=0)]
     poll: Annotated[str, msgspec.Meta(max_length=POLL_ID_CHARS_MAX)] | None = None
 
@@ -152,6 +156,8 @@ def issue_voter_tokens(keyring: KeyRing, first_voter: int, count: int, *,
         raise ValueError(f"voter ids {first_voter}+{count} leave [0, 2**32)")
     _check_lengths(region=(region, REGION_CHARS_MAX), country=(country, COUNTRY_CHARS_MAX),
                    poll=(poll or "", POLL_ID_CHARS_MAX))
+    if re.match(COUNTRY_PATTERN, country) is None:
+        raise ValueError(f"country {country!r} is not made of A-Z a-z 0-9 _ -")
     exp = _expiry(ttl_s, now_s)
     return _issue_voter_tokens(_codec(keyring).voter, first_voter, count, region, country,
                                exp, poll)

@@ -8,6 +8,12 @@ the ceiling's, says how much of the engine's cost is its own Python and how much
 and the GIL around it (docs/performance.md, "What limits the embedded engine now").
 
     python -m perf.bench_vote_path [--shards 1] [--clients 64] [--votes 100000]
+    python -m perf.bench_vote_path --compare-breakdown [--rounds 2]
+
+With --compare-breakdown it alternates a poll without breakdown (the default, first) and one
+created with `breakdown: ["country"]` (its votes' country claims recorded and counted per
+country, 20 countries in the tokens either way), each run on a fresh data dir, and prints
+the ratio of the medians.
 
 Prints votes/s, the event loop thread's CPU per vote (time.thread_time) and the whole
 process's CPU per vote (the log writer's threads included), and how busy the loop was.
@@ -76,14 +82,12 @@ async def drive(app, tokens: list[str], clients: int) -> tuple[dict, float, floa
             time.process_time() - process_started)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--votes", type=int, default=100_000)
-    parser.add_argument("--data-root", default="/var/tmp", help="a real (non-tmpfs) filesystem")
-    args = parser.parse_args()
+COUNTRIES = ["DE", "FR", "IT", "ES", "PL", "NL", "SE", "PT", "GR", "IE", "AT", "BE", "DK", "FI",
+             "NO", "CH", "CZ", "HU", "RO", "UK"]  # the country claims of --compare-breakdown
 
+
+def run_once(args, breakdown: list[str]) -> dict:
+    """One fresh data dir, one poll (with `breakdown`), args.votes votes: the figures."""
     import uvloop
 
     from engine import tokens as token_codec
@@ -97,7 +101,11 @@ def main() -> int:
         prepare_data_dir(config)
         os.environ[CONFIG_ENV] = config_for_workers(config)
         keyring = load_keys(config.data_path)
-        tokens = list(token_codec.issue_voter_tokens(keyring, 0, args.votes, ttl_s=3600, poll="bench"))
+        # Tokens of mixed countries either way, so the two runs differ only by the poll.
+        tokens = [token for first in range(0, args.votes, 1000)
+                  for token in token_codec.issue_voter_tokens(
+                      keyring, first, min(1000, args.votes - first), ttl_s=3600, poll="bench",
+                      country=COUNTRIES[first // 1000 % len(COUNTRIES)])]
 
         async def run():
             from engine.app import App
@@ -109,7 +117,8 @@ def main() -> int:
                     break
                 await asyncio.sleep(0.05)
             admin = token_codec.issue_admin_token(keyring, ttl_s=3600)
-            body = b'{"id":"bench","options":["a","b","c"]}'
+            body = json.dumps({"id": "bench", "options": ["a", "b", "c"],
+                               "breakdown": breakdown}).encode()
             create = Proto(body)
             await app.__rsgi__(Scope("POST", "/v1/polls", {"authorization": "Bearer " + admin,
                                                             "content-length": str(len(body))}), create)
@@ -125,13 +134,43 @@ def main() -> int:
         shutil.rmtree(data_dir, ignore_errors=True)
     created = statuses.get(201, 0)
     if created != args.votes:
-        print(f"not every vote was answered 201: {statuses}", file=sys.stderr)
-        return 1
-    print(json.dumps({
+        raise SystemExit(f"not every vote was answered 201: {statuses}")
+    return {
         "shards": args.shards, "clients": args.clients, "votes": created,
+        "breakdown": breakdown,
         "votes_per_s": round(created / wall_s), "loop_us_per_vote": round(loop_s / created * 1e6, 1),
         "process_us_per_vote": round(process_s / created * 1e6, 1), "loop_busy": round(loop_s / wall_s, 3),
-    }))
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--votes", type=int, default=100_000)
+    parser.add_argument("--data-root", default="/var/tmp", help="a real (non-tmpfs) filesystem")
+    parser.add_argument("--compare-breakdown", action="store_true",
+                        help="also a poll with the country breakdown, alternating with the "
+                             "default poll (default first) for --rounds rounds; prints ratios")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if not args.compare_breakdown:
+        print(json.dumps(run_once(args, [])))
+        return 0
+    from perf.machine import describe_machine
+    from perf.output import print_conditions
+
+    print_conditions(describe_machine(), vars(args))
+    runs: dict[str, list[dict]] = {"default": [], "country": []}
+    for _ in range(args.rounds):
+        for name, breakdown in (("default", []), ("country", ["country"])):
+            runs[name].append(run_once(args, breakdown))
+            print(json.dumps(runs[name][-1]), flush=True)
+    for figure in ("loop_us_per_vote", "process_us_per_vote"):
+        default = sorted(run[figure] for run in runs["default"])[len(runs["default"]) // 2]
+        country = sorted(run[figure] for run in runs["country"])[len(runs["country"]) // 2]
+        print(f"{figure}: default {default}, country breakdown {country}, "
+              f"ratio {country / default:.3f} (medians of {args.rounds} runs each)")
     return 0
 
 

@@ -160,9 +160,14 @@ def _ranges(shards: list[int]) -> str:
 @click.option("--url", default=None, help="The engine's base URL, to compare live results.")
 @click.option("--live-attempts", type=click.IntRange(1, 100), default=5, show_default=True,
               help="Reads of the log between two live fetches before giving up on stability.")
+@click.option("--crdt-redis-url", default=None,
+              help="A Redis URL holding the merged results (the engine's redis_url): compare "
+                   "this region's CRDT counters with the recount, per shard, option and country.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
-def verify(data_dir, config_file, shards, groups, polls, url, live_attempts, as_json) -> None:
-    """Recount the raw WAL and compare it with the snapshots and the live results."""
+def verify(data_dir, config_file, shards, groups, polls, url, live_attempts, crdt_redis_url,
+           as_json) -> None:
+    """Recount the raw WAL and compare it with the snapshots, the live results and the
+    merged CRDT counters."""
     from replay.context import chosen_by_shard_or_group
     from replay.live import check_base_url
     from replay.verify import render
@@ -172,7 +177,8 @@ def verify(data_dir, config_file, shards, groups, polls, url, live_attempts, as_
     chosen = _run(lambda: chosen_by_shard_or_group(config, shards, groups))
     base_url = None if url is None else _run(lambda: check_base_url(url))
     report = _run(lambda: asyncio.run(run_verify(config, chosen, polls=list(polls),
-                                                 url=base_url, live_attempts=live_attempts)))
+                                                 url=base_url, live_attempts=live_attempts,
+                                                 crdt_url=crdt_redis_url)))
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     else:

@@ -15,11 +15,16 @@ naming the file and offset. Reading never takes the lock and never writes.
 Payloads decode with plain `msgspec.msgpack.decode` into lists; a tagged array-like struct
 encodes as `[tag, field, ...]`:
 - "h" LogHeader:   [format, shards, groups, group]; the first record of every group's log
-- "p" PollCreated: [poll, options, opens_at_ms, closes_at_ms, embargo, created_ms]
+- "p" PollCreated: [poll, options, opens_at_ms, closes_at_ms, embargo, created_ms,
+                    breakdown]; breakdown (a list of names, "country") is absent in
+                    records of the release before
 - "c" PollClosed:  [poll, closed_ms]
 - "v" VoteBatch:   [shard, batch_seq, time_ms, groups, batch_position, batch_nodes,
-                    signature, key_id]; each group is [poll, voters, options] with voters
-                    packed little-endian uint32 voter indexes, options packed uint16.
+                    signature, key_id]; each group is [poll, voters, options,
+                    country_codes, countries] with voters packed little-endian uint32
+                    voter indexes, options packed uint16, and (a poll with the country
+                    breakdown) countries packed uint16 indexes into the list country_codes;
+                    the last two are absent in the release before, empty without breakdown.
 The shapes are checked here by hand; a payload that passes its checksum but not these
 checks is `DataDamaged`.
 """
@@ -60,6 +65,7 @@ class Created(NamedTuple):
     closes_at_ms: int | None
     embargo: bool
     created_ms: int
+    breakdown: tuple[str, ...] = ()
 
 
 class Closed(NamedTuple):
@@ -71,6 +77,8 @@ class Group(NamedTuple):
     poll: str
     voters: bytes  # packed little-endian uint32
     options: bytes  # packed little-endian uint16
+    country_codes: tuple[str, ...] = ()
+    countries: bytes = b""  # packed little-endian uint16 indexes into country_codes
 
     @property
     def size(self) -> int:
@@ -125,14 +133,18 @@ def decode_raw(payload: bytes | memoryview, where: str) -> RawRecord:
                f"log header is not 4 integers: {fields[1:]!r}")
         return Header(*fields[1:])
     if tag == "p":
-        _check(len(fields) == 7, where, f"poll-created record has {len(fields) - 1} fields, not 6")
-        _, poll, options, opens_at_ms, closes_at_ms, embargo, created_ms = fields
+        _check(len(fields) in (7, 8), where,
+               f"poll-created record has {len(fields) - 1} fields, not 6 or 7")
+        _, poll, options, opens_at_ms, closes_at_ms, embargo, created_ms, *rest = fields
+        breakdown = rest[0] if rest else []
         _check(isinstance(poll, str) and isinstance(options, list)
                and all(isinstance(option, str) for option in options)
                and _optional_int(opens_at_ms) and _optional_int(closes_at_ms)
-               and isinstance(embargo, bool) and _is_int(created_ms), where,
-               "poll-created record has a field of the wrong type")
-        return Created(poll, options, opens_at_ms, closes_at_ms, embargo, created_ms)
+               and isinstance(embargo, bool) and _is_int(created_ms)
+               and isinstance(breakdown, list) and all(isinstance(name, str) for name in breakdown),
+               where, "poll-created record has a field of the wrong type")
+        return Created(poll, options, opens_at_ms, closes_at_ms, embargo, created_ms,
+                       tuple(breakdown))
     if tag == "c":
         _check(len(fields) == 3, where, f"poll-closed record has {len(fields) - 1} fields, not 2")
         _, poll, closed_ms = fields
@@ -153,14 +165,20 @@ def decode_raw(payload: bytes | memoryview, where: str) -> RawRecord:
 
 
 def _group(fields, where: str) -> Group:
-    _check(isinstance(fields, list) and len(fields) == 3, where, "a vote group is not [poll, voters, options]")
-    poll, voters, options = fields
-    _check(isinstance(poll, str) and isinstance(voters, bytes) and isinstance(options, bytes),
-           where, "a vote group has a field of the wrong type")
+    _check(isinstance(fields, list) and len(fields) in (3, 5), where,
+           "a vote group is not [poll, voters, options] or [..., country_codes, countries]")
+    poll, voters, options, *country_fields = fields
+    codes, countries = country_fields or ([], b"")
+    _check(isinstance(poll, str) and isinstance(voters, bytes) and isinstance(options, bytes)
+           and isinstance(codes, list) and all(isinstance(code, str) for code in codes)
+           and isinstance(countries, bytes), where, "a vote group has a field of the wrong type")
     _check(len(voters) % 4 == 0 and len(options) * 2 == len(voters), where,
            f"vote group of poll {poll!r} holds {len(voters)} voter bytes and {len(options)} "
            "option bytes (need 4 and 2 per vote)")
-    return Group(poll, voters, options)
+    _check(not countries or len(countries) * 2 == len(voters), where,
+           f"vote group of poll {poll!r} holds {len(countries)} country bytes for "
+           f"{len(voters) // 4} votes (need 2 per vote)")
+    return Group(poll, voters, options, tuple(codes), countries)
 
 
 # Embedded segments -----------------------------------------------------------------------

@@ -64,6 +64,8 @@ class PollRecount:
     chain_digest: bytes  # replay/chain.py; b"" when the chain was not computed
     chained_votes: int
     closed_ms: int | None = None
+    # A poll with the country breakdown: per country claim, counted votes per option.
+    countries: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,8 +107,8 @@ class ShardRecount:
 
 
 class _PollTally:
-    __slots__ = ("chain", "chained", "closed_ms", "counts", "options", "poll", "rejected",
-                 "tails", "voter_options", "voters")
+    __slots__ = ("chain", "chained", "closed_ms", "counts", "countries", "options", "poll",
+                 "rejected", "tails", "voter_options", "voters")
 
     def __init__(self, created: Created, shard: int, keep_voters: bool, chained: bool) -> None:
         self.poll = created.poll
@@ -119,6 +121,14 @@ class _PollTally:
         self.voter_options: dict[int, str] | None = {} if keep_voters else None
         self.chain = export_chain.chain_start(created.poll, shard) if chained else None
         self.chained = 0
+        # country claim -> counted votes per option index; None: no country breakdown.
+        self.countries: dict[str, list[int]] | None = (
+            {} if "country" in created.breakdown else None)
+
+    def count_country(self, country: str, option: int, votes: int = 1) -> None:
+        if self.countries is not None:
+            counts = self.countries.setdefault(country, [0] * len(self.options))
+            counts[option] += votes
 
     def recount(self, copy: bool) -> PollRecount:
         return PollRecount(
@@ -127,7 +137,9 @@ class _PollTally:
             closed=self.closed_ms is not None,
             voters=self.voters.copy() if copy else self.voters,
             voter_options=None if copy or self.voter_options is None else self.voter_options,
-            chain_digest=self.chain or b"", chained_votes=self.chained, closed_ms=self.closed_ms)
+            chain_digest=self.chain or b"", chained_votes=self.chained, closed_ms=self.closed_ms,
+            countries={country: dict(zip(self.options, counts, strict=True))
+                       for country, counts in (self.countries or {}).items()})
 
 
 def _unpacked(group: Group) -> tuple[array.array, array.array]:
@@ -137,6 +149,20 @@ def _unpacked(group: Group) -> tuple[array.array, array.array]:
         voters.byteswap()
         options.byteswap()
     return voters, options
+
+
+def _country_claims(group: Group, tally: _PollTally, where: str) -> list[str] | None:
+    """Per vote of the group its country claim (a poll with the country breakdown), else None."""
+    if tally.countries is None:
+        return None
+    indexes = array.array("H", group.countries)
+    if not _NATIVE_LITTLE_ENDIAN:
+        indexes.byteswap()
+    if len(indexes) != group.size or any(index >= len(group.country_codes) for index in indexes):
+        raise DataDamaged(f"{where}: a vote group of poll {group.poll!r}, which has the country "
+                          f"breakdown, has {len(indexes)} country indexes for {group.size} votes "
+                          f"and {len(group.country_codes)} country codes")
+    return [group.country_codes[index] for index in indexes]
 
 
 def _option_counts(options_bytes: bytes, option_count: int) -> list[int] | None:
@@ -228,14 +254,19 @@ class Recounter:
                 self._watch_outcome(offset, group, first_index, False, POLL_NOT_OPEN, None)
             return
         voters, options = _unpacked(group)
+        countries = _country_claims(group, tally, f"shard {self.shard} record at offset {offset}")
         option_counts = _option_counts(group.options, len(tally.options))
         if option_counts is not None and not watched:
             group_bitmap = BitMap(voters)
             if len(group_bitmap) == votes and group_bitmap.isdisjoint(tally.voters):
                 self._count_whole(tally, offset, first_index, voters, options, group_bitmap,
                                   option_counts)
+                if countries is not None:
+                    for (country, option), count in Counter(zip(countries, options)).items():
+                        tally.count_country(country, option, count)
                 return
-        self._count_each(tally, offset, first_index, voters, options, group if watched else None)
+        self._count_each(tally, offset, first_index, voters, options, group if watched else None,
+                         countries)
 
     def _count_whole(self, tally: _PollTally, offset: int, first_index: int, voters, options,
                      group_bitmap: BitMap, option_counts: list[int]) -> None:
@@ -260,7 +291,7 @@ class Recounter:
             tally.chained += len(voters)
 
     def _count_each(self, tally: _PollTally, offset: int, first_index: int, voters, options,
-                    watched_group: Group | None) -> None:
+                    watched_group: Group | None, countries: list[str] | None) -> None:
         """The per-vote path, in log order: earlier votes of the group win."""
         option_count = len(tally.options)
         seen = tally.voters
@@ -278,6 +309,8 @@ class Recounter:
             else:
                 seen.add(voter)
                 tally.counts[option] += 1
+                if countries is not None:
+                    tally.count_country(countries[position], option)
                 voter_id = voter * shards_total + shard
                 if tally.voter_options is not None:
                     tally.voter_options[voter_id] = tally.options[option]

@@ -12,6 +12,11 @@ the chosen shards of the group; a snapshot's offset is an offset in its group's 
   two fetches agree (at most `live_attempts` times); results that never settle are reported
   as moving, not compared. An embargoed open poll hides its counts: not compared. Live is
   compared only when every shard is recounted (the endpoint sums them all).
+- CRDT (`crdt_url`, a Redis URL): each poll's merged CRDT counters against the recount,
+  per shard, option and country (replay/crdt_check.py); a shard closed in the log must agree
+  exactly, an open one may lag but never exceed the log.
+- Countries: a poll with the country breakdown is also compared per country and option
+  with the snapshots and the live results.
 - Signatures: every vote batch's Ed25519 signature, with the public keys from the data
   dir's keys, over the votes the batch holds (replay/signatures.py). A batch that fails is a
   difference naming the shard and the record's offset (at most SIGNATURE_FINDINGS_MAX listed
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from engine.config import Config
+from replay import crdt_check
 from replay.context import by_group, snapshot_description, wal_description
 from replay.errors import BadInput
 from replay.live import fetch_results, live_view
@@ -37,12 +43,14 @@ from replay.recount import (
     RECOUNT_CONCURRENCY,
     REJECTION_REASONS,
     GroupRecounter,
+    PollRecount,
     Recounter,
     ShardRecount,
     gather_all,
 )
 from replay.signatures import BatchSignatures
 from replay.snapshot_view import ShardSnapshot, newest_snapshots
+from shards.state import PollState
 from replay.sources import GroupLog, ReadEnd
 
 LIVE_ATTEMPTS_DEFAULT = 5
@@ -54,7 +62,7 @@ SIGNATURE_FINDINGS_MAX = 20
 
 @dataclass
 class Difference:
-    kind: str  # "snapshot", "live" or "signature"
+    kind: str  # "snapshot", "live", "crdt" or "signature"
     shard: int | None
     poll: str | None
     option: str | None
@@ -77,6 +85,7 @@ class PollRow:
     closed_shards: int
     rejected: dict[str, int]
     live_status: str
+    countries: dict[str, dict[str, int]] = field(default_factory=dict)  # the log's, summed
 
 
 @dataclass
@@ -231,7 +240,8 @@ async def verify(config: Config, shards: list[int], *, check_signatures: bool = 
 async def _verify(config: Config, shards: list[int], readings: list[_GroupReading],
                   snapshots: list[ShardSnapshot], *, polls: list[str] | None = None,
                   url: str | None = None,
-                  live_attempts: int = LIVE_ATTEMPTS_DEFAULT) -> VerifyReport:
+                  live_attempts: int = LIVE_ATTEMPTS_DEFAULT,
+                  crdt_url: str | None = None) -> VerifyReport:
     await _read_all(readings)
     recounts = _results(readings)
     names = sorted({name for recount in recounts.values() for name in recount.polls})
@@ -257,6 +267,8 @@ async def _verify(config: Config, shards: list[int], readings: list[_GroupReadin
                        config.shards) for name in names}
     for name, row in rows.items():
         differences += _live_differences(name, row, live.get(name), config.shards)
+    if crdt_url is not None:
+        differences += await _crdt_differences(config, crdt_url, names, recounts, notes)
     for shard, recount in recounts.items():
         for poll, votes in sorted(recount.unknown_polls.items()):
             notes.append(f"shard {shard}: {votes} votes for poll {poll!r}, which its group's "
@@ -287,6 +299,20 @@ async def _read_with_live(readings: list[_GroupReading], names: list[str], url: 
         return {name: document for name, document in after.items() if name not in moving}, status
 
 
+async def _crdt_differences(config: Config, crdt_url: str, names: list[str],
+                            recounts: dict[int, ShardRecount], notes: list[str]) -> list[Difference]:
+    differences = []
+    for name, state in (await crdt_check.read_merged(crdt_url, names)).items():
+        if state is None:
+            notes.append(f"poll {name!r}: no merged CRDT counters in Redis, not compared")
+            continue
+        differences += [Difference("crdt", item.shard, name, item.option,
+                                   f"{'' if item.country is None else f'country {item.country!r}: '}"
+                                   f"the merged CRDT counts {item.crdt}, the log {item.log}")
+                        for item in crdt_check.disagreements(state, config.region, name, recounts)]
+    return differences
+
+
 def _shard_line(recount: ShardRecount, snapshot: ShardSnapshot) -> dict:
     return {"shard": recount.shard, "records": recount.records, "votes_seen": recount.votes_seen,
             "end_offset": recount.end_offset, "torn_tail": recount.torn_tail,
@@ -301,12 +327,15 @@ def _row(name: str, recounts: dict[int, ShardRecount], snapshots: list[ShardSnap
     in_snapshots: dict[str, int] = {}
     rejected = dict.fromkeys(REJECTION_REASONS, 0)
     closed_shards = 0
+    countries: dict[str, dict[str, int]] = {}
     for snapshot in snapshots:
         recount = recounts[snapshot.shard]
         poll = recount.polls.get(name)
         if poll is not None:
             options += [option for option in poll.options if option not in options]
             _add(wal, poll.counts)
+            for country, counts in poll.countries.items():
+                _add(countries.setdefault(country, {}), counts)
             for reason, count in poll.rejected.items():
                 rejected[reason] += count
             closed_shards += poll.closed
@@ -323,7 +352,7 @@ def _row(name: str, recounts: dict[int, ShardRecount], snapshots: list[ShardSnap
     elif live_status.startswith("stable"):
         live_status = "unknown at the engine (404)"
     return PollRow(options, wal, at_snapshots, in_snapshots, live_counts, closed_shards,
-                   rejected, live_status)
+                   rejected, live_status, {country: countries[country] for country in sorted(countries)})
 
 
 def _add(total: dict[str, int], counts: dict[str, int]) -> None:
@@ -365,6 +394,8 @@ def _snapshot_differences(snapshot: ShardSnapshot, recount: ShardRecount,
                     "snapshot", shard, name, option,
                     f"snapshot {snapshot.name} counts {counts.get(option, 0)}, the log "
                     f"{ours.counts.get(option, 0)} {at}"))
+        differences += _country_differences(shard, name, theirs, ours, f"snapshot {snapshot.name}",
+                                            at)
         if theirs.closed != ours.closed:
             differences.append(Difference(
                 "snapshot", shard, name, None,
@@ -381,6 +412,20 @@ def _snapshot_differences(snapshot: ShardSnapshot, recount: ShardRecount,
     return differences
 
 
+def _country_differences(shard: int, name: str, theirs: PollState, ours: PollRecount,
+                         what: str, at: str) -> list[Difference]:
+    options = theirs.definition.options
+    counts = {country: dict(zip(options, tallies, strict=True))
+              for country, tallies in theirs.country_counts().items()}
+    return [Difference("snapshot", shard, name, option,
+                       f"country {country!r}: {what} counts "
+                       f"{counts.get(country, {}).get(option, 0)}, the log "
+                       f"{ours.countries.get(country, {}).get(option, 0)} {at}")
+            for country in sorted(set(counts) | set(ours.countries)) for option in options
+            if counts.get(country, {}).get(option, 0)
+            != ours.countries.get(country, {}).get(option, 0)]
+
+
 def _live_differences(name: str, row: PollRow, live: dict | None,
                       shards_total: int) -> list[Difference]:
     if row.live_status.startswith("unknown"):
@@ -394,6 +439,16 @@ def _live_differences(name: str, row: PollRow, live: dict | None,
         for option in sorted(set(row.live) | set(row.wal))
         if row.live.get(option, 0) != row.wal.get(option, 0)
     ]
+    live_countries = {} if live is None else live.get("countries", {})
+    differences += [
+        Difference("live", None, name, option,
+                   f"country {country!r}: live results say "
+                   f"{live_countries.get(country, {}).get(option, 0)}, the log "
+                   f"{row.countries.get(country, {}).get(option, 0)}")
+        for country in sorted(set(live_countries) | set(row.countries)) for option in row.options
+        if live is not None and "countries" in live
+        and live_countries.get(country, {}).get(option, 0)
+        != row.countries.get(country, {}).get(option, 0)]
     final_in_log = row.closed_shards == shards_total
     if live is not None and bool(live.get("final")) != final_in_log:
         differences.append(Difference(
@@ -429,6 +484,9 @@ def render(report: VerifyReport) -> str:
         lines.append(f"{name:<20} {'(total)':<20} {sum(row.wal.values()):>10,} "
                      f"{sum(row.wal_at_snapshots.values()):>10,} "
                      f"{sum(row.snapshots.values()):>10,} {total_live:>10}")
+        for country, counts in row.countries.items():
+            lines.append(f"{name:<20} country {country}: " + ", ".join(
+                f"{option} {counts.get(option, 0):,}" for option in row.options))
         rejected = ", ".join(f"{reason} {count}" for reason, count in row.rejected.items())
         shards_total = len(report.shards)
         lines.append(f"{'':<20} closed in {row.closed_shards}/{shards_total} shards; "

@@ -62,7 +62,7 @@ from shards.records import PollClosed as PollClosedRecord
 from shards.recovery import apply_record, recover_group
 from shards.repeat_receipts import RepeatReceipts, rebuild_signed_batch
 from shards.snapshots import FrozenShard, SnapshotStore, freeze_deferred
-from shards.state import COUNTED, PollState, ShardState
+from shards.state import COUNTED, PollState, ShardState, ShardSummary
 from shards.wal import Positions, Wal
 
 log = logging.getLogger("votes.owner")
@@ -201,7 +201,7 @@ class GroupOwner:
 
     # The vote path ---------------------------------------------------------------------------
 
-    async def submit_vote(self, poll_id: str, voter_id: int, option: str) -> bytes:
+    async def submit_vote(self, poll_id: str, voter_id: int, option: str, country: str = "") -> bytes:
         """The vote's 201 body once its record is durable; raises the VotesError to answer."""
         shards_total = self.config.shards
         shard = voter_id % shards_total
@@ -227,7 +227,7 @@ class GroupOwner:
         future: asyncio.Future[bytes] = self._started_loop().create_future()
         self._inflight[key] = future
         self._queue.append(PendingVote(poll_id, voter_id, shard, voter_index, option,
-                                       option_index, future))
+                                       option_index, future, country))
         self._queued_votes += 1
         self._started_committer().notify()
         # No per-vote timer: the commit resolves every future, and an append that outlives
@@ -571,14 +571,10 @@ class GroupOwner:
 
     # Results ----------------------------------------------------------------------------------
 
-    def poll_summaries(self, poll_id: str) -> list[tuple[int, PollCreated, list[int], bool]]:
-        """Per shard of the group: (shard, definition, tallies, closed); [] for an unknown poll."""
-        summaries = []
-        for shard in self.shards:
-            poll = self._ready_state(shard).polls.get(poll_id)
-            if poll is not None:
-                summaries.append((shard, poll.definition, poll.tallies.tolist(), poll.closed))
-        return summaries
+    def poll_summaries(self, poll_id: str) -> list[ShardSummary]:
+        """Per shard of the group its ShardSummary of the poll; [] for an unknown poll."""
+        return [poll.summary(shard) for shard in self.shards
+                if (poll := self._ready_state(shard).polls.get(poll_id)) is not None]
 
 
 def snapshot_due(config: Config, votes_at_last: int, votes_now: int, elapsed_s: float) -> bool:
@@ -591,5 +587,5 @@ def snapshot_due(config: Config, votes_at_last: int, votes_now: int, elapsed_s: 
 
 
 def _same_definition(left: PollCreated, right: PollCreated) -> bool:
-    return (left.options, left.opens_at_ms, left.closes_at_ms, left.embargo) == (
-        right.options, right.opens_at_ms, right.closes_at_ms, right.embargo)
+    return (left.options, left.opens_at_ms, left.closes_at_ms, left.embargo, left.breakdown) == (
+        right.options, right.opens_at_ms, right.closes_at_ms, right.embargo, right.breakdown)

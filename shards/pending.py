@@ -39,10 +39,11 @@ def check_positions(positions: Sequence[tuple[int, int]], records: int,
 
 
 class PendingVote:
-    __slots__ = ("poll", "voter_id", "shard", "voter_index", "option", "option_index", "future")
+    __slots__ = ("poll", "voter_id", "shard", "voter_index", "option", "option_index", "future",
+                 "country")
 
     def __init__(self, poll: str, voter_id: int, shard: int, voter_index: int, option: str,
-                 option_index: int, future: asyncio.Future[bytes]) -> None:
+                 option_index: int, future: asyncio.Future[bytes], country: str = "") -> None:
         self.poll = poll
         self.voter_id = voter_id
         self.shard = shard
@@ -50,6 +51,7 @@ class PendingVote:
         self.option = option
         self.option_index = option_index
         self.future = future
+        self.country = country  # the token's claim; recorded only for a country breakdown
 
 
 class PlannedRecord:

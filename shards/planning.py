@@ -77,12 +77,26 @@ def _plan_vote_batch(shard: int, votes: list[PendingVote], state: ShardState,
     planned.runs = []
     for poll, group in by_poll.items():
         options = array.array("H", [vote.option_index for vote in group]).tobytes()
-        planned.groups.append(VoteGroup(
-            poll=poll, voters=array.array("I", [vote.voter_index for vote in group]).tobytes(),
-            options=options))
+        voters = array.array("I", [vote.voter_index for vote in group]).tobytes()
+        definition = state.polls[poll].definition
+        if definition.by_country:
+            codes, countries = country_columns(group)
+            planned.groups.append(VoteGroup(poll, voters, options, codes, countries))
+        else:
+            planned.groups.append(VoteGroup(poll, voters, options))
         planned.runs.append(signing.VoteRun(
-            poll, state.polls[poll].definition.options,
+            poll, definition.options,
             array.array("Q", [vote.voter_id for vote in group]).tobytes(), options))
     planned.batch_seq = batch_seq_next[shard]
     batch_seq_next[shard] += 1
     return planned
+
+
+def country_columns(votes: list[PendingVote]) -> tuple[list[str], bytes]:
+    """The votes' distinct country claims (in order of first appearance) and, per vote, its
+    claim's index among them as packed uint16 (a group holds at most batch_votes_max votes,
+    at most 65,536, so an index always fits)."""
+    index_of: dict[str, int] = {}
+    indexes = array.array("H", [index_of.setdefault(vote.country, len(index_of))
+                                for vote in votes])
+    return list(index_of), indexes.tobytes()

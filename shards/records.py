@@ -11,6 +11,10 @@ shards, groups, group), so a log written by another layout or for another group 
 never misread. Vote batches name their shard (shard s is in group s mod groups); poll
 created / closed records hold for every shard of the group.
 
+A poll created with `breakdown: ["country"]` has its votes' country claims in its vote
+groups (`VoteGroup.country_codes` / `countries`); both fields and `PollCreated.breakdown`
+are trailing with defaults, so the records of older logs (without them) decode unchanged.
+
 Invariants: records are applied in log order; a vote counts only if its poll was created
 earlier in its group's log and not yet closed there; applying a record twice changes
 nothing (test-and-set).
@@ -41,6 +45,10 @@ class LogHeader(msgspec.Struct, tag="h", array_like=True, frozen=True):
     group: int
 
 
+BREAKDOWN_COUNTRY = "country"
+BREAKDOWNS = (BREAKDOWN_COUNTRY,)
+
+
 class PollCreated(msgspec.Struct, tag="p", array_like=True, frozen=True):
     poll: str
     options: list[str]
@@ -48,6 +56,13 @@ class PollCreated(msgspec.Struct, tag="p", array_like=True, frozen=True):
     closes_at_ms: int | None
     embargo: bool
     created_ms: int
+    # The breakdowns the poll asks for (BREAKDOWNS). Added last with a default, so a record
+    # of the release before (one field shorter) decodes as a poll without one.
+    breakdown: list[str] = []
+
+    @property
+    def by_country(self) -> bool:
+        return BREAKDOWN_COUNTRY in self.breakdown
 
 
 class PollClosed(msgspec.Struct, tag="c", array_like=True, frozen=True):
@@ -59,6 +74,11 @@ class VoteGroup(msgspec.Struct, array_like=True, frozen=True, gc=False):
     poll: str
     voters: bytes  # packed little-endian uint32 voter indexes within the shard
     options: bytes  # packed little-endian uint16 option indexes, same count
+    # Only for a poll with the country breakdown (empty otherwise: 3 bytes more per group):
+    # the distinct country claims of the group's voters, and per vote a packed
+    # little-endian uint16 index into them, so a recount of the log reproduces the breakdown.
+    country_codes: list[str] = []
+    countries: bytes = b""
 
 
 class VoteBatch(msgspec.Struct, tag="v", array_like=True, frozen=True):

@@ -75,6 +75,8 @@ class PollSnapshot(msgspec.Struct, array_like=True, frozen=True):
     # The sealed runs covering [0, locator_open_from), oldest first. Fields added last, with
     # a default, so a snapshot of the release before decodes (it carried no runs).
     locator_runs: list[RunSnapshot] = []
+    # Per country claim, votes per option index (a poll with the country breakdown only).
+    country_tallies: dict[str, list[int]] = {}
 
 
 class ShardSnapshot(msgspec.Struct, array_like=True, frozen=True):
@@ -189,6 +191,7 @@ def freeze_deferred(state: ShardState) -> FrozenShard:
                 locator_open_from=open_from,
                 locator_voters=voters,
                 locator_values=values,
+                country_tallies=poll.country_counts(),
             ))
     except BaseException:
         FrozenShard(ShardSnapshot(state.shard, state.shards_total, 0, 0, 0, []), sources).close()
@@ -227,6 +230,8 @@ def thaw(data: bytes) -> ShardState:
         poll.closed_ms = poll_snapshot.closed_ms
         poll.voters = BitMap.deserialize(poll_snapshot.voters)
         poll.tallies = array.array("Q", poll_snapshot.tallies)
+        poll.country_tallies = {country: array.array("Q", tallies)
+                                for country, tallies in poll_snapshot.country_tallies.items()}
         state.polls[poll_snapshot.definition.poll] = poll
     return state
 

@@ -18,14 +18,17 @@ stays in RAM.
 from __future__ import annotations
 
 import array
+from collections import Counter
+from itertools import compress
 from pathlib import Path
+from typing import NamedTuple
 
 from pyroaring import BitMap
 
 from engine.errors import LogCorrupt
 from engine.fastpath import apply_group
 from shards.locator_runs import RUN_ENTRIES_DEFAULT, PollLocator, RunWrite, poll_directory
-from shards.records import LogHeader, PollClosed, PollCreated, Record, VoteBatch
+from shards.records import LogHeader, PollClosed, PollCreated, Record, VoteBatch, VoteGroup
 
 # Outcome of one vote when its record is applied.
 COUNTED = 1
@@ -33,8 +36,19 @@ DUPLICATE = 0
 NOT_OPEN = 2  # the poll was unknown or already closed at this point in the log
 
 
+class ShardSummary(NamedTuple):
+    """One shard's counts of one poll: what results and the publisher read."""
+
+    shard: int
+    definition: PollCreated
+    tallies: list[int]  # per option index
+    closed: bool
+    country_tallies: dict[str, list[int]]  # per country, per option index; {} without breakdown
+
+
 class PollState:
-    __slots__ = ("definition", "option_index", "voters", "tallies", "locator", "closed_ms")
+    __slots__ = ("definition", "option_index", "voters", "tallies", "locator", "closed_ms",
+                 "country_tallies")
 
     def __init__(self, definition: PollCreated, locator: PollLocator | None = None) -> None:
         self.definition = definition
@@ -43,6 +57,8 @@ class PollState:
         self.tallies = array.array("Q", bytes(8 * len(definition.options)))
         self.locator = locator if locator is not None else PollLocator()
         self.closed_ms: int | None = None
+        # Only for a poll with the country breakdown: per country claim, per option index.
+        self.country_tallies: dict[str, array.array[int]] = {}
 
     @property
     def closed(self) -> bool:
@@ -50,6 +66,34 @@ class PollState:
 
     def counts(self) -> dict[str, int]:
         return dict(zip(self.definition.options, self.tallies.tolist(), strict=True))
+
+    def summary(self, shard: int) -> ShardSummary:
+        return ShardSummary(shard, self.definition, self.tallies.tolist(), self.closed,
+                            self.country_counts())
+
+    def country_counts(self) -> dict[str, list[int]]:
+        """Per country, the votes per option index (empty for a poll without the breakdown)."""
+        return {country: tallies.tolist() for country, tallies in self.country_tallies.items()}
+
+    def count_countries(self, group: VoteGroup, flags: bytearray, where: str) -> None:
+        """Add the counted votes of `group` (flags from apply_group) to the country tallies.
+        A group of such a poll without one country index per vote, or with an index outside
+        its codes, is LogCorrupt: our writer never produces one, and guessing would make the
+        breakdown disagree with the totals."""
+        codes, indexes = group.country_codes, array.array("H", group.countries)
+        if len(indexes) != len(flags) or (indexes and max(indexes) >= len(codes)):
+            raise LogCorrupt(f"{where}: the vote group of poll {group.poll!r} has "
+                             f"{len(indexes)} country indexes for {len(flags)} votes and "
+                             f"{len(codes)} country codes")
+        options = array.array("H", group.options)
+        option_count = len(self.definition.options)
+        for (country, option), count in Counter(
+                compress(zip(indexes, options), flags)).items():
+            tallies = self.country_tallies.get(codes[country])
+            if tallies is None:
+                tallies = self.country_tallies[codes[country]] = array.array(
+                    "Q", bytes(8 * option_count))
+            tallies[option] += count
 
 
 class ShardState:
@@ -149,6 +193,8 @@ class ShardState:
                 offset + 1
             )
             poll.locator.after_apply(next_offset)
+            if poll.definition.by_country:
+                poll.count_countries(group, flags, f"shard {self.shard} record at offset {offset}")
             self.votes_applied += counted
             outcomes.append(flags)
         return outcomes

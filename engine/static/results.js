@@ -40,14 +40,19 @@
       item.textContent = reason + ": " + count;
       rejected.append(item);
     }
-    const regions = results.regions || {};
-    byId("regions-section").hidden = Object.keys(regions).length === 0;
-    const table = byId("regions");
+    renderBreakdown("regions", results.regions || {});
+    renderBreakdown("countries", results.countries || {});
+  }
+
+  // One row per region or country: its name, then "option count" per option.
+  function renderBreakdown(name, breakdown) {
+    byId(name + "-section").hidden = Object.keys(breakdown).length === 0;
+    const table = byId(name);
     table.replaceChildren();
-    for (const [region, counts] of Object.entries(regions)) {
+    for (const [key, counts] of Object.entries(breakdown)) {
       const row = document.createElement("tr");
       const head = document.createElement("th");
-      head.textContent = region;
+      head.textContent = key;
       row.append(head);
       for (const [option, count] of Object.entries(counts)) {
         const cell = document.createElement("td");

@@ -2,7 +2,8 @@
 default, in headless Debian chromium driven by Playwright (executable_path, no downloaded
 browser): the page shows the counts, updates after new votes without a reload (the ingest
 role's own SSE stream), shows "final" after the close, and checks a receipt (counted, and a
-tampered one refused); it carries a Content-Security-Policy. A screenshot is saved under the
+tampered one refused), and the poll's per-country breakdown (a "By country" row per country
+claim of the voters' tokens, updated live); it carries a Content-Security-Policy. A screenshot is saved under the
 test's tmp dir. Also: the stream and the receipt endpoint answer as engine/openapi.yaml says.
 """
 
@@ -33,14 +34,16 @@ def test_results_page_live_final_and_receipt(tmp_path: Path) -> None:
         base = engine.base_url
 
         def vote(voter: int, option: str) -> dict:
-            token = issue_voter_token(keyring, voter, ttl_s=600)
+            token = issue_voter_token(keyring, voter, ttl_s=600,
+                                      country="FR" if voter == 2 else "DE")
             answer = http_client.post(f"{base}/v1/polls/show/votes", json={"option": option},
                                       headers={"authorization": f"Bearer {token}"})
             assert answer.status_code == 201
             return answer.json()
 
         assert http_client.post(base + "/v1/polls", headers=admin,
-                                json={"id": "show", "options": ["red", "blue"]}).status_code == 201
+                                json={"id": "show", "options": ["red", "blue"],
+                                      "breakdown": ["country"]}).status_code == 201
         receipt = vote(1, "red")["receipt"]
         vote(2, "blue")
         page_answer = http_client.get(base + "/polls/show")
@@ -60,6 +63,8 @@ def test_results_page_live_final_and_receipt(tmp_path: Path) -> None:
             vote(4, "red")
             expect(page.locator("#total")).to_have_text("4", timeout=WAIT_MS)
             expect(page.locator('.bar[data-option="red"] .count')).to_have_text("3")
+            expect(page.locator("#countries tr", has_text="DE")).to_contain_text("red 3")
+            expect(page.locator("#countries tr", has_text="FR")).to_contain_text("blue 1")
             assert http_client.post(base + "/v1/polls/show/close",
                                     headers=admin).status_code == 200
             expect(page.locator("#status")).to_have_text("final", timeout=WAIT_MS)

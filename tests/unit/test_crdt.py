@@ -2,8 +2,9 @@
 commutative, associative and idempotent; whatever the interleaving, duplication, loss of
 intermediate updates or delay of the updates replicas publish, every merged total only grows,
 and once every replica's last update arrived the merged result equals the truth (the sum of
-each replica's last counters). Also: the flat hash fields round-trip, and foreign fields or
-negative counters are refused.
+each replica's last counters). The per-country counters (a poll with the country breakdown)
+are part of every state and every check. Also: the flat hash fields round-trip, and foreign
+fields or negative counters are refused.
 
 Failures reproduce with the seed printed in the session header (`--hypothesis-seed=N`).
 """
@@ -21,23 +22,26 @@ REGIONS = st.sampled_from(["eu", "us"])
 POLLS = st.sampled_from(["p1", "p2"])
 OPTIONS = st.sampled_from(["a", "b", "c"])
 REASONS = st.sampled_from(["duplicate", "bad-token"])
+COUNTRIES = st.sampled_from(["DE", "FR", "ZZ"])
 COUNTS = st.integers(min_value=0, max_value=1000)
 
 tally_keys = st.tuples(REGIONS, st.integers(0, 3), POLLS, OPTIONS)
 rejection_keys = st.tuples(REGIONS, st.sampled_from(["w1", "w2"]), POLLS, REASONS)
 closed_keys = st.tuples(REGIONS, st.integers(0, 3), POLLS)
+country_keys = st.tuples(REGIONS, st.integers(0, 3), POLLS, COUNTRIES, OPTIONS)
 
 states = st.builds(
     Counters,
     st.dictionaries(tally_keys, COUNTS, max_size=12),
     st.dictionaries(rejection_keys, COUNTS, max_size=6),
     st.sets(closed_keys, max_size=4),
+    st.dictionaries(country_keys, COUNTS, max_size=12),
 )
 
 
 def same(left: Counters, right: Counters) -> bool:
-    return (left.tallies, left.rejected, left.closed) == (right.tallies, right.rejected,
-                                                           right.closed)
+    return (left.tallies, left.rejected, left.closed, left.countries) == (
+        right.tallies, right.rejected, right.closed, right.countries)
 
 
 @given(states, states)
@@ -71,7 +75,10 @@ def replica_histories(draw) -> list[list[Counters]]:
             current = current.copy()
             for option in draw(st.lists(OPTIONS, max_size=3)):
                 key = (region, replica, "p1", option)
-                current.tallies[key] = current.tallies.get(key, 0) + draw(st.integers(1, 50))
+                votes = draw(st.integers(1, 50))
+                current.tallies[key] = current.tallies.get(key, 0) + votes
+                country_key = (region, replica, "p1", draw(COUNTRIES), option)
+                current.countries[country_key] = current.countries.get(country_key, 0) + votes
             for reason in draw(st.lists(REASONS, max_size=2)):
                 key = (region, f"w{replica}", "p1", reason)
                 current.rejected[key] = current.rejected.get(key, 0) + 1
@@ -104,8 +111,14 @@ def test_totals_never_decrease_and_converge_to_the_truth(case) -> None:
     previous_totals: dict[str, int] = {}
     previous_rejected: dict[str, int] = {}
     previous_closed = 0
+    previous_countries: dict[str, dict[str, int]] = {}
     for update in order:
         crdt.merge_into(merged, update)
+        countries = crdt.country_totals(merged, "p1")
+        assert all(countries.get(country, {}).get(option, 0) >= count
+                   for country, counts in previous_countries.items()
+                   for option, count in counts.items())
+        previous_countries = countries
         totals = crdt.totals(merged, "p1")
         rejected = crdt.rejected_totals(merged, "p1")
         closed = sum(len(shards) for shards in crdt.closed_shards(merged, "p1").values())
@@ -116,6 +129,14 @@ def test_totals_never_decrease_and_converge_to_the_truth(case) -> None:
         previous_totals, previous_rejected, previous_closed = totals, rejected, closed
     assert same(merged, truth)
     assert crdt.totals(merged, "p1") == crdt.totals(truth, "p1")
+    assert crdt.country_totals(merged, "p1") == crdt.country_totals(truth, "p1")
+    # Each replica's country counters sum to its tallies, so the merged breakdown sums to
+    # the merged totals once every last update arrived.
+    summed: dict[str, int] = {}
+    for counts in crdt.country_totals(merged, "p1").values():
+        for option, count in counts.items():
+            summed[option] = summed.get(option, 0) + count
+    assert summed == {option: count for option, count in crdt.totals(merged, "p1").items()}
 
 
 @given(states)
@@ -137,11 +158,12 @@ def test_hash_fields_round_trip(state: Counters) -> None:
         assert crdt.totals(back, poll) == crdt.totals(state, poll)
         assert crdt.rejected_totals(back, poll) == crdt.rejected_totals(state, poll)
         assert crdt.closed_shards(back, poll) == crdt.closed_shards(state, poll)
+        assert crdt.country_totals(back, poll) == crdt.country_totals(state, poll)
 
 
 def test_refuses_negative_counters_and_foreign_fields() -> None:
     with pytest.raises(crdt.CounterInvalid):
         crdt.merge_into(Counters(), Counters(tallies={("eu", 0, "p1", "a"): -1}))
-    for name in ("x|eu|0|a", "t|eu|zero|a", "t|eu|0", "c|eu"):
+    for name in ("x|eu|0|a", "t|eu|zero|a", "t|eu|0", "c|eu", "k|eu|0|DE", "k|eu|x|DE|a"):
         with pytest.raises(crdt.CounterInvalid):
             crdt.counters_from_fields("p1", [(name, 1)])
