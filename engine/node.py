@@ -29,6 +29,7 @@ from engine.forwarding import ForwardServer, PeerClient, socket_path
 from engine.keys import KeyRing
 from engine.metrics import BUFFERED, SHARDS_READY, group_owned, group_ready
 from engine.results_view import poll_results
+from engine.snapshot_requests import watch_snapshot_requests
 from engine.ownership import (
     ForwardedRequest,
 )
@@ -88,6 +89,8 @@ class Node:
         self.committer = GroupCommitter(self.config, self.keyring, self.hasher, metrics)
         self._tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
         self._start_groups()
+        self._tasks.append(asyncio.create_task(watch_snapshot_requests(self),
+                                               name="snapshot-requests"))
 
     def _start_groups(self) -> None:
         """Own the groups of this slot (`group mod workers == slot`) for good."""
