@@ -59,7 +59,9 @@ render() {
             -e "render_dir=$rendered/$inventory" -e "ansible_python_interpreter=$bin/python" \
             -e '{"votes_redis_password": "placeholder/password", "engine_keys": {},
                  "kafka_cluster_id": "placeholder-cluster-id",
-                 "haproxy_tls_certificate_pem": "placeholder"}' > "$rendered/$inventory.log" 2>&1 \
+                 "haproxy_tls_certificate_pem": "placeholder",
+                 "replicator_to_redis_url": "redis://:placeholder@replica.invalid:6379/0",
+                 "issuer_database_url": "postgresql://issuer:placeholder@db.invalid/votes"}' > "$rendered/$inventory.log" 2>&1 \
             || { cat "$rendered/$inventory.log"; return 1; }
     done
     "$bin/python" - "$rendered" <<'PY'
@@ -78,6 +80,19 @@ for path in configs:
     config = load_config(str(path))
     print(f"ok  {path.relative_to(root)}: node {config.node_name}, {config.shards} shards, "
           f"kafka {config.uses_kafka}, cluster {config.uses_cluster}")
+# The other roles' configs: each must load, and hold what its command refuses to start without.
+required = {"results.toml": ("redis_url",),
+            "issuer.toml": ("issuer_oidc_url", "issuer_oidc_audience", "issuer_database_url")}
+for name, fields in required.items():
+    paths = sorted(root.glob(f"*/*/{name}"))
+    if not paths:
+        sys.exit(f"no {name} was rendered")
+    for path in paths:
+        config = load_config(str(path))
+        missing = [field for field in fields if not getattr(config, field)]
+        if missing:
+            sys.exit(f"{path}: {', '.join(missing)} empty")
+        print(f"ok  {path.relative_to(root)}: port {config.port}")
 for path in sorted(root.glob("*/*/prometheus.yml")):
     jobs = [job["job_name"] for job in yaml.safe_load(path.read_text())["scrape_configs"]]
     print(f"ok  {path.relative_to(root)}: jobs {', '.join(jobs)}")

@@ -140,8 +140,12 @@ def results(port, host, redis_url, config_file) -> None:
 
 @main.command()
 @click.option("--region", required=True, help="The region whose tallies are shipped.")
-@click.option("--from-redis", "from_redis", required=True, help="That region's Redis.")
-@click.option("--to-redis", "to_redis", required=True, help="The other region's Redis.")
+# The Redis URLs may carry passwords: the environment keeps them out of the process list
+# (the replicator role's unit passes them through an EnvironmentFile).
+@click.option("--from-redis", "from_redis", required=True, envvar="VOTES_REPLICATOR_FROM_REDIS",
+              help="That region's Redis (or VOTES_REPLICATOR_FROM_REDIS).")
+@click.option("--to-redis", "to_redis", required=True, envvar="VOTES_REPLICATOR_TO_REDIS",
+              help="The other region's Redis (or VOTES_REPLICATOR_TO_REDIS).")
 @click.option("--interval-ms", default=200, type=click.IntRange(10, 60_000))
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None)
 def replicator(region, from_redis, to_redis, interval_ms, metrics_port) -> None:
@@ -435,9 +439,11 @@ _add_replay()
 
 def _add_issuer() -> None:
     from engine.issuer_cli import issuer_command, keys_commands
+    from engine.snapshot_cli import snapshot_commands
 
     main.add_command(keys_commands)
     main.add_command(issuer_command)
+    main.add_command(snapshot_commands)
 
 
 _add_issuer()

@@ -82,6 +82,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A running worker looks at the token key files this often and reloads them when they
     # changed (`votes keys rotate|retire`): the bound on how long a rotation takes to apply.
     token_keys_check_s: float = 1.0
+    # A running worker looks for a `votes snapshot now` request (engine/snapshot_requests.py)
+    # this often: the bound on how long such a request waits before its snapshots start.
+    snapshot_request_check_s: float = 1.0
     region: str = "local"
     # Home-region forwarding (engine/regions.py): "eu=http://10.0.1.5:8000,us=http://..." names
     # every region's vote endpoint. Empty: one region, and a token's region is not checked.
@@ -242,6 +245,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             (1024 <= self.poll_body_bytes_max <= 1 << 24, "poll_body_bytes_max must be in 1KiB..16MiB"),
             (self.segment_bytes_max >= 1 << 16, "segment_bytes_max must be >= 64 KiB"),
             (self.snapshots_kept >= 1, "snapshots_kept must be >= 1"),
+            (0.05 <= self.snapshot_request_check_s <= 60,
+             "snapshot_request_check_s must be in 0.05..60"),
             (1024 <= self.locator_run_entries <= 1 << 20,
              "locator_run_entries must be in 1024..1048576"),
             (0 <= self.snapshot_votes_share <= 10, "snapshot_votes_share must be in 0..10"),

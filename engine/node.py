@@ -31,6 +31,7 @@ from engine.metrics import BUFFERED, SHARDS_READY, group_owned, group_ready
 from engine.receipt_lookup import NOT_COUNTED, owner_receipt_status
 from engine.receipts import Receipt, decode_receipt
 from engine.results_view import poll_results
+from engine.snapshot_requests import watch_snapshot_requests
 from engine.ownership import (
     ForwardedRequest,
 )
@@ -91,6 +92,8 @@ class Node:
         self.committer = GroupCommitter(self.config, self.keyring, self.hasher, metrics)
         self._tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
         self._start_groups()
+        self._tasks.append(asyncio.create_task(watch_snapshot_requests(self),
+                                               name="snapshot-requests"))
 
     def _start_groups(self) -> None:
         """Own the groups of this slot (`group mod workers == slot`) for good."""

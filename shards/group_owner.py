@@ -61,6 +61,7 @@ from shards.records import PollCreated, Record, VoteBatch, decode_record, encode
 from shards.records import PollClosed as PollClosedRecord
 from shards.recovery import apply_record, recover_group
 from shards.repeat_receipts import RepeatReceipts, rebuild_signed_batch
+from shards.snapshot_policy import snapshot_due
 from shards.snapshots import FrozenShard, SnapshotStore, freeze_deferred
 from shards.state import COUNTED, PollState, ShardState, ShardSummary
 from shards.wal import Positions, Wal
@@ -549,15 +550,21 @@ class GroupOwner:
         frozen = freeze_deferred(state)  # with the locator run writes it waits for
         self._snapshot_votes_applied[shard] = state.votes_applied
         self._snapshot_time_s[shard] = time.monotonic()
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._write_snapshot(shard, frozen, state.wal_offset_next))
+        # One write per shard at a time: `votes snapshot now` may ask while one is running,
+        # and two writers of one manifest could each prune the other's object.
+        earlier = self._snapshot_tasks.get(shard)
+        task = asyncio.get_running_loop().create_task(
+            self._write_snapshot(shard, frozen, state.wal_offset_next, earlier))
         self._snapshot_tasks[shard] = task
         return task
 
     def snapshot_all(self) -> list[asyncio.Task[None]]:
         return [self.snapshot_now(shard) for shard in self.shards]
 
-    async def _write_snapshot(self, shard: int, frozen: FrozenShard, wal_offset_next: int) -> None:
+    async def _write_snapshot(self, shard: int, frozen: FrozenShard, wal_offset_next: int,
+                              earlier: asyncio.Task[None] | None = None) -> None:
+        if earlier is not None:
+            await asyncio.wait([earlier])  # its outcome is its own: it logged a failure
         try:
             # Encoded off the loop; OSError if a run write it relies on failed: not published.
             await frozen.save_to(self.snapshot_stores[shard], wal_offset_next)
@@ -575,15 +582,6 @@ class GroupOwner:
         """Per shard of the group its ShardSummary of the poll; [] for an unknown poll."""
         return [poll.summary(shard) for shard in self.shards
                 if (poll := self._ready_state(shard).polls.get(poll_id)) is not None]
-
-
-def snapshot_due(config: Config, votes_at_last: int, votes_now: int, elapsed_s: float) -> bool:
-    """Whether a shard takes a snapshot: snapshot_votes_min new votes and snapshot_votes_share
-    of the votes the last snapshot held (its cost per vote stays flat as the state grows),
-    or any new vote once snapshot_interval_s has passed."""
-    new_votes = votes_now - votes_at_last
-    votes_due = max(config.snapshot_votes_min, config.snapshot_votes_share * votes_at_last)
-    return new_votes >= votes_due or (new_votes > 0 and elapsed_s >= config.snapshot_interval_s)
 
 
 def _same_definition(left: PollCreated, right: PollCreated) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from engine.config import Config
 from shards import snapshots
-from shards.group_owner import snapshot_due
+from shards.snapshot_policy import snapshot_due
 from shards.records import PollClosed
 from shards.snapshots import DirectorySnapshotStore, freeze, snapshot_name, thaw
 from shards.state import ShardState
