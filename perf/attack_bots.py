@@ -105,13 +105,14 @@ def leading_zero_bits(digest: bytes) -> int:
 
 def solve_sha256(challenge: str, difficulty_bits: int, budget_s: float,
                  hashes_max: int = 50_000_000) -> Solution:
-    """The first nonce n (decimal) with SHA-256(challenge + ":" + n) starting with
+    """The first nonce n (decimal) with SHA-256(challenge + "." + n) starting with
     ``difficulty_bits`` zero bits, or None once ``budget_s`` or ``hashes_max`` is spent.
 
-    The engine's proof-of-work is being built elsewhere (docs/security.md); this is the
-    common hashcash form, and a bot takes another solver through ``PowBot.solver``."""
+    The form of the engine's proof-of-work (engine/challenge.py), written apart from the
+    engine's own solver so the bench charges the bot its own hashing; a bot takes another
+    solver through ``PowBot.solver``."""
     started = time.perf_counter()
-    prefix = challenge.encode() + b":"
+    prefix = challenge.encode() + b"."
     nonce = 0
     deadline = started + budget_s
     while nonce < hashes_max:
@@ -133,8 +134,7 @@ class PowBot:
     When a vote answers 428 with a ``challenge`` (engine/openapi.yaml ChallengeRequired:
     ``challenge``, ``algorithm``, ``difficulty_bits``, ``expires_at``) it solves it with
     ``solver`` within ``budget_s`` of compute per challenge and sends the vote again with
-    ``solution_headers``. The header names are this bench's assumption until the engine's
-    proof-of-work lands; change them here to match it."""
+    ``solution_headers``: X-Vote-Challenge and X-Vote-Solution (engine/challenge.py)."""
 
     budget_s: float
     solver: Solver = solve_sha256
@@ -158,7 +158,7 @@ class PowBot:
 
     @staticmethod
     def solution_headers(challenge: str, nonce: str) -> dict[str, str]:
-        return {"X-Votes-Challenge": challenge, "X-Votes-Solution": nonce}
+        return {"X-Vote-Challenge": challenge, "X-Vote-Solution": nonce}
 
 
 # --- the ledger ----------------------------------------------------------------------------

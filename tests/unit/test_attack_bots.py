@@ -97,7 +97,7 @@ def test_a_total_that_does_not_match_the_201s_is_an_integrity_failure() -> None:
 def test_the_solver_meets_the_difficulty_or_gives_up_within_its_budget() -> None:
     solution = solve_sha256("challenge-1", 12, budget_s=5.0)
     assert solution.nonce is not None
-    digest = hashlib.sha256(f"challenge-1:{solution.nonce}".encode()).digest()
+    digest = hashlib.sha256(f"challenge-1.{solution.nonce}".encode()).digest()
     assert leading_zero_bits(digest) >= 12
     started = time.perf_counter()
     hopeless = solve_sha256("challenge-2", 64, budget_s=0.05)
@@ -105,7 +105,7 @@ def test_the_solver_meets_the_difficulty_or_gives_up_within_its_budget() -> None
     bot = PowBot(budget_s=0.05)
     assert bot.solve({"challenge": "c", "difficulty_bits": 64}) is None
     headers = bot.solve({"challenge": "c", "difficulty_bits": 4})
-    assert headers is not None and headers["X-Votes-Challenge"] == "c"
+    assert headers is not None and headers["X-Vote-Challenge"] == "c"
     assert (bot.challenges, bot.solved, bot.unsolved) == (2, 1, 1)
 
 
