@@ -22,7 +22,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import redis
 
 from engine.keys import load_keys
@@ -89,7 +88,7 @@ def verify(data_dir: Path, redis_url: str, poll: str) -> tuple[int, dict]:
 
 
 async def first_stream_event(results_url: str, poll: str) -> dict:
-    async with httpx.AsyncClient(timeout=10.0) as client, client.stream(
+    async with http_client.async_client_for(timeout_s=10.0) as client, client.stream(
             "GET", f"{results_url}/v1/polls/{poll}/results/stream") as answer:
         assert answer.status_code == 200
         _, data = await next_event(answer.aiter_lines())
