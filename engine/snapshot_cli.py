@@ -9,13 +9,11 @@ running out) end with a one-line message and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import click
 
-from engine.config import Config, load_config
+from engine.config import Config
 from engine.errors import VotesError
-from shards.layout import CLUSTER_FILE
 
 WAIT_S_DEFAULT = 60.0
 
@@ -39,11 +37,14 @@ def snapshot_now(data_dir, config_file, groups, wait_s) -> None:
     has no snapshot newer than the request within --wait-s."""
     from engine.snapshot_requests import wait_for_snapshots, write_request
 
+    from replay.context import load_replay_config
+
     try:
-        config = load_config(config_file, data_dir=data_dir)
-    except VotesError as exc:
+        # The shard and group counts come from the data dir's cluster.json, as for the
+        # replay tool: the layout `votes serve` recorded there is the one that holds.
+        config = load_replay_config(config_file, data_dir)
+    except VotesError as exc:  # ReplayError is one
         raise click.ClickException(str(exc)) from None
-    _check_engine_data(config)
     for group in groups:
         if group >= config.groups:
             raise click.BadParameter(f"group {group} does not exist: the layout has groups "
@@ -66,21 +67,6 @@ def snapshot_now(data_dir, config_file, groups, wait_s) -> None:
             f"status`)? A failed write is in its log and vote_snapshot_failures_total")
     click.echo(f"request {request.id}: groups {' '.join(map(str, wanted))} snapshotted "
                f"({sum(len(config.shards_of_group(g)) for g in wanted)} shards)")
-
-
-def _check_engine_data(config: Config) -> None:
-    """The directory must be an engine's data dir with this layout (what `votes serve` made)."""
-    cluster_path = config.data_path / CLUSTER_FILE
-    try:
-        layout = json.loads(cluster_path.read_text())
-    except (OSError, ValueError):
-        raise click.ClickException(f"{config.data_path} holds no engine data ({CLUSTER_FILE} "
-                                   "missing or unreadable): give the data dir `votes serve` "
-                                   "uses (--data-dir or data_dir in --config)") from None
-    if (layout.get("shards"), layout.get("groups")) != (config.shards, config.groups):
-        raise click.ClickException(
-            f"{config.data_path} has {layout.get('shards')} shards in {layout.get('groups')} "
-            f"groups, the config {config.shards} in {config.groups}: pass the engine's --config")
 
 
 def _default_groups(config: Config) -> list[int]:

@@ -45,13 +45,13 @@ variable "redis_instance_type" {
   default     = "r7i.large"
 }
 
-variable "engine_version" {
+variable "votes_service_version" {
   type        = string
   description = "The votes-engine release baked into the image (/opt/votes/<version>)."
   default     = "0.1.0"
 }
 
-variable "engine_wheel_path" {
+variable "votes_service_wheel_path" {
   type        = string
   description = "The engine wheel on the build machine (pip wheel --no-deps -w dist .)."
   default     = "dist/votes_engine-0.1.0-cp311-cp311-linux_x86_64.whl"
@@ -101,11 +101,11 @@ build {
   source "source.amazon-ebs.debian" {
     name          = "engine"
     instance_type = var.engine_instance_type
-    ami_name      = "votes-engine-${var.engine_version}-${local.build_stamp}"
+    ami_name      = "votes-engine-${var.votes_service_version}-${local.build_stamp}"
     tags = {
       Name    = "votes-engine"
       Role    = "engine"
-      Version = var.engine_version
+      Version = var.votes_service_version
       Base    = "{{ .SourceAMIName }}"
     }
   }
@@ -115,7 +115,7 @@ build {
     groups           = ["engine"]
     user             = "admin"
     ansible_env_vars = local.ansible_env
-    extra_arguments  = ["--extra-vars", "engine_image_build=true engine_version=${var.engine_version} engine_wheel_path=${abspath(var.engine_wheel_path)}"]
+    extra_arguments  = ["--extra-vars", "votes_service_image_build=true votes_service_version=${var.votes_service_version} votes_service_wheel_path=${abspath(var.votes_service_wheel_path)}"]
   }
 }
 

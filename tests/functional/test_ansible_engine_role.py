@@ -3,7 +3,7 @@ inventory on localhost (connection local) into a temporary prefix.
 
 The role installs a wheel of this checkout into `<prefix>/<version>` with `<prefix>/current`
 pointing at it, templates the TOML config (validated by the engine's own loader) and the
-systemd unit, and, with `engine_supervisor: direct` (no systemd in CI), runs the unit's own
+systemd unit, and, with `votes_service_supervisor: direct` (no systemd in CI), runs the unit's own
 ExecStartPre and ExecStart in the background. The engine's keys come the local inventory's
 way, from local files (`$VOTES_LOCAL_SECRETS_DIR/engine-keys/*.json`), as production's come
 from Secrets Manager. The test then talks to that engine: /healthz, a poll created with an
@@ -121,10 +121,10 @@ def test_engine_role_installs_configures_and_starts_a_serving_engine(engine_whee
     prefix = tmp_path / "opt-votes"
     port = _free_port()
     extra_vars = {
-        "engine_version": _wheel_version(engine_wheel),
-        "engine_prefix_root": str(prefix),
-        "engine_wheel_path": str(engine_wheel),
-        "engine_python": _base_python(),
+        "votes_service_version": _wheel_version(engine_wheel),
+        "votes_service_prefix_root": str(prefix),
+        "votes_service_wheel_path": str(engine_wheel),
+        "votes_service_python": _base_python(),
         "engine_port": port,
         "engine_shards": 4,
     }

@@ -34,8 +34,13 @@ NO_AUTOMATIC_SNAPSHOTS = {"VOTES_SHARDS": str(SHARDS), "VOTES_GROUPS": str(GROUP
 WAIT_S = "20"
 
 
+def store_of(data_dir: Path, shard: int) -> DirectorySnapshotStore:
+    """The shard's snapshot store where the embedded default keeps it (shards/backends.py)."""
+    return DirectorySnapshotStore(shard_directory(data_dir, shard) / "snapshots", shard, 3)
+
+
 def newest(data_dir: Path, shard: int):
-    manifest = DirectorySnapshotStore(shard_directory(data_dir, shard), shard, 3).read_manifest()
+    manifest = store_of(data_dir, shard).read_manifest()
     return manifest.snapshots[0] if manifest.snapshots else None
 
 
@@ -62,8 +67,7 @@ def test_snapshot_now_snapshots_every_group_on_every_worker(engine):
     for shard in range(SHARDS):
         entry = newest(engine.data_dir, shard)
         assert entry is not None and entry.created_ms >= requested_ms, (shard, entry)
-        state = DirectorySnapshotStore(shard_directory(engine.data_dir, shard), shard,
-                                       3).load_newest()
+        state = store_of(engine.data_dir, shard).load_newest()
         assert state is not None
         votes_in_snapshots += state.votes_applied
     assert votes_in_snapshots == VOTERS
@@ -89,7 +93,7 @@ def test_bad_requests_exit_with_a_message(engine, tmp_path):
     empty = tmp_path / "not-an-engine"
     empty.mkdir()
     no_data = cli.run_cli("snapshot", "now", "--data-dir", str(empty), check=False)
-    assert no_data.returncode == 1 and "holds no engine data" in no_data.stderr, no_data.stderr
+    assert no_data.returncode == 1 and "not a votes data dir" in no_data.stderr, no_data.stderr
 
 
 def test_a_request_nobody_serves_times_out(server_factory):
