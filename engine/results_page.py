@@ -26,7 +26,8 @@ from engine.receipts import decode_receipt, verify_receipt
 from engine.security_headers import API_HEADERS, PAGE_HEADERS
 
 STATIC_DIRECTORY = Path(__file__).resolve().parent / "static"
-PAGE_FILES = {"results.js": "text/javascript", "results.css": "text/css"}
+PAGE_FILES = {"results.js": "text/javascript", "results.css": "text/css",
+              "pow.js": "text/javascript"}
 # A page only for a well-formed poll id (the engine's id rule), so an invalid one is a 404
 # like everywhere else; whether the poll exists the page's script finds out.
 POLL_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")

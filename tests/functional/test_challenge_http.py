@@ -114,3 +114,29 @@ def test_rejections_are_counted_in_metrics_and_results(engine, client, poll) -> 
     assert rejected_metric(client, "challenge-failed") == 2
     rejected = client.get(f"/v1/polls/{poll}/results").json()["rejected"]
     assert rejected["challenge-required"] == 2 and rejected["challenge-failed"] == 2
+
+
+def test_the_results_page_solver_in_chromium_is_accepted(engine, client, poll) -> None:
+    """engine/static/pow.js, loaded by the results page in headless Debian chromium, solves
+    a challenge of `GET /v1/challenge`; the vote carrying its solution is counted. Both
+    solvers try 0, 1, 2, ... so pow.js must find the Python solver's solution exactly."""
+    from playwright.sync_api import sync_playwright
+
+    from deploy.local.installer import ensure_debian_package
+
+    chromium = ensure_debian_package("chromium", "chromium")
+    token = engine.voter_tokens(400, 1, poll=poll)[0]
+    document = client.get("/v1/challenge", params={"poll": poll}, headers=bearer(token)).json()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{engine.base_url}/polls/{poll}")
+            page.wait_for_function("window.votesPow !== undefined", timeout=10_000)
+            solution = page.evaluate("([text, bits]) => window.votesPow.solve(text, bits)",
+                                     [document["challenge"], document["difficulty_bits"]])
+        finally:
+            browser.close()
+    assert solution == solve(document["challenge"], BITS)
+    answer = cast(client, poll, token, document["challenge"], solution)
+    assert answer.status_code == 201, answer.text
