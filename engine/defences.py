@@ -250,16 +250,8 @@ class Defences:
         self.suspicious.mark(keys.prefix, until, now)
 
     def _apply_velocity(self, prefix: str, voter: int) -> None:
-        # Velocity.record inlined: this runs for every vote (perf/bench_challenge.py).
-        config, velocity, now = self.config, self.velocity, self.clock()
-        entry = velocity.windows.get(prefix)
-        if entry is None or now - entry[0] >= velocity.window_s:
-            entry = velocity.start(prefix, now)
-        entry[1] += 1
-        seen = entry[2]
-        if len(seen) <= velocity.voters_max:
-            seen.add(voter)
-        votes, voters = entry[1], len(seen)
+        config, now = self.config, self.clock()
+        votes, voters = self.velocity.record(prefix, voter, now)
         if votes > config.velocity_prefix_votes_max or voters > config.velocity_prefix_voters_max:
             self.suspicious.mark(prefix, now + config.suspicion_s, now)
             if config.velocity_autoban_voters_max and voters > config.velocity_autoban_voters_max:
