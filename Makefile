@@ -74,6 +74,7 @@ bench: setup $(PERF_STAMP)
 	$(BIN)/python -m perf.bench_results_fanout --updates 20
 	$(BIN)/python -m perf.bench_defences
 	$(BIN)/python -m perf.bench_attack
+	$(BIN)/python -m perf.bench_tracing
 	$(BIN)/python -m perf.capacity
 	$(BIN)/python -m perf.targets_report
 

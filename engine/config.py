@@ -100,8 +100,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Server-Sent Events streams one `votes results` process holds at once (then 503).
     results_subscribers_max: int = 20_000
     # Traces (engine/tracing.py): off while trace_otlp_endpoint is empty; when on, this
-    # share of requests is traced (1 %: its cost per vote is measured in perf/bench_tracing.py).
-    trace_sample_ratio: float = 0.01
+    # share of requests is traced. 0.1 %: at the 250,000 votes/s peak that is still 250
+    # traces a second (X-Ray bills per trace recorded: 1 % would be ten times the bill for
+    # traces nobody reads), and a sampled vote's four spans cost about 200 us of CPU, so 1 %
+    # would take over 3 % of a vote's CPU, 0.1 % under 0.5 % (perf/bench_tracing.py).
+    trace_sample_ratio: float = 0.001
     trace_otlp_endpoint: str = ""
     # Kafka write-ahead log: used when bootstrap servers are given, else the embedded log.
     kafka_bootstrap_servers: str = ""

@@ -86,8 +86,10 @@ COUNTRIES = ["DE", "FR", "IT", "ES", "PL", "NL", "SE", "PT", "GR", "IE", "AT", "
              "NO", "CH", "CZ", "HU", "RO", "UK"]  # the country claims of --compare-breakdown
 
 
-def run_once(args, breakdown: list[str]) -> dict:
-    """One fresh data dir, one poll (with `breakdown`), args.votes votes: the figures."""
+def run_once(args, breakdown: list[str], config_overrides: dict | None = None) -> dict:
+    """One fresh data dir, one poll (with `breakdown`), args.votes votes: the figures.
+
+    `config_overrides` are further Config fields (perf/bench_tracing.py turns tracing on)."""
     import uvloop
 
     from engine import tokens as token_codec
@@ -97,7 +99,8 @@ def run_once(args, breakdown: list[str]) -> dict:
 
     data_dir = Path(tempfile.mkdtemp(prefix="votes-vote-path-", dir=args.data_root))
     try:
-        config = load_config(None, data_dir=str(data_dir), shards=args.shards)
+        config = load_config(None, data_dir=str(data_dir), shards=args.shards,
+                             **(config_overrides or {}))
         prepare_data_dir(config)
         os.environ[CONFIG_ENV] = config_for_workers(config)
         keyring = load_keys(config.data_path)

@@ -48,3 +48,18 @@ def test_the_sample_ratio_is_honoured(exporter, monkeypatch) -> None:
     tracing.configure(0.01, exporter=exporter)
     sampled = sum(tracing.start_request("POST") is not None for _ in range(20_000))
     assert 140 <= sampled <= 260  # 200 expected; binomial sd ~14
+
+
+def test_a_child_whose_block_raises_is_an_error_span_without_the_message(exporter) -> None:
+    tracing.configure(1.0, exporter=exporter)
+    span = tracing.start_request("POST")
+    with pytest.raises(ValueError, match="bearer secret"), tracing.child(span, "verify-voter-token"):
+        raise ValueError("bearer secret")
+    tracing.finish_request(span, "vote", 401, "poll-1")
+    spans = {finished.name: finished for finished in exporter.get_finished_spans()}
+    failed = spans["verify-voter-token"]
+    assert failed.status.status_code.name == "ERROR"
+    assert failed.status.description == "ValueError"  # the class, never the message
+    assert failed.parent.span_id == spans["vote"].context.span_id
+    assert spans["vote"].status.status_code.name == "UNSET"
+
