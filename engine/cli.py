@@ -127,6 +127,15 @@ def results(port, host, redis_url, config_file) -> None:
         _fail(exc)
     if not config.redis_url:
         raise click.ClickException("the results role needs --redis-url (or redis_url)")
+    if config.results_ingest_url:  # receipts are checked with these before the ingest is asked
+        from engine.keys import load_public_key_document
+        from engine.results_receipts import public_keys_file
+
+        try:
+            load_public_key_document(public_keys_file(config))
+        except VotesError as exc:
+            raise click.ClickException(f"results_ingest_url is set, so receipt lookups need "
+                                       f"the public receipt keys: {exc}") from None
     os.environ[CONFIG_ENV] = config_for_workers(config)
     from granian import Granian
     from granian.constants import Interfaces, Loops

@@ -99,6 +99,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     results_publish_ms: float = 100.0
     # Server-Sent Events streams one `votes results` process holds at once (then 503).
     results_subscribers_max: int = 20_000
+    # Receipt lookups on the results role (engine/results_receipts.py): the ingest role it
+    # asks (an ingest node or the internal load balancer in front of them; empty: the role
+    # answers receipts with 404 and a pointer to the ingest role), and the public receipt
+    # keys it checks signatures with first (empty: <data_dir>/keys/receipt-public.json).
+    results_ingest_url: str = ""
+    receipt_public_keys_path: str = ""
+    results_ingest_timeout_s: float = 2.0
+    results_ingest_connections_max: int = 32
     # Traces (engine/tracing.py): off while trace_otlp_endpoint is empty; when on, this
     # share of requests is traced. 0.1 %: at the 250,000 votes/s peak that is still 250
     # traces a second (X-Ray bills per trace recorded: 1 % would be ten times the bill for
@@ -265,6 +273,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "lease_ttl_s must be at least twice lease_renew_s (one missed renewal is tolerated)"),
             (" " not in self.node_name and self.node_name, "node_id must be non-empty without spaces"),
             (10 <= self.results_publish_ms <= 60_000, "results_publish_ms must be in 10..60000"),
+            (not self.results_ingest_url
+             or self.results_ingest_url.startswith(("http://", "https://")),
+             "results_ingest_url must be an http:// or https:// URL"),
+            (0 < self.results_ingest_timeout_s <= 30, "results_ingest_timeout_s must be in 0..30"),
+            (1 <= self.results_ingest_connections_max <= 1024,
+             "results_ingest_connections_max must be in 1..1024"),
             (1 <= self.results_subscribers_max <= 1_000_000,
              "results_subscribers_max must be in 1..1000000"),
             (0 < self.region_forward_timeout_s <= 60, "region_forward_timeout_s must be in (0, 60]"),

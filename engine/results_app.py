@@ -6,8 +6,10 @@ from Redis and holds no shard state.
   edge per second) and a strong ETag (the merge version), 304 on If-None-Match.
 - GET /v1/polls/{poll}/results/stream: Server-Sent Events (engine/results_sse.py), a
   bounded number per process (503 `overloaded` beyond it, with Retry-After).
-- GET /polls/{poll}: the results page (engine/results_page.py; its receipt box needs the
-  ingest role's GET /v1/receipts, which this role does not serve).
+- GET /v1/receipts/{receipt}: whether a receipt's vote counted, checked offline and then
+  by the ingest role (engine/results_receipts.py); 404 when `results_ingest_url` is unset.
+- GET /polls/{poll}: the results page (engine/results_page.py), whose receipt box asks the
+  endpoint above.
 - GET /healthz.
 Bad input answers problem+json through engine/problems.py, as the ingest role does.
 """
@@ -24,6 +26,7 @@ from engine.errors import MethodNotAllowed, NotFound, Overloaded, PollNotFound, 
 from engine.logs import configure_logging
 from engine.problems import problem_of
 from engine.results_page import page_response
+from engine.results_receipts import IngestReceipts, cache_control
 from engine.results_sse import ResultsHub
 from engine.security_headers import API_HEADERS
 
@@ -62,6 +65,7 @@ def problem_response(exc: VotesError) -> tuple[int, list[tuple[str, str]], bytes
 class ResultsApp:
     def __init__(self) -> None:
         self.hub: ResultsHub | None = None
+        self.receipts: IngestReceipts | None = None
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         import redis.asyncio
@@ -74,10 +78,14 @@ class ResultsApp:
                                               socket_connect_timeout=REDIS_TIMEOUT_S)
         self.hub = ResultsHub(client, config.results_subscribers_max, sent_at_once)
         self.hub.start(loop)
+        if config.results_ingest_url:  # `votes results` checked the public keys load
+            self.receipts = IngestReceipts.from_config(config)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.hub is not None:
             loop.run_until_complete(self.hub.stop())
+        if self.receipts is not None:
+            loop.run_until_complete(self.receipts.aclose())
 
     async def __rsgi__(self, scope, proto) -> None:
         if scope.proto != "http":
@@ -86,7 +94,7 @@ class ResultsApp:
         try:
             parts = scope.path.strip("/").split("/")
             if scope.method != "GET":
-                if parts[:2] == ["v1", "polls"] or parts == ["healthz"]:
+                if parts[:2] in (["v1", "polls"], ["v1", "receipts"]) or parts == ["healthz"]:
                     raise MethodNotAllowed("use GET", allow="GET")
                 raise NotFound("no route for this path")
             if len(parts) == 4 and parts[:2] == ["v1", "polls"] and parts[3] == "results":
@@ -95,6 +103,8 @@ class ResultsApp:
                     "results", "stream"]:
                 await self._stream(scope, proto, poll_id(parts[2]))
                 return
+            elif len(parts) == 3 and parts[:2] == ["v1", "receipts"]:
+                status, headers, body = await self._receipt(parts[2])
             elif parts[0] == "polls" and (page := page_response(parts)) is not None:
                 status, headers, body = page
                 security_headers = []
@@ -122,6 +132,19 @@ class ResultsApp:
         if scope.headers.get("if-none-match") == etag:
             return 304, headers, b""
         return 200, [("content-type", "application/json"), *headers], snapshot.body
+
+    async def _receipt(self, receipt_text: str):
+        if self.receipts is None:
+            raise NotFound("this results process does not look up receipts (results_ingest_url "
+                           "is not set); ask the ingest role's GET /v1/receipts/{receipt}")
+        hub = self._hub()
+
+        async def poll_final(poll: str) -> bool:
+            return bool((await hub.snapshot(poll_id(poll))).document["final"])
+
+        answer = await self.receipts.status(receipt_text, poll_final)
+        return 200, [("content-type", "application/json"),
+                     ("cache-control", cache_control(answer))], json.dumps(answer).encode()
 
     async def _stream(self, scope, proto, poll: str) -> None:
         hub = self._hub()

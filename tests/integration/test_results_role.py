@@ -4,7 +4,10 @@ acknowledged, with Cache-Control and an ETag that answers 304 until the next vot
 stream sends the current results, then an event after a new vote without reconnecting,
 resumes from Last-Event-ID without repeating what the client saw, and ends with the final
 event after the close; beyond its subscriber bound it answers 503 `overloaded` with
-Retry-After; an embargoed poll shows no counts (nor a version) until it is closed.
+Retry-After; an embargoed poll shows no counts (nor a version) until it is closed. Receipt
+lookups on the results role: the ingest role's answer for a real receipt, provisional then
+final; an altered one not-counted without asking the ingest role; a final answer still
+served with the ingest role stopped, any other lookup then 503.
 Every non-streaming answer is validated against engine/openapi.yaml.
 """
 
@@ -19,8 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from engine.keys import load_keys
+from engine.receipts import decode_receipt, encode_receipt
 from engine.tokens import issue_admin_token, issue_voter_token
 from tests.support import http_client
 from tests.support.cli import cli_command
@@ -33,10 +38,16 @@ SUBSCRIBERS_MAX = 3
 
 
 @contextmanager
-def results_role(redis_url: str, log_path: Path, subscribers_max: int = SUBSCRIBERS_MAX):
-    """`votes results` on a free port; yields its base URL; stopped with SIGTERM."""
+def results_role(redis_url: str, log_path: Path, subscribers_max: int = SUBSCRIBERS_MAX,
+                 ingest: EngineProcess | None = None):
+    """`votes results` on a free port (asking `ingest` for receipt lookups, with its public
+    receipt keys); yields its base URL; stopped with SIGTERM."""
     port = free_port()
     environment = {"VOTES_RESULTS_SUBSCRIBERS_MAX": str(subscribers_max)}
+    if ingest is not None:
+        environment |= {"VOTES_RESULTS_INGEST_URL": ingest.base_url,
+                        "VOTES_RECEIPT_PUBLIC_KEYS_PATH":
+                            str(ingest.data_dir / "keys" / "receipt-public.json")}
     with log_path.open("ab") as log:
         process = subprocess.Popen(cli_command("results", "--port", str(port), "--redis-url",
                                                redis_url), stdout=log, stderr=subprocess.STDOUT,
@@ -226,3 +237,68 @@ def test_embargo_hides_counts_until_close(tmp_path: Path, stack_endpoints) -> No
         shown = wait_until(lambda: (lambda d: d if d and d["final"] else None)(
             results_of(results_url, poll)), 10.0, "final results after the close")
         assert shown["embargoed"] is False and shown["counts"] == {"a": 1, "b": 1}
+
+
+def ingest_receipt_lookups(engine: EngineProcess) -> float:
+    """How many receipt lookups the ingest role answered (its /metrics)."""
+    metrics = http_client.get(engine.base_url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vote_requests_total{") and 'route="receipt"' in line)
+
+
+def test_results_role_looks_up_receipts_through_the_ingest_role(tmp_path: Path,
+                                                                 stack_endpoints) -> None:
+    redis_url = stack_endpoints["redis"]["url"]
+    poll = f"receipts-{uuid.uuid4().hex[:8]}"
+    with publishing_engine(tmp_path, redis_url) as engine, \
+            results_role(redis_url, tmp_path / "results.log", ingest=engine) as results_url:
+        voting = Voting(engine)
+        voting.create(poll)
+        first, second = voting.vote(poll, "a")["receipt"], voting.vote(poll, "b")["receipt"]
+        wait_until(lambda: results_of(results_url, poll).get("total") == 2, 10.0,
+                   "results role totals of 2")
+
+        looked_up = http_client.get(f"{results_url}/v1/receipts/{first}")
+        assert looked_up.status_code == 200, looked_up.text
+        assert looked_up.json() == {"poll": poll, "shard": looked_up.json()["shard"],
+                                    "status": "counted", "final": False, "option": "a"}
+        assert looked_up.json() == http_client.get(f"{engine.base_url}/v1/receipts/{first}").json()
+        assert looked_up.headers["cache-control"] == "no-store"
+
+        # Altered (the other option): its leaf no longer matches the signed root, so the
+        # results role answers alone, and the ingest role sees no lookup.
+        asked_before = ingest_receipt_lookups(engine)
+        altered = encode_receipt(msgspec.structs.replace(decode_receipt(first), option="b"))
+        answer = http_client.get(f"{results_url}/v1/receipts/{altered}")
+        assert answer.status_code == 200 and answer.json()["status"] == "not-counted"
+        assert ingest_receipt_lookups(engine) == asked_before
+
+        malformed = http_client.get(f"{results_url}/v1/receipts/r1.not-a-receipt")
+        assert malformed.status_code == 400
+        assert malformed.json()["type"] == "/problems/receipt-invalid"
+        other_poll = encode_receipt(msgspec.structs.replace(decode_receipt(first), poll="nosuch"))
+        assert http_client.get(f"{results_url}/v1/receipts/{other_poll}").status_code == 404
+
+        voting.close(poll)
+        wait_until(lambda: results_of(results_url, poll).get("final") is True, 10.0,
+                   "final results on the results role")
+        final = http_client.get(f"{results_url}/v1/receipts/{first}")
+        assert final.json()["status"] == "counted" and final.json()["final"] is True
+        assert final.headers["cache-control"] == "public, max-age=86400, immutable"
+
+        engine.stop()
+        # A final answer cannot change: kept, it is served without the ingest role; any
+        # other lookup now has no one to ask, and says so instead of guessing.
+        kept = http_client.get(f"{results_url}/v1/receipts/{first}")
+        assert kept.status_code == 200 and kept.json() == final.json()
+        unknown = http_client.get(f"{results_url}/v1/receipts/{second}")
+        assert unknown.status_code == 503, unknown.text
+        assert unknown.json()["type"] == "/problems/not-ready"
+
+
+def test_results_role_without_an_ingest_url_points_receipts_to_the_ingest_role(
+        tmp_path: Path, stack_endpoints) -> None:
+    with results_role(stack_endpoints["redis"]["url"], tmp_path / "results.log") as results_url:
+        answer = http_client.get(f"{results_url}/v1/receipts/r1.anything")
+    assert answer.status_code == 404
+    assert "results_ingest_url" in answer.json()["detail"]
