@@ -9,6 +9,7 @@ identify a voter by the voter id alone, never by token, address or header conten
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import os
@@ -25,11 +26,34 @@ REQUEST_ID_GENERATED_BYTES = 8
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
+class RequestIds:
+    """Fresh request ids: a random prefix per process and a counter, "<16 hex>-<hex>".
+
+    Unique across workers, hosts and restarts by the prefix (64 random bits, drawn again in
+    a forked child, whose counter would otherwise repeat its parent's), and cheap: a
+    secrets.token_hex per request was a tenth of a rejected request's CPU. The ids only
+    correlate lines and answers, so nothing needs them unpredictable."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(REQUEST_ID_GENERATED_BYTES) + "-"
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_request_ids = RequestIds()
+
+
 def request_id_of(incoming: str | None) -> str:
-    """The incoming X-Request-Id when well-formed and bounded, else a fresh random one."""
+    """The incoming X-Request-Id when well-formed and bounded, else a fresh one."""
     if incoming is not None and REQUEST_ID_PATTERN.fullmatch(incoming):
         return incoming
-    return secrets.token_hex(REQUEST_ID_GENERATED_BYTES)
+    return _request_ids.next()
 
 
 class JsonFormatter(logging.Formatter):

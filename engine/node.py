@@ -365,8 +365,12 @@ class Node:
         return readiness, total, settled, failures
 
     def count_rejection(self, poll: str, reason: str) -> None:
-        if self.knows_poll(poll):
-            self.rejected.setdefault(poll, Counter())[reason] += 1
+        counts = self.rejected.get(poll)
+        if counts is None:  # the poll's first rejection: only a known poll gets counts
+            if not self.knows_poll(poll):
+                return
+            counts = self.rejected[poll] = Counter()
+        counts[reason] += 1
 
 
 def add_counts(left: list[int], right: list[int]) -> list[int]:

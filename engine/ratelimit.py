@@ -25,6 +25,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import socket
 import time
 import zlib
 from typing import Any, NamedTuple
@@ -142,25 +143,59 @@ def peer_address(scope_client: str) -> str:
     return address[1:-1] if address[:1] == "[" else address
 
 
-def _in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+class AddressRange(NamedTuple):
+    """A network as numbers: an address is in it when of this version and within bounds."""
+
+    version: int
+    first: int
+    last: int
+
+
+def address_ranges(networks: tuple[Network, ...]) -> tuple[AddressRange, ...]:
+    return tuple(AddressRange(network.version, int(network.network_address),
+                              int(network.broadcast_address)) for network in networks)
+
+
+def address_number(address: str) -> tuple[int, int] | None:
+    """(IP version, the address as an integer), None when the text is not an address.
+
+    The socket module's inet_pton (strict: four decimal octets without leading zeros, or
+    RFC 4291 text), not ipaddress.ip_address, which cost about 6 us a call: a flood from
+    fresh addresses behind a trusted proxy paid it three times per rejected request."""
     try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
+        if ":" in address:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return None
+
+
+def in_ranges(address: str, ranges: tuple[AddressRange, ...]) -> bool:
+    number = address_number(address)
+    if number is None:
         return False
-    return any(parsed in network for network in networks)
+    version, value = number
+    return any(version == network.version and network.first <= value <= network.last
+               for network in ranges)
 
 
 def forwarded_client(peer: str, forwarded_for: str | None,
-                     trusted_proxies: tuple[Network, ...]) -> str:
+                     trusted_proxies: tuple[AddressRange, ...]) -> str:
     """The client: the peer, unless the peer is a trusted proxy; then the right-most address
     of X-Forwarded-For that is not a trusted proxy (the left ones are the client's to forge)."""
-    if not forwarded_for or not trusted_proxies or not _in_networks(peer, trusted_proxies):
+    if not forwarded_for or not trusted_proxies or not in_ranges(peer, trusted_proxies):
         return peer
+    return forwarded_hop(forwarded_for, trusted_proxies) or peer
+
+
+def forwarded_hop(forwarded_for: str, trusted_proxies: tuple[AddressRange, ...]) -> str | None:
+    """The right-most hop of X-Forwarded-For that is not a trusted proxy (the first hop if
+    all are; None if there is none), for a request whose peer is a trusted proxy."""
     hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
     for hop in reversed(hops):
-        if not _in_networks(hop, trusted_proxies):
+        if not in_ranges(hop, trusted_proxies):
             return hop
-    return hops[0] if hops else peer
+    return hops[0] if hops else None
 
 
 def prefix_of(address: str) -> str:
@@ -189,10 +224,11 @@ class RateLimiter:
                            keys_max, syncing)
         self.voter = Gcra(config.ratelimit_voter_per_s, config.ratelimit_voter_burst,
                           keys_max, syncing)
-        self.trusted_proxies = parse_networks(config.trusted_proxies)
-        self.exempt_networks = parse_networks(config.ratelimit_exempt_networks)
+        self.trusted_proxies = address_ranges(parse_networks(config.trusted_proxies))
+        self.exempt_networks = address_ranges(parse_networks(config.ratelimit_exempt_networks))
         # address -> its keys (as if it were the peer); cleared when full.
         self._address_keys: dict[str, ClientKeys] = {}
+        self._peer_trusted: dict[str, bool] = {}  # peer address -> in trusted_proxies
         self._address_keys_max = keys_max
 
     def limiters(self) -> dict[str, Gcra]:
@@ -203,12 +239,20 @@ class RateLimiter:
         exempt; the facts of each address are cached (bounded)."""
         peer = peer_address(scope_client)
         address = peer
-        if self.trusted_proxies:
-            address = forwarded_client(peer, forwarded_for, self.trusted_proxies)
+        if self.trusted_proxies and forwarded_for:
+            # The peers are the few proxies (and whoever connects directly): their
+            # trust is cached, not parsed again per request.
+            trusted = self._peer_trusted.get(peer)
+            if trusted is None:
+                if len(self._peer_trusted) >= self._address_keys_max:
+                    self._peer_trusted.clear()
+                trusted = self._peer_trusted[peer] = in_ranges(peer, self.trusted_proxies)
+            if trusted:
+                address = forwarded_hop(forwarded_for, self.trusted_proxies) or peer
         keys = self._address_keys
         known = keys.get(address)
         if known is None:
-            exempt = bool(self.exempt_networks) and _in_networks(address, self.exempt_networks)
+            exempt = bool(self.exempt_networks) and in_ranges(address, self.exempt_networks)
             if len(keys) >= self._address_keys_max:
                 keys.clear()
             known = keys[address] = ClientKeys(address, address, prefix_of(address), exempt)

@@ -7,9 +7,12 @@ is honoured only from trusted proxies, the global view is adopted, and config ch
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import Config, load_config
 from engine.errors import ConfigError
@@ -21,7 +24,10 @@ from engine.ratelimit import (
     bucket_keys,
     bucket_tags,
     bucket_of,
+    address_number,
+    address_ranges,
     forwarded_client,
+    in_ranges,
     parse_networks,
     peer_address,
     prefix_of,
@@ -135,7 +141,7 @@ def test_peer_address(client: str, address: str) -> None:
 
 
 def test_forwarded_for_only_from_trusted_proxies() -> None:
-    trusted = parse_networks("10.0.0.0/8")
+    trusted = address_ranges(parse_networks("10.0.0.0/8"))
     assert forwarded_client("10.1.1.1", "203.0.113.5", trusted) == "203.0.113.5"
     # A peer that is not a proxy cannot choose its address.
     assert forwarded_client("198.51.100.9", "203.0.113.5", trusted) == "198.51.100.9"
@@ -144,6 +150,26 @@ def test_forwarded_for_only_from_trusted_proxies() -> None:
     assert forwarded_client("10.1.1.1", "1.1.1.1, 203.0.113.5, 10.2.2.2", trusted) == (
         "203.0.113.5")
     assert forwarded_client("10.1.1.1", None, trusted) == "10.1.1.1"
+
+
+@settings(max_examples=400, deadline=None)
+@given(address=st.ip_addresses(), network=st.ip_addresses().flatmap(
+    lambda base: st.integers(0, base.max_prefixlen).map(
+        lambda bits: ipaddress.ip_network(f"{base}/{bits}", strict=False))))
+def test_address_ranges_agree_with_ipaddress(address, network) -> None:
+    # The vote path's numeric check must say what ipaddress says, for either version and
+    # across versions (an IPv4 address is never in an IPv6 network, nor the other way).
+    ranges = address_ranges((network,))
+    assert in_ranges(str(address), ranges) == (address in network
+                                               if address.version == network.version else False)
+    assert address_number(str(address)) == (address.version, int(address))
+
+
+@pytest.mark.parametrize("text", ["", "garbage", "1.2.3", "1.2.3.4.5", "01.2.3.4", "1.2.3.256",
+                                  "1.2.3.4 ", "::1::", "1.2.3.4\x00", "fe80::1%eth0", "10.0.0.0/8"])
+def test_what_is_not_an_address_is_in_no_range(text: str) -> None:
+    assert address_number(text) is None
+    assert not in_ranges(text, address_ranges(parse_networks("0.0.0.0/0, ::/0")))
 
 
 def limiter_config(**fields) -> Config:
