@@ -6,7 +6,7 @@
 #
 # Installs through the project's own files only: the `deploy` extra of pyproject.toml into
 # .venv (ansible-core, ansible-lint, and PyPI's `ansible` package for the amazon.aws,
-# ansible.posix and community.general collections), Debian's `packer` through
+# community.aws, ansible.posix and community.general collections), Debian's `packer` through
 # deploy/local/installer.py. After that nothing here touches the network: ansible-lint runs
 # with --offline and Packer only checks syntax. Exits non-zero on the first failing check.
 set -euo pipefail

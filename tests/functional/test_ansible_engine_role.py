@@ -12,12 +12,21 @@ distributed keys outside the prefix, the vote in /metrics. A broken role (a conf
 the engine refuses, a unit systemd cannot parse, a missing task, a wrong path) fails the
 playbook or one of these checks.
 
+The operators' playbooks then run against that engine, with the same inventory:
+snapshot-now.yml must leave a snapshot newer than its start in the data dir's snapshot
+manifests (of group 1 only with fencing_group=1; automatic snapshots are off), and
+rotate-keys.yml must write a rotated voter key set to the local secret files and the data
+dir (byte for byte, mode 0600) so that the running engine takes tokens of the new key and
+still of the old one, refuse to retire the current key, and retire the old key so that its
+tokens get 401.
+
 Slow (a wheel build and a virtualenv install, ~1-2 min); the Ansible tooling is installed by
 `deploy/check.sh install` (the `deploy` extra), like the lint.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -26,10 +35,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from engine.config import Config
+from shards.backends import shard_directory
+from shards.snapshots import DirectorySnapshotStore
 from tests.support.http_client import ValidatingClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +57,17 @@ HTTP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 30.0
 OUTPUT_TAIL_CHARS = 6000
 NEWER_SYSTEMD_KEYS = ("RestartSteps", "RestartMaxDelaySec")
+SHARDS = 4
+GROUPS = 4
+NO_AUTOMATIC_SNAPSHOTS = {"snapshot_interval_s": 3600.0, "snapshot_votes_min": 1_000_000,
+                          "snapshot_request_check_s": 0.2}
+SNAPSHOT_WAIT_S = 20
+SNAPSHOTS_KEPT = 3
+# The engine reloads key files every token_keys_check_s (1 s); the playbook waits for that
+# too, so this only covers a slow machine.
+KEY_RELOAD_WAIT_S = 10.0
+TOKENS_PER_KEY = 100
+VOTER_KEYS_FILE = "voter-token-keys.json"
 ENSURE_KEYS_CODE = ("import sys; from pathlib import Path; from engine.keys import ensure_keys; "
                     "ensure_keys(Path(sys.argv[1]))")
 
@@ -117,8 +142,28 @@ def _votes(prefix: Path, *args: str) -> str:
     return _run([str(prefix / "current" / "bin" / "votes"), *args], CLI_TIMEOUT_S).stdout.strip()
 
 
-def test_engine_role_installs_configures_and_starts_a_serving_engine(engine_wheel, tmp_path):
-    prefix = tmp_path / "opt-votes"
+@dataclass(frozen=True)
+class Deployed:
+    """The engine site.yml started, and what a further playbook run needs."""
+
+    prefix: Path
+    port: int
+    issuer_dir: Path
+    secrets_dir: Path
+    work_dir: Path
+    environment: dict[str, str]
+    wheel: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.prefix / "data"
+
+
+@pytest.fixture(scope="module")
+def deployed(engine_wheel, tmp_path_factory) -> Iterator[Deployed]:
+    """site.yml applied with the local inventory, the engine left running for the tests."""
+    work_dir = tmp_path_factory.mktemp("deployed")
+    prefix = work_dir / "opt-votes"
     port = _free_port()
     extra_vars = {
         "votes_service_version": _wheel_version(engine_wheel),
@@ -126,24 +171,44 @@ def test_engine_role_installs_configures_and_starts_a_serving_engine(engine_whee
         "votes_service_wheel_path": str(engine_wheel),
         "votes_service_python": _base_python(),
         "engine_port": port,
-        "engine_shards": 4,
+        "engine_shards": SHARDS,
+        "engine_groups": GROUPS,
+        # Snapshots only on request, so a newer one can only be snapshot-now.yml's.
+        "engine_config_extra": NO_AUTOMATIC_SNAPSHOTS,
     }
     environment = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
                    "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                   "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
-                   "VOTES_LOCAL_SECRETS_DIR": str(tmp_path / "secrets")}
-    issuer_dir = _local_secrets(tmp_path / "secrets")
+                   "ANSIBLE_LOCAL_TEMP": str(work_dir / "ansible-tmp"),
+                   "VOTES_LOCAL_SECRETS_DIR": str(work_dir / "secrets")}
+    issuer_dir = _local_secrets(work_dir / "secrets")
     pid_file = prefix / "run" / "votes-engine.pid"
     try:
         _run([str(VENV_BIN / "ansible-playbook"), "-i", "inventories/local/hosts.yml",
               "site.yml", "-e", json.dumps(extra_vars)],
              PLAYBOOK_TIMEOUT_S, cwd=ANSIBLE_DIR, env=environment)
-        _check_layout(prefix, engine_wheel)
-        _check_keys(prefix, tmp_path / "secrets" / "engine-keys")
-        _check_running_from_prefix(prefix, pid_file)
-        _check_serving(prefix, port, issuer_dir)
+        yield Deployed(prefix, port, issuer_dir, work_dir / "secrets", work_dir, environment,
+                       engine_wheel)
     finally:
         _stop(pid_file)
+
+
+def _playbook(deployed: Deployed, playbook: str, extra_vars: dict[str, object], *,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+    """An operators' playbook against the deployed engine, with the local inventory."""
+    argv = [str(VENV_BIN / "ansible-playbook"), "-i", "inventories/local/hosts.yml", playbook,
+            "-e", json.dumps({"votes_service_prefix_root": str(deployed.prefix), **extra_vars})]
+    if check:
+        return _run(argv, PLAYBOOK_TIMEOUT_S, cwd=ANSIBLE_DIR, env=deployed.environment)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT_S,
+                          check=False, stdin=subprocess.DEVNULL, cwd=ANSIBLE_DIR,
+                          env=deployed.environment)
+
+
+def test_engine_role_installs_configures_and_starts_a_serving_engine(deployed):
+    _check_layout(deployed.prefix, deployed.wheel)
+    _check_keys(deployed.prefix, deployed.secrets_dir / "engine-keys")
+    _check_running_from_prefix(deployed.prefix, deployed.prefix / "run" / "votes-engine.pid")
+    _check_serving(deployed.prefix, deployed.port, deployed.issuer_dir)
 
 
 def _wheel_version(engine_wheel: Path) -> str:
@@ -215,3 +280,132 @@ def _check_serving(prefix: Path, port: int, issuer_dir: Path) -> None:
                if line.startswith("vote_requests_total{") and 'route="vote"' in line
                and 'status="201"' in line]
     assert counted and float(counted[0].rsplit(" ", 1)[1]) == 1.0, metrics[-OUTPUT_TAIL_CHARS:]
+
+
+def _newest_snapshot(data_dir: Path, shard: int):
+    """The shard's newest manifest entry, where the embedded default keeps its snapshot store
+    (shards/backends.py), as tests/functional/test_snapshot_now.py reads it."""
+    store = DirectorySnapshotStore(shard_directory(data_dir, shard) / "snapshots", shard,
+                                   SNAPSHOTS_KEPT)
+    manifest = store.read_manifest()
+    return manifest.snapshots[0] if manifest.snapshots else None
+
+
+def test_snapshot_now_playbook_snapshots_the_running_engine(deployed):
+    layout = Config(shards=SHARDS, groups=GROUPS)
+    before = {shard: _newest_snapshot(deployed.data_dir, shard) for shard in range(SHARDS)}
+    requested_ms = time.time_ns() // 1_000_000
+    one_group = _playbook(deployed, "playbooks/snapshot-now.yml",
+                          {"fencing_group": "1", "wait_s": SNAPSHOT_WAIT_S})
+    assert "groups 1 snapshotted" in one_group.stdout, one_group.stdout[-OUTPUT_TAIL_CHARS:]
+    for shard in range(SHARDS):
+        after = _newest_snapshot(deployed.data_dir, shard)
+        if layout.group_of(shard) == 1:
+            assert after is not None and after.created_ms >= requested_ms, (shard, after)
+        else:
+            assert after == before[shard], (shard, before[shard], after)
+
+    requested_ms = time.time_ns() // 1_000_000
+    every_group = _playbook(deployed, "playbooks/snapshot-now.yml", {})
+    assert "groups 0 1 2 3 snapshotted" in every_group.stdout, \
+        every_group.stdout[-OUTPUT_TAIL_CHARS:]
+    for shard in range(SHARDS):
+        after = _newest_snapshot(deployed.data_dir, shard)
+        assert after is not None and after.created_ms >= requested_ms, (shard, after)
+
+    refused = _playbook(deployed, "playbooks/snapshot-now.yml", {"fencing_group": "1,x"},
+                        check=False)
+    assert refused.returncode != 0 and "give -e fencing_group=N" in refused.stdout, \
+        refused.stdout[-OUTPUT_TAIL_CHARS:]
+
+
+def _key_set(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _data_dir_with_keys(directory: Path, keys_from: Path) -> Path:
+    """A data dir for `votes token` holding copies of the key files in `keys_from`."""
+    (directory / "keys").mkdir(parents=True, mode=0o700)
+    for key_file in keys_from.glob("*.json"):
+        (directory / "keys" / key_file.name).write_bytes(key_file.read_bytes())
+    return directory
+
+
+def _voter_tokens(prefix: Path, data_dir: Path, first_voter: int) -> Iterator[str]:
+    """Tokens for voters first_voter.. signed with data_dir's current voter key, each voter
+    new (a voter votes once per poll)."""
+    return iter(_votes(prefix, "token", "--data-dir", str(data_dir), "--voter", str(first_voter),
+                       "--count", str(TOKENS_PER_KEY)).split())
+
+
+def _token_key_id(token: str) -> str:
+    """engine/tokens.py's wire format: v1.<key_id>.<payload>.<signature>."""
+    return token.split(".")[1]
+
+
+def _vote_status(client: ValidatingClient, poll: str, token: str) -> tuple[int, str]:
+    answer = client.post(f"/v1/polls/{poll}/votes", json={"option": "yes"},
+                         headers={"authorization": f"Bearer {token}"})
+    return answer.status_code, answer.text
+
+
+def _vote_status_within(client: ValidatingClient, poll: str, tokens: Iterator[str],
+                        wanted: int) -> tuple[int, str]:
+    """Vote with the next token until the answer is `wanted` or KEY_RELOAD_WAIT_S ran out:
+    the engine's workers reload the key file on their own clock."""
+    deadline = time.monotonic() + KEY_RELOAD_WAIT_S
+    while True:
+        status, text = _vote_status(client, poll, next(tokens))
+        if status == wanted or time.monotonic() > deadline:
+            return status, text
+        time.sleep(0.2)
+
+
+def test_rotate_keys_playbook_rotates_and_retires_the_voter_key(deployed):
+    secret_file = deployed.secrets_dir / "engine-keys" / VOTER_KEYS_FILE
+    installed_file = deployed.data_dir / "keys" / VOTER_KEYS_FILE
+    old_secret = secret_file.read_bytes()
+    old_key_id = _key_set(secret_file)["current"]
+    admin = _votes(deployed.prefix, "admin-token", "--data-dir", str(deployed.data_dir))
+    # issuer_dir keeps the old key set: tokens from it are signed with the old key.
+    old_tokens = _voter_tokens(deployed.prefix, deployed.issuer_dir, 1000)
+    with ValidatingClient(base_url=f"http://127.0.0.1:{deployed.port}",
+                          timeout=HTTP_TIMEOUT_S) as client:
+        created = client.post("/v1/polls", json={"id": "keys", "options": ["yes", "no"]},
+                              headers={"authorization": f"Bearer {admin}"})
+        assert created.status_code == 201, created.text
+
+        _playbook(deployed, "playbooks/rotate-keys.yml", {"key_set": "voter", "action": "rotate"})
+        rotated = _key_set(secret_file)
+        assert secret_file.read_bytes() != old_secret
+        assert rotated["current"] != old_key_id and old_key_id in rotated["keys"], rotated.keys()
+        assert installed_file.read_bytes() == secret_file.read_bytes()
+        assert installed_file.stat().st_mode & 0o777 == 0o600, oct(installed_file.stat().st_mode)
+        new_keys_dir = _data_dir_with_keys(deployed.work_dir / "new-keys",
+                                           deployed.secrets_dir / "engine-keys")
+        new_tokens = _voter_tokens(deployed.prefix, new_keys_dir, 2000)
+        first_new_token = next(new_tokens)
+        assert _token_key_id(first_new_token) == rotated["current"]
+        status, text = _vote_status_within(
+            client, "keys", itertools.chain([first_new_token], new_tokens), 201)
+        assert status == 201, text
+        status, text = _vote_status(client, "keys", next(old_tokens))
+        assert status == 201, f"a token of the old key no longer verifies: {text}"
+
+        refused = _playbook(deployed, "playbooks/rotate-keys.yml",
+                            {"key_set": "voter", "action": "retire",
+                             "key_id": rotated["current"]}, check=False)
+        assert refused.returncode != 0, refused.stdout[-OUTPUT_TAIL_CHARS:]
+        assert "is the current voter key" in refused.stdout, refused.stdout[-OUTPUT_TAIL_CHARS:]
+        assert _key_set(secret_file) == rotated
+
+        _playbook(deployed, "playbooks/rotate-keys.yml",
+                  {"key_set": "voter", "action": "retire", "key_id": old_key_id})
+        retired = _key_set(secret_file)
+        assert retired["current"] == rotated["current"]
+        assert sorted(retired["keys"]) == sorted(set(rotated["keys"]) - {old_key_id})
+        assert installed_file.read_bytes() == secret_file.read_bytes()
+        status, text = _vote_status_within(client, "keys", old_tokens, 401)
+        assert status == 401, f"a token of the retired key still verifies: {text}"
+        status, text = _vote_status(client, "keys", next(new_tokens))
+        assert status == 201, text
