@@ -61,7 +61,9 @@ render() {
                  "kafka_cluster_id": "placeholder-cluster-id",
                  "haproxy_tls_certificate_pem": "placeholder",
                  "replicator_to_redis_url": "redis://:placeholder@replica.invalid:6379/0",
-                 "issuer_database_url": "postgresql://issuer:placeholder@db.invalid/votes"}' > "$rendered/$inventory.log" 2>&1 \
+                 "issuer_database_url": "postgresql://issuer:placeholder@db.invalid/votes",
+                 "results_ingest_url": "http://ingest.invalid:8000",
+                 "results_receipt_public_keys": "{}"}' > "$rendered/$inventory.log" 2>&1 \
             || { cat "$rendered/$inventory.log"; return 1; }
     done
     "$bin/python" - "$rendered" <<'PY'
@@ -81,7 +83,7 @@ for path in configs:
     print(f"ok  {path.relative_to(root)}: node {config.node_name}, {config.shards} shards, "
           f"kafka {config.uses_kafka}, cluster {config.uses_cluster}")
 # The other roles' configs: each must load, and hold what its command refuses to start without.
-required = {"results.toml": ("redis_url",),
+required = {"results.toml": ("redis_url", "results_ingest_url", "receipt_public_keys_path"),
             "issuer.toml": ("issuer_oidc_url", "issuer_oidc_audience", "issuer_database_url")}
 for name, fields in required.items():
     paths = sorted(root.glob(f"*/*/{name}"))
