@@ -89,6 +89,7 @@ class SegmentLog:
 
     def __init__(self, directory: Path, segment_bytes_max: int) -> None:
         self.directory = Path(directory)
+        self._directory_text = str(self.directory)
         self.segment_bytes_max = segment_bytes_max
         self.end_offset = 0  # durable end: the offset the next append starts at
         self._lock_descriptor: int | None = None
@@ -183,18 +184,34 @@ class SegmentLog:
                 raise LogCorrupt(f"{path}: bad record at offset {base + cursor}")
 
     def read_at(self, offset: int) -> bytes:
-        """The payload of the record at `offset` (receipts for repeat votes, `prove`)."""
-        bases = [base for base in self.segment_bases() if base <= offset]
-        if not bases or offset >= self.end_offset:
+        """The payload of the record at `offset` (receipts for repeat votes, `prove`).
+
+        A record of the active segment (a repeat vote's, mostly: repeats follow their vote
+        closely) is read without listing the directory: the glob was a third of a 409's
+        cost. `_active_base` is read once: if an append rolls to a new segment meanwhile,
+        the old one, which holds the record, stays where it is."""
+        if offset >= self.end_offset:
             raise LogCorrupt(f"no record at offset {offset} in {self.directory}")
-        path = self.directory / segment_name(bases[-1])
-        with open(path, "rb") as handle:
-            handle.seek(offset - bases[-1])
-            header = handle.read(FRAME_HEADER_BYTES)
+        base = self._active_base
+        if offset < base or base == 0 and self._active_descriptor is None:
+            bases = [base for base in self.segment_bases() if base <= offset]
+            if not bases:
+                raise LogCorrupt(f"no record at offset {offset} in {self.directory}")
+            base = bases[-1]
+        path = os.path.join(self._directory_text, segment_name(base))  # not pathlib: per 409
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise LogCorrupt(f"no record at offset {offset} in {self.directory}") from None
+        try:
+            header = os.pread(descriptor, FRAME_HEADER_BYTES, offset - base)
             if len(header) != FRAME_HEADER_BYTES:
                 raise LogCorrupt(f"{path}: no record at offset {offset}")
             length, checksum = FRAME_HEADER.unpack(header)
-            payload = handle.read(min(length, RECORD_BYTES_MAX))
+            payload = os.pread(descriptor, min(length, RECORD_BYTES_MAX),
+                               offset - base + FRAME_HEADER_BYTES)
+        finally:
+            os.close(descriptor)
         if len(payload) != length or zlib.crc32(payload) != checksum:
             raise LogCorrupt(f"{path}: bad record at offset {offset}")
         return payload
