@@ -191,6 +191,9 @@ def forwarded_client(peer: str, forwarded_for: str | None,
 def forwarded_hop(forwarded_for: str, trusted_proxies: tuple[AddressRange, ...]) -> str | None:
     """The right-most hop of X-Forwarded-For that is not a trusted proxy (the first hop if
     all are; None if there is none), for a request whose peer is a trusted proxy."""
+    if "," not in forwarded_for:  # one hop, as the edge sends it: no list to build
+        hop = forwarded_for.strip()
+        return hop or None
     hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not in_ranges(hop, trusted_proxies):
@@ -258,7 +261,9 @@ class RateLimiter:
             known = keys[address] = ClientKeys(address, address, prefix_of(address), exempt)
         # The cached keys name the address as their peer: the common case (no proxy) reuses
         # them as they are, as building a tuple per vote was measurable (bench_challenge).
-        return known if peer == address else known._replace(peer=peer)
+        if peer == address:
+            return known
+        return ClientKeys(peer, address, known.prefix, known.exempt)  # _replace: 4x the cost
 
     def check_client(self, scope_client: str, forwarded_for: str | None,
                      node_forwarded: bool = False) -> bool:

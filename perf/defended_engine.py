@@ -197,10 +197,13 @@ class EngineUnderTest:
 
 def wrk_votes(url: str, server_pid: int, tokens: Path, poll: str, duration_s: float,
               connections: int, forwarded_for: str | None, wrk_path: str,
-              extra_roots: dict | None = None) -> dict:
+              extra_roots: dict | None = None, spread_first: int = 0) -> dict:
     """One closed-loop wrk run of perf/wrk/votes.lua (each token once), with the server's
-    CPU (and ``extra_roots``', e.g. the Redis masters) sampled over it."""
-    env = {"VOTES_TOKENS_FILE": str(tokens), "VOTES_POLL": poll, "VOTES_OPTIONS": "a"}
+    CPU (and ``extra_roots``', e.g. the Redis masters) sampled over it. ``spread_first``:
+    the first spread address's index (VOTES_SPREAD_FIRST), for a second run against the
+    same engine."""
+    env = {"VOTES_TOKENS_FILE": str(tokens), "VOTES_POLL": poll, "VOTES_OPTIONS": "a",
+           "VOTES_SPREAD_FIRST": str(spread_first)}
     if forwarded_for is not None:
         env["VOTES_FORWARDED_FOR"] = forwarded_for
     # wrk takes whole seconds only (-d1.5s is refused).

@@ -24,6 +24,11 @@
 --                      gives vote k of the thread its own address, 250 per /24 in turn
 --                      (10.x.y.1-250), so no address or prefix limit is reached at any
 --                      rate; any other value is sent as is (one client address)
+--   VOTES_SPREAD_FIRST  optional: with "spread", start at vote k = this instead of 0, so
+--                      a second run against the same engine (a measured run after its
+--                      warm-up) gets addresses of its own: reusing the first run's /24s
+--                      gives each of them twice the voters, which the velocity rules
+--                      rightly take for a bot farm
 --
 -- Pacing uses wrk's delay() hook: before each request, a connection asks delay() how
 -- many milliseconds to wait. Each thread hands out send slots rate/threads apart, one
@@ -73,6 +78,7 @@ option_prefixes = nil
 option_bodies = nil
 option_next = 1
 forwarded_for = nil
+spread_first = 0
 counts = {}
 sent = 0
 sent_after_exhaustion = 0
@@ -120,6 +126,7 @@ function init(args)
    local options = split_commas(os.getenv("VOTES_OPTIONS") or "a")
 
    forwarded_for = os.getenv("VOTES_FORWARDED_FOR")
+   spread_first = tonumber(os.getenv("VOTES_SPREAD_FIRST") or "0")
    tokens = load_tokens(path, thread_index, thread_count)
    token_count = #tokens
 
@@ -155,7 +162,7 @@ function client_address()
    if forwarded_for ~= "spread" then
       return forwarded_for
    end
-   local k = sent
+   local k = spread_first + sent
    return "10." .. ((thread_index * 16 + math.floor(k / 64000)) % 256) .. "."
       .. (math.floor(k / 250) % 256) .. "." .. (k % 250 + 1)
 end
