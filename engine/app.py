@@ -27,7 +27,7 @@ from engine.bans import Banned
 from engine.challenge import ChallengeFailed, ChallengeRequired
 from engine.cluster_node import make_node
 from engine.config import Config, config_from_parent
-from engine.defences import ClientCheck, Defences, poll_of_query
+from engine.defences import Defences, poll_of_query
 from engine.errors import (
     AlreadyVoted,
     BadRequest,
@@ -44,7 +44,7 @@ from engine.errors import (
 )
 from engine.keys import TokenKeyWatch, load_keys, reload_token_keys
 from engine.logs import REQUEST_ID_HEADER, configure_logging, request_id, request_id_of
-from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, REJECTED, exposition
+from engine.metrics import BUFFERED, FLUSH_INTERVAL_S, exposition
 from engine.node import Node
 from engine.ownership import FORWARDED_HEADER, ForwardedRequest, Relayed
 from engine.problems import problem_of
@@ -107,17 +107,19 @@ _REJECTION_REASON: dict[type[VotesError], str] = {
 }
 
 
-# Each reason's labelled child, made once: labels() per rejection was a tenth of a 401's
-# CPU (its lock and tuple building), paid by every request of a flood.
-_REJECTED_BY_REASON = {reason: REJECTED.labels(reason) for reason in _REJECTION_REASON.values()}
-
-
 def _rejection_reason(error: VotesError) -> str | None:
     reason = _REJECTION_REASON.get(type(error))
     if reason is not None:  # the exact class: one lookup, not a walk of the MRO
         return reason
     return next((_REJECTION_REASON[cls] for cls in type(error).__mro__
                  if cls in _REJECTION_REASON), None)
+
+
+def _decode_vote(body: bytes) -> VoteBody:
+    vote = _decode(_vote_decoder, body, VOTE_BODY_EXPECTED)
+    if not IDENTIFIER_PATTERN.match(vote.option):
+        raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
+    return vote
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes, expected: str):
@@ -237,7 +239,7 @@ class App:
             status, headers, body = self._problem(exc)
             reason = _rejection_reason(exc)
             if reason is not None:
-                _REJECTED_BY_REASON[reason].inc()
+                BUFFERED.rejected(reason)  # labels() and a file write each were a tenth of a 401
                 poll, node = _poll_of(scope.path), self.node
                 if poll is not None and node is not None:
                     node.count_rejection(poll, reason)
@@ -342,17 +344,18 @@ class App:
     async def _vote(self, scope, proto, poll: str, span=None):
         node = self._node()
         # The body is read first, however small, so the connection can carry the next
-        # request after a 429; then the cheap rejection: the address limits before the token.
+        # request after a rejection. Then the cheapest rejections first: the token (its MAC
+        # is about a microsecond in the fast path) and the body, before the address limits,
+        # whose state a forged-token flood from fresh addresses would otherwise grow and
+        # synchronise to Redis (perf/bench_attack.py, docs/security.md).
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
-        client = self.defences.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
-                                            scope.headers.get(FORWARDED_HEADER) is not None)
-        vote = _decode(_vote_decoder, body, VOTE_BODY_EXPECTED)
-        if not IDENTIFIER_PATTERN.match(vote.option):
-            raise BadRequest("option must be 1-64 characters of A-Z a-z 0-9 _ -")
         if span is not None:  # a sampled request: the same steps, each in a child span
-            return await self._vote_traced(scope, poll, body, vote, span, client)
+            return await self._vote_traced(scope, poll, body, span)
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
+        vote = _decode_vote(body)
+        client = self.defences.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
+                                            scope.headers.get(FORWARDED_HEADER) is not None)
         self.defences.check_voter(client, claims.voter, poll, scope.headers, self.keyring)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             return await self._forward_home(scope, poll, body, home_url)
@@ -364,13 +367,16 @@ class App:
             return relayed.status, [("content-type", relayed.content_type)], relayed.body
         return 201, JSON, body
 
-    async def _vote_traced(self, scope, poll: str, body: bytes, vote: VoteBody, span,
-                           client: ClientCheck):
+    async def _vote_traced(self, scope, poll: str, body: bytes, span):
         node = self._node()
         with tracing.child(span, "verify-voter-token"):
             claims = tokens.verify_voter_token(
                 self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
+        vote = _decode_vote(body)
         with tracing.child(span, "defences"):
+            client = self.defences.check_client(
+                scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
+                scope.headers.get(FORWARDED_HEADER) is not None)
             self.defences.check_voter(client, claims.voter, poll, scope.headers, self.keyring)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             with tracing.child(span, "region-forward"):

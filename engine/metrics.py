@@ -196,6 +196,7 @@ class Buffered:
         self.commit_items = BufferedHistogram(COMMIT_ITEMS, COMMIT_ITEMS_BUCKETS)
         self._all: list = [self.commit_seconds, self.commit_items]
         self._wal_pending_votes: dict[int, int] = {}  # group -> its latest backlog
+        self._rejected: dict[str, BufferedCounter] = {}
 
     def request(self, route: str, status: int, seconds: float) -> None:
         pair = self._requests.get((route, status))
@@ -206,6 +207,15 @@ class Buffered:
             self._all.extend(pair)
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        """A vote rejected for `reason`: buffered like the requests, since a flood's
+        rejections would otherwise each write a file-backed value."""
+        counter = self._rejected.get(reason)
+        if counter is None:
+            counter = self._rejected[reason] = BufferedCounter(REJECTED.labels(reason))
+            self._all.append(counter)
+        counter.inc()
 
     # The owners' events (shards/commit.py CommitMetrics), rare: straight to prometheus.
     def wal_append_error(self, kind: str) -> None:
