@@ -268,7 +268,7 @@ class RateLimiter:
     def check_client(self, scope_client: str, forwarded_for: str | None,
                      node_forwarded: bool = False) -> bool:
         """Raise RateLimited when the request's client address or its prefix is over its
-        limit. Cheap: runs before the token is verified. Answers whether the voter limit is
+        limit. Cheap: runs after the token's MAC, before the shard. Answers whether the voter limit is
         still to be checked: not for a vote that another node forwarded (marked so, from an
         exempt peer: the cluster's own network), as that node checked it already."""
         if not self.enabled:
