@@ -1,6 +1,6 @@
 """The vote path's defences in one worker: ban lists, rate limits, velocity rules and the
-proof-of-work difficulty, called twice per vote by engine/app.py (`check_client` before the
-token is verified, `check_voter` after it) and once per `GET /v1/challenge`.
+proof-of-work difficulty, called twice per vote by engine/app.py (`check_client` after the
+token's MAC, `check_voter` after it) and once per `GET /v1/challenge`.
 
 Difficulty (engine/challenge.py solves and verifies) is the sum of what applies, capped at
 `challenge_difficulty_bits_max`: `challenge_difficulty_bits_min` for everyone (0: off),
@@ -13,7 +13,8 @@ defaults honest traffic pays nothing: no PoW until a client or the load gives a 
 
 A prefix with more than `velocity_autoban_voters_max` distinct voters in a window (0: off)
 is banned for `velocity_autoban_ttl_s`, here at once and in the ban store for the other
-workers (engine/bans.py). Every table here has a bound (`suspicion_keys_max`); exempt
+workers (engine/bans.py). With `ratelimit_redis_url` the velocity counts are also every
+worker's together (engine/velocity_sync.py). Every table here has a bound (`suspicion_keys_max`); exempt
 addresses (`ratelimit_exempt_networks`) are neither counted nor suspected. Nothing here
 waits on I/O: a vote costs a few dict lookups, and none at all while the tables are empty.
 """
@@ -33,6 +34,7 @@ from engine.config import Config
 from engine.errors import BadRequest
 from engine.keys import KeyRing
 from engine.ratelimit import ClientKeys, RateLimited, RateLimiter
+from engine.velocity_sync import VelocitySync
 
 LOAD_TICK_S = 1.0
 QUERY_FIELDS_MAX = 4
@@ -70,14 +72,19 @@ class Velocity:
     """Per prefix, the votes and distinct voters of the current window (at most
     voters_max + 1 voters remembered each: beyond, the rule has fired already)."""
 
-    __slots__ = ("window_s", "voters_max", "keys_max", "windows")
+    __slots__ = ("window_s", "voters_max", "keys_max", "windows", "syncing", "pending")
 
-    def __init__(self, window_s: float, voters_max: int, keys_max: int) -> None:
+    def __init__(self, window_s: float, voters_max: int, keys_max: int,
+                 syncing: bool = False) -> None:
         self.window_s = window_s
         self.voters_max = voters_max
         self.keys_max = keys_max
         # prefix -> [window start (monotonic s), votes, voters]: a list, updated in place.
         self.windows: dict[str, list[Any]] = {}
+        # With a store (engine/velocity_sync.py): prefix -> [votes, voters] since the last
+        # sync, at most keys_max prefixes and voters_max + 1 voters each.
+        self.syncing = syncing
+        self.pending: dict[str, list[Any]] = {}
 
     def record(self, prefix: str, voter: int, now: float) -> tuple[int, int]:
         """Count a vote; (votes, distinct voters) of the prefix's window so far."""
@@ -88,7 +95,19 @@ class Velocity:
         voters = entry[2]
         if len(voters) <= self.voters_max:
             voters.add(voter)
+        if self.syncing:
+            waiting = self.pending.get(prefix)
+            if waiting is None and len(self.pending) < self.keys_max:
+                waiting = self.pending[prefix] = [0, set()]
+            if waiting is not None:
+                waiting[0] += 1
+                if len(waiting[1]) <= self.voters_max:
+                    waiting[1].add(voter)
         return entry[1], len(voters)
+
+    def take_pending(self) -> dict[str, list[Any]]:
+        pending, self.pending = self.pending, {}
+        return pending
 
     def start(self, prefix: str, now: float) -> list[Any]:
         """A new window for the prefix; when the table is full, the ended windows go, and
@@ -138,7 +157,10 @@ class Defences:
         self.velocity = Velocity(config.velocity_window_s,
                                  max(config.velocity_prefix_voters_max,
                                      config.velocity_autoban_voters_max),
-                                 config.suspicion_keys_max)
+                                 config.suspicion_keys_max,
+                                 syncing=bool(config.ratelimit_redis_url))
+        self.velocity_sync: VelocitySync | None = (
+            VelocitySync(config, self) if config.ratelimit_redis_url else None)
         self.bits_min = config.challenge_difficulty_bits_min
         self.load_bits = 0  # set by run() from the measured load
         # What every client of this worker is asked for now (min + load, capped): with no
@@ -151,6 +173,8 @@ class Defences:
         tasks = [self._measure_load()]
         if self.refresher is not None:
             tasks.append(self.refresher.run())
+        if self.velocity_sync is not None:
+            tasks.append(self.velocity_sync.run())
         await asyncio.gather(*tasks)
 
     async def _measure_load(self) -> None:
@@ -171,6 +195,8 @@ class Defences:
     async def close(self) -> None:
         if self.refresher is not None:
             await self.refresher.close()
+        if self.velocity_sync is not None:
+            await self.velocity_sync.close()
 
     def check_client(self, scope_client: str, forwarded_for: str | None,
                      node_forwarded: bool) -> ClientCheck:
@@ -250,13 +276,20 @@ class Defences:
         self.suspicious.mark(keys.prefix, until, now)
 
     def _apply_velocity(self, prefix: str, voter: int) -> None:
+        votes, voters = self.velocity.record(prefix, voter, self.clock())
+        if self.apply_global_velocity(prefix, votes, voters):
+            raise Banned("requests from this network are refused for now")
+
+    def apply_global_velocity(self, prefix: str, votes: int, voters: int) -> bool:
+        """The velocity rules on a prefix's counts: this worker's window, or every worker's
+        as the store answered them (engine/velocity_sync.py). True when it was banned."""
         config, now = self.config, self.clock()
-        votes, voters = self.velocity.record(prefix, voter, now)
         if votes > config.velocity_prefix_votes_max or voters > config.velocity_prefix_voters_max:
             self.suspicious.mark(prefix, now + config.suspicion_s, now)
             if config.velocity_autoban_voters_max and voters > config.velocity_autoban_voters_max:
                 self._autoban(prefix)
-                raise Banned("requests from this network are refused for now")
+                return True
+        return False
 
     def _autoban(self, prefix: str) -> None:
         expires_ms = time.time_ns() // 1_000_000 + self.config.velocity_autoban_ttl_s * 1000
