@@ -48,7 +48,10 @@ PROXY_TOML = 'trusted_proxies = "127.0.0.1/32"\nratelimit_exempt_networks = ""\n
 # (engine/ratelimit.py SYNC_SCRIPT's redis.call()s): work in Redis, not round trips, so
 # they are counted apart. The rest (HELLO, CLUSTER SLOTS, ...) is the client's discovery.
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro")
-SCRIPT_INNER_COMMANDS = ("time", "hget", "hset", "hdel", "hscan", "get", "set")
+# The commands the scripts run inside Redis: the rate limits' (engine/ratelimit.py) and the
+# velocity rules' (engine/velocity_sync.py); not round trips.
+SCRIPT_INNER_COMMANDS = ("time", "hget", "hset", "hdel", "hscan", "get", "set",
+                         "incrby", "expire", "del", "pfadd", "pfcount", "ttl")
 
 
 def config_toml(name: str, redis_url: str | None) -> str:
