@@ -479,8 +479,8 @@ def _forwarded(scope, body: bytes) -> ForwardedRequest:
 
 
 # Problem answers by (class, detail, extra members): a flood of forged tokens or of
-# requests past their limit gets the same few answers, encoded once. Details never carry the request's input (hardening),
-# so the keys are few; the bound is for safety, not expected to be reached.
+# requests past their limit gets the same few answers, encoded once. Details never carry
+# the request's input (hardening), so the keys are few; the bound is for safety only.
 PLAIN_PROBLEMS_MAX = 1024
 HEADER_ONLY_EXTRA = frozenset({"retry_after", "allow"})  # they become headers, not members
 _plain_problems: dict[tuple, tuple[int, list[tuple[str, str]], bytes]] = {}

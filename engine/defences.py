@@ -14,7 +14,8 @@ defaults honest traffic pays nothing: no PoW until a client or the load gives a 
 A prefix with more than `velocity_autoban_voters_max` distinct voters in a window (0: off)
 is banned for `velocity_autoban_ttl_s`, here at once and in the ban store for the other
 workers (engine/bans.py). With `ratelimit_redis_url` the velocity counts are also every
-worker's together (engine/velocity_sync.py). Every table here has a bound (`suspicion_keys_max`); exempt
+worker's together (engine/velocity_sync.py). Every table here has a bound
+(`suspicion_keys_max`); exempt
 addresses (`ratelimit_exempt_networks`) are neither counted nor suspected. Nothing here
 waits on I/O: a vote costs a few dict lookups, and none at all while the tables are empty.
 """

@@ -179,15 +179,6 @@ def in_ranges(address: str, ranges: tuple[AddressRange, ...]) -> bool:
                for network in ranges)
 
 
-def forwarded_client(peer: str, forwarded_for: str | None,
-                     trusted_proxies: tuple[AddressRange, ...]) -> str:
-    """The client: the peer, unless the peer is a trusted proxy; then the right-most address
-    of X-Forwarded-For that is not a trusted proxy (the left ones are the client's to forge)."""
-    if not forwarded_for or not trusted_proxies or not in_ranges(peer, trusted_proxies):
-        return peer
-    return forwarded_hop(forwarded_for, trusted_proxies) or peer
-
-
 def forwarded_hop(forwarded_for: str, trusted_proxies: tuple[AddressRange, ...]) -> str | None:
     """The right-most hop of X-Forwarded-For that is not a trusted proxy (the first hop if
     all are; None if there is none), for a request whose peer is a trusted proxy."""
@@ -268,7 +259,8 @@ class RateLimiter:
     def check_client(self, scope_client: str, forwarded_for: str | None,
                      node_forwarded: bool = False) -> bool:
         """Raise RateLimited when the request's client address or its prefix is over its
-        limit. Cheap: runs after the token's MAC, before the shard. Answers whether the voter limit is
+        limit. Cheap: runs after the token's MAC, before the shard. Answers whether the
+        voter limit is
         still to be checked: not for a vote that another node forwarded (marked so, from an
         exempt peer: the cluster's own network), as that node checked it already."""
         if not self.enabled:
@@ -357,6 +349,52 @@ def bucket_keys(tag: str) -> list[str]:
     return [f"{{{tag}}}:tat", f"{{{tag}}}:prune"]
 
 
+def cluster_client(url: str, timeout_s: float) -> Any:
+    """The Redis Cluster client of a batched sync: one retry, at once (a sync that misses
+    its interval is dropped, not queued)."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                 retry=Retry(NoBackoff(), 1))
+
+
+async def call_buckets(batches: list, call: Any) -> list:
+    """`call(bucket, entries)` for every batch at once; answers or exceptions, in order.
+    Each call is a store round trip (vote_ratelimit_store_calls_total)."""
+    answers = await asyncio.gather(*(call(bucket, entries) for bucket, entries in batches),
+                                   return_exceptions=True)
+    RATELIMIT_STORE_CALLS.inc(len(batches))
+    return answers
+
+
+class FailOpenLog:
+    """Counts what a failed sync let through, and logs it once, then at most every
+    FAIL_OPEN_LOG_INTERVAL_S, and once more when the store answers again."""
+
+    def __init__(self, what: str, unit: str) -> None:
+        self.what, self.unit = what, unit  # "rate limit", "requests": for the log line
+        self.failing_since: float | None = None
+        self.logged_at = 0.0
+
+    def report(self, failed: int, error: BaseException | None, now: float,
+               consequence: str) -> None:
+        if failed:
+            RATELIMIT_FAIL_OPEN.inc(failed)
+            if self.failing_since is None:
+                self.failing_since = now
+            elif now - self.logged_at < FAIL_OPEN_LOG_INTERVAL_S:
+                return
+            self.logged_at = now
+            log.error("%s store did not answer (%s: %s); %s (%d %s this sync)", self.what,
+                      type(error).__name__, error, consequence, failed, self.unit)
+        elif self.failing_since is not None:
+            log.warning("%s store answers again after %.1f s", self.what,
+                        now - self.failing_since)
+            self.failing_since = None
+
+
 class GlobalSync:
     """Every `ratelimit_sync_ms`, one Lua call per bucket with pending counts: adds this
     worker's admissions to the global TATs and adopts the answers. Fails open, counted."""
@@ -370,15 +408,10 @@ class GlobalSync:
         self.url = config.ratelimit_redis_url
         self.client = client
         self.script: Any = None  # redis-py's AsyncScript, made on the first sync
-        self.failing_since: float | None = None
-        self.logged_at = 0.0
+        self.fail_open = FailOpenLog("rate limit", "requests")
 
     def _connect(self):
-        from redis.asyncio.cluster import RedisCluster
-
-        self.client = RedisCluster.from_url(
-            self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-            cluster_error_retry_attempts=1)
+        self.client = cluster_client(self.url, self.timeout_s)
         self.script = self.client.register_script(SYNC_SCRIPT)
 
     async def run(self) -> None:
@@ -403,12 +436,9 @@ class GlobalSync:
             return
         if self.script is None:
             self._connect()
-        answers = await asyncio.gather(*(self._call(bucket, entries)
-                                         for bucket, entries in batches),
-                                       return_exceptions=True)
-        RATELIMIT_STORE_CALLS.inc(len(batches))
+        answers = await call_buckets(batches, self._call)
         now = self.limiter.clock()
-        failed = 0
+        failed, error = 0, None
         for (_, entries), answer in zip(batches, answers):
             if isinstance(answer, BaseException):
                 failed += sum(count for _, _, count in entries)
@@ -416,13 +446,8 @@ class GlobalSync:
                 continue
             for (gcra, key, _), debt_us in zip(entries, answer.split()):
                 gcra.apply_global(key, int(debt_us) / 1e6, now)
-        if failed:
-            RATELIMIT_FAIL_OPEN.inc(failed)
-            self._log_failing(error, failed, now)
-        elif self.failing_since is not None:
-            log.warning("rate limit store answers again after %.1f s; global limits back",
-                        now - self.failing_since)
-            self.failing_since = None
+        self.fail_open.report(failed, error, now,
+                              "failing open on the global limits, local limits still apply")
 
     async def _call(self, bucket: int, entries: list[tuple[Gcra, str, int]]) -> bytes:
         kinds = {id(gcra): kind for kind, gcra in self.limiter.limiters().items()}
@@ -432,16 +457,6 @@ class GlobalSync:
                            for gcra, key, count in entries)
         return await asyncio.wait_for(
             self.script(keys=bucket_keys(self.tags[bucket]), args=[packed]), self.timeout_s)
-
-    def _log_failing(self, error: BaseException, failed: int, now: float) -> None:
-        if self.failing_since is None:
-            self.failing_since = now
-        elif now - self.logged_at < FAIL_OPEN_LOG_INTERVAL_S:
-            return
-        self.logged_at = now
-        log.error("rate limit store did not answer (%s: %s); failing open on the global "
-                  "limits, local limits still apply (%d requests this sync)",
-                  type(error).__name__, error, failed)
 
     async def close(self) -> None:
         if self.client is not None:

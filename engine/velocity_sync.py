@@ -15,20 +15,16 @@ ends by itself. A prefix over either limit globally is suspicious in this worker
 The vote path never waits on this: the counts travel after the votes, so a rule broken
 across workers is applied within one sync interval. Redis away: the local rules keep
 working, the unsent counts are dropped and counted as fail-open (`vote_ratelimit_fail_open_
-total`), and the worker logs at most every FAIL_OPEN_LOG_INTERVAL_S.
+total`), and the worker logs at most every ratelimit.FAIL_OPEN_LOG_INTERVAL_S.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from engine.config import Config
-from engine.metrics import RATELIMIT_FAIL_OPEN, RATELIMIT_STORE_CALLS
-from engine.ratelimit import FAIL_OPEN_LOG_INTERVAL_S, bucket_of, bucket_tags
-
-log = logging.getLogger("votes.velocity")
+from engine.ratelimit import FailOpenLog, bucket_of, bucket_tags, call_buckets, cluster_client
 
 PREFIXES_PER_CALL_MAX = 256  # two keys each: bounds one call's size and time in Redis
 
@@ -74,19 +70,11 @@ class VelocitySync:
         self.url = config.ratelimit_redis_url
         self.client = client
         self.script: Any = None
-        self.failing_since: float | None = None
-        self.logged_at = 0.0
+        self.fail_open = FailOpenLog("velocity", "votes")
 
     def _connect(self) -> None:
         if self.client is None:
-            from redis.asyncio.cluster import RedisCluster
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            # One retry, at once: a sync that misses its interval is dropped, not queued.
-            self.client = RedisCluster.from_url(
-                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                retry=Retry(NoBackoff(), 1))
+            self.client = cluster_client(self.url, self.timeout_s)
         self.script = self.client.register_script(VELOCITY_SCRIPT)
 
     async def run(self) -> None:
@@ -109,10 +97,7 @@ class VelocitySync:
             return
         if self.script is None:
             self._connect()
-        answers = await asyncio.gather(*(self._call(bucket, entries)
-                                         for bucket, entries in batches),
-                                       return_exceptions=True)
-        RATELIMIT_STORE_CALLS.inc(len(batches))
+        answers = await call_buckets(batches, self._call)
         failed, error = 0, None
         for (_, entries), answer in zip(batches, answers):
             if isinstance(answer, BaseException):
@@ -123,7 +108,8 @@ class VelocitySync:
             for index, (prefix, _, _) in enumerate(entries):
                 self.defences.apply_global_velocity(prefix, numbers[2 * index],
                                                     numbers[2 * index + 1])
-        self._report(failed, error)
+        self.fail_open.report(failed, error, self.defences.clock(),
+                              "the velocity rules count this worker's traffic only")
 
     async def _call(self, bucket: int, entries: list[tuple[str, int, set[int]]]) -> bytes:
         tag = self.tags[bucket]
@@ -131,21 +117,6 @@ class VelocitySync:
         args = [str(self.window_s)] + [
             " ".join([str(votes), *map(str, voters)]) for _, votes, voters in entries]
         return await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout_s)
-
-    def _report(self, failed: int, error: BaseException | None) -> None:
-        now = self.defences.clock()
-        if failed:
-            RATELIMIT_FAIL_OPEN.inc(failed)
-            if self.failing_since is None:
-                self.failing_since = now
-            if now - self.logged_at >= FAIL_OPEN_LOG_INTERVAL_S:
-                self.logged_at = now
-                log.error("velocity store did not answer (%s: %s); the velocity rules count "
-                          "this worker's traffic only (%d votes this sync)",
-                          type(error).__name__, error, failed)
-        elif self.failing_since is not None:
-            log.warning("velocity store answers again after %.1f s", now - self.failing_since)
-            self.failing_since = None
 
     async def close(self) -> None:
         if self.client is not None:

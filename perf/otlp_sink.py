@@ -31,7 +31,10 @@ class Sink(http.server.BaseHTTPRequestHandler):
         self._answer(200, b"")
 
     def do_GET(self) -> None:  # noqa: N802
-        self._answer(200, str(Sink.spans).encode()) if self.path == "/spans" else self._answer(404, b"")
+        if self.path == "/spans":
+            self._answer(200, str(Sink.spans).encode())
+        else:
+            self._answer(404, b"")
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)

@@ -26,7 +26,6 @@ from engine.ratelimit import (
     bucket_of,
     address_number,
     address_ranges,
-    forwarded_client,
     in_ranges,
     parse_networks,
     peer_address,
@@ -141,15 +140,22 @@ def test_peer_address(client: str, address: str) -> None:
 
 
 def test_forwarded_for_only_from_trusted_proxies() -> None:
-    trusted = address_ranges(parse_networks("10.0.0.0/8"))
-    assert forwarded_client("10.1.1.1", "203.0.113.5", trusted) == "203.0.113.5"
+    limiter = RateLimiter(limiter_config(trusted_proxies="10.0.0.0/8"), FakeClock())
+
+    def client(peer: str, forwarded_for: str | None) -> str:
+        return limiter.client_keys(f"{peer}:4000", forwarded_for).address
+
+    assert client("10.1.1.1", "203.0.113.5") == "203.0.113.5"
     # A peer that is not a proxy cannot choose its address.
-    assert forwarded_client("198.51.100.9", "203.0.113.5", trusted) == "198.51.100.9"
-    assert forwarded_client("10.1.1.1", "203.0.113.5", ()) == "10.1.1.1"
+    assert client("198.51.100.9", "203.0.113.5") == "198.51.100.9"
+    untrusting = RateLimiter(limiter_config(), FakeClock())
+    assert untrusting.client_keys("10.1.1.1:4000", "203.0.113.5").address == "10.1.1.1"
     # The client may forge the left entries; the right-most untrusted hop is the client.
-    assert forwarded_client("10.1.1.1", "1.1.1.1, 203.0.113.5, 10.2.2.2", trusted) == (
-        "203.0.113.5")
-    assert forwarded_client("10.1.1.1", None, trusted) == "10.1.1.1"
+    assert client("10.1.1.1", "1.1.1.1, 203.0.113.5, 10.2.2.2") == "203.0.113.5"
+    assert client("10.1.1.1", None) == "10.1.1.1"
+    assert client("10.1.1.1", " , ") == "10.1.1.1"  # no hop at all: the peer
+    keys = limiter.client_keys("10.1.1.1:4000", "203.0.113.5")
+    assert (keys.peer, keys.prefix) == ("10.1.1.1", "203.0.113")
 
 
 @settings(max_examples=400, deadline=None)
@@ -274,7 +280,7 @@ def test_store_down_fails_open_and_keeps_local_limits() -> None:
     sync.script = FailingScript()
     assert len(rejections(limiter, "198.51.100.1:1", 5)) == 2
     asyncio.run(sync.sync_once())
-    assert sync.failing_since is not None
+    assert sync.fail_open.failing_since is not None
     assert limiter.address.pending == {}  # dropped, not grown without bound
     assert len(rejections(limiter, "198.51.100.1:1", 5)) == 5  # the local limit still holds
 
