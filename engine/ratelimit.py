@@ -360,6 +360,13 @@ def cluster_client(url: str, timeout_s: float) -> Any:
                                  retry=Retry(NoBackoff(), 1))
 
 
+def bucket_batches(by_bucket: dict[int, list], per_call_max: int) -> list[tuple[int, list]]:
+    """Each bucket's entries in calls of at most `per_call_max` (bounds a call in Redis)."""
+    return [(bucket, entries[start:start + per_call_max])
+            for bucket, entries in by_bucket.items()
+            for start in range(0, len(entries), per_call_max)]
+
+
 async def call_buckets(batches: list, call: Any) -> list:
     """`call(bucket, entries)` for every batch at once; answers or exceptions, in order.
     Each call is a store round trip (vote_ratelimit_store_calls_total)."""
@@ -426,9 +433,7 @@ class GlobalSync:
             for key, count in gcra.take_pending().items():
                 bucket = bucket_of(f"{kind}:{key}", buckets)
                 by_bucket.setdefault(bucket, []).append((gcra, key, count))
-        return [(bucket, entries[start:start + SYNC_KEYS_PER_CALL_MAX])
-                for bucket, entries in by_bucket.items()
-                for start in range(0, len(entries), SYNC_KEYS_PER_CALL_MAX)]
+        return bucket_batches(by_bucket, SYNC_KEYS_PER_CALL_MAX)
 
     async def sync_once(self) -> None:
         batches = self._batches()

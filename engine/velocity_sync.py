@@ -24,7 +24,14 @@ import asyncio
 from typing import Any
 
 from engine.config import Config
-from engine.ratelimit import FailOpenLog, bucket_of, bucket_tags, call_buckets, cluster_client
+from engine.ratelimit import (
+    FailOpenLog,
+    bucket_batches,
+    bucket_of,
+    bucket_tags,
+    call_buckets,
+    cluster_client,
+)
 
 PREFIXES_PER_CALL_MAX = 256  # two keys each: bounds one call's size and time in Redis
 
@@ -87,9 +94,7 @@ class VelocitySync:
         for prefix, (votes, voters) in self.defences.velocity.take_pending().items():
             by_bucket.setdefault(bucket_of(f"vel:{prefix}", self.buckets), []).append(
                 (prefix, votes, voters))
-        return [(bucket, entries[start:start + PREFIXES_PER_CALL_MAX])
-                for bucket, entries in by_bucket.items()
-                for start in range(0, len(entries), PREFIXES_PER_CALL_MAX)]
+        return bucket_batches(by_bucket, PREFIXES_PER_CALL_MAX)
 
     async def sync_once(self) -> None:
         batches = self._batches()
