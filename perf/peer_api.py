@@ -15,8 +15,8 @@ from perf import BenchError
 from perf.processes import http_request
 
 # The engine's group-commit histograms (engine/metrics.py), read from GET /metrics.
-COMMIT_SECONDS = "vote_wal_commit_duration_seconds"
-COMMIT_ITEMS = "vote_wal_commit_items"
+COMMIT_SECONDS = "vote_commit_cycle_duration_seconds"
+COMMIT_ITEMS = "vote_commit_cycle_items"
 RESULTS_TIMEOUT_S = 30.0
 
 
@@ -79,7 +79,7 @@ def commit_counters(base_url: str) -> dict[str, float] | None:
 
 
 def wal_commits(before: dict | None, after: dict | None, duration_s: float) -> dict | None:
-    """The engine's WAL commits between two readings of its vote_wal_commit_* histograms.
+    """The engine's WAL commits between two readings of its vote_commit_cycle_* histograms.
 
     How many, how long each, how many votes each, and how many were in flight on average
     (1 when a worker commits one cycle at a time; up to the shard count when each shard

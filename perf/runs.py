@@ -142,8 +142,10 @@ def run_scenario(h: Harness, peer: RunningPeer, scenario: Scenario, state: dict)
     run, counted = run_kind(h, peer, scenario, state, polls, connections)
     document: dict = {"title": scenario.title, "polls": len(polls), **run}
     if wants_commits:
+        # wrk names a run's length duration_s, the open loop wall_s.
+        length_s = document.get("duration_s") or document.get("wall_s") or 0.0
         document["wal_commits"] = wal_commits(commits_before, commit_counters(peer.base_url),
-                                              document.get("duration_s") or 0.0)  # fmt: skip
+                                              length_s)
     document["cross_check"] = cross_check(document["created"], counted, document["in_flight_at_end"])
     if document["created"] == 0:
         raise BenchError(f"{scenario.name}: no 201 at all: statuses {document['statuses']}, "
