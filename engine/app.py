@@ -345,17 +345,21 @@ class App:
         node = self._node()
         # The body is read first, however small, so the connection can carry the next
         # request after a rejection. Then the cheapest rejections first: the token (its MAC
-        # is about a microsecond in the fast path) and the body, before the address limits,
-        # whose state a forged-token flood from fresh addresses would otherwise grow and
-        # synchronise to Redis (perf/bench_attack.py, docs/security.md).
+        # is about a microsecond in the fast path), a client address already past its limit
+        # (one read-only lookup), the body, and only then the limits' counting, whose state
+        # a forged-token flood from fresh addresses would otherwise grow and synchronise to
+        # Redis (perf/bench_attack.py, docs/security.md).
         body = await read_body(scope, proto, self._config().vote_body_bytes_max)
         if span is not None:  # a sampled request: the same steps, each in a child span
             return await self._vote_traced(scope, poll, body, span)
         claims = tokens.verify_voter_token(self.keyring, scope.headers.get("authorization"),
                                            int(time.time()), poll)
+        peer, address = self.defences.client_address(scope.client,
+                                                     scope.headers.get(FORWARDED_FOR_HEADER))
+        self.defences.refuse_limited(peer, address)
         vote = _decode_vote(body)
-        client = self.defences.check_client(scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
-                                            scope.headers.get(FORWARDED_HEADER) is not None)
+        client = self.defences.check_client_at(peer, address,
+                                               scope.headers.get(FORWARDED_HEADER) is not None)
         self.defences.check_voter(client, claims.voter, poll, scope.headers, self.keyring)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             return await self._forward_home(scope, poll, body, home_url)
@@ -372,11 +376,13 @@ class App:
         with tracing.child(span, "verify-voter-token"):
             claims = tokens.verify_voter_token(
                 self.keyring, scope.headers.get("authorization"), int(time.time()), poll)
+        peer, address = self.defences.client_address(scope.client,
+                                                     scope.headers.get(FORWARDED_FOR_HEADER))
+        self.defences.refuse_limited(peer, address)
         vote = _decode_vote(body)
         with tracing.child(span, "defences"):
-            client = self.defences.check_client(
-                scope.client, scope.headers.get(FORWARDED_FOR_HEADER),
-                scope.headers.get(FORWARDED_HEADER) is not None)
+            client = self.defences.check_client_at(
+                peer, address, scope.headers.get(FORWARDED_HEADER) is not None)
             self.defences.check_voter(client, claims.voter, poll, scope.headers, self.keyring)
         if (home_url := self._regions.home_url(claims.region, scope.headers)) is not None:
             with tracing.child(span, "region-forward"):

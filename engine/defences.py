@@ -34,7 +34,7 @@ from engine.bans import Banned, BanList, BanRefresher
 from engine.config import Config
 from engine.errors import BadRequest
 from engine.keys import KeyRing
-from engine.ratelimit import ClientKeys, RateLimited, RateLimiter
+from engine.ratelimit import ClientKeys, RateLimited, RateLimiter, rate_limited
 from engine.velocity_sync import VelocitySync
 
 LOAD_TICK_S = 1.0
@@ -202,7 +202,30 @@ class Defences:
     def check_client(self, scope_client: str, forwarded_for: str | None,
                      node_forwarded: bool) -> ClientCheck:
         """Bans and rate limits of the client's address and prefix (Banned, RateLimited)."""
-        keys = self.limiter.client_keys(scope_client, forwarded_for)
+        return self.check_client_keys(self.limiter.client_keys(scope_client, forwarded_for),
+                                      node_forwarded)
+
+    def client_address(self, scope_client: str, forwarded_for: str | None) -> tuple[str, str]:
+        """(peer, client address) of the request (engine/ratelimit.py)."""
+        return self.limiter.client_address(scope_client, forwarded_for)
+
+    def refuse_limited(self, peer: str, address: str) -> None:
+        """RateLimited at once when the client's address is past its limit now: one lookup
+        (no key added, nothing counted), right after the token's MAC and before the body,
+        so a flood past its limit costs little more than a 401 (perf/bench_attack.py's 429
+        class). What passes is checked and counted by check_client_at, as before; a prefix
+        past its limit is refused there."""
+        wait_s = self.limiter.address_over_s(address)
+        if wait_s:
+            self._suspect(self.limiter.keys_of(peer, address))
+            raise rate_limited(wait_s, "this address")
+
+    def check_client_at(self, peer: str, address: str, node_forwarded: bool) -> ClientCheck:
+        """check_client for what client_address found."""
+        return self.check_client_keys(self.limiter.keys_of(peer, address), node_forwarded)
+
+    def check_client_keys(self, keys: ClientKeys, node_forwarded: bool) -> ClientCheck:
+        """check_client for the keys client_keys gave."""
         bans = self.bans
         if (bans.addresses or bans.prefixes) and bans.client_banned(
                 keys.address, keys.prefix, time.time_ns() // 1_000_000):
@@ -272,7 +295,15 @@ class Defences:
         if keys.exempt:
             return
         now = self.clock()
-        until = now + self.config.suspicion_s
+        suspicion_s = self.config.suspicion_s
+        marked = self.suspicious.until
+        # A client past its limit is refused on every request: its marks are renewed once
+        # they have run half their course, not on every 429.
+        renew_before = now + suspicion_s / 2
+        if marked.get(keys.address, 0.0) > renew_before and \
+                marked.get(keys.prefix, 0.0) > renew_before:
+            return
+        until = now + suspicion_s
         self.suspicious.mark(keys.address, until, now)
         self.suspicious.mark(keys.prefix, until, now)
 

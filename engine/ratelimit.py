@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import functools
 import itertools
 import logging
 import math
@@ -99,6 +100,15 @@ class Gcra:
             elif len(pending) < self.keys_max:
                 pending[key] = 1
         return 0.0
+
+    def over_s(self, key: str, now: float) -> float:
+        """Read-only `check`: the seconds until `key` would be admitted (0.0: now). Adds no
+        key and counts nothing."""
+        tat = self.arrivals.get(key)
+        if tat is None:
+            return 0.0
+        over_s = max(tat, now) + self.interval_s - now - self.tolerance_s
+        return over_s if over_s > 0.0 else 0.0
 
     def _shrink(self, now: float) -> dict[str, float]:
         """Make room: drop the expired entries (no state), and when that frees less than a
@@ -231,6 +241,10 @@ class RateLimiter:
     def client_keys(self, scope_client: str, forwarded_for: str | None) -> ClientKeys:
         """The request's peer, client address and prefix key, and whether the address is
         exempt; the facts of each address are cached (bounded)."""
+        return self.keys_of(*self.client_address(scope_client, forwarded_for))
+
+    def client_address(self, scope_client: str, forwarded_for: str | None) -> tuple[str, str]:
+        """(peer, client address): the peer's, or the trusted proxies' X-Forwarded-For hop."""
         peer = peer_address(scope_client)
         address = peer
         if self.trusted_proxies and forwarded_for:
@@ -243,6 +257,10 @@ class RateLimiter:
                 trusted = self._peer_trusted[peer] = in_ranges(peer, self.trusted_proxies)
             if trusted:
                 address = forwarded_hop(forwarded_for, self.trusted_proxies) or peer
+        return peer, address
+
+    def keys_of(self, peer: str, address: str) -> ClientKeys:
+        """client_keys for what client_address found."""
         keys = self._address_keys
         known = keys.get(address)
         if known is None:
@@ -281,6 +299,14 @@ class RateLimiter:
             raise rate_limited(wait_s, "this address")
         return True
 
+    def address_over_s(self, address: str) -> float:
+        """Read-only: the seconds until this client address would be admitted (0.0: now), as
+        check_client_keys would find; nothing is parsed, added or counted. An exempt address
+        is never counted, so it is never over."""
+        if not self.enabled:
+            return 0.0
+        return self.address.over_s(address, self.clock())
+
     def check_voter(self, voter: int) -> None:
         if not self.enabled:
             return
@@ -291,8 +317,13 @@ class RateLimiter:
 
 def rate_limited(wait_s: float, whose: str) -> RateLimited:
     retry_after_s = max(RETRY_AFTER_S_MIN, math.ceil(wait_s))
-    return RateLimited(f"too many requests from {whose}; retry in {retry_after_s} s",
-                       retry_after=retry_after_s)
+    return RateLimited(_limited_detail(whose, retry_after_s), retry_after=retry_after_s)
+
+
+@functools.lru_cache(maxsize=256)
+def _limited_detail(whose: str, retry_after_s: int) -> str:
+    # A flood past its limit gets the same few answers: formatted once each.
+    return f"too many requests from {whose}; retry in {retry_after_s} s"
 
 
 # One bucket of the global view is one Redis hash (its own slot, by its hash tag) of

@@ -79,6 +79,43 @@ def test_a_rate_limited_address_must_solve_for_a_while(keyring) -> None:
     assert defences.difficulty_bits(keys_of(peer("198.51.100.99"), None)) == 0
 
 
+def test_a_client_past_its_limit_is_refused_before_anything_is_counted(keyring) -> None:
+    """refuse_limited (run before the token) refuses what check_client_keys would, with the
+    same Retry-After, and adds no key: a fresh address passes it without leaving a trace."""
+    defences, clock = defences_of(ratelimit_address_burst=2, ratelimit_address_per_s=0.5)
+    limiter = defences.limiter
+    defences.refuse_limited(*defences.client_address(peer("203.0.113.5"), None))
+    assert not any(key.startswith("203.0.113.") for key in limiter.address.arrivals)
+    assert not any(key.startswith("203.0.113.") for key in limiter.prefix.arrivals)
+    for voter in range(2):
+        vote(defences, "198.51.100.7", voter, keyring)
+    limited = limiter.client_keys(peer("198.51.100.7"), None)
+    state = dict(limiter.address.arrivals), dict(limiter.address.pending)
+    with pytest.raises(RateLimited) as looked:
+        defences.refuse_limited(limited.peer, limited.address)
+    assert (dict(limiter.address.arrivals), dict(limiter.address.pending)) == state
+    with pytest.raises(RateLimited) as counted:
+        defences.check_client_keys(limited, False)
+    assert looked.value.extra == counted.value.extra
+    assert looked.value.extra["retry_after"] == 2
+    clock.now += 2.0  # one interval later: admitted again
+    defences.refuse_limited(limited.peer, limited.address)
+
+
+def test_a_client_refused_for_long_stays_suspicious(keyring) -> None:
+    """A flood refused on every request by refuse_limited keeps its address and prefix
+    suspicious for as long as it lasts: the marks are renewed, once per half their length."""
+    defences, clock = defences_of(ratelimit_address_burst=1, ratelimit_address_per_s=0.001)
+    vote(defences, "198.51.100.7", 1, keyring)
+    keys = defences.limiter.client_keys(peer("198.51.100.7"), None)
+    suspicion_s = defences.config.suspicion_s
+    for _ in range(8):  # twice the suspicion's length, a request every quarter of it
+        with pytest.raises(RateLimited):
+            defences.refuse_limited(keys.peer, keys.address)
+        clock.now += suspicion_s / 4
+        assert defences.difficulty_bits(keys) == defences.config.challenge_difficulty_bits_suspicious
+
+
 def test_a_vote_asked_to_solve_gets_a_challenge_and_passes_with_its_solution(keyring) -> None:
     defences, _ = defences_of(challenge_difficulty_bits_min=8)
     with pytest.raises(ChallengeRequired) as required:

@@ -62,6 +62,23 @@ def test_retry_after_is_honest() -> None:
     assert gcra.check("k", wait_s) == 0.0
 
 
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from("ab"), st.floats(0.0, 3.0)), max_size=40),
+       rate_per_s=st.sampled_from([0.5, 2.0, 8.0]), burst=st.integers(1, 4))
+def test_the_read_only_look_answers_as_the_check_and_changes_nothing(steps, rate_per_s,
+                                                                       burst) -> None:
+    """over_s is check without its side effects: what it says is what check would do, and
+    the limiter's state is the same after it (a flood refused by it leaves no trace)."""
+    gcra = Gcra(rate_per_s=rate_per_s, burst=burst, keys_max=1000, syncing=True)
+    now = 0.0
+    for key, advance_s in steps:
+        now += advance_s
+        before = (dict(gcra.arrivals), dict(gcra.pending))
+        looked_s = gcra.over_s(key, now)
+        assert (dict(gcra.arrivals), dict(gcra.pending)) == before
+        assert gcra.check(key, now) == pytest.approx(looked_s)
+
+
 def test_keys_are_independent() -> None:
     gcra = Gcra(rate_per_s=1, burst=1, keys_max=1000)
     assert gcra.check("a", 0.0) == 0.0
