@@ -21,8 +21,8 @@ The client address is the peer's; X-Forwarded-For is read only when the peer is 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import functools
+import ipaddress
 import itertools
 import logging
 import math
