@@ -1,24 +1,27 @@
 """Vote receipts: one Ed25519 signature per group-commit cycle, over a two-level Merkle tree.
 
-A worker's commit cycle writes one batch per shard with votes queued (shards/commit.py).
-Each shard batch's votes are the leaves of a batch tree; each batch tree's root, bound to
-(shard, batch_seq, leaf count), is a node of the commit tree; the commit tree's root is
-signed once. Each voter gets the path from their leaf to the batch root and from the batch
+A worker's commit cycle writes one batch per fencing group with votes queued
+(shards/commit.py), holding the votes of any of the group's shards. Each group batch's
+votes are the leaves of a batch tree (each leaf names its shard); each batch tree's root,
+bound to (group, batch_seq, leaf count), is a node of the commit tree; the commit tree's
+root is signed once. Each voter gets the path from their leaf to the batch root and from the batch
 node to the commit root, so anyone holding the public key (keys/receipt-public.json)
 checks a receipt offline, without the log or the engine.
 
 What a verified receipt proves: the key `key_id` signed, at `time_ms`, a commit whose
-batch `batch_position` of `batch_count` is batch `batch_seq` of `shard` holding
-`leaf_count` votes, and leaf `index` of that batch is the vote (poll, shard, voter_hash,
-option).
+batch `batch_position` of `batch_count` is batch `batch_seq` of fencing group `group`
+holding `leaf_count` votes, and leaf `index` of that batch is the vote (poll, shard,
+voter_hash, option). That the shard is in the group (shard mod groups) is the deployment's
+layout, which `votes replay prove` checks against the data dir.
 
 - Signed (commit_message): time_ms, batch_count, root; through the root every batch node
-  (shard, batch_seq, leaf_count, batch root) and every leaf (poll, voter_hash, option).
+  (group, batch_seq, leaf_count, batch root) and every leaf (poll, shard, voter_hash,
+  option).
 - Not signed: `offset`, the log position of the batch record. A batch is signed before it is
   appended (so the signature travels inside the record and receipts can be rebuilt on
   replay), and the log assigns the offset only afterwards. The offset is a locator; the
-  signed position of a vote is (shard, batch_seq, index). An auditor holding the log checks
-  that the record at `offset` is batch `batch_seq` of `shard`.
+  signed position of a vote is (group, batch_seq, index). An auditor holding the log checks
+  that the record at `offset` of the group's log is batch `batch_seq` of `group`.
 - `key_id` is a lookup hint for the public key; the signature does not depend on it.
 
 Hashes (SHA-256, domain-separated so a leaf, an interior node and a batch node can never
@@ -26,7 +29,7 @@ pass for one another):
 - leaf = H(0x00 || u16 len || poll utf-8 || u32 shard || u8 len || voter_hash
            || u16 len || option utf-8), all integers big-endian.
 - node = H(0x01 || left || right).
-- batch node = H(0x02 || u32 shard || u64 batch_seq || u32 leaf_count || batch root).
+- batch node = H(0x02 || u32 group || u64 batch_seq || u32 leaf_count || batch root).
 - Tree shape (both levels): pair nodes left to right, level by level; the odd last node of
   a level is promoted unchanged (never duplicated, so no two leaf lists share a root).
   A path lists sibling hashes bottom-up, skipping levels where the node was promoted;
@@ -53,7 +56,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from engine.errors import VotesError
 from engine.keys import KEY_ID_PATTERN
 
-RECEIPT_PREFIX = "r1."
+# "r1." receipts (the release before group batches) bound a batch to its shard; they are
+# refused by their prefix, never misread.
+RECEIPT_PREFIX = "r2."
 RECEIPT_CHARS_MAX = 16 * 1024
 HASH_BYTES = 32
 VOTER_HASH_BYTES = 16
@@ -68,7 +73,7 @@ PATH_LENGTH_MAX = 64
 _LEAF_DOMAIN = b"\x00"
 _NODE_DOMAIN = b"\x01"
 _BATCH_NODE_DOMAIN = b"\x02"
-# shard, batch_seq, leaf_count (then the batch's leaf root)
+# group, batch_seq, leaf_count (then the batch's leaf root)
 _BATCH_NODE_LAYOUT = struct.Struct(">IQI")
 _COMMIT_DOMAIN = b"votes/receipt-commit/v1\x00"
 # time_ms, batch_count, commit root
@@ -90,6 +95,7 @@ class Receipt(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
               gc=False):
     poll: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
     shard: _UInt32
+    group: _UInt32
     offset: _NonNegative64
     batch_seq: _NonNegative64
     index: _UInt32
@@ -207,14 +213,14 @@ def verify_path(leaf: bytes, index: int, leaf_count: int, path: Sequence[bytes],
     return node is not None and hmac.compare_digest(node, root)
 
 
-def batch_node(shard: int, batch_seq: int, leaf_count: int, batch_root: bytes) -> bytes:
-    """A shard batch's node in its commit tree: binds the batch's leaf root to its position
-    in the shard's log (shard, batch_seq) and its size."""
+def batch_node(group: int, batch_seq: int, leaf_count: int, batch_root: bytes) -> bytes:
+    """A group batch's node in its commit tree: binds the batch's leaf root to its position
+    in the group's log (group, batch_seq) and its size."""
     if len(batch_root) != HASH_BYTES:
         raise ValueError(f"batch root must be {HASH_BYTES} bytes")
     try:
         return hashlib.sha256(_BATCH_NODE_DOMAIN + _BATCH_NODE_LAYOUT.pack(
-            shard, batch_seq, leaf_count) + batch_root).digest()
+            group, batch_seq, leaf_count) + batch_root).digest()
     except struct.error as exc:
         raise ValueError(f"batch field out of range: {exc}") from None
 
@@ -236,7 +242,7 @@ def verify_receipt(receipt: Receipt, public_key_bytes: bytes) -> bool:
         batch_root = path_root(leaf, receipt.index, receipt.leaf_count, receipt.path)
         if batch_root is None:
             return False
-        node = batch_node(receipt.shard, receipt.batch_seq, receipt.leaf_count, batch_root)
+        node = batch_node(receipt.group, receipt.batch_seq, receipt.leaf_count, batch_root)
         if not verify_path(node, receipt.batch_position, receipt.batch_count,
                            receipt.batch_path, receipt.root):
             return False
@@ -282,6 +288,7 @@ def receipt_json(receipt: Receipt) -> dict[str, Any]:
     return {
         "poll": receipt.poll,
         "shard": receipt.shard,
+        "group": receipt.group,
         "offset": receipt.offset,
         "batch_seq": receipt.batch_seq,
         "index": receipt.index,

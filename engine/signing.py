@@ -1,9 +1,9 @@
 """Signing a group-commit cycle and cutting its receipts (the receipt format is engine/receipts.py).
 
-A cycle signs one batch per shard with votes queued (shards/commit.py). A batch's votes come
-as runs of one poll (`VoteRun`: voter ids and option indexes, packed), which is how the
-shard owner groups them for its log record; their leaves are the Merkle tree's leaves in run
-order. The per-vote work (voter hash, leaf, tree, and after the append each vote's 201 body)
+A cycle signs one batch per fencing group with votes queued (shards/commit.py). A batch's
+votes come as runs of one shard and poll (`VoteRun`: voter ids and option indexes, packed),
+which is how the group owner groups them for its log record; their leaves are the Merkle
+tree's leaves in run order. The per-vote work (voter hash, leaf, tree, and after the append each vote's 201 body)
 runs in engine.fastpath's compiled loops; this module prepares their per-poll and per-batch
 inputs once and keeps the Python objects around them.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import array
 import bisect
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -39,18 +39,42 @@ _json = msgspec.json.Encoder()
 _RECEIPT_HEAD = b"\xdc" + len(Receipt.__struct_fields__).to_bytes(2, "big")
 
 
-class VoteRun(NamedTuple):
-    """Consecutive votes of one poll in a batch: the leaves first .. first + count - 1."""
+class _ByShard(dict[int, bytes]):
+    """A shard's encoded form, computed once per shard: `form(shard)` on first use."""
 
+    __slots__ = ("form",)
+
+    def __init__(self, form: Callable[[int], bytes]) -> None:
+        super().__init__()
+        self.form = form
+
+    def __missing__(self, shard: int) -> bytes:
+        value = self[shard] = self.form(shard)
+        return value
+
+
+# Per shard: its part of a leaf head (u32 big-endian, then the voter hash length), its
+# msgpack in a receipt, and its JSON in a 201 body (a worker runs at most config's 4,096
+# shards, so these stay small).
+_SHARD_HEADS = _ByShard(lambda shard: shard.to_bytes(4, "big") + bytes((VOTER_HASH_BYTES,)))
+_SHARD_MSGPACK = _ByShard(_msgpack.encode)
+_SHARD_JSON = _ByShard(lambda shard: b',"shard":%d' % shard)
+
+
+class VoteRun(NamedTuple):
+    """Consecutive votes of one shard and poll in a batch: the leaves first .. first +
+    count - 1."""
+
+    shard: int
     poll: str
     options: Sequence[str]  # the poll's options; option_indexes point into them
     voters: bytes  # voter ids, packed native uint64
     option_indexes: bytes  # packed native uint16
 
 
-def vote_runs(votes: Sequence[tuple[str, int, str]]) -> list[VoteRun]:
-    """(poll, voter, option) tuples as runs, in their order (for tools and tests). Each poll's
-    options are the ones its votes name, sorted."""
+def vote_runs(shard: int, votes: Sequence[tuple[str, int, str]]) -> list[VoteRun]:
+    """(poll, voter, option) tuples of one shard as runs, in their order (for tools and
+    tests). Each poll's options are the ones its votes name, sorted."""
     options_of: dict[str, list[str]] = {}
     for poll, _, option in votes:
         options_of.setdefault(poll, [])
@@ -67,7 +91,7 @@ def vote_runs(votes: Sequence[tuple[str, int, str]]) -> list[VoteRun]:
             end += 1
         options = options_of[poll]
         runs.append(VoteRun(
-            poll, options, array.array("Q", [voter for _, voter, _ in votes[start:end]]).tobytes(),
+            shard, poll, options, array.array("Q", [voter for _, voter, _ in votes[start:end]]).tobytes(),
             array.array("H", [options.index(option) for _, _, option in votes[start:end]]).tobytes()))
         start = end
     return runs
@@ -125,8 +149,7 @@ class VoterHasher:
 
 # Commit trees of batches read back from the log (receipts of repeat votes), by the cycle's
 # signature: a cycle's batches share one tree, so a repeat of another voter of the same cycle
-# (of any of its shards) does not hash the cycle's batch nodes again. Building it was most of
-# a 409's cost (32 batch nodes per cycle at 32 shards per worker, pure Python).
+# (of any of its groups) does not hash the cycle's batch nodes again.
 COMMIT_TREES_CACHED = 256
 _commit_trees: OrderedDict[bytes, fastpath.MerkleTree] = OrderedDict()
 
@@ -144,10 +167,10 @@ def _commit_tree_of(nodes: list[bytes], signature: bytes) -> fastpath.MerkleTree
 
 def sign_commit(keyring: KeyRing, hasher: VoterHasher, time_ms: int,
                 batches: Sequence[tuple[int, int, Sequence[VoteRun]]]) -> list[SignedBatch]:
-    """Sign one group-commit cycle: `batches` holds (shard, batch_seq, runs) per shard
+    """Sign one group-commit cycle: `batches` holds (group, batch_seq, runs) per group
     batch. One signature covers them all."""
-    built = [SignedBatch._leaves(hasher, shard, batch_seq, time_ms, runs)
-             for shard, batch_seq, runs in batches]
+    built = [SignedBatch._leaves(hasher, group, batch_seq, time_ms, runs)
+             for group, batch_seq, runs in batches]
     nodes = [signed.node for signed in built]
     commit_tree = fastpath.MerkleTree(nodes)
     signature = keyring.receipt_signing_key.sign(
@@ -158,18 +181,18 @@ def sign_commit(keyring: KeyRing, hasher: VoterHasher, time_ms: int,
 
 
 class SignedBatch:
-    """One shard batch of a signed commit cycle, from which each vote's receipt is cut.
+    """One group batch of a signed commit cycle, from which each vote's receipt is cut.
 
     Built before the append (the signature travels in the log record); receipts are cut
     once the log has made the batch durable and assigned its offset.
     """
 
-    __slots__ = ("shard", "batch_seq", "time_ms", "runs", "run_starts", "run_forms", "tree",
+    __slots__ = ("group", "batch_seq", "time_ms", "runs", "run_starts", "run_forms", "tree",
                  "node", "batch_position", "batch_nodes", "commit_tree", "key_id", "signature")
 
     # Declared for the type checker; set by `_leaves` and `sign_commit` (no __init__: the
     # constructor is on the hot path).
-    shard: int
+    group: int
     batch_seq: int
     time_ms: int
     runs: Sequence[VoteRun]
@@ -184,10 +207,10 @@ class SignedBatch:
     signature: bytes
 
     @classmethod
-    def _leaves(cls, hasher: VoterHasher, shard: int, batch_seq: int, time_ms: int,
+    def _leaves(cls, hasher: VoterHasher, group: int, batch_seq: int, time_ms: int,
                 runs: Sequence[VoteRun]) -> SignedBatch:
         signed = cls.__new__(cls)
-        signed.shard = shard
+        signed.group = group
         signed.batch_seq = batch_seq
         signed.time_ms = time_ms
         signed.runs = runs
@@ -195,20 +218,19 @@ class SignedBatch:
         starts: list[int] = []
         forms: list[tuple[_PollCodec, list[bytes]]] = []
         first = 0
-        # The shard's part of every leaf head: u32 big-endian shard, then the hash length.
-        shard_bytes = shard.to_bytes(4, "big") + bytes((VOTER_HASH_BYTES,))
         for run in runs:
             codec = hasher.codec(run.poll)
             tails, options_msgpack = codec.option_forms(run.options)
-            groups.append((codec.mac, codec.head_prefix + shard_bytes, tails, run.voters,
-                           run.option_indexes))
+            # The run's shard in its leaf heads: u32 big-endian shard, then the hash length.
+            groups.append((codec.mac, codec.head_prefix + _SHARD_HEADS[run.shard], tails,
+                           run.voters, run.option_indexes))
             starts.append(first)
             forms.append((codec, options_msgpack))
             first += len(run.voters) // 8
         signed.run_starts = starts
         signed.run_forms = forms
-        signed.tree = fastpath.batch_tree(shard, groups)
-        signed.node = batch_node(shard, batch_seq, signed.tree.leaf_count, signed.tree.root)
+        signed.tree = fastpath.batch_tree(group, groups)
+        signed.node = batch_node(group, batch_seq, signed.tree.leaf_count, signed.tree.root)
         return signed
 
     def _commit(self, position: int, nodes: list[bytes], commit_tree: fastpath.MerkleTree,
@@ -220,7 +242,7 @@ class SignedBatch:
         self.signature = signature
 
     @classmethod
-    def restore(cls, hasher: VoterHasher, *, shard: int, batch_seq: int, time_ms: int,
+    def restore(cls, hasher: VoterHasher, *, group: int, batch_seq: int, time_ms: int,
                 runs: Sequence[VoteRun], batch_position: int, batch_nodes: Sequence[bytes],
                 key_id: str, signature: bytes) -> SignedBatch:
         """Rebuild a batch read back from the log, keeping the signature it was stored with.
@@ -228,10 +250,10 @@ class SignedBatch:
         The runs must be in their original order; a rebuilt node that differs from the
         stored one means the log or the voter hash secret changed, and is not papered over.
         """
-        signed = cls._leaves(hasher, shard, batch_seq, time_ms, runs)
+        signed = cls._leaves(hasher, group, batch_seq, time_ms, runs)
         if not 0 <= batch_position < len(batch_nodes) or \
                 batch_nodes[batch_position] != signed.node:
-            raise VotesError(f"batch {batch_seq} of shard {shard} rebuilds to another Merkle "
+            raise VotesError(f"batch {batch_seq} of group {group} rebuilds to another Merkle "
                              "node than the one stored with it")
         nodes = list(batch_nodes)
         signed._commit(batch_position, nodes, _commit_tree_of(nodes, signature), key_id,
@@ -242,10 +264,11 @@ class SignedBatch:
     def root(self) -> bytes:
         return self.commit_tree.root
 
-    def index_of(self, poll: str, voter_hash: bytes) -> int | None:
-        """The leaf index of this voter's vote in `poll`, or None when it is not in the batch."""
+    def index_of(self, shard: int, poll: str, voter_hash: bytes) -> int | None:
+        """The leaf index of this voter's vote in `poll` (the voter of `shard`), or None when
+        it is not in the batch."""
         for run, first in zip(self.runs, self.run_starts, strict=True):
-            if run.poll == poll:
+            if run.poll == poll and run.shard == shard:
                 index = self.tree.index_of(first, first + len(run.voters) // 8, voter_hash)
                 if index is not None:
                     return index
@@ -259,7 +282,8 @@ class SignedBatch:
         position = index - self.run_starts[run_number]
         option = run.options[array.array("H", run.option_indexes)[position]]
         return Receipt(
-            poll=run.poll, shard=self.shard, offset=offset, batch_seq=self.batch_seq,
+            poll=run.poll, shard=run.shard, group=self.group, offset=offset,
+            batch_seq=self.batch_seq,
             index=index, leaf_count=self.tree.leaf_count, voter_hash=self.tree.voter_hash(index),
             option=option, time_ms=self.time_ms, path=self.tree.path(index),
             batch_position=self.batch_position, batch_count=len(self.batch_nodes),
@@ -274,18 +298,21 @@ class SignedBatch:
     def receipt_bodies(self, offset: int) -> list[bytes]:
         """Every vote's 201 body, in leaf order: byte for byte the JSON of
         receipt_document(receipt(i, offset)), cut in one compiled pass over the tree."""
-        shard, batch_seq, time_ms = self.shard, self.batch_seq, self.time_ms
-        json_batch_head = b',"shard":%d,"offset":%d,"index":' % (shard, offset)
+        group, batch_seq, time_ms = self.group, self.batch_seq, self.time_ms
+        json_batch_head = b',"group":%d,"offset":%d,"index":' % (group, offset)
+        # Per run: the msgpack receipt head (array header, poll, then the run's shard) and
+        # the JSON up to the index; the fields after them are the batch's.
         groups: list[tuple[object, ...]] = [
             (first, len(run.option_indexes) // 2, run.option_indexes, options_msgpack,
-             codec.receipt_head, codec.json_poll + json_batch_head)
+             codec.receipt_head + _SHARD_MSGPACK[run.shard],
+             codec.json_poll + _SHARD_JSON[run.shard] + json_batch_head)
             for run, first, (codec, options_msgpack) in zip(self.runs, self.run_starts,
                                                             self.run_forms, strict=True)
         ]
         encode = _msgpack.encode
         return self.tree.receipt_bodies(
             groups,
-            encode((shard, offset, batch_seq))[1:],  # three fields after a fixarray header
+            encode((group, offset, batch_seq))[1:],  # three fields after a fixarray header
             encode(self.tree.leaf_count),
             encode(time_ms),
             encode((self.batch_position, len(self.batch_nodes),
@@ -305,6 +332,7 @@ def receipt_document(receipt: Receipt) -> ReceiptDocument:
         "receipt": encode_receipt(receipt),
         "poll": receipt.poll,
         "shard": receipt.shard,
+        "group": receipt.group,
         "offset": receipt.offset,
         "index": receipt.index,
         "batch_seq": receipt.batch_seq,

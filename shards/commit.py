@@ -6,10 +6,11 @@ per worker each shard's own batches would be tiny, so signing per shard batch wo
 more CPU than everything else on the vote path. A cycle starts when votes wait, but at most
 every `group_commit_ms` (sooner if `batch_votes_max` votes wait), takes the queued items of
 each group that may start another append, signs all their vote batches at once
-(signing.sign_commit: a Merkle tree per shard batch under one tree per cycle), then begins
-every group's ONE append (all its shards' batches and control records); each group applies
+(signing.sign_commit: a Merkle tree per group batch under one tree per cycle), then begins
+every group's ONE append (its batch, holding all its shards' votes, and control records); each group applies
 and answers its own when its log answers, in the order its appends began. So a cycle costs
-one signature, and one durable write per owned group, whatever the number of shards.
+one signature, and one batch and one durable write per owned group, whatever the number
+of shards.
 
 How many appends a group may have begun and not seen end is its log's
 `appends_in_flight_max`, and at most COMMIT_CYCLES_IN_FLIGHT_MAX cycles are in flight. The
@@ -177,7 +178,7 @@ class GroupCommitter:
             return
         signed_batches = signing.sign_commit(
             self.keyring, self.hasher, now_ms(),
-            [(planned.shard, planned.batch_seq, planned.runs) for _, planned in vote_batches],
+            [(planned.group, planned.batch_seq, planned.runs) for _, planned in vote_batches],
         )
         for (_, planned), signed in zip(vote_batches, signed_batches, strict=True):
             planned.signed = signed

@@ -56,7 +56,7 @@ from shards.pending import (
     check_positions,
     fail,
 )
-from shards.planning import QueuedItem, plan_records, take_items
+from shards.planning import BatchSequence, QueuedItem, plan_records, take_items
 from shards.records import PollCreated, Record, VoteBatch, decode_record, encode_record
 from shards.records import PollClosed as PollClosedRecord
 from shards.recovery import apply_record, recover_group
@@ -110,7 +110,7 @@ class GroupOwner:
         self._stalled = False
         self._appends: deque[AppendInFlight] = deque()
         self._wal_offset_next = 0
-        self._batch_seq_next: dict[int, int] = {}
+        self._batch_sequence = BatchSequence()
         self._signed_batches: OrderedDict[int, signing.SignedBatch] = OrderedDict()
         self._repeat_receipts = RepeatReceipts()
         self._snapshot_tasks: dict[int, asyncio.Task[None]] = {}
@@ -139,8 +139,10 @@ class GroupOwner:
             log.exception("group %d cannot start", self.group)
             raise
         started_s = time.monotonic()
+        # Every shard that applied a batch of the group knows its sequence number.
+        self._batch_sequence = BatchSequence(max(
+            (state.batch_seq_next for state in self.states.values()), default=0))
         for shard, state in self.states.items():
-            self._batch_seq_next[shard] = state.batch_seq_next
             self._snapshot_votes_applied[shard] = state.votes_applied
             self._snapshot_time_s[shard] = started_s
         if self.committer is None:  # a lone owner (tests, tools) commits for itself
@@ -275,10 +277,10 @@ class GroupOwner:
         signed = self._signed_batches.get(offset)
         if signed is None:
             batch = decode_record(await self.wal.read_at(offset))
-            if not isinstance(batch, VoteBatch) or batch.shard != state.shard:
-                raise VotesError(f"record at offset {offset} is not a vote batch of shard {state.shard}")
+            if not isinstance(batch, VoteBatch) or batch.group != self.group:
+                raise VotesError(f"record at offset {offset} is not a vote batch of group {self.group}")
             signed = rebuild_signed_batch(self.hasher, state, batch)
-        index = signed.index_of(poll_id, self.hasher(poll_id, voter_id))
+        index = signed.index_of(state.shard, poll_id, self.hasher(poll_id, voter_id))
         if index is None:
             return None
         receipt = signing.receipt_document(signed.receipt(index, offset))
@@ -355,7 +357,7 @@ class GroupOwner:
     def plan_records(self, items: list[QueuedItem]) -> list[PlannedRecord]:
         """The records of one append (shards/planning.py); the committer signs every vote
         batch of the cycle at once before the append begins."""
-        return plan_records(items, self.states, self._batch_seq_next)
+        return plan_records(items, self.group, self.states, self._batch_sequence)
 
     @property
     def appends_in_flight(self) -> int:
@@ -450,7 +452,8 @@ class GroupOwner:
             self._answer_votes(record, planned.items, planned.signed, outcomes, offset)
         if positions:
             self._wal_offset_next = positions[-1][1]
-        self._maybe_snapshot(planned.shard for planned in plan if planned.signed is not None)
+        self._maybe_snapshot(vote_group.shard for record in records if isinstance(record, VoteBatch)
+                             for vote_group in record.groups)
 
     def _append_timed_out(self, entry: AppendInFlight) -> None:
         if entry.append.done():

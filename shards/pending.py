@@ -57,12 +57,12 @@ class PendingVote:
 class PlannedRecord:
     """One record of a commit cycle: a control record, or a vote batch to be signed."""
 
-    __slots__ = ("record", "items", "shard", "groups", "runs", "batch_seq", "signed")
+    __slots__ = ("record", "items", "group", "groups", "runs", "batch_seq", "signed")
 
     def __init__(self, record: Record | None, items: list[Any]) -> None:
         self.record = record
         self.items = items
-        self.shard = -1  # a vote batch's shard
+        self.group = -1  # a vote batch's fencing group
         self.groups: list[VoteGroup] | None = None
         self.runs: list[signing.VoteRun] | None = None  # the groups as signing takes them
         self.batch_seq = 0
@@ -78,7 +78,7 @@ class PlannedRecord:
         signed, groups = self.signed, self.groups
         if signed is None or groups is None:
             raise InvariantViolation("a vote batch was appended before the cycle signed it")
-        return VoteBatch(shard=self.shard, batch_seq=self.batch_seq, time_ms=signed.time_ms,
+        return VoteBatch(group=self.group, batch_seq=self.batch_seq, time_ms=signed.time_ms,
                          groups=groups, batch_position=signed.batch_position,
                          batch_nodes=signed.batch_nodes, signature=signed.signature,
                          key_id=signed.key_id)

@@ -4,10 +4,10 @@ A group owner queues votes (of any of its shards) and control records (poll crea
 closed, which hold for every shard of the group) in one queue, in arrival order. A cycle
 takes up to `batch_votes_max` votes with the control records among them, and cuts them
 into records in that order: each run of votes between two control records becomes one
-vote batch per shard that has votes in it (a receipt names its shard, and a shard's
-batches keep their own sequence numbers), each control record stays one record. All of it
-goes to the group's log in one append: one durable write per group per cycle, whatever the
-number of shards in the group.
+vote batch of the group (its votes grouped by shard and poll, each vote group naming its
+shard; the group's batches carry its own sequence numbers), each control record stays one
+record. All of it goes to the group's log in one append: one durable write, one batch and
+one Merkle tree per group per cycle, whatever the number of shards in the group.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from engine import signing
 from shards.pending import PendingControl, PendingVote, PlannedRecord
-from shards.records import VoteGroup
+from shards.records import PollCreated, VoteGroup
 from shards.state import ShardState
 
 QueuedItem = PendingVote | PendingControl
@@ -37,11 +37,25 @@ def take_items(queue: deque[QueuedItem], votes_max: int) -> tuple[list[QueuedIte
     return items, votes
 
 
-def plan_records(items: list[QueuedItem], states: Mapping[int, ShardState],
-                 batch_seq_next: dict[int, int]) -> list[PlannedRecord]:
-    """The records of one append, in arrival order (see the module's docstring).
-    `batch_seq_next` (shard -> next sequence number) is advanced for every batch planned:
-    a sequence number is never reused, even if the append fails."""
+class BatchSequence:
+    """A group's next vote batch sequence number: advanced for every batch planned, so a
+    sequence number is never reused, even if the append fails."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, next_: int = 0) -> None:
+        self.next = next_
+
+    def take(self) -> int:
+        taken = self.next
+        self.next += 1
+        return taken
+
+
+def plan_records(items: list[QueuedItem], group: int, states: Mapping[int, ShardState],
+                 sequence: BatchSequence) -> list[PlannedRecord]:
+    """The records of one append of `group`, in arrival order (see the module's
+    docstring)."""
     plan: list[PlannedRecord] = []
     run: list[PendingVote] = []
     for item in items:
@@ -49,46 +63,44 @@ def plan_records(items: list[QueuedItem], states: Mapping[int, ShardState],
             run.append(item)
             continue
         if run:
-            plan += _plan_run(run, states, batch_seq_next)
+            plan.append(_plan_vote_batch(group, run, states, sequence))
             run = []
         plan.append(PlannedRecord(item.record, [item]))
     if run:
-        plan += _plan_run(run, states, batch_seq_next)
+        plan.append(_plan_vote_batch(group, run, states, sequence))
     return plan
 
 
-def _plan_run(votes: list[PendingVote], states: Mapping[int, ShardState],
-              batch_seq_next: dict[int, int]) -> list[PlannedRecord]:
-    by_shard: dict[int, list[PendingVote]] = {}
+def _plan_vote_batch(group: int, votes: list[PendingVote], states: Mapping[int, ShardState],
+                     sequence: BatchSequence) -> PlannedRecord:
+    by_shard_poll: dict[tuple[int, str], list[PendingVote]] = {}
     for vote in votes:
-        by_shard.setdefault(vote.shard, []).append(vote)
-    return [_plan_vote_batch(shard, shard_votes, states[shard], batch_seq_next)
-            for shard, shard_votes in by_shard.items()]
-
-
-def _plan_vote_batch(shard: int, votes: list[PendingVote], state: ShardState,
-                     batch_seq_next: dict[int, int]) -> PlannedRecord:
-    by_poll: dict[str, list[PendingVote]] = {}
-    for vote in votes:
-        by_poll.setdefault(vote.poll, []).append(vote)
-    planned = PlannedRecord(None, [vote for group in by_poll.values() for vote in group])
-    planned.shard = shard
-    planned.groups = []
-    planned.runs = []
-    for poll, group in by_poll.items():
-        options = array.array("H", [vote.option_index for vote in group]).tobytes()
-        voters = array.array("I", [vote.voter_index for vote in group]).tobytes()
-        definition = state.polls[poll].definition
-        if definition.by_country:
-            codes, countries = country_columns(group)
-            planned.groups.append(VoteGroup(poll, voters, options, codes, countries))
+        key = (vote.shard, vote.poll)
+        shard_poll = by_shard_poll.get(key)
+        if shard_poll is None:
+            by_shard_poll[key] = [vote]
         else:
-            planned.groups.append(VoteGroup(poll, voters, options))
-        planned.runs.append(signing.VoteRun(
-            poll, definition.options,
-            array.array("Q", [vote.voter_id for vote in group]).tobytes(), options))
-    planned.batch_seq = batch_seq_next[shard]
-    batch_seq_next[shard] += 1
+            shard_poll.append(vote)
+    planned = PlannedRecord(None, [vote for run in by_shard_poll.values() for vote in run])
+    groups: list[VoteGroup] = []
+    runs: list[signing.VoteRun] = []
+    planned.group, planned.groups, planned.runs = group, groups, runs
+    definitions: dict[str, PollCreated] = {}
+    for (shard, poll), run in by_shard_poll.items():
+        options = array.array("H", [vote.option_index for vote in run]).tobytes()
+        voters = array.array("I", [vote.voter_index for vote in run]).tobytes()
+        definition = definitions.get(poll)
+        if definition is None:  # a poll's definition is alike in every shard of the group
+            definition = definitions[poll] = states[shard].polls[poll].definition
+        if definition.by_country:
+            codes, countries = country_columns(run)
+            groups.append(VoteGroup(shard, poll, voters, options, codes, countries))
+        else:
+            groups.append(VoteGroup(shard, poll, voters, options))
+        runs.append(signing.VoteRun(
+            shard, poll, definition.options,
+            array.array("Q", [vote.voter_id for vote in run]).tobytes(), options))
+    planned.batch_seq = sequence.take()
     return planned
 
 

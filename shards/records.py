@@ -3,8 +3,9 @@
 A record is msgspec msgpack of one of four tagged structs. On the embedded log each record
 is framed as `[u32 payload length][u32 crc32 of payload][payload]` (little-endian); on Kafka
 the payload is the record value (Kafka checksums it). Votes travel in batches: one record
-holds a group commit's votes, grouped by poll, as packed little-endian arrays (uint32 voter
-index = voter_id div shards, uint16 option index), so applying them is a tight loop.
+holds one fencing group's votes of one commit cycle, grouped by (shard, poll), as packed
+little-endian arrays (uint32 voter index = voter_id div shards, uint16 option index), so
+applying them is a tight loop per shard.
 
 Each fencing group has one log; its first record is a `LogHeader` naming the layout (format,
 shards, groups, group), so a log written by another layout or for another group is refused,
@@ -33,7 +34,10 @@ FRAME_HEADER_BYTES = FRAME_HEADER.size
 RECORD_BYTES_MAX = 16 * 1024 * 1024
 
 
-LOG_FORMAT = 2  # 1 (no header): one log per shard, before fencing groups
+# 1 (no header): one log per shard, before fencing groups; 2: one log per group, but one vote
+# batch per shard per cycle (each batch record naming its shard); 3: one vote batch per
+# group per cycle, its vote groups naming their shards.
+LOG_FORMAT = 3
 
 
 class LogHeader(msgspec.Struct, tag="h", array_like=True, frozen=True):
@@ -71,6 +75,7 @@ class PollClosed(msgspec.Struct, tag="c", array_like=True, frozen=True):
 
 
 class VoteGroup(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    shard: int  # every vote of the group is of this shard, which is in the batch's group
     poll: str
     voters: bytes  # packed little-endian uint32 voter indexes within the shard
     options: bytes  # packed little-endian uint16 option indexes, same count
@@ -82,13 +87,14 @@ class VoteGroup(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 
 class VoteBatch(msgspec.Struct, tag="v", array_like=True, frozen=True):
-    """One shard's part of a group commit. Its votes' receipt leaves (group order, then vote
-    order) form a Merkle tree whose root, bound to (shard, batch_seq, leaf count), is this
-    batch's node; `batch_nodes` lists the nodes of every shard batch signed in the same
-    commit cycle (this one at `batch_position`), and `signature` is Ed25519 by `key_id`
-    over (time_ms, batch count, root of those nodes). See engine/receipts.py."""
+    """One fencing group's part of a commit cycle. Its votes' receipt leaves (vote group
+    order, then vote order) form a Merkle tree whose root, bound to (group, batch_seq, leaf
+    count), is this batch's node; `batch_nodes` lists the nodes of every group batch signed
+    in the same commit cycle (this one at `batch_position`), and `signature` is Ed25519 by
+    `key_id` over (time_ms, batch count, root of those nodes). See engine/receipts.py.
+    `batch_seq` counts the group's batches."""
 
-    shard: int
+    group: int
     batch_seq: int
     time_ms: int
     groups: list[VoteGroup]
@@ -128,3 +134,8 @@ def frame_record(record: Record) -> bytes:
 
 def vote_count(batch: VoteBatch) -> int:
     return sum(len(group.voters) // 4 for group in batch.groups)
+
+
+def batch_shards(batch: VoteBatch) -> list[int]:
+    """The shards with votes in the batch, in order of first appearance."""
+    return list(dict.fromkeys(group.shard for group in batch.groups))

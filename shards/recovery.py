@@ -35,14 +35,26 @@ def log_header(config: Config, group: int) -> LogHeader:
 
 def apply_record(states: Mapping[int, ShardState], group: int, offset: int, next_offset: int,
                  record: Record) -> list[bytearray | None]:
-    """Apply one record of a group's log: a vote batch to its shard, anything else to every
-    shard of the group. The vote batch's outcomes (ShardState.apply); [] for the others."""
+    """Apply one record of a group's log: each vote group of a vote batch to its shard,
+    anything else to every shard of the group. The vote batch's outcomes, one per vote group
+    (ShardState.apply); [] for the others."""
     if isinstance(record, VoteBatch):
-        state = states.get(record.shard)
-        if state is None:
-            raise LogCorrupt(f"record at offset {offset} is a vote batch of shard {record.shard}, "
-                             f"which is not in group {group}")
-        return state.apply(offset, next_offset, record)
+        if record.group != group:
+            raise LogCorrupt(f"record at offset {offset} is a vote batch of group {record.group} "
+                             f"in the log of group {group}")
+        positions_of: dict[int, list[int]] = {}
+        for position, vote_group in enumerate(record.groups):
+            positions_of.setdefault(vote_group.shard, []).append(position)
+        outcomes: list[bytearray | None] = [None] * len(record.groups)
+        for shard, positions in positions_of.items():
+            state = states.get(shard)
+            if state is None:
+                raise LogCorrupt(f"record at offset {offset} holds votes of shard {shard}, "
+                                 f"which is not in group {group}")
+            for position, outcome in zip(positions, state.apply_votes(
+                    offset, next_offset, record, positions), strict=True):
+                outcomes[position] = outcome
+        return outcomes
     for state in states.values():
         state.apply(offset, next_offset, record)
     return []

@@ -40,14 +40,18 @@ class RepeatReceipts:
 
 def rebuild_signed_batch(hasher: signing.VoterHasher, state: ShardState,
                          batch: VoteBatch) -> signing.SignedBatch:
-    """The signed batch of a vote record read back from the log (its stored signature)."""
-    runs = [signing.VoteRun(group.poll, state.polls[group.poll].definition.options,
-                            array.array("Q", [state.voter_id(voter_index) for voter_index
-                                              in array.array("I", group.voters)]).tobytes(),
+    """The signed batch of a vote record read back from the log (its stored signature).
+    `state` is any shard of the batch's group: a poll's definition is alike in all of them,
+    and each vote group names its own shard."""
+    shards_total = state.shards_total
+    runs = [signing.VoteRun(group.shard, group.poll, state.polls[group.poll].definition.options,
+                            array.array("Q", [voter_index * shards_total + group.shard
+                                              for voter_index in array.array("I", group.voters)]
+                                        ).tobytes(),
                             group.options)
             for group in batch.groups]
     return signing.SignedBatch.restore(
-        hasher, shard=batch.shard, batch_seq=batch.batch_seq, time_ms=batch.time_ms,
+        hasher, group=batch.group, batch_seq=batch.batch_seq, time_ms=batch.time_ms,
         runs=runs, batch_position=batch.batch_position, batch_nodes=batch.batch_nodes,
         key_id=batch.key_id, signature=batch.signature,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 from collections import Counter
 from itertools import compress
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -119,7 +120,9 @@ class ShardState:
 
     def apply(self, offset: int, next_offset: int, record: Record) -> list[bytearray | None]:
         """Apply one record that sits at `offset`. For a vote batch, returns one entry per
-        group: a flags bytearray (1 = counted) or None when the poll was not open."""
+        vote group: a flags bytearray (1 = counted) for a group of this shard whose poll was
+        open, else None (a group of another shard of the fencing group is not applied here;
+        see `apply_votes` for only this shard's groups)."""
         if next_offset <= self.wal_offset_next:
             # Already applied (a replay overlapping what the state holds): changes nothing,
             # even for a vote whose poll was created later in the log.
@@ -180,12 +183,27 @@ class ShardState:
         """Run files a snapshot frozen now relies on and that are still being written."""
         return [future for poll in self.polls.values() for future in poll.locator.writes_pending()]
 
-    def _apply_votes(self, offset: int, next_offset: int, batch: VoteBatch) -> list[bytearray | None]:
+    def apply_votes(self, offset: int, next_offset: int, batch: VoteBatch,
+                    positions: Sequence[int]) -> list[bytearray | None]:
+        """Apply the vote groups of `batch` at `positions`, all of this shard (the group's
+        owner cuts a batch by shard once, shards/recovery.py); one outcome per position, as
+        `apply` gives them. A record already applied changes nothing."""
+        if next_offset <= self.wal_offset_next:
+            return [None] * len(positions)
+        outcomes = self._apply_votes(offset, next_offset, batch, positions)
+        self.wal_offset_next = next_offset
+        return outcomes
+
+    def _apply_votes(self, offset: int, next_offset: int, batch: VoteBatch,
+                     positions: Sequence[int] | None = None) -> list[bytearray | None]:
+        """Outcomes of the groups at `positions` (None: of every group, those of other
+        shards None)."""
         self.batch_seq_next = max(self.batch_seq_next, batch.batch_seq + 1)
         outcomes: list[bytearray | None] = []
-        for group in batch.groups:
+        groups = batch.groups
+        for group in (groups if positions is None else [groups[i] for i in positions]):
             poll = self.polls.get(group.poll)
-            if poll is None or poll.closed_ms is not None:
+            if poll is None or poll.closed_ms is not None or group.shard != self.shard:
                 outcomes.append(None)
                 continue
             counted, flags = apply_group(

@@ -166,7 +166,7 @@ def busiest_shard(data_dir: Path) -> tuple[int, int]:
 
 def test_live_results_match_what_the_voters_were_told(cast):
     assert json.loads((cast.data_dir / "cluster.json").read_text()) == {
-        "format": 2, "shards": SHARDS, "groups": GROUPS}
+        "format": 3, "shards": SHARDS, "groups": GROUPS}
     assert cast.live["counts"] == expected_counts(cast)
     assert cast.live["rejected"]["duplicate"] == 1
     assert cast.live_closed["final"] is True

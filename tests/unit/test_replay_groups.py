@@ -207,5 +207,5 @@ def test_a_format_1_data_dir_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(VotesError, match="layout format 1"):
         check_layout(tmp_path, {"format": 1, "shards": SHARDS}, config)
     with pytest.raises(VotesError, match="fencing groups"):
-        check_layout(tmp_path, {"format": 2, "shards": SHARDS, "groups": 4}, config)
-    check_layout(tmp_path, {"format": 2, "shards": SHARDS, "groups": GROUPS}, config)
+        check_layout(tmp_path, {"format": 3, "shards": SHARDS, "groups": 4}, config)
+    check_layout(tmp_path, {"format": 3, "shards": SHARDS, "groups": GROUPS}, config)
