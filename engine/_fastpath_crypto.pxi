@@ -266,7 +266,7 @@ cdef class BatchTree:
                          + PyBytes_GET_SIZE(json_time))
             body_bytes = PyBytes_FromStringAndSize(NULL, body_size)
             body = PyBytes_AS_STRING(body_bytes)
-            memcpy(body, b'{"receipt":"r1.', 15)
+            memcpy(body, b'{"receipt":"r2.', 15)
             body += 15
             _b64url(scratch, size, <unsigned char*>body)
             body += b64_size

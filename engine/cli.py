@@ -241,7 +241,8 @@ def receipt_verify(receipt_text, data_dir) -> None:
         sys.exit(1)
     document = receipt_json(decoded)
     click.echo(f"valid: poll={document['poll']} shard={document['shard']} "
-               f"batch_seq={document['batch_seq']} index={document['index']} "
+               f"group={document['group']} batch_seq={document['batch_seq']} "
+               f"index={document['index']} "
                f"offset={document['offset']}")
 
 

@@ -170,8 +170,9 @@ class ClusterNode(Node):
                             request: ForwardedRequest | None = None) -> str:
         """As Node's, with the group's owner found through its lease: this worker, another
         worker of this node, or another node (the lookup relayed, once)."""
-        if receipt.shard >= self.config.shards:
-            return NOT_COUNTED
+        if receipt.shard >= self.config.shards or \
+                receipt.group != self.config.group_of(receipt.shard):
+            return NOT_COUNTED  # signed, but not of this deployment's layout
         group = self.config.group_of(receipt.shard)
         if group in self.owners:
             return await self._local_receipt(receipt_text)

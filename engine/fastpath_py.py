@@ -261,7 +261,7 @@ class BatchTree(MerkleTree):
                     _msgpack_array_header(len(path)),
                     *(b"\xc4\x20" + sibling for sibling in path), commit_fields])
                 encoded = binascii.b2a_base64(packed, newline=False).translate(_TO_URLSAFE)
-                bodies[leaf] = b"".join([b'{"receipt":"r1.', encoded.rstrip(b"="), json_head,
+                bodies[leaf] = b"".join([b'{"receipt":"r2.', encoded.rstrip(b"="), json_head,
                                          str(leaf).encode(), json_batch,
                                          voter_hash.hex().encode(), json_time])
             filled += count

@@ -177,8 +177,9 @@ class Node:
                             request: ForwardedRequest | None = None) -> str:
         """counted / not-counted / pending, from the owner of the receipt's group
         (engine/receipt_lookup.py); the receipt's signature is checked already."""
-        if receipt.shard >= self.config.shards:
-            return NOT_COUNTED
+        if receipt.shard >= self.config.shards or \
+                receipt.group != self.config.group_of(receipt.shard):
+            return NOT_COUNTED  # signed, but not of this deployment's layout
         slot = self._slot_of(self.config.group_of(receipt.shard))
         if slot == self.slot:
             return await self._local_receipt(receipt_text)

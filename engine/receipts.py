@@ -255,7 +255,7 @@ def verify_receipt(receipt: Receipt, public_key_bytes: bytes) -> bool:
 
 
 def encode_receipt(receipt: Receipt) -> str:
-    """The compact form: "r1." + unpadded base64url of the msgpack array."""
+    """The compact form: "r2." + unpadded base64url of the msgpack array."""
     packed = _receipt_encoder.encode(receipt)
     return RECEIPT_PREFIX + _b64url_encode(packed).decode("ascii")
 

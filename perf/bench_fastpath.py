@@ -2,7 +2,9 @@
 
 Both run on the same real WAL bytes: VoteBatch records encoded and decoded with the
 engine's own record format (shards/records.py), one poll, distinct random voters spread
-over one shard's id space (voter index = voter_id div shards), as the live path writes them.
+over one shard's id space (voter index = voter_id div shards), as the live path writes them
+(each batch is of the shard's fencing group, here group 0, holding one vote group of the
+shard: what the owner applies per shard of a group batch).
 Each implementation gets a fresh bitmap and applies every batch once; the two runs
 alternate `--rounds` times so drift on a noisy machine hits both alike. Prints conditions
 and writes JSON.
@@ -38,12 +40,13 @@ def make_wal_payloads(
     for batch_seq, start in enumerate(range(0, votes, batch_votes)):
         chunk = voter_indexes[start : start + batch_votes]
         group = VoteGroup(
+            shard=0,
             poll="bench",
             voters=array.array("I", chunk).tobytes(),
             options=array.array("H", [rng.randrange(options) for _ in chunk]).tobytes(),
         )
         record = VoteBatch(
-            shard=0,
+            group=0,
             batch_seq=batch_seq,
             time_ms=0,
             groups=[group],

@@ -4,12 +4,14 @@ Issue 10's targets: at 10 million eligible voters and 50 % turnout, in one proce
 growth <= 4 bits per eligible voter per poll (bitmap + receipt locator + everything else),
 and a 409 under 1,000 repeats/s answering within p99 20 ms.
 
-1. Memory. One process holds the default layout's 32 shards (ShardState each, receipt
-   locator runs in a temporary data dir, `locator_run_entries` from engine.config), one poll
-   of `--voters` eligible voters, and applies `--turnout` of them (random, distinct) through
-   the real apply path (ShardState.apply of VoteBatch records, `--cycle-votes` votes per
-   commit cycle cut into one record per shard), every record appended to a real embedded
-   log (SegmentLog, fsync per cycle, as the group's log). RSS (/proc/self/statm) is read
+1. Memory. One process holds the default layout's 32 shards in its fencing groups
+   (ShardState each, receipt locator runs in a temporary data dir, `locator_run_entries`
+   from engine.config), one poll of `--voters` eligible voters, and applies `--turnout` of
+   them (random, distinct) through the real apply path (shards/recovery.apply_record of
+   VoteBatch records, `--cycle-votes` votes per commit cycle cut, as the engine cuts them,
+   into one record per fencing group holding a vote group per shard of the group), every
+   record appended to a real embedded log (SegmentLog, one append and fsync per cycle for
+   all the cycle's group records; the engine appends each to its own group's log). RSS (/proc/self/statm) is read
    before the first vote and after the last, once the locator's run writes and merges are
    done; growth per eligible voter is split into bitmap (roaring serialized size, close to
    its in-memory size), locator (open runs, runs not yet written, fences) and other.
@@ -18,8 +20,9 @@ and a 409 under 1,000 repeats/s answering within p99 20 ms.
 2. Receipt lookups. `--lookup-rate` lookups/s for `--lookup-s` seconds of random voters who
    voted, each through the real 409 lookup: ShardState.record_of_voter (open run, then run
    files: one pread of a 12 KiB block) and EmbeddedWal.read_at of the record (a thread hop,
-   as in the engine), then decoding it and finding the voter in it. Latency is taken from
-   each lookup's scheduled start (open loop: a slow lookup delays the next, and that counts).
+   as in the engine), then decoding it and finding the voter in its shard's vote group.
+   Latency is taken from each lookup's scheduled start (open loop: a slow lookup delays the
+   next, and that counts).
    The run files and the log were just written: they are read from the page cache.
 
     python -m perf.bench_memory [--voters 10000000] [--turnout 0.5]
@@ -47,6 +50,7 @@ from perf.machine import describe_machine
 from perf.output import print_conditions, write_json
 from shards.backends import shard_directory
 from shards.records import PollCreated, VoteBatch, VoteGroup, decode_record, frame_record
+from shards.recovery import apply_record
 from shards.segment_log import SegmentLog
 from shards.state import ShardState
 from shards.wal import EmbeddedWal
@@ -71,32 +75,50 @@ def voter_of(k: int, voters: int) -> int:
     return (MULTIPLIER * k + OFFSET) % voters
 
 
-def cycle_records(shards: int, batch_seq: int, voter_ids: array.array) -> list[VoteBatch]:
-    """One commit cycle: a vote batch per shard holding that shard's voters."""
-    per_shard: list[array.array] = [array.array("I") for _ in range(shards)]
+def cycle_records(shards: int, groups: int, batch_seqs: list[int],
+                  voter_ids: array.array) -> list[VoteBatch]:
+    """One commit cycle as the engine plans it (shards/planning.py): a vote batch per fencing
+    group with votes, holding one vote group per shard of the group (shard s is in group
+    s mod groups), in the order the shards' first votes arrived; each batch takes the next
+    number of its group's batch_seq sequence (`batch_seqs`, advanced here)."""
+    per_group: list[dict[int, array.array]] = [{} for _ in range(groups)]
     for voter_id in voter_ids:
-        per_shard[voter_id % shards].append(voter_id // shards)
+        shard = voter_id % shards
+        indexes = per_group[shard % groups].get(shard)
+        if indexes is None:
+            indexes = per_group[shard % groups][shard] = array.array("I")
+        indexes.append(voter_id // shards)
     records = []
-    for shard, indexes in enumerate(per_shard):
-        if indexes:
-            options = array.array("H", [index & 1 for index in indexes])
-            records.append(VoteBatch(shard=shard, batch_seq=batch_seq, time_ms=0,
-                                     groups=[VoteGroup(POLL, indexes.tobytes(), options.tobytes())],
-                                     batch_position=0, batch_nodes=[], signature=b"", key_id=""))
+    for group, by_shard in enumerate(per_group):
+        if by_shard:
+            vote_groups = [VoteGroup(shard, POLL, indexes.tobytes(),
+                                     array.array("H", [index & 1 for index in indexes]).tobytes())
+                           for shard, indexes in by_shard.items()]
+            records.append(VoteBatch(group=group, batch_seq=batch_seqs[group], time_ms=0,
+                                     groups=vote_groups, batch_position=0, batch_nodes=[],
+                                     signature=b"", key_id=""))
+            batch_seqs[group] += 1
     return records
 
 
-def apply_votes(states: list[ShardState], log: SegmentLog, voters: int, votes: int,
-                cycle_votes: int) -> float:
+def apply_votes(states: list[ShardState], groups: int, log: SegmentLog, voters: int,
+                votes: int, cycle_votes: int) -> float:
+    """Every cycle's group batches in one append of the log (the engine appends each to
+    its group's log), each applied to its group's shards as a group owner does
+    (shards/recovery.apply_record: the batch cut by shard)."""
     started_s = time.perf_counter()
     shards = len(states)
-    for batch_seq, first in enumerate(range(0, votes, cycle_votes)):
+    states_of = [{shard: states[shard] for shard in range(group, shards, groups)}
+                 for group in range(groups)]
+    batch_seqs = [0] * groups
+    for first in range(0, votes, cycle_votes):
         voter_ids = array.array("Q", [voter_of(k, voters) for k in range(first, min(first + cycle_votes, votes))])
-        records = cycle_records(shards, batch_seq, voter_ids)
+        records = cycle_records(shards, groups, batch_seqs, voter_ids)
         framed = [frame_record(record) for record in records]
         offset = log.append(b"".join(framed))
         for record, frame in zip(records, framed, strict=True):
-            states[record.shard].apply(offset, offset + len(frame), record)
+            apply_record(states_of[record.group], record.group, offset, offset + len(frame),
+                         record)
             offset += len(frame)
     for state in states:
         state.polls[POLL].locator.wait_idle()
@@ -122,7 +144,9 @@ async def lookup_latencies(states: list[ShardState], wal: EmbeddedWal, voters: i
         if offset is None:
             raise SystemExit(f"voter {voter_id} voted but the locator has no record for it")
         batch = decode_record(await wal.read_at(offset))
-        if not isinstance(batch, VoteBatch) or voter_index not in array.array("I", batch.groups[0].voters):
+        if not isinstance(batch, VoteBatch) or not any(
+                group.shard == state.shard and voter_index in array.array("I", group.voters)
+                for group in batch.groups):
             raise SystemExit(f"the record at {offset} does not hold voter {voter_id}")
         latencies_ms.append((time.perf_counter() - scheduled_s) * 1000)
     return latencies_ms
@@ -177,7 +201,7 @@ def measure(arguments: argparse.Namespace, config: Config) -> dict:
         data_path = Path(directory)
         states, log = new_shards(config, data_path)
         rss_before = rss_bytes()
-        apply_s = apply_votes(states, log, voters, votes, arguments.cycle_votes)
+        apply_s = apply_votes(states, config.groups, log, voters, votes, arguments.cycle_votes)
         rss_after = rss_bytes()
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         polls = [state.polls[POLL] for state in states]
@@ -213,7 +237,8 @@ def report(results: dict, arguments: argparse.Namespace, config: Config) -> None
     r = results
     votes = r["votes"]
     other_bits = r["growth_bits_per_voter"] - r["bitmap_bits_per_voter"] - r["locator_bits_per_voter"]
-    print(f"applied {votes:,} votes to {config.shards} shards in {r['apply_s']:.1f} s "
+    print(f"applied {votes:,} votes to {config.shards} shards in {config.groups} fencing groups "
+          f"(a batch per group per cycle) in {r['apply_s']:.1f} s "
           f"({votes / r['apply_s']:,.0f} votes/s incl. log appends and run writes)")
     print(f"RSS {r['rss_before_bytes'] / 2**20:.1f} -> {r['rss_after_bytes'] / 2**20:.1f} MiB; "
           f"the highest RSS while applying, {r['peak_rss_bytes'] / 2**20:.1f} MiB, is "
@@ -237,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     config = Config(locator_run_entries=arguments.run_entries).validate()
     parameters = {"voters": arguments.voters, "turnout": arguments.turnout,
-                  "shards": config.shards, "cycle_votes": arguments.cycle_votes,
+                  "shards": config.shards, "groups": config.groups,
+                  "cycle_votes": arguments.cycle_votes,
                   "locator_run_entries": config.locator_run_entries,
                   "lookup_rate_per_s": arguments.lookup_rate, "lookup_s": arguments.lookup_s,
                   "seed": arguments.seed}

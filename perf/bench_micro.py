@@ -10,8 +10,11 @@ re-implemented here:
 3. token verify: engine/tokens.py verify_voter_token on distinct real tokens; and the rate
    limiter's checks (engine/ratelimit.py) over as many distinct addresses and voters;
 4. receipt signing: engine/signing.py sign_commit (one Ed25519 signature and the Merkle
-   trees per group commit, SignedBatch per shard batch) and SignedBatch.receipt_bodies (every 201 body), per
-   commit and per vote, for several commit sizes;
+   trees per commit cycle, a SignedBatch per fencing group batch) and
+   SignedBatch.receipt_bodies (every 201 body), per commit and per vote, for commits of 8 to
+   4096 votes shaped as the engine signs them (log format 3): one batch per fencing group
+   (``--receipt-groups``) holding a run per shard with votes, the votes spread at random
+   over ``--receipt-shards`` shards (shard s in group s mod groups);
 5. voter memory in the engine's sharded layout (shard = voter_id mod S, index = voter_id
    div S, one pyroaring BitMap per shard and poll) for 300M eligible voters at 10/50/90 %
    random turnout and S = 8, 256 and 1024: the serialized size (BitMap.serialize) and the
@@ -50,6 +53,7 @@ from pyroaring import BitMap
 from engine import _fastpath as compiled
 from engine import fastpath_py as python_twin
 from engine import signing, tokens
+from engine.config import Config
 from engine.keys import ensure_keys, load_keys
 from perf import PERF_DIR
 from perf.bench_fastpath import make_wal_payloads, run_apply
@@ -64,6 +68,8 @@ VOTERS_ELIGIBLE = 300_000_000
 TURNOUTS = (0.1, 0.5, 0.9)
 SHARD_COUNTS = (8, 256, 1024)
 BLOOM_FALSE_POSITIVE = 1e-6
+# The engine's default layout (shards, and the fencing groups it resolves them to).
+DEFAULT_LAYOUT = Config().validate()
 CONTAINER_INDEXES = 1 << 16
 TARGETS = {
     "cython apply votes/s": (5e6, "min"),
@@ -161,7 +167,6 @@ def bench_ratelimit(args) -> dict:
     before the token; once at each address's first sight, then on known addresses) and
     check_voter, over `--tokens` distinct addresses and voters, and one Gcra.check on a
     warm key. Generous limits: every check admits (the common case)."""
-    from engine.config import Config
     from engine.ratelimit import RateLimiter
 
     count = args.tokens
@@ -200,19 +205,40 @@ def bench_ratelimit(args) -> dict:
 # --- 4. receipt signing -----------------------------------------------------------------
 
 
+RECEIPT_VOTES_PER_COMMIT = (8, 64, 512, 4096)
+
+
+def receipt_cycle_shape(args) -> str:
+    """What a signed commit cycle of section 4 holds (printed with the conditions)."""
+    return (f"one batch per fencing group per commit, {args.receipt_groups} groups of "
+            f"{args.receipt_shards} shards (shard s in group s mod {args.receipt_groups}), "
+            f"votes spread over the shards at random, one run per shard in its group's batch")
+
+
+def commit_cycle(rng: random.Random, shards: int, groups: int, batch_seq: int,
+                 votes: int) -> list[tuple[int, int, list[signing.VoteRun]]]:
+    """One commit cycle's (group, batch_seq, runs) as a worker owning every group signs it
+    (shards/planning.py): `votes` votes of random voters, each of shard voter mod shards; a
+    batch per group with votes holding a run per shard (one poll), in the order the shards'
+    first votes arrived. Every group's batch of this cycle is its `batch_seq`-th."""
+    by_group: dict[int, dict[int, list[tuple[str, int, str]]]] = {}
+    for _ in range(votes):
+        voter = rng.randrange(1, 2**32)
+        shard = voter % shards
+        by_group.setdefault(shard % groups, {}).setdefault(shard, []).append(("bench", voter, "a"))
+    return [(group, batch_seq, [run for shard, shard_votes in by_shard.items()
+                                for run in signing.vote_runs(shard, shard_votes)])
+            for group, by_shard in sorted(by_group.items())]
+
+
 def bench_receipts(args, keyring) -> list[dict]:
     hasher = signing.VoterHasher(keyring.voter_hash_secret)
     rows = []
     rng = random.Random(args.seed)
-    for shard_batches, votes_per_batch in ((8, 1), (8, 8), (8, 64), (8, 512)):
-        commits = max(3, 4096 // (shard_batches * votes_per_batch))
-        cycles = []
-        for commit in range(commits):
-            cycles.append([
-                (shard, commit, signing.vote_runs(
-                    [("bench", rng.randrange(1, 2**32), "a") for _ in range(votes_per_batch)]))
-                for shard in range(shard_batches)
-            ])  # fmt: skip
+    shards, groups = args.receipt_shards, args.receipt_groups
+    for votes in RECEIPT_VOTES_PER_COMMIT:
+        commits = max(3, 4096 // votes)
+        cycles = [commit_cycle(rng, shards, groups, commit, votes) for commit in range(commits)]
         signed_all: list = []
 
         def sign(cycles=cycles, signed_all=signed_all) -> None:
@@ -226,11 +252,15 @@ def bench_receipts(args, keyring) -> list[dict]:
                     batch.receipt_bodies(0)
 
         sign_per_s = median_rate(sign, commits, args.rounds)
-        votes = shard_batches * votes_per_batch
         receipts_per_s = median_rate(cut, commits * votes, args.rounds)
         rows.append({
-            "shard_batches": shard_batches,
+            "shards": shards,
+            "groups": groups,
             "votes_per_commit": votes,
+            # Fewer than `groups` when a small commit leaves a group without votes.
+            "group_batches_per_commit": round(statistics.fmean(len(cycle) for cycle in cycles), 2),
+            "shard_runs_per_commit": round(statistics.fmean(
+                sum(len(runs) for _, _, runs in cycle) for cycle in cycles), 2),
             "sign_commit_us": round(1e6 / sign_per_s, 1),
             "sign_us_per_vote": round(1e6 / sign_per_s / votes, 2),
             "receipts_us_per_vote": round(1e6 / receipts_per_s, 2),
@@ -404,10 +434,15 @@ def print_report(result: dict) -> None:
           f"{limits['check_client_us']} us ({limits['check_client_first_sight_us']} us at an "
           f"address's first sight), check_voter {limits['check_voter_us']} us, one warm "
           f"Gcra.check {limits['gcra_check_warm_us']} us")
-    print("\n== receipt signing (sign_commit: Merkle trees + one Ed25519 signature per commit)")
-    print_table(["shard batches", "votes/commit", "sign us/commit", "sign us/vote", "receipts us/vote"],
-                [[r["shard_batches"], r["votes_per_commit"], r["sign_commit_us"], r["sign_us_per_vote"],
-                  r["receipts_us_per_vote"]] for r in result["receipts"]])  # fmt: skip
+    receipts = result["receipts"]
+    print("\n== receipt signing (sign_commit: Merkle trees + one Ed25519 signature per commit; "
+          f"a batch per fencing group, {receipts[0]['groups']} groups of {receipts[0]['shards']} "
+          "shards, votes spread over the shards)")
+    print_table(["votes/commit", "group batches", "shard runs", "sign us/commit", "sign us/vote",
+                 "receipts us/vote"],
+                [[r["votes_per_commit"], r["group_batches_per_commit"], r["shard_runs_per_commit"],
+                  r["sign_commit_us"], r["sign_us_per_vote"], r["receipts_us_per_vote"]]
+                 for r in receipts])  # fmt: skip
     print(f"\n== voter bitmaps, {VOTERS_ELIGIBLE:,} eligible voters (bits per eligible voter, serialized)")
     print_table(["S", "turnout", "indexes/shard", "measured", "containers (bitset/array)",
                  "bits/eligible", "container bits", "fleet MB"],
@@ -444,6 +479,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--apply-shards", type=int, default=64)
     parser.add_argument("--batch-votes", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=50_000)
+    parser.add_argument("--receipt-shards", type=int, default=DEFAULT_LAYOUT.shards,
+                        help="shards of a signed commit cycle (engine.config's by default)")
+    parser.add_argument("--receipt-groups", type=int, default=DEFAULT_LAYOUT.groups,
+                        help="fencing groups of a signed commit cycle, the batches per commit "
+                             "(engine.config's for its shards by default)")
     parser.add_argument("--bitmap-sample-max", type=int, default=4 * CONTAINER_INDEXES * 16,
                         help="largest shard prefix built, in voter indexes (whole shards below it)")  # fmt: skip
     parser.add_argument("--redis-sample", type=int, default=1_000_000)
@@ -451,6 +491,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="/var/tmp/votes-bench/micro")
     parser.add_argument("--out", type=Path, default=PERF_DIR / "results" / "micro.json")
     args = parser.parse_args(argv)
+    if not 1 <= args.receipt_groups <= args.receipt_shards or \
+            args.receipt_shards % args.receipt_groups:
+        parser.error("--receipt-groups must divide --receipt-shards")
     if args.quick:
         args.rounds = 1
         args.tokens = 10_000
@@ -463,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     conditions = describe_machine(("votes-engine", "pyroaring", "cryptography", "redis"))
     conditions["fastpath"] = getattr(compiled, "__file__", "?")
+    conditions["receipt_cycle"] = receipt_cycle_shape(args)
     print_conditions(conditions, {k: v for k, v in vars(args).items() if k != "out"})
     started = time.monotonic()
     keys_dir = Path(args.work_dir) / "keys-data"

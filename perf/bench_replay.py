@@ -8,7 +8,8 @@ group of n equally busy shards takes about n times as long, once):
 
 1. A writer appends, with the engine's record encoder and segment log (shards/records.py,
    shards/segment_log.py), the header, a poll and `--voters` distinct voters of one shard in VoteBatch
-   records of `--batch-votes` votes (voters in a scrambled order, options at random;
+   records of `--batch-votes` votes (each a batch of the shard's group holding one vote group,
+   the shard's; voters in a scrambled order, options at random;
    signature fields zeroed: neither rebuild nor the recount checks them), `--records-per-append`
    records per fsync'd append. After `--snapshot-fraction` of the voters, `rebuild --from-wal`
    writes a snapshot there; then the rest is appended.
@@ -89,7 +90,7 @@ class Writer:
 
     def __init__(self, config: Config, args: argparse.Namespace) -> None:
         self.args = args
-        group = config.group_of(args.shard)
+        group = self.group = config.group_of(args.shard)
         self.log = SegmentLog(group_directory(config.data_path, group) / "wal",
                               config.segment_bytes_max)
         if not self.log.try_lock():
@@ -97,7 +98,7 @@ class Writer:
         if self.log.recover() == 0:
             self.log.append(frame(encode_record(log_header(config, group))))
         self.rng = random.Random(args.seed)
-        self.batch_seq = 0
+        self.batch_seq = 0  # the group's batch sequence (only this shard's batches here)
         self.records = 0
         self.bytes = 0
 
@@ -119,8 +120,9 @@ class Writer:
                                        for position in range(start, end)])
             options = array.array("H", self.rng.choices(range(len(OPTIONS)), k=end - start))
             pending.append(encode_record(VoteBatch(
-                shard=self.args.shard, batch_seq=self.batch_seq, time_ms=CREATED_MS,
-                groups=[VoteGroup(poll=POLL, voters=voters.tobytes(), options=options.tobytes())],
+                group=self.group, batch_seq=self.batch_seq, time_ms=CREATED_MS,
+                groups=[VoteGroup(shard=self.args.shard, poll=POLL, voters=voters.tobytes(),
+                                  options=options.tobytes())],
                 batch_position=0, batch_nodes=[bytes(32)], signature=bytes(64), key_id="bench")))
             self.batch_seq += 1
             if len(pending) >= self.args.records_per_append:

@@ -128,7 +128,8 @@ class Recovery:
 
 class BulkWriter:
     """Appends records with the engine's encoder, many per append, as an owner's log would
-    hold them (batch_seq numbers continue from the log's own)."""
+    hold them: batches of the shard's group, each holding one vote group of the shard
+    (batch_seq numbers continue from the log's own)."""
 
     def __init__(self, wal, plan: Plan, seeded: Seeded, batch_seq_next: int) -> None:
         self.wal = wal
@@ -145,11 +146,13 @@ class BulkWriter:
         step = self.plan.batch_votes
         for start in range(0, len(voter_indexes), step):
             group = VoteGroup(
+                shard=self.plan.shard,
                 poll=poll,
                 voters=array.array("I", voter_indexes[start:start + step]).tobytes(),
                 options=array.array("H", options[start:start + step]).tobytes(),
             )
-            batch = VoteBatch(shard=self.plan.shard, batch_seq=self.batch_seq_next,
+            # The bench runs one shard per fencing group: the group's number is the shard's.
+            batch = VoteBatch(group=self.plan.shard, batch_seq=self.batch_seq_next,
                               time_ms=CREATED_MS, groups=[group], batch_position=0,
                               batch_nodes=[bytes(32)], signature=bytes(64), key_id="bulk")
             self.batch_seq_next += 1

@@ -9,17 +9,19 @@ strings are UTF-8 without a terminator:
     h_0 = H("votes/export-chain/v1" || 0x00 || u16 len(poll) || poll || u32 shard)
     h_k = H(h_{k-1} || u64 offset || u32 index || u64 voter_id || u16 len(option) || option)
 
-for k = 1..n, one step per COUNTED vote of `poll` in the shard's vote batches of its group's log (one log
-holds every shard of the group; a batch names its shard), in log order (record
-order, then group order within the record, then vote order within the group). The digest is
-h_n (h_0 when no vote counted), and the export states n beside it.
+for k = 1..n, one step per COUNTED vote of `poll` in the shard's vote groups of its group's
+log (one log holds every shard of the group; a vote batch holds votes of any of them, each
+vote group naming its shard), in log order (record order, then vote group order within the
+record, then vote order within the group). The digest is h_n (h_0 when no vote counted),
+and the export states n beside it.
 
 - offset: the log position of the vote's record. Embedded log: the byte position of the
   record's frame in the group's whole log (segment base offset + position in the segment
   file). Kafka: the record's offset in partition `group` (shard mod groups) of the WAL topic.
-- index: the vote's position among ALL votes of its batch record, counted or not, from 0:
-  groups in record order, votes in group order. It is the `index` a receipt carries.
-- voter_id: voter index (the uint32 stored in the group) x shard count + shard.
+- index: the vote's position among ALL votes of its batch record, of every shard, counted
+  or not, from 0: vote groups in record order, votes in group order. It is the `index` a
+  receipt carries (the vote's leaf in the batch's signed tree).
+- voter_id: voter index (the uint32 stored in the vote group) x shard count + shard.
 - option: the option id, `options[option index]` of the poll's creation record.
 
 Which votes count (the engine's rule, docs/design.md "Outcomes the client can see"): a vote

@@ -253,7 +253,8 @@ def inspect_group() -> None:
 @inspect_group.command("wal")
 @common_options
 @click.option("--shard", type=click.IntRange(0, 4095), default=None,
-              help="The shard's records of its group's log (header, polls, its batches).")
+              help="The shard's records of its group's log (header, polls, the batches "
+                   "holding its votes).")
 @click.option("--group", type=click.IntRange(0, 4095), default=None,
               help="Every record of the group's log.")
 @click.option("--from", "from_offset", type=click.IntRange(0), default=0, show_default=True,
@@ -261,7 +262,8 @@ def inspect_group() -> None:
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def inspect_wal(data_dir, config_file, shard, group, from_offset, limit, as_json) -> None:
-    """List WAL records: offset, next offset, kind, poll, batch_seq, time, votes per group."""
+    """List WAL records: offset, next offset, kind, poll; a vote batch's group, batch_seq,
+    time and votes per shard and poll."""
     from replay.context import chosen_by_shard_or_group
     from replay.inspection import render_record, wal_records
 
@@ -324,7 +326,7 @@ def inspect_snapshots(data_dir, config_file, shard, group, as_json) -> None:
               default=None, help="An export (.json or .csv) that must include this vote.")
 @click.option("--show-option", is_flag=True, help="Print the option the vote was for.")
 def prove(data_dir, config_file, receipt_text, export_file, show_option) -> None:
-    """Was this vote counted? RECEIPT is the "r1...." text of a 201 or 409 body ("-": stdin).
+    """Was this vote counted? RECEIPT is the "r2...." text of a 201 or 409 body ("-": stdin).
 
     Exit 0: counted; 1: not counted or a check failed; 2: bad input."""
     from replay.prove import prove as run_prove
@@ -336,7 +338,8 @@ def prove(data_dir, config_file, receipt_text, export_file, show_option) -> None
         config, receipt_text, export_path=None if export_file is None else Path(export_file))))
     receipt = proof.receipt
     click.echo(f"receipt: poll {receipt.poll!r}, shard {receipt.shard}, offset {receipt.offset}, "
-               f"batch {receipt.batch_seq}, vote {receipt.index} of {receipt.leaf_count}")
+               f"batch {receipt.batch_seq} of group {receipt.group}, vote {receipt.index} of "
+               f"{receipt.leaf_count}")
     for ok, text in proof.checks:
         click.echo(f"  [{'ok' if ok else 'FAILED'}] {text}")
     if show_option and proof.option is not None:

@@ -11,10 +11,10 @@ The JSON document (format "votes-export/v1"):
 The CSV holds the same facts one per row, `section,shard,key,value`.
 
 A shard's `end_offset` is an offset in its fencing group's log (one log holds all the shards
-of a group, and is read once for them). A check recounts every shard only up to the export's
-`end_offset` of that shard, so an
-export of a poll that was still open checks out later too, as long as the log still holds
-what it held.
+of a group, and is read once for them; a vote batch holds votes of any of them, and a shard's
+counts and chain take only its own vote groups, replay/recount.py). A check recounts every
+shard only up to the export's `end_offset` of that shard, so an export of a poll that was
+still open checks out later too, as long as the log still holds what it held.
 """
 
 from __future__ import annotations

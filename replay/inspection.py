@@ -2,10 +2,12 @@
 
 Records come from the independent reader (replay/rawlog.py), read-only, from the fencing
 group's one log: for a group every record, for a shard the records that concern it (the
-header, poll created / closed, and its own vote batches); each is described by
-its offset, next offset, kind and fields, a vote batch by its batch_seq, time, key id and
-per group the poll and vote count. Snapshots: the manifest entries, and a summary of the
-newest snapshot that checks out.
+header, poll created / closed, and the vote batches holding votes of the shard); each is
+described by its offset, next offset, kind and fields, a vote batch (the group's, holding
+votes of any of its shards) by its group, batch_seq, time, key id, the shards with votes in
+it and per vote group the shard, the poll and the vote count. A batch listed for a shard is
+described whole, with the vote groups of its other shards too: it is one record. Snapshots:
+the manifest entries, and a summary of the newest snapshot that checks out.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ def _time(epoch_ms: int | None) -> str | None:
 
 
 def describe(frame: Frame, group: int, shard: int | None = None) -> dict | None:
-    """The record as a dict; None when `shard` is given and the record is another shard's."""
+    """The record as a dict; None when `shard` is given and the record is a vote batch
+    without votes of it."""
     record = decode_raw(frame.payload, f"group {group} record at offset {frame.offset}")
-    if shard is not None and isinstance(record, Batch) and record.shard != shard:
+    if shard is not None and isinstance(record, Batch) and shard not in record.shards:
         return None
     entry: dict = {"offset": frame.offset, "next_offset": frame.next_offset,
                    "bytes": len(frame.payload)}
@@ -49,9 +52,10 @@ def describe(frame: Frame, group: int, shard: int | None = None) -> dict | None:
         entry.update(kind="poll-closed", poll=record.poll, closed_ms=record.closed_ms,
                      closed=_time(record.closed_ms))
     elif isinstance(record, Batch):
-        entry.update(kind="vote-batch", shard=record.shard, batch_seq=record.batch_seq,
-                     time=_time(record.time_ms), votes=record.vote_count,
-                     groups=[{"poll": group.poll, "votes": group.size} for group in record.groups],
+        entry.update(kind="vote-batch", group=record.group, batch_seq=record.batch_seq,
+                     time=_time(record.time_ms), votes=record.vote_count, shards=record.shards,
+                     groups=[{"shard": vote_group.shard, "poll": vote_group.poll,
+                              "votes": vote_group.size} for vote_group in record.groups],
                      batch_position=record.batch_position, batch_count=len(record.batch_nodes),
                      key_id=record.key_id)
     return entry
@@ -68,16 +72,19 @@ def render_record(entry: dict) -> str:
                 f"groups={entry['groups']} group={entry['group']}")
     if entry["kind"] == "poll-closed":
         return f"{head} poll={entry['poll']} closed_ms={entry['closed_ms']} ({entry['closed']})"
-    groups = " ".join(f"{group['poll']}:{group['votes']}" for group in entry["groups"])
-    return (f"{head} shard={entry['shard']} batch_seq={entry['batch_seq']} time={entry['time']} votes={entry['votes']} "
-            f"groups=[{groups}] key={entry['key_id']} batch {entry['batch_position'] + 1}/"
-            f"{entry['batch_count']}")
+    # Per vote group: shard/poll:votes (a poll id may hold ':' but the last one ends it).
+    groups = " ".join(f"{group['shard']}/{group['poll']}:{group['votes']}"
+                      for group in entry["groups"])
+    return (f"{head} group={entry['group']} batch_seq={entry['batch_seq']} "
+            f"time={entry['time']} votes={entry['votes']} groups=[{groups}] "
+            f"key={entry['key_id']} batch {entry['batch_position'] + 1}/{entry['batch_count']}")
 
 
 async def wal_records(config: Config, group: int, from_offset: int, limit: int,
                       shard: int | None = None) -> tuple[list[dict], dict]:
-    """Up to `limit` records of the group's log from `from_offset` (only those of `shard`
-    when given), and where the listing stopped."""
+    """Up to `limit` records of the group's log from `from_offset` (only those concerning
+    `shard` when given: not the vote batches without its votes), and where the listing
+    stopped."""
     entries: list[dict] = []
 
     def take(frame: Frame) -> None:

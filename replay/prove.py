@@ -3,11 +3,14 @@
 Steps, each of which can fail the proof:
 1. The receipt's signature and Merkle paths verify offline with the engine's public key for
    its key id (engine/receipts.verify_receipt).
-2. The record at the receipt's offset of the log of the shard's fencing group (group
-   shard mod groups; the log's header checked first) is vote batch `batch_seq` of `shard`, holds
-   `leaf_count` votes and carries the receipt's signature and batch node.
-3. Vote `index` of that batch is in the receipt's poll, and its voter hash (keyed with the
-   data dir's voter hash secret) and option rebuild the receipt's leaf.
+2. The receipt's shard is in the receipt's fencing group in this deployment's layout
+   (group = shard mod groups: the signature binds the batch to the group, and which shards a
+   group holds is the layout's), the record at the receipt's offset of that group's log (the
+   log's header checked first) is vote batch `batch_seq` of `group`, holds `leaf_count` votes
+   and carries the receipt's signature and batch node.
+3. Vote `index` of that batch is in a vote group of the receipt's shard and poll, and its
+   voter hash (keyed with the data dir's voter hash secret) and option rebuild the receipt's
+   leaf.
 4. An independent recount of the shard from its group's log (replay/recount.py) says whether the vote counted
    (its voter's first vote in the poll, the poll open at that point of the log), where it
    sits in the shard's hash chain for the poll, and whether the poll is closed (final).
@@ -70,18 +73,14 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
     if not proof.check(public_key is not None and verify_receipt(receipt, public_key),
                        f"signature by key {receipt.key_id} over the receipt's Merkle paths"):
         return proof
-    group = config.group_of(receipt.shard)
-    try:
-        batch = decode_raw(await read_record(config, group, receipt.offset),
-                           f"group {group} record at offset {receipt.offset}")
-    except (BadInput, DataDamaged) as exc:
-        # The engine signed this batch, so a log without it at that offset lost or moved it.
-        proof.check(False, f"the log of group {group} (shard {receipt.shard}'s) holds a record "
-                           f"at offset {receipt.offset}: no ({exc})")
+    batch = await _receipts_batch(proof, config, receipt)
+    if batch is None:
         return proof
-    if not _check_record(proof, receipt, batch) or not isinstance(batch, Batch):
-        return proof  # _check_record found it is not a vote batch
-    poll, voter_index, option_index = vote_at(batch, receipt.index)
+    shard, poll, voter_index, option_index = vote_of(batch, receipt.index)
+    of_shard = f"vote {receipt.index} of the record is of shard {receipt.shard}"
+    if not proof.check(shard == receipt.shard, of_shard if shard == receipt.shard else
+                       f"{of_shard}: no, its vote group names shard {shard}"):
+        return proof
     voter_id = voter_index * config.shards + receipt.shard
     until = None if claimed is None else claimed["shards"].get(receipt.shard, {}).get("end_offset")
     recount = await recount_shard(config, receipt.shard, chain=[receipt.poll],
@@ -120,29 +119,60 @@ async def prove(config: Config, receipt_text: str, *, export_path: Path | None =
     return proof
 
 
+async def _receipts_batch(proof: Proof, config: Config, receipt: Receipt) -> Batch | None:
+    """The vote batch the receipt names, read from its group's log, once the receipt's shard
+    is found in that group; None (the failed check recorded) otherwise."""
+    group = config.group_of(receipt.shard)
+    in_group = f"shard {receipt.shard} is in the receipt's fencing group {receipt.group}"
+    if not proof.check(group == receipt.group, in_group if group == receipt.group else
+                       f"{in_group}: no, this deployment's {config.groups} groups put it in "
+                       f"group {group}"):
+        return None
+    try:
+        batch = decode_raw(await read_record(config, group, receipt.offset),
+                           f"group {group} record at offset {receipt.offset}")
+    except (BadInput, DataDamaged) as exc:
+        # The engine signed this batch, so a log without it at that offset lost or moved it.
+        proof.check(False, f"the log of group {group} (shard {receipt.shard}'s) holds a record "
+                           f"at offset {receipt.offset}: no ({exc})")
+        return None
+    if not _check_record(proof, receipt, batch) or not isinstance(batch, Batch):
+        return None  # _check_record found it is not a vote batch
+    return batch
+
+
 def _check_record(proof: Proof, receipt: Receipt, batch) -> bool:
     if not proof.check(is_receipts_batch(receipt, batch),
                        f"the record at offset {receipt.offset} is batch {receipt.batch_seq} of "
-                       f"shard {receipt.shard}"):
+                       f"group {receipt.group}"):
         return False
     return proof.check(
-        batch_holds_receipt(receipt, batch),
+        batch_holds_signature(receipt, batch),
         f"the record holds {receipt.leaf_count} votes and the receipt's signature and batch node")
 
 
 def is_receipts_batch(receipt: Receipt, batch: object) -> bool:
     """Whether a decoded record (replay/rawlog.py) is vote batch `batch_seq` of the
-    receipt's shard (steps 2 of the module docstring; the receipt lookup of the live
+    receipt's group (step 2 of the module docstring; the receipt lookup of the live
     engine, engine/receipt_lookup.py, runs the same checks)."""
-    return isinstance(batch, Batch) and batch.shard == receipt.shard \
+    return isinstance(batch, Batch) and batch.group == receipt.group \
         and batch.batch_seq == receipt.batch_seq
 
 
 def batch_holds_receipt(receipt: Receipt, batch: Batch) -> bool:
+    """Whether the batch holds the receipt's vote count, signature and batch node, and its
+    vote `index` is in a vote group of the receipt's shard (the receipt's leaf binds the
+    shard: a record whose vote there names another shard is not the batch that was signed,
+    and would count the vote for another voter)."""
+    return batch_holds_signature(receipt, batch) and \
+        _shard_at(batch, receipt.index) == receipt.shard
+
+
+def batch_holds_signature(receipt: Receipt, batch: Batch) -> bool:
     """Whether the batch holds the receipt's vote count, signature and batch node."""
     leaf = leaf_hash(receipt.poll, receipt.shard, receipt.voter_hash, receipt.option)
     batch_root = path_root(leaf, receipt.index, receipt.leaf_count, receipt.path)
-    node = None if batch_root is None else batch_node(receipt.shard, receipt.batch_seq,
+    node = None if batch_root is None else batch_node(receipt.group, receipt.batch_seq,
                                                        receipt.leaf_count, batch_root)
     return (batch.vote_count == receipt.leaf_count and batch.signature == receipt.signature
             and 0 <= batch.batch_position < len(batch.batch_nodes)
@@ -150,15 +180,32 @@ def batch_holds_receipt(receipt: Receipt, batch: Batch) -> bool:
             and batch.batch_nodes[batch.batch_position] == node)
 
 
-def vote_at(batch: Batch, index: int) -> tuple[str, int, int]:
-    """(poll, voter index, option index) of vote `index` in the batch's leaf order."""
+def _shard_at(batch: Batch, index: int) -> int | None:
+    for group in batch.groups:
+        if index < group.size:
+            return group.shard
+        index -= group.size
+    return None
+
+
+def vote_of(batch: Batch, index: int) -> tuple[int, str, int, int]:
+    """(shard, poll, voter index, option index) of vote `index` in the batch's leaf order
+    (every vote group of the batch, of any shard, in record order)."""
     for group in batch.groups:
         if index < group.size:
             voter = int.from_bytes(group.voters[4 * index:4 * index + 4], "little")
             option = int.from_bytes(group.options[2 * index:2 * index + 2], "little")
-            return group.poll, voter, option
+            return group.shard, group.poll, voter, option
         index -= group.size
     raise BadInput(f"the batch holds no vote {index}")
+
+
+def vote_at(batch: Batch, index: int) -> tuple[str, int, int]:
+    """(poll, voter index, option index) of vote `index` in the batch's leaf order; its
+    shard is checked by batch_holds_receipt (the live receipt lookup,
+    engine/receipt_lookup.py, checks a receipt with these two)."""
+    _, poll, voter, option = vote_of(batch, index)
+    return poll, voter, option
 
 
 def _check_export(proof: Proof, claimed: dict, recount, until: int | None,

@@ -19,14 +19,20 @@ encodes as `[tag, field, ...]`:
                     breakdown]; breakdown (a list of names, "country") is absent in
                     records of the release before
 - "c" PollClosed:  [poll, closed_ms]
-- "v" VoteBatch:   [shard, batch_seq, time_ms, groups, batch_position, batch_nodes,
-                    signature, key_id]; each group is [poll, voters, options,
-                    country_codes, countries] with voters packed little-endian uint32
-                    voter indexes, options packed uint16, and (a poll with the country
-                    breakdown) countries packed uint16 indexes into the list country_codes;
-                    the last two are absent in the release before, empty without breakdown.
+- "v" VoteBatch:   [group, batch_seq, time_ms, groups, batch_position, batch_nodes,
+                    signature, key_id]: a run of one fencing group's votes in a commit
+                    cycle (log format 3: any of the group's shards, one batch per run
+                    between control records), batch_seq counting the group's batches;
+                    each vote group
+                    is [shard, poll, voters, options, country_codes, countries], every vote
+                    of it of that shard, with voters packed little-endian uint32 voter
+                    indexes (voter_id div shards), options packed uint16, and (a poll with
+                    the country breakdown) countries packed uint16 indexes into the list
+                    country_codes; the last two are empty without the breakdown, and
+                    may be absent (the engine's decoder then takes them as empty).
 The shapes are checked here by hand; a payload that passes its checksum but not these
-checks is `DataDamaged`.
+checks is `DataDamaged`. Whether a vote group's shard is in the log's group is the readers'
+check (replay/recount.py), which knows the layout.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class Closed(NamedTuple):
 
 
 class Group(NamedTuple):
+    shard: int  # every vote of the group is of this shard
     poll: str
     voters: bytes  # packed little-endian uint32
     options: bytes  # packed little-endian uint16
@@ -86,7 +93,7 @@ class Group(NamedTuple):
 
 
 class Batch(NamedTuple):
-    shard: int
+    group: int  # the fencing group whose log holds it; batch_seq counts its batches
     batch_seq: int
     time_ms: int
     groups: list[Group]
@@ -98,6 +105,11 @@ class Batch(NamedTuple):
     @property
     def vote_count(self) -> int:
         return sum(group.size for group in self.groups)
+
+    @property
+    def shards(self) -> list[int]:
+        """The shards with votes in the batch, in order of first appearance."""
+        return list(dict.fromkeys(group.shard for group in self.groups))
 
 
 RawRecord = Header | Created | Closed | Batch
@@ -153,23 +165,25 @@ def decode_raw(payload: bytes | memoryview, where: str) -> RawRecord:
         return Closed(poll, closed_ms)
     if tag == "v":
         _check(len(fields) == 9, where, f"vote batch has {len(fields) - 1} fields, not 8")
-        _, shard, batch_seq, time_ms, groups, position, nodes, signature, key_id = fields
-        _check(_is_int(shard) and _is_int(batch_seq) and _is_int(time_ms)
+        _, group, batch_seq, time_ms, groups, position, nodes, signature, key_id = fields
+        _check(_is_int(group) and _is_int(batch_seq) and _is_int(time_ms)
                and isinstance(groups, list) and _is_int(position) and isinstance(nodes, list)
                and all(isinstance(node, bytes) for node in nodes)
                and isinstance(signature, bytes) and isinstance(key_id, str), where,
                "vote batch has a field of the wrong type")
-        return Batch(shard, batch_seq, time_ms, [_group(group, where) for group in groups],
+        return Batch(group, batch_seq, time_ms, [_group(fields, where) for fields in groups],
                      position, nodes, signature, key_id)
     raise DataDamaged(f"{where}: unknown record tag {tag!r}")
 
 
 def _group(fields, where: str) -> Group:
-    _check(isinstance(fields, list) and len(fields) in (3, 5), where,
-           "a vote group is not [poll, voters, options] or [..., country_codes, countries]")
-    poll, voters, options, *country_fields = fields
+    _check(isinstance(fields, list) and len(fields) in (4, 6), where,
+           "a vote group is not [shard, poll, voters, options] or [..., country_codes, "
+           "countries]")
+    shard, poll, voters, options, *country_fields = fields
     codes, countries = country_fields or ([], b"")
-    _check(isinstance(poll, str) and isinstance(voters, bytes) and isinstance(options, bytes)
+    _check(_is_int(shard) and shard >= 0 and isinstance(poll, str)
+           and isinstance(voters, bytes) and isinstance(options, bytes)
            and isinstance(codes, list) and all(isinstance(code, str) for code in codes)
            and isinstance(countries, bytes), where, "a vote group has a field of the wrong type")
     _check(len(voters) % 4 == 0 and len(options) * 2 == len(voters), where,
@@ -178,7 +192,7 @@ def _group(fields, where: str) -> Group:
     _check(not countries or len(countries) * 2 == len(voters), where,
            f"vote group of poll {poll!r} holds {len(countries)} country bytes for "
            f"{len(voters) // 4} votes (need 2 per vote)")
-    return Group(poll, voters, options, tuple(codes), countries)
+    return Group(shard, poll, voters, options, tuple(codes), countries)
 
 
 # Embedded segments -----------------------------------------------------------------------

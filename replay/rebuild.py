@@ -6,14 +6,17 @@ checkpoint of an interrupted rebuild (unless `restart`), else from the newest va
 (unless `from_wal`), else from an empty state; the group's log is read from the lowest of
 those offsets to its end with the engine's reader (shards/segment_log.py, or
 KafkaWal.replay), each record decoded once with shards.records.decode_record and applied
-with ShardState.apply (the compiled apply_group) to the shard it concerns (a vote batch to
-its shard, poll created / closed to every shard; a shard skips what its state already
-holds); then each state is frozen and saved in the shard's snapshot store
-(shards.backends.make_snapshot_store), and its checkpoint removed.
+with ShardState.apply (the compiled apply_group) to the shards it concerns (a vote batch,
+the group's, to each shard with votes in it, which applies its own vote groups only; poll
+created / closed to every shard; a shard skips what its state already holds); then each
+state is frozen and saved in the shard's snapshot store (shards.backends.make_snapshot_store),
+and its checkpoint removed.
 
 Rules:
 - The log's first record must be this layout's header for the group (replay/sources.py
-  checks it before anything is applied); a log of another layout or group is refused.
+  checks it before anything is applied); a log of another layout or group is refused, and
+  so is a vote batch that names another group or holds votes of a shard outside the group
+  (as the engine's recovery refuses them, shards/recovery.apply_record).
 - Embedded log: the rebuild takes every chosen group's fence (the flock on the group's
   wal/LOCK) before it starts and holds it to the end, and refuses when an engine holds one:
   a rebuild never runs beside an engine that appends. Holding the fence, it recovers the log
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import msgspec
@@ -49,7 +52,7 @@ from replay.context import by_group
 from replay.errors import BadInput, DataDamaged, Paused, Unavailable
 from replay.sources import GroupLog, wal_directory
 from shards.backends import make_snapshot_store
-from shards.records import LogHeader, Record, VoteBatch, decode_record
+from shards.records import LogHeader, Record, VoteBatch, batch_shards, decode_record
 from shards.segment_log import SegmentLog
 from shards.snapshots import freeze, thaw
 from shards.state import ShardState
@@ -78,8 +81,9 @@ class RebuildResult:
     started_from: str  # how the state began: snapshot / empty / checkpoint
     start_offset: int
     end_offset: int
-    records: int  # applied to this shard by this run (its batches, the group's control records)
-    votes: int  # votes in those records
+    records: int  # applied to this shard by this run (batches with its votes, the group's
+    # control records)
+    votes: int  # its votes in those records
     seconds: float  # the group's read, shared by its shards
     records_earlier: int  # applied by earlier, interrupted runs (from the checkpoint)
     votes_counted: int
@@ -235,13 +239,15 @@ class ShardRebuild:
             raise DataDamaged(f"{what} is of shard {state.shard} of {state.shards_total}, "
                               f"not shard {self.shard} of {self.config.shards}")
 
-    def take(self, offset: int, next_offset: int, record: Record, payload) -> int | None:
+    def take(self, offset: int, next_offset: int, record: Record, payload,
+             shards_in_batch: Collection[int] = ()) -> int | None:
         """Apply one record of the group's log if it concerns this shard and the state does
-        not hold it yet; the votes it held for this shard, None when it was not applied."""
+        not hold it yet; the votes it held for this shard, None when it was not applied.
+        `shards_in_batch`: for a vote batch, the shards with votes in it."""
         state = self.started_state
         if next_offset <= state.wal_offset_next:
             return None  # the snapshot or checkpoint already holds it
-        if isinstance(record, VoteBatch) and record.shard != self.shard:
+        if isinstance(record, VoteBatch) and self.shard not in shards_in_batch:
             state.advance_to(next_offset)
             return None
         try:
@@ -251,8 +257,9 @@ class ShardRebuild:
                               f"apply: {exc}") from None
         if isinstance(record, LogHeader):
             return None  # layout, not data: not counted as a record (as the recount does)
-        votes = sum(len(group.voters) // 4 for group in record.groups) \
-            if isinstance(record, VoteBatch) else 0
+        # ShardState.apply applied this shard's vote groups only: count only those.
+        votes = sum(len(group.voters) // 4 for group in record.groups
+                    if group.shard == self.shard) if isinstance(record, VoteBatch) else 0
         self.records += 1
         self.votes += votes
         self.progress(votes)
@@ -295,10 +302,11 @@ class GroupRebuild:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise DataDamaged(f"group {self.group}: the record at offset {offset} does not "
                               f"decode: {exc}") from None
-        if isinstance(record, VoteBatch) and self.config.group_of(record.shard) != self.group:
-            raise DataDamaged(f"group {self.group}: the record at offset {offset} is a vote "
-                              f"batch of shard {record.shard}, which is not in the group")
-        applied = [shard.take(offset, next_offset, record, payload) for shard in self.shards]
+        shards_in_batch: list[int] = []
+        if isinstance(record, VoteBatch):
+            shards_in_batch = self._batch_shards(offset, record)
+        applied = [shard.take(offset, next_offset, record, payload, shards_in_batch)
+                   for shard in self.shards]
         if all(votes is None for votes in applied):
             return
         self.records += 1
@@ -309,6 +317,19 @@ class GroupRebuild:
         if (self.records_since_checkpoint >= self.options.checkpoint_records
                 or time.monotonic() - self.checkpoint_time_s >= self.options.checkpoint_interval_s):
             self.checkpoint()
+
+    def _batch_shards(self, offset: int, batch: VoteBatch) -> list[int]:
+        """The shards with votes in the batch, each checked to be in the group."""
+        if batch.group != self.group:
+            raise DataDamaged(f"group {self.group}: the record at offset {offset} is a vote "
+                              f"batch of group {batch.group}, not of this group's log")
+        shards = batch_shards(batch)
+        for shard in shards:
+            if not 0 <= shard < self.config.shards or self.config.group_of(shard) != self.group:
+                raise DataDamaged(f"group {self.group}: the record at offset {offset} is a vote "
+                                  f"batch holding votes of shard {shard}, which is not in the "
+                                  "group")
+        return shards
 
     def checkpoint(self) -> None:
         for shard in self.shards:

@@ -3,8 +3,11 @@
 It reads each fencing group's raw log with replay/rawlog.py (or replay/kafka_source.py) ONCE
 for all the shards asked for in that group, decodes records into plain lists, and counts with
 its own simple logic, never through the engine's decoder, ShardState or apply_group. A vote
-batch belongs to the shard it names (which must be in the group); poll created / closed
-records hold for every shard of the group. The rule (replay/chain.py states it for third
+batch is its group's (log format 3: one batch holds the votes of any of the group's shards);
+each of its vote groups belongs to the shard it names, which must be in the group, and a
+shard's recount takes only its own vote groups (a batch without any is, for that shard, a
+record it has no part in). Poll created / closed records hold for every shard of the group.
+The rule (replay/chain.py states it for third
 parties): a vote counts iff its poll was created earlier in its group's log and not closed
 yet there,
 its option index is valid, and its voter has not voted in that poll before. Votes that do
@@ -204,28 +207,29 @@ class Recounter:
         where = f"shard {self.shard} record at offset {frame.offset}"
         self.apply(frame.offset, frame.next_offset, decode_raw(frame.payload, where))
 
-    def apply(self, offset: int, next_offset: int, record: RawRecord) -> None:
-        """Apply one record of the group's log: another shard's vote batch and the header only
-        move the offsets (captures are at offsets of the group's log)."""
+    def apply(self, offset: int, next_offset: int, record: RawRecord,
+              own_groups: list[tuple[int, Group]] | None = None) -> None:
+        """Apply one record of the group's log: a vote batch without votes of this shard and
+        the header only move the offsets (captures are at offsets of the group's log).
+        `own_groups`: this shard's part of a vote batch (votes_by_shard), when the caller
+        has cut the batch once for all its shards."""
         while self._captures_pending and self._captures_pending[0] <= offset:
             self._capture(self._captures_pending.pop(0))
-        if isinstance(record, Batch) and record.shard != self.shard or \
-                not isinstance(record, Batch | Created | Closed):
-            self.last_offset = offset
-            self.next_offset = next_offset
-            return
-        self.records += 1
         if isinstance(record, Batch):
-            index = 0
-            for group in record.groups:
-                self._group(offset, index, group)
-                index += group.size
+            if own_groups is None:
+                own_groups = votes_by_shard(record).get(self.shard, [])
+            if own_groups:
+                self.records += 1
+                for first_index, group in own_groups:
+                    self._group(offset, first_index, group)
         elif isinstance(record, Created):
+            self.records += 1
             if record.poll not in self.polls:
                 tally = _PollTally(record, self.shard, self.keep_voters, self._chained(record.poll))
                 tally.rejected[POLL_NOT_OPEN] += self.unknown_polls.pop(record.poll, 0)
                 self.polls[record.poll] = tally
         elif isinstance(record, Closed):
+            self.records += 1
             closing = self.polls.get(record.poll)
             if closing is not None and closing.closed_ms is None:
                 closing.closed_ms = record.closed_ms
@@ -367,8 +371,22 @@ class Recounter:
             watched=self.watched)
 
 
+def votes_by_shard(batch: Batch) -> dict[int, list[tuple[int, Group]]]:
+    """Per shard with votes in the batch, its vote groups in record order, each with the
+    index of its first vote in the batch. The index counts every vote of the batch, of any
+    shard: it is the vote's leaf index in the signed batch tree, the `index` of its receipt
+    and of its export chain step (replay/chain.py)."""
+    parts: dict[int, list[tuple[int, Group]]] = {}
+    index = 0
+    for group in batch.groups:
+        parts.setdefault(group.shard, []).append((index, group))
+        index += group.size
+    return parts
+
+
 class GroupRecounter:
-    """One group's log, decoded once, fed to the recounter of each shard asked for."""
+    """One group's log, decoded once, each vote batch cut by shard once, fed to the
+    recounter of each shard asked for."""
 
     def __init__(self, config: Config, group: int, recounters: dict[int, Recounter]) -> None:
         self.group = group
@@ -377,15 +395,29 @@ class GroupRecounter:
         self.recounters = recounters
 
     def decode(self, frame: Frame) -> RawRecord:
-        """The frame's record; a vote batch of a shard outside the group is DataDamaged."""
+        """The frame's record. A vote batch that names another group, or holds votes of a
+        shard outside this group, is DataDamaged: the engine's recovery refuses such a log
+        (shards/recovery.apply_record), so counting it here would report results no engine
+        serves."""
         record = decode_raw(frame.payload, f"group {self.group} record at offset {frame.offset}")
-        if isinstance(record, Batch) and not (0 <= record.shard < self.shards_total
-                                              and record.shard % self.groups_total == self.group):
+        if not isinstance(record, Batch):
+            return record
+        if record.group != self.group:
             raise DataDamaged(f"group {self.group} record at offset {frame.offset}: a vote batch "
-                              f"of shard {record.shard}, which is not in group {self.group}")
+                              f"of group {record.group} in the log of group {self.group}")
+        for shard in record.shards:
+            if not (shard < self.shards_total and shard % self.groups_total == self.group):
+                raise DataDamaged(f"group {self.group} record at offset {frame.offset}: a vote "
+                                  f"batch holding votes of shard {shard}, which is not in group "
+                                  f"{self.group}")
         return record
 
     def apply(self, offset: int, next_offset: int, record: RawRecord) -> None:
+        if isinstance(record, Batch):
+            parts = votes_by_shard(record)
+            for shard, recounter in self.recounters.items():
+                recounter.apply(offset, next_offset, record, parts.get(shard, []))
+            return
         for recounter in self.recounters.values():
             recounter.apply(offset, next_offset, record)
 

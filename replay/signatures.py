@@ -1,18 +1,22 @@
 """Batch signatures for `verify`: does every vote batch in the log carry a signature, by a key of
 this deployment, over exactly the votes it holds?
 
-A vote batch record (replay/rawlog.Batch) stores its commit cycle's batch nodes, its own
-position among them, the Ed25519 signature and the signing key id (engine/receipts.py has the
-format). For each batch this module checks, in order:
+A vote batch record (replay/rawlog.Batch, one fencing group's batch holding votes of any of
+its shards) stores its commit cycle's batch nodes, its own position among them, the Ed25519
+signature and the signing key id (engine/receipts.py has the format). Each batch record is
+checked once, whatever the number of shards with votes in it, in order:
 1. the key id is one of the deployment's public keys (keys/receipt-public.json in the data
    dir, current and rotated-out ones);
-2. the batch position and the nodes fit together (position inside the list, 32-byte nodes);
+2. the batch position and the nodes fit together (position inside the list, 32-byte nodes),
+   and the record names the group of the log it sits in (its node binds that group);
 3. the signature verifies over (time_ms, batch count, root of the nodes), the message the
    engine signed;
 4. with the voter hash secret (keys/voter-hash-keys.json): the batch's own votes rebuild its
-   node (each vote's leaf from poll, shard, keyed voter hash and option; the batch tree; the
-   node bound to shard, batch_seq and leaf count), so a signature copied onto other votes
-   does not pass. Without the secret this step is skipped and said so in a note.
+   node (each vote's leaf from poll, its vote group's shard, keyed voter hash and option, the
+   voter id being voter index x shards + that shard; the batch tree over every vote group in
+   record order; the node bound to group, batch_seq and leaf count), so a signature copied
+   onto other votes, or votes moved to another shard, do not pass. Without the secret this
+   step is skipped and said so in a note.
 
 The hashes and the message come from engine/receipts.py's reference functions (the same ones
 `votes receipt verify` uses), and the batch tree is built here, not through the engine's
@@ -44,7 +48,7 @@ from engine.receipts import (
 )
 from replay.rawlog import Batch
 
-# Options of a poll as the shard's group's log created it, or None when the log has not created it.
+# Options of a poll as the group's log created it, or None when the log has not created it.
 OptionsOf = Callable[[str], Sequence[str] | None]
 
 
@@ -73,7 +77,8 @@ class BatchSignatures:
         # Why no batch can be checked (no public key document): one finding, not one per batch.
         self.keys_problem = keys_problem
         self._poll_keys: dict[str, bytes] = {}
-        # One commit cycle's signature is stored in every shard batch of that cycle.
+        # One commit cycle's signature is stored in every batch of that cycle (a group's
+        # control records can split its votes of a cycle into several batches).
         self._verified: set[tuple[str, bytes, bytes]] = set()
         self.nodes_not_rebuilt = 0
 
@@ -91,14 +96,14 @@ class BatchSignatures:
             secret = None  # step 4 is skipped; `notes` says so
         return cls(public_keys, secret, shards_total)
 
-    def for_shard(self) -> BatchSignatures:
-        """A checker with the same keys and its own caches and counters: shards are read in
-        threads at once, each with its own."""
+    def for_group(self) -> BatchSignatures:
+        """A checker with the same keys and its own caches and counters: group logs are read
+        in threads at once, each with its own."""
         return BatchSignatures(self.public_keys, self.voter_hash_secret, self.shards_total,
                                self.keys_problem)
 
     def notes(self, nodes_not_rebuilt: int) -> list[str]:
-        """What the check could not do; `nodes_not_rebuilt` summed over the shards' checkers."""
+        """What the check could not do; `nodes_not_rebuilt` summed over the groups' checkers."""
         notes = []
         if self.public_keys is not None and self.voter_hash_secret is None:
             notes.append("batch nodes not rebuilt from their votes: no voter hash secret in the "
@@ -108,8 +113,9 @@ class BatchSignatures:
                          "they hold votes for a poll their group's log has not created")
         return notes
 
-    def problem_of(self, batch: Batch, shard: int, options_of: OptionsOf) -> str | None:
-        """Why this batch's signature does not hold, or None when it does."""
+    def problem_of(self, batch: Batch, group: int, options_of: OptionsOf) -> str | None:
+        """Why this batch, read from the log of `group`, does not hold its signature, or None
+        when it does."""
         if self.public_keys is None:
             return None  # reported once, as keys_problem
         public_key = self.public_keys.get(batch.key_id)
@@ -120,8 +126,10 @@ class BatchSignatures:
                 any(len(node) != HASH_BYTES for node in nodes):
             return (f"batch position {batch.batch_position} and {len(nodes)} batch nodes do not "
                     f"form a commit tree of {HASH_BYTES}-byte nodes")
-        if batch.shard != shard:
-            return f"the record says shard {batch.shard}, it sits in the log of shard {shard}"
+        if batch.group != group:
+            # Its node binds the group it was signed for: moved to another group's log it
+            # would pass for a batch of that group.
+            return f"the record says group {batch.group}, it sits in the log of group {group}"
         problem = self._signature_problem(batch, public_key)
         secret = self.voter_hash_secret
         if problem is None and secret is not None:
@@ -156,7 +164,7 @@ class BatchSignatures:
                 self.nodes_not_rebuilt += 1
                 return None
             poll_key = self._poll_key(group.poll, voter_hash_secret)
-            head = _leaf_head(group.poll, batch.shard, VOTER_HASH_BYTES)
+            head = _leaf_head(group.poll, group.shard, VOTER_HASH_BYTES)
             tails = [_leaf_tail(option) for option in options]
             for position in range(group.size):
                 voter_index = int.from_bytes(group.voters[4 * position:4 * position + 4], "little")
@@ -165,14 +173,14 @@ class BatchSignatures:
                 if option_index >= len(tails):
                     return (f"vote {len(leaves)} names option index {option_index}; poll "
                             f"{group.poll!r} has {len(tails)} options")
-                voter_id = voter_index * self.shards_total + batch.shard
+                voter_id = voter_index * self.shards_total + group.shard
                 voter_hash = hmac.digest(poll_key, voter_id.to_bytes(8, "big"),
                                          "sha256")[:VOTER_HASH_BYTES]
                 leaves.append(hashlib.sha256(head + voter_hash + tails[option_index]).digest())
         if not leaves:
             return "the batch holds no vote, so no signed node can be rebuilt"
         try:
-            node = batch_node(batch.shard, batch.batch_seq, len(leaves), merkle_root(leaves))
+            node = batch_node(batch.group, batch.batch_seq, len(leaves), merkle_root(leaves))
         except ValueError as exc:
             return f"the batch node cannot be formed: {exc}"
         if not hmac.compare_digest(node, batch.batch_nodes[batch.batch_position]):

@@ -17,13 +17,15 @@ the chosen shards of the group; a snapshot's offset is an offset in its group's 
   exactly, an open one may lag but never exceed the log.
 - Countries: a poll with the country breakdown is also compared per country and option
   with the snapshots and the live results.
-- Signatures: every vote batch's Ed25519 signature, with the public keys from the data
-  dir's keys, over the votes the batch holds (replay/signatures.py). A batch that fails is a
-  difference naming the shard and the record's offset (at most SIGNATURE_FINDINGS_MAX listed
-  per shard, then a count); a data dir without the public key document is one difference.
-  With polls asked for, only the batches holding their votes are checked (a note counts the
-  others).
-Every difference names the shard, the poll and the option (a signature one: shard and offset).
+- Signatures: the Ed25519 signature of every vote batch holding votes of a shard asked for,
+  with the public keys from the data dir's keys, over the votes the batch holds, of all its
+  shards (replay/signatures.py); a batch is checked once, however many of its shards are
+  asked for. A batch that fails is a difference naming the group, the record's offset and
+  the shards with votes in it (at most SIGNATURE_FINDINGS_MAX listed per group, then a
+  count); a data dir without the public key document is one difference. With polls asked
+  for, only the batches holding their votes are checked (a note counts the others).
+Every difference names the shard, the poll and the option (a signature one: the group, the
+offset and the batch's shards).
 """
 
 from __future__ import annotations
@@ -67,9 +69,13 @@ class Difference:
     poll: str | None
     option: str | None
     detail: str
+    # A signature difference: the fencing group whose log holds the batch (a batch is the
+    # group's, holding votes of any of its shards).
+    group: int | None = None
 
     def __str__(self) -> str:
-        where = [f"shard {self.shard}" if self.shard is not None else "",
+        where = [f"group {self.group}" if self.group is not None else "",
+                 f"shard {self.shard}" if self.shard is not None else "",
                  f"poll {self.poll!r}" if self.poll is not None else "",
                  f"option {self.option!r}" if self.option is not None else ""]
         return f"{self.kind}: " + " ".join(part for part in where if part) + f": {self.detail}"
@@ -139,24 +145,35 @@ class _GroupReading:
 
     def _feed(self, frame: Frame) -> None:
         """Check a vote batch's signature before the recount applies it (the poll's options
-        are the ones the log created before this record); batches of shards not asked for
-        are only passed by."""
+        are the ones the log created before this record); batches without votes of a shard
+        asked for are only passed by."""
         record = self.feeder.decode(frame)
-        recounter = self.recounters.get(record.shard) if isinstance(record, Batch) else None
-        if not isinstance(record, Batch) or recounter is None or self.signatures is None:
-            pass
-        elif not self._asked(record):
-            self.batches_not_asked += 1
-        else:
-            problem = self.signatures.problem_of(record, record.shard,
-                                                 self._options_of(recounter))
-            if problem is not None:
-                self.bad_signatures_total += 1
-                if len(self.bad_signatures) < SIGNATURE_FINDINGS_MAX:
-                    self.bad_signatures.append(Difference(
-                        "signature", record.shard, None, None,
-                        f"offset {frame.offset}: vote batch {record.batch_seq}: {problem}"))
+        if isinstance(record, Batch) and self.signatures is not None:
+            self._check_signature(frame.offset, record, self.signatures)
         self.feeder.apply(frame.offset, frame.next_offset, record)
+
+    def _check_signature(self, offset: int, batch: Batch, signatures: BatchSignatures) -> None:
+        """Check the batch's signature once if it holds votes of a shard asked for, whatever
+        the number of them: one record, one signature over all its shards' votes."""
+        shards = batch.shards
+        recounter = next((self.recounters[shard] for shard in shards
+                          if shard in self.recounters), None)
+        if recounter is None:
+            return
+        if not self._asked(batch):
+            self.batches_not_asked += 1
+            return
+        # A poll is created for every shard of the group alike: any recounter of the group
+        # knows its options at this point of the log.
+        problem = signatures.problem_of(batch, self.group, self._options_of(recounter))
+        if problem is None:
+            return
+        self.bad_signatures_total += 1
+        if len(self.bad_signatures) < SIGNATURE_FINDINGS_MAX:
+            self.bad_signatures.append(Difference(
+                "signature", None, None, None,
+                f"offset {offset}: vote batch {batch.batch_seq} (votes of shards "
+                f"{', '.join(map(str, shards))}): {problem}", group=self.group))
 
     def _asked(self, batch: Batch) -> bool:
         return self.signed_polls is None or \
@@ -176,8 +193,8 @@ class _GroupReading:
             return list(self.bad_signatures)
         return self.bad_signatures + [Difference(
             "signature", None, None, None,
-            f"group {self.group}: {unlisted} more vote batches whose signature does not hold "
-            "(not listed)")]
+            f"{unlisted} more vote batches whose signature does not hold (not listed)",
+            group=self.group)]
 
     def results(self) -> dict[int, ShardRecount]:
         return {shard: recounter.result(self.end.end_offset, self.end.torn_tail)
@@ -211,7 +228,7 @@ async def verify(config: Config, shards: list[int], *, check_signatures: bool = 
                   if check_signatures else None)
     of_shard = dict(zip(shards, snapshots, strict=True))
     readings = [_GroupReading(config, group, [of_shard[shard] for shard in group_shards],
-                              None if signatures is None else signatures.for_shard(),
+                              None if signatures is None else signatures.for_group(),
                               options.get("polls"))
                 for group, group_shards in by_group(config, shards).items()]
     try:

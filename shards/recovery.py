@@ -63,9 +63,15 @@ def apply_record(states: Mapping[int, ShardState], group: int, offset: int, next
 def check_header(record: Record, expected: LogHeader, offset: int, location: str) -> None:
     if record == expected:
         return
-    found = (f"the header {record!r}" if isinstance(record, LogHeader)
-             else f"a {type(record).__name__} record (a log of layout 1, one log per shard, has "
-                  f"no header)")
+    if isinstance(record, LogHeader) and record.format != expected.format:
+        found = (f"the header {record!r}, of log format {record.format} (this release reads "
+                 f"format {expected.format} only: format 2 wrote one vote batch per shard per "
+                 f"commit cycle)")
+    elif isinstance(record, LogHeader):
+        found = f"the header {record!r}"
+    else:
+        found = (f"a {type(record).__name__} record (a log of layout 1, one log per shard, has "
+                 f"no header)")
     raise LogCorrupt(
         f"the log {location} starts at offset {offset} with {found}, not {expected!r}: it was "
         f"written by another layout or for another group. Export its results with the release "

@@ -16,8 +16,9 @@ Per voter, from the answers it got:
 - must not be counted: every answer REJECTED or FAILED;
 - may go either way: otherwise (some UNKNOWN, no acknowledgement), but at most once.
 Receipts: every 201's receipt verifies under the deployment's public key, agrees with the
-body's plain fields, and names the poll and option the voter sent, the voter's shard and
-(with the secret) the voter's keyed hash; every 409's receipt equals the voter's 201 receipt
+body's plain fields, and names the poll and option the voter sent, the voter's shard, that
+shard's fencing group (shard mod groups: a batch record, and so a receipt's batch node, names
+its group since log format 3) and (with the secret) the voter's keyed hash; every 409's receipt equals the voter's 201 receipt
 when that 201 was seen (and verifies as above when it was not); a 409 is only possible after
 an answer that may have stored the vote (201, 409 or unknown), never as a voter's first
 answer nor after only refusals.
@@ -29,6 +30,7 @@ test (tests/unit/test_chaos_checker.py) feeds it hand-made ledgers with each def
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from pathlib import Path
 from engine.errors import VotesError
 from engine.keys import RECEIPT_PUBLIC_FILE, keys_dir, load_keys, load_public_key_document
 from engine.receipts import decode_receipt, verify_receipt, voter_hash
+from shards.layout import CLUSTER_FILE, check_format
 from tests.chaos.faults import FaultLog
 from tests.chaos.load import (
     ACKNOWLEDGED,
@@ -72,26 +75,52 @@ DEFECTS = (LOST, WRONG_OPTION, DOUBLE_COUNTED, WRONGLY_COUNTED, PHANTOM, UNEXPEC
            SCHEDULE_EXPECTATION)
 # The plain fields of a VoteReceipt body (engine/openapi.yaml) and how the signed receipt
 # spells each.
-_BODY_FIELDS = ("poll", "shard", "offset", "index", "batch_seq", "time_ms")
+_BODY_FIELDS = ("poll", "shard", "group", "offset", "index", "batch_seq", "time_ms")
 
 
 @dataclass(frozen=True)
 class ReceiptKeys:
     """What verifying receipts offline takes: the public keys (key id -> raw Ed25519 key),
-    the voter hash secret (None: the voter hash is not checked) and the shard count."""
+    the voter hash secret (None: the voter hash is not checked), the shard count and the
+    fencing group count (a voter of shard s is in the batch of group s mod groups)."""
 
     public_keys: dict[str, bytes]
     voter_hash_secret: bytes | None
     shards_total: int
+    groups_total: int
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path, shards_total: int) -> ReceiptKeys:
+    def from_data_dir(cls, data_dir: Path, shards_total: int,
+                      groups_total: int | None = None) -> ReceiptKeys:
+        """The keys of the data dir; `groups_total` None: the group count its cluster.json
+        records (written by `votes serve`, shards/layout.py), which must be of
+        `shards_total` shards."""
         public_keys = load_public_key_document(keys_dir(data_dir) / RECEIPT_PUBLIC_FILE)
         try:
             secret = load_keys(data_dir).voter_hash_secret
         except VotesError:
             secret = None
-        return cls(public_keys, secret, shards_total)
+        if groups_total is None:
+            groups_total = _recorded_groups(data_dir, shards_total)
+        return cls(public_keys, secret, shards_total, groups_total)
+
+
+def _recorded_groups(data_dir: Path, shards_total: int) -> int:
+    """The fencing group count of the data dir's cluster.json."""
+    path = data_dir / CLUSTER_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VotesError(f"cannot read the layout {path} (its group count checks receipts): "
+                         f"{exc}") from None
+    if not isinstance(recorded, dict):
+        raise VotesError(f"{path} holds {recorded!r}, not a layout")
+    check_format(data_dir, recorded)  # receipts of another format bind other fields
+    groups = recorded.get("groups")
+    if not isinstance(groups, int) or groups < 1 or recorded.get("shards") != shards_total \
+            or shards_total % groups:
+        raise VotesError(f"{path} records {recorded!r}, not a layout of {shards_total} shards")
+    return groups
 
 
 @dataclass
@@ -232,10 +261,14 @@ def receipt_problem(body: object, request: Request, poll: str,
     if plain != signed or body.get("voter_hash") != receipt.voter_hash.hex():
         return RECEIPT_INVALID, f"the body's fields {plain} disagree with its signed receipt"
     wanted_shard = request.voter % keys.shards_total
-    if (receipt.poll, receipt.option, receipt.shard) != (poll, request.option, wanted_shard):
+    wanted_group = wanted_shard % keys.groups_total
+    if (receipt.poll, receipt.option, receipt.shard, receipt.group) != \
+            (poll, request.option, wanted_shard, wanted_group):
         return RECEIPT_MISMATCH, (f"the receipt names poll {receipt.poll!r} option "
-                                  f"{receipt.option!r} shard {receipt.shard}; sent poll {poll!r} "
-                                  f"option {request.option!r} (shard {wanted_shard})")
+                                  f"{receipt.option!r} shard {receipt.shard} group "
+                                  f"{receipt.group}; sent poll {poll!r} option "
+                                  f"{request.option!r} (shard {wanted_shard}, group "
+                                  f"{wanted_group})")
     if keys.voter_hash_secret is not None and \
             receipt.voter_hash != voter_hash(keys.voter_hash_secret, poll, request.voter):
         return RECEIPT_MISMATCH, "the receipt's voter hash is not this voter's"

@@ -130,7 +130,7 @@ def marked_requests(poll: str, voter_token: str, admin_token: str) -> list[tuple
         ("headers", {"method": "GET", "url": "/healthz",
                      "headers": {"x-request-id": f"<{MARKER}>", "x-forwarded-for": MARKER,
                                  "user-agent": MARKER, "x-votes-forwarded": MARKER}}),
-        ("receipt", {"method": "GET", "url": f"/v1/receipts/r1.{MARKER}"}),
+        ("receipt", {"method": "GET", "url": f"/v1/receipts/r2.{MARKER}"}),
         ("method", {"method": MARKER.upper(), "url": f"/v1/polls/{poll}/results"}),
     ]
 

@@ -6,15 +6,16 @@ the running engine, then after it is stopped. They prove that:
 - verify exits 0 and prints a table whose wal and live columns equal the results endpoint;
   a copy of the data dir with a crafted valid frame of extra votes appended makes it exit 1
   naming the poll and option that differ from the live results;
-- inspect lists the log's records (poll creation, vote batches with their vote counts) and
-  the snapshot manifest;
+- inspect lists the log's records (poll creation, vote batches of the group with their vote
+  counts per shard and poll, their batch_seq rising in the group's log) and the snapshot
+  manifest; a shard's listing holds the batches with its votes;
 - export writes JSON and CSV whose counts, final flag, rejections and per-shard chains match
   the log and the live results, `--check` passes on them and fails on tampered copies;
 - prove says COUNTED (exit 0) for a real receipt, prints the option only when asked, fails
   (exit 1) for a receipt whose option was changed, for one whose offset (a locator outside
   the signature) was moved off its record, and for a properly signed duplicate vote
   appended to a copy of the log (NOT COUNTED: duplicate), and exits 2 with one line for a
-  malformed receipt;
+  malformed receipt and for a receipt of the release before (prefix "r1.");
 - rebuild refuses (exit 2, naming the lock) while the engine runs and writes nothing; with
   the engine stopped it writes a snapshot per shard whose counts sum to the live results,
   and verify then agrees; a snapshot with wrong counts makes verify exit 1 naming shard,
@@ -193,8 +194,9 @@ def test_verify_agrees_with_the_live_results(cast):
 def test_verify_finds_votes_appended_to_the_log(cast, tmp_path):
     copy = copy_data_dir(cast, tmp_path / "data")
     shard = 3
-    extra = VoteBatch(shard=shard, batch_seq=10_000, time_ms=int(time.time() * 1000),
-                      groups=[VoteGroup(poll=POLL, voters=array.array("I", [900, 901]).tobytes(),
+    extra = VoteBatch(group=shard % GROUPS, batch_seq=10_000, time_ms=int(time.time() * 1000),
+                      groups=[VoteGroup(shard=shard, poll=POLL,
+                                        voters=array.array("I", [900, 901]).tobytes(),
                                         options=array.array("H", [0, 0]).tobytes())],
                       batch_position=0, batch_nodes=[bytes(32)], signature=bytes(64), key_id="x")
     append_record(copy, shard, extra)
@@ -214,10 +216,11 @@ def test_inspect_lists_the_records_and_snapshots(cast):
     listing = json.loads(out)
     kinds = [record["kind"] for record in listing["records"]]
     assert kinds[:2] == ["log-header", "poll-created"] and "poll-closed" in kinds
-    assert {record["shard"] for record in listing["records"]
-            if record["kind"] == "vote-batch"} == {shard}
-    votes = sum(group["votes"] for record in listing["records"] if record["kind"] == "vote-batch"
-                for group in record["groups"] if group["poll"] == POLL)
+    batches = [record for record in listing["records"] if record["kind"] == "vote-batch"]
+    assert batches and all(record["group"] == group and shard in record["shards"]
+                           for record in batches)
+    votes = sum(vote_group["votes"] for record in batches for vote_group in record["groups"]
+                if vote_group["poll"] == POLL and vote_group["shard"] == shard)
     assert votes == sum(1 for voter in cast.options if voter % SHARDS == shard)
     code, out, _ = replay("inspect", "wal", "--data-dir", str(cast.data_dir), "--group",
                           str(group), "--json")
@@ -226,8 +229,16 @@ def test_inspect_lists_the_records_and_snapshots(cast):
     header = whole["records"][0]
     assert (header["kind"], header["offset"], header["shards"], header["groups"],
             header["group"]) == ("log-header", 0, SHARDS, GROUPS, group)
-    assert {record["shard"] for record in whole["records"] if record["kind"] == "vote-batch"} \
+    group_batches = [record for record in whole["records"] if record["kind"] == "vote-batch"]
+    assert {number for record in group_batches for number in record["shards"]} \
         <= set(range(group, SHARDS, GROUPS))
+    assert all(record["shards"] == list(dict.fromkeys(vote_group["shard"] for vote_group
+                                                      in record["groups"]))
+               for record in group_batches)
+    # One sequence per group: batch_seq rises along the group's log, whatever the shards.
+    sequence = [record["batch_seq"] for record in group_batches]
+    assert sequence == sorted(set(sequence))
+    assert [record for record in group_batches if shard in record["shards"]] == batches
     offsets = [(record["offset"], record["next_offset"]) for record in whole["records"]]
     assert all(left[1] == right[0] for left, right in itertools.pairwise(offsets))
     assert whole["end_offset"] == offsets[-1][1] == listing["end_offset"]
@@ -293,6 +304,12 @@ def test_prove_a_real_receipt(cast, tmp_path):
     code, out, _ = replay("prove", "--data-dir", str(cast.data_dir), receipt)
     assert code == 0, out
     assert "VERDICT: COUNTED" in out and "option:" not in out
+    decoded = decode_receipt(receipt)
+    assert decoded.group == decoded.shard % GROUPS
+    assert f"batch {decoded.batch_seq} of group {decoded.group}" in out.splitlines()[0]
+    assert (f"[ok] shard {decoded.shard} is in the receipt's fencing group {decoded.group}"
+            in out and f"[ok] vote {decoded.index} of the record is of shard {decoded.shard}"
+            in out), out
     code, out, _ = replay("prove", "--data-dir", str(cast.data_dir), receipt, "--show-option")
     assert code == 0 and f"option: {cast.options[voter]}" in out
     out_dir = tmp_path / "export"
@@ -316,21 +333,26 @@ def test_prove_rejects_changed_and_malformed_receipts(cast):
     code, out, _ = replay("prove", "--data-dir", str(cast.data_dir), moved)
     assert code == 1
     assert "[ok] signature" in out and f"holds a record at offset {decoded.offset + 3}: no" in out
-    code, out, err = replay("prove", "--data-dir", str(cast.data_dir), "r1.not-a-receipt")
+    code, out, err = replay("prove", "--data-dir", str(cast.data_dir), "r2.not-a-receipt")
     assert code == 2 and out == "" and err.startswith("error: receipt is malformed")
     assert len(err.strip().splitlines()) == 1
+    # A receipt of the release before bound its batch to a shard: refused by its prefix.
+    code, out, err = replay("prove", "--data-dir", str(cast.data_dir),
+                            "r1." + cast.receipts[17][len("r2."):])
+    assert code == 2 and out == "" and "does not start with 'r2.'" in err
 
 
 def test_prove_a_signed_duplicate_vote_is_not_counted(cast, tmp_path):
     copy = copy_data_dir(cast, tmp_path / "data")
     voter = 21
     shard = voter % SHARDS
+    group = shard % GROUPS
     keyring = load_keys(copy)
     time_ms = int(time.time() * 1000)
     (signed,) = sign_commit(keyring, VoterHasher(keyring.voter_hash_secret), time_ms,
-                            [(shard, 50_000, vote_runs([(POLL, voter, "green")]))])
-    batch = VoteBatch(shard=shard, batch_seq=50_000, time_ms=time_ms, groups=[VoteGroup(
-        poll=POLL, voters=array.array("I", [voter // SHARDS]).tobytes(),
+                            [(group, 50_000, vote_runs(shard, [(POLL, voter, "green")]))])
+    batch = VoteBatch(group=group, batch_seq=50_000, time_ms=time_ms, groups=[VoteGroup(
+        shard=shard, poll=POLL, voters=array.array("I", [voter // SHARDS]).tobytes(),
         options=array.array("H", [OPTIONS.index("green")]).tobytes())],
         batch_position=signed.batch_position, batch_nodes=signed.batch_nodes,
         signature=signed.signature, key_id=signed.key_id)

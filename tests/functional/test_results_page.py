@@ -50,7 +50,7 @@ def test_results_page_live_final_and_receipt(tmp_path: Path) -> None:
         assert page_answer.status_code == 200
         assert "script-src 'self'" in page_answer.headers["content-security-policy"]
         assert page_answer.headers["x-content-type-options"] == "nosniff"
-        assert http_client.get(base + "/v1/receipts/r1.garbage").status_code == 400
+        assert http_client.get(base + "/v1/receipts/r2.garbage").status_code == 400
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium,
                                                  args=["--no-sandbox"])

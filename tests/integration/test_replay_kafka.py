@@ -139,14 +139,16 @@ def test_replay_on_kafka_and_s3(local_stack, tmp_path):
         records = json.loads(out)["records"]
         assert [record["kind"] for record in records[:2]] == ["log-header", "poll-created"]
         assert all(record["next_offset"] == record["offset"] + 1 for record in records)
-        assert sum(record.get("votes", 0) for record in records) == sum(
-            1 for voter in answers if voter % shards == 1)
+        # A vote batch is the group's (log format 3): the shard's part of it is its vote groups.
+        assert sum(vote_group["votes"] for record in records for vote_group in record.get("groups", [])
+                   if vote_group["shard"] == 1) == sum(1 for voter in answers if voter % shards == 1)
         code, out, _ = replay("inspect", "wal", *common, "--group", str(1 % GROUPS), "--json")
         assert code == 0
         whole = json.loads(out)["records"]
         assert (whole[0]["kind"], whole[0]["shards"], whole[0]["groups"], whole[0]["group"]) == (
             "log-header", shards, GROUPS, 1 % GROUPS)
-        assert {record["shard"] for record in whole if record["kind"] == "vote-batch"} == {
+        assert {shard for record in whole if record["kind"] == "vote-batch"
+                for shard in record["shards"]} == {
             voter % shards for voter in answers if voter % shards % GROUPS == 1 % GROUPS}
         code, out, _ = replay("inspect", "snapshots", *common, "--shard", "1")
         assert code == 0 and "newest valid: snapshot-" in out

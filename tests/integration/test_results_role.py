@@ -273,7 +273,7 @@ def test_results_role_looks_up_receipts_through_the_ingest_role(tmp_path: Path,
         assert answer.status_code == 200 and answer.json()["status"] == "not-counted"
         assert ingest_receipt_lookups(engine) == asked_before
 
-        malformed = http_client.get(f"{results_url}/v1/receipts/r1.not-a-receipt")
+        malformed = http_client.get(f"{results_url}/v1/receipts/r2.not-a-receipt")
         assert malformed.status_code == 400
         assert malformed.json()["type"] == "/problems/receipt-invalid"
         other_poll = encode_receipt(msgspec.structs.replace(decode_receipt(first), poll="nosuch"))
@@ -299,6 +299,6 @@ def test_results_role_looks_up_receipts_through_the_ingest_role(tmp_path: Path,
 def test_results_role_without_an_ingest_url_points_receipts_to_the_ingest_role(
         tmp_path: Path, stack_endpoints) -> None:
     with results_role(stack_endpoints["redis"]["url"], tmp_path / "results.log") as results_url:
-        answer = http_client.get(f"{results_url}/v1/receipts/r1.anything")
+        answer = http_client.get(f"{results_url}/v1/receipts/r2.anything")
     assert answer.status_code == 404
     assert "results_ingest_url" in answer.json()["detail"]

@@ -462,6 +462,7 @@ def test_fresh_owner_recovers_a_million_voters_from_s3_and_wal(
                 voter_id = plan.voters * config.shards + shard
                 receipt = json.loads(await owner.submit_vote(plan.poll, voter_id, "a"))
                 assert receipt["shard"] == shard
+                assert receipt["group"] == config.group_of(shard)
                 tallies = owner.poll_summaries(plan.poll)[0][2]
                 expected = list(seeded.expected[plan.poll])
                 expected[0] += 1

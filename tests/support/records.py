@@ -1,8 +1,8 @@
 """WAL records built by hand for shard tests, a log that applies them, a group's embedded log
 written with them (its LogHeader first, as a group owner writes it), and a state fingerprint.
 
-Vote batches are encoded as a group owner encodes them (shards/planning.py) (one group per poll, packed uint32 voter
-indexes and uint16 option indexes). Their signature fields stay empty unless given: applying
+Vote batches are encoded as a group owner encodes them (shards/planning.py): one vote group
+per shard and poll, packed uint32 voter indexes and uint16 option indexes. Their signature fields stay empty unless given: applying
 a record does not check them.
 """
 
@@ -27,17 +27,30 @@ def poll_created(poll: str, options: list[str]) -> PollCreated:
                        embargo=False, created_ms=CREATED_MS)
 
 
+# A batch's group when the test leaves it to write_group_log (the log it goes into).
+GROUP_OF_LOG = -1
+
+
 def vote_batch(shard: int, batch_seq: int, groups: dict[str, list[tuple[int, int]]],
-               **fields: object) -> VoteBatch:
-    """A batch of (voter index, option index) votes per poll; `fields` set other VoteBatch
-    fields (e.g. the signature's), every field not given is its type's empty value."""
+               group: int = GROUP_OF_LOG, **fields: object) -> VoteBatch:
+    """A batch of one shard's (voter index, option index) votes per poll; `fields` set other
+    VoteBatch fields (e.g. the signature's), every field not given is its type's empty
+    value. `group` left out: the group of the log write_group_log puts it in."""
+    return group_batch(group, batch_seq, {shard: groups}, **fields)
+
+
+def group_batch(group: int, batch_seq: int,
+                shards: dict[int, dict[str, list[tuple[int, int]]]],
+                **fields: object) -> VoteBatch:
+    """A batch of a fencing group holding several shards' votes: per shard, per poll,
+    (voter index, option index) pairs, one vote group each, in the order given."""
     values: dict[str, object] = {
-        "shard": shard, "batch_seq": batch_seq, "time_ms": CREATED_MS + batch_seq,
+        "group": group, "batch_seq": batch_seq, "time_ms": CREATED_MS + batch_seq,
         "groups": [
-            VoteGroup(poll=poll,
+            VoteGroup(shard=shard, poll=poll,
                       voters=array.array("I", [voter for voter, _ in votes]).tobytes(),
                       options=array.array("H", [option for _, option in votes]).tobytes())
-            for poll, votes in groups.items()
+            for shard, polls in shards.items() for poll, votes in polls.items()
         ],
         **fields,
     }
@@ -70,6 +83,8 @@ def write_group_log(data_dir: Path, shards: int, groups: int, group: int, record
             first = header if header is not None else log_header(shards, groups, group)
             log.append(frame_record(first))
         for record in records + [None]:
+            if isinstance(record, VoteBatch) and record.group == GROUP_OF_LOG:
+                record = msgspec.structs.replace(record, group=group)
             framed = b"" if record is None else frame_record(record)
             if pending and (record is None or sum(map(len, pending)) + len(framed) > APPEND_BYTES_MAX):
                 offset = log.append(b"".join(pending))

@@ -19,6 +19,7 @@ import array
 import asyncio
 import copy
 import itertools
+import json
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import pytest
 from engine.keys import ensure_keys, load_keys
 from engine.receipts import decode_receipt, encode_receipt
 from engine.signing import VoteRun, VoterHasher, receipt_document, sign_commit
+from shards.layout import CLUSTER_FILE, LAYOUT_FORMAT
 from tests.chaos import checker
 from tests.chaos.checker import ReceiptKeys, Verdict, check
 from tests.chaos.faults import FaultEvent, FaultLog
@@ -50,6 +52,7 @@ from tests.support.http_client import ValidatingAsyncClient
 POLL = "chaos"
 OPTIONS = ["red", "green", "blue"]
 SHARDS = 4
+GROUPS = 2
 TIME_MS = 1_700_000_000_000
 OFFSET = 4096
 BASE_URL = "http://engine.invalid"
@@ -60,32 +63,41 @@ def option_of(voter: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory) -> tuple[ReceiptKeys, Callable[[dict[int, str]], dict]]:
-    """Receipt keys of a made-up deployment and `sign(votes)`: voter -> 201 body for each
-    (voter, option), signed in one commit cycle with one batch per shard."""
+def deployment(tmp_path_factory) -> tuple[ReceiptKeys, Callable[..., dict]]:
+    """Receipt keys of a made-up deployment (SHARDS shards in GROUPS fencing groups, its
+    cluster.json as `votes serve` writes it) and `sign(votes)`: voter -> 201 body for each
+    (voter, option), signed in one commit cycle as the engine signs it: one batch per
+    fencing group, holding a run per shard of the group (shard s in group s mod GROUPS;
+    `group_of` overrides that, to make genuine receipts that name the wrong group)."""
     data_dir = tmp_path_factory.mktemp("deployment")
     ensure_keys(data_dir)
+    (data_dir / CLUSTER_FILE).write_text(json.dumps(
+        {"format": LAYOUT_FORMAT, "shards": SHARDS, "groups": GROUPS}) + "\n")
     keyring = load_keys(data_dir)
     hasher = VoterHasher(keyring.voter_hash_secret)
 
-    def sign(votes: dict[int, str]) -> dict[int, dict]:
-        by_shard: dict[int, list[int]] = {}
+    def sign(votes: dict[int, str],
+             group_of: Callable[[int], int] = lambda shard: shard % GROUPS) -> dict[int, dict]:
+        by_group: dict[int, dict[int, list[int]]] = {}
         for voter in sorted(votes):
-            by_shard.setdefault(voter % SHARDS, []).append(voter)
-        batches = [(shard, 1, [VoteRun(POLL, OPTIONS, array.array("Q", voters).tobytes(),
+            shard = voter % SHARDS
+            by_group.setdefault(group_of(shard), {}).setdefault(shard, []).append(voter)
+        batches = [(group, 1, [VoteRun(shard, POLL, OPTIONS, array.array("Q", voters).tobytes(),
                                        array.array("H", [OPTIONS.index(votes[voter])
-                                                         for voter in voters]).tobytes())])
-                   for shard, voters in sorted(by_shard.items())]
+                                                         for voter in voters]).tobytes())
+                               for shard, voters in shards.items()])
+                   for group, shards in sorted(by_group.items())]
         signed = sign_commit(keyring, hasher, TIME_MS, batches)
         bodies = {}
-        for batch, (_, _, runs) in zip(signed, batches):
-            voters = array.array("Q", runs[0].voters)
+        for batch, (_, _, runs) in zip(signed, batches, strict=True):
+            # Leaves are the runs' votes in run order: a vote's index counts across runs.
+            voters = [voter for run in runs for voter in array.array("Q", run.voters)]
             for index, voter in enumerate(voters):
-                bodies[voter] = receipt_document(batch.receipt(index, OFFSET + batch.shard))
+                bodies[voter] = receipt_document(batch.receipt(index, OFFSET + batch.group))
         return bodies
 
-    keys = ReceiptKeys.from_data_dir(data_dir, SHARDS)
-    assert keys.voter_hash_secret is not None
+    keys = ReceiptKeys.from_data_dir(data_dir, SHARDS)  # the group count from cluster.json
+    assert keys.voter_hash_secret is not None and keys.groups_total == GROUPS
     return keys, sign
 
 
@@ -230,6 +242,17 @@ def receipt_for_another_option(run: Run, sign) -> None:
     run.requests_of(6)[0].receipt = sign({6: other_option(6)})[6]
 
 
+def receipt_group_disagrees(run: Run, sign) -> None:
+    run.requests_of(4)[0].receipt = {**run.receipts[4], "group": run.receipts[4]["group"] + 1}
+
+
+def receipt_of_another_group(run: Run, sign) -> None:
+    """A genuine, verifying receipt whose batch is of another group than the voter's shard
+    is in (shard mod groups)."""
+    run.requests_of(6)[0].receipt = sign({6: option_of(6)},
+                                         group_of=lambda shard: (shard + 1) % GROUPS)[6]
+
+
 def receipt_of_another_voter(run: Run, sign) -> None:
     run.requests_of(5)[0].receipt = copy.deepcopy(run.receipts[1])
 
@@ -283,7 +306,11 @@ DEFECT_CASES: list[tuple[str, Callable[[Run, object], None], str]] = [
      receipt_does_not_verify, checker.RECEIPT_INVALID),
     ("a 201 whose plain fields disagree with its signed receipt", receipt_fields_disagree,
      checker.RECEIPT_INVALID),
+    ("a 201 whose plain group disagrees with its signed receipt", receipt_group_disagrees,
+     checker.RECEIPT_INVALID),
     ("a 201 whose genuine receipt names another option", receipt_for_another_option,
+     checker.RECEIPT_MISMATCH),
+    ("a 201 whose genuine receipt names another fencing group", receipt_of_another_group,
      checker.RECEIPT_MISMATCH),
     ("a 201 carrying another voter's genuine receipt", receipt_of_another_voter,
      checker.RECEIPT_MISMATCH),

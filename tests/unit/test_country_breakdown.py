@@ -44,6 +44,7 @@ from tests.support.records import CREATED_MS, write_group_log
 
 SHARDS_TOTAL = 2
 SHARD = 1
+GROUP = 0  # one fencing group
 OPTIONS = ["a", "b", "c"]
 COUNTRIES = ["DE", "FR", "ZZ"]
 
@@ -57,15 +58,15 @@ def group_of(poll: str, votes: list[tuple[int, int, str]], with_countries: bool)
     voters = array.array("I", [voter for voter, _, _ in votes]).tobytes()
     options = array.array("H", [option for _, option, _ in votes]).tobytes()
     if not with_countries:
-        return VoteGroup(poll, voters, options)
+        return VoteGroup(SHARD, poll, voters, options)
     pending = [PendingVote(poll, 0, SHARD, 0, "", 0, None, country)  # type: ignore[arg-type]
                for _, _, country in votes]
     codes, countries = country_columns(pending)
-    return VoteGroup(poll, voters, options, codes, countries)
+    return VoteGroup(SHARD, poll, voters, options, codes, countries)
 
 
 def batch_of(batch_seq: int, groups: list[VoteGroup]) -> VoteBatch:
-    return VoteBatch(SHARD, batch_seq, CREATED_MS + batch_seq, groups, 0, [], b"", "")
+    return VoteBatch(GROUP, batch_seq, CREATED_MS + batch_seq, groups, 0, [], b"", "")
 
 
 def model(batches: list[list[tuple[int, int, str]]], closed_after: int) -> dict:
@@ -144,10 +145,13 @@ def test_country_columns_pack_one_index_per_vote_into_the_distinct_codes() -> No
 
 
 def test_records_of_the_release_before_decode() -> None:
-    # As the release before wrote them: PollCreated of six fields, vote groups of three.
+    # As the release before wrote them: PollCreated of six fields; and vote groups without
+    # the trailing country fields (shard, poll, voters, options), as a poll without the
+    # breakdown may be written.
     old_created = msgspec.msgpack.encode(["p", "poll", ["a", "b"], None, None, False, CREATED_MS])
     old_batch = msgspec.msgpack.encode(
-        ["v", SHARD, 0, CREATED_MS, [["poll", b"\x01\x00\x00\x00", b"\x01\x00"]], 0, [], b"", ""])
+        ["v", GROUP, 0, CREATED_MS, [[SHARD, "poll", b"\x01\x00\x00\x00", b"\x01\x00"]], 0, [],
+         b"", ""])
     record = decode_record(old_created)
     assert isinstance(record, PollCreated)
     assert (record.breakdown, record.by_country) == ([], False)

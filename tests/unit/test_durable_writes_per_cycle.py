@@ -1,10 +1,12 @@
-"""Proves that a commit cycle makes ONE durable write per owned fencing group, whatever the
-number of shards in it (docs/design.md "Fencing groups"): with 1 and with 32 shards in the
-group, votes for every shard of the group submitted together go out in one append of the
-group's log (one record per shard batch) and one fsync of its segment.
+"""Proves that a commit cycle makes ONE durable write and ONE vote batch per owned fencing
+group, whatever the number of shards in it (docs/design.md "Fencing groups"): with 1 and with
+32 shards in the group, votes for every shard of the group submitted together go out in one
+append of the group's log, holding one record, the group's batch, with every shard's votes
+(one vote group per shard and poll), and one fsync of its segment.
 
 Shown to fail when broken: with one log append per shard batch (a `Wal` per shard, as
-before fencing groups), the 32-shard case makes 32 appends and 32 fsyncs.
+before fencing groups), the 32-shard case makes 32 appends and 32 fsyncs; with one batch
+per shard in the group's append (log format 2), it makes one append of 32 records.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from shards.group_owner import GroupOwner
 from shards.segment_log import SegmentLog
 from shards.snapshots import DirectorySnapshotStore
 from shards.wal import EmbeddedWal
+from shards.records import Record, VoteBatch, decode_record, vote_count
 from tests.support.records import poll_created
 
 GROUP = 0
@@ -34,9 +37,11 @@ class CountingWal(EmbeddedWal):
     def __init__(self, log: SegmentLog) -> None:
         super().__init__(log)
         self.appends: list[int] = []
+        self.records: list[Record] = []
 
     def append(self, payloads: list[bytes]):
         self.appends.append(len(payloads))
+        self.records += [decode_record(payload) for payload in payloads]
         return super().append(payloads)
 
 
@@ -65,13 +70,18 @@ def test_one_append_and_one_fsync_per_group_per_cycle(
         try:
             assert await owner.create_poll(poll_created("p", ["a", "b"]))
             appends_before, fsyncs_before = len(wal.appends), len(fsyncs)
+            records_before = len(wal.records)
             voters = [index * shards_in_group + shard for shard in range(shards_in_group)
                       for index in range(VOTERS_PER_SHARD)]
             answers = await asyncio.gather(*(owner.submit_vote("p", voter, "a") for voter in voters))
             assert len(answers) == len(voters)
             # Every vote waited in the queue before the committer ran: one cycle took them.
-            assert wal.appends[appends_before:] == [shards_in_group], wal.appends
+            assert wal.appends[appends_before:] == [1], wal.appends
             assert len(fsyncs) - fsyncs_before == 1
+            (batch,) = wal.records[records_before:]
+            assert isinstance(batch, VoteBatch) and batch.group == GROUP
+            assert sorted(group.shard for group in batch.groups) == list(range(shards_in_group))
+            assert vote_count(batch) == len(voters)
             assert sum(sum(part[2]) for part in owner.poll_summaries("p")) == len(voters)
         finally:
             await owner.stop()

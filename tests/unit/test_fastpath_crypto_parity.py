@@ -73,12 +73,16 @@ def commit_votes(draw: st.DrawFn) -> list[tuple[str, int, str]]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(votes=commit_votes(), shard=st.integers(0, 2**32 - 1),
+@given(votes=commit_votes(), shard=st.integers(0, 2**32 - 2), split=st.integers(0, 70),
        offset=st.sampled_from([0, 127, 128, 65_536, 2**32, 2**63 - 1]),
        batch_seq=st.sampled_from([0, 255, 2**40]))
 def test_batches_and_bodies_match_the_reference(keyring: KeyRing, votes, shard: int,
-                                                offset: int, batch_seq: int) -> None:
-    runs = signing.vote_runs(votes)
+                                                split: int, offset: int, batch_seq: int) -> None:
+    """A group batch holds two shards' runs (the votes before `split` of `shard`, the rest
+    of the next shard): each leaf and body names its own shard."""
+    split = min(split, len(votes))
+    shard_of = [shard] * split + [shard + 1] * (len(votes) - split)
+    runs = signing.vote_runs(shard, votes[:split]) + signing.vote_runs(shard + 1, votes[split:])
     signed_by = {}
     for name, module in IMPLEMENTATIONS.items():
         with pytest.MonkeyPatch.context() as patch:
@@ -86,11 +90,11 @@ def test_batches_and_bodies_match_the_reference(keyring: KeyRing, votes, shard: 
             patch.setattr(fastpath, "HmacSha256", module.HmacSha256)
             hasher = signing.VoterHasher(keyring.voter_hash_secret)
             (signed, _) = signing.sign_commit(keyring, hasher, TIME_MS,
-                                              [(shard, batch_seq, runs), (shard ^ 1, 7, runs)])
+                                              [(shard % 4, batch_seq, runs), (shard % 4 ^ 1, 7, runs)])
         signed_by[name] = signed
         tree = signed.tree
         hashes = [voter_hash(keyring.voter_hash_secret, poll, voter) for poll, voter, _ in votes]
-        leaves = [leaf_hash(poll, shard, hashes[i], option)
+        leaves = [leaf_hash(poll, shard_of[i], hashes[i], option)
                   for i, (poll, _, option) in enumerate(votes)]
         reference = MerkleTree(leaves)
         assert tree.root == reference.root
@@ -109,7 +113,7 @@ def test_batches_and_bodies_match_the_reference(keyring: KeyRing, votes, shard: 
 def test_paths_longer_than_a_fixarray(keyring: KeyRing, implementation) -> None:
     """2**15 + 1 leaves give leaf 0 a 16-entry path: a msgpack array16, not a fixarray."""
     count = 2**15 + 1
-    runs = [signing.VoteRun("p", ["a", "b"], array.array("Q", range(count)).tobytes(),
+    runs = [signing.VoteRun(3, "p", ["a", "b"], array.array("Q", range(count)).tobytes(),
                             array.array("H", [i % 2 for i in range(count)]).tobytes())]
     (signed,) = signing.sign_commit(keyring, signing.VoterHasher(keyring.voter_hash_secret),
                                     TIME_MS, [(3, 9, runs)])
@@ -126,13 +130,16 @@ def test_index_of_finds_a_voter_only_in_its_run(keyring: KeyRing, implementation
     votes = [("p", 10, "a"), ("q", 11, "b"), ("p", 12, "b"), ("q", 10, "a")]
     hasher = signing.VoterHasher(keyring.voter_hash_secret)
     (signed,) = signing.sign_commit(keyring, hasher, TIME_MS,
-                                    [(0, 1, signing.vote_runs(votes))])
+                                    [(0, 1, signing.vote_runs(0, votes)
+                                             + signing.vote_runs(4, [("p", 13, "a")]))])
     for index, (poll, voter, _) in enumerate(votes):
-        assert signed.index_of(poll, hasher(poll, voter)) == index
-    assert signed.index_of("p", hasher("p", 11)) is None
-    assert signed.index_of("r", hasher("p", 10)) is None
+        assert signed.index_of(0, poll, hasher(poll, voter)) == index
+    assert signed.index_of(4, "p", hasher("p", 13)) == len(votes)
+    assert signed.index_of(0, "p", hasher("p", 13)) is None  # the voter of shard 4 only
+    assert signed.index_of(0, "p", hasher("p", 11)) is None
+    assert signed.index_of(0, "r", hasher("p", 10)) is None
     with pytest.raises(IndexError):
-        signed.tree.index_of(0, 5, hasher("p", 10))
+        signed.tree.index_of(0, len(votes) + 2, hasher("p", 10))
 
 
 @pytest.mark.parametrize(

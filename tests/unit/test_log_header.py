@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from engine.config import Config
@@ -93,6 +94,20 @@ def test_log_whose_first_record_is_not_a_header_is_refused(tmp_path: Path) -> No
     log.end += 2
 
     with pytest.raises(LogCorrupt, match="PollCreated record"):
+        asyncio.run(recover_group(1, config, log, stores(tmp_path, config, 1, "only")))
+
+
+def test_log_of_format_2_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A group log written by the release before group batches (format 2: one vote batch
+    per shard per cycle, each naming its shard) would decode its batches' shard as a group:
+    its header refuses it first, naming the format and what to do."""
+    config = Config(data_dir=str(tmp_path), shards=4, groups=2).validate()
+    log = MarkedLog()
+    old_header = msgspec.structs.replace(log_header(config, 1), format=2)
+    log.records.append((log.end, encode_record(old_header)))
+    log.end += 2
+
+    with pytest.raises(LogCorrupt, match="log format 2 .*release that wrote it"):
         asyncio.run(recover_group(1, config, log, stores(tmp_path, config, 1, "only")))
 
 

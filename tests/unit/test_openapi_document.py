@@ -13,9 +13,10 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from tests import contract
 
 RECEIPT = {
-    "receipt": "r1.eyJwIjoicG9sbCJ9.c2lnbmF0dXJl",
+    "receipt": "r2.eyJwIjoicG9sbCJ9.c2lnbmF0dXJl",
     "poll": "best-song",
     "shard": 3,
+    "group": 3,
     "offset": 4096,
     "index": 7,
     "batch_seq": 12,

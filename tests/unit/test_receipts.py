@@ -1,6 +1,6 @@
 """Proves that Merkle paths verify for every leaf of trees of many sizes, that every receipt
-of a signed commit cycle (several shard batches, one signature) verifies offline with the
-public key and round-trips through its compact and JSON forms, that changing any signed field
+of a signed commit cycle (several group batches, each holding several shards' votes, one
+signature) verifies offline with the public key and round-trips through its compact and JSON forms, that changing any signed field
 (or a path, the root or the signature) makes verification fail, that the unsigned offset does
 not, that a batch restored from the log cuts the same receipts, and that decoding garbage
 raises only ReceiptInvalid."""
@@ -43,8 +43,19 @@ from engine.signing import SignedBatch, VoterHasher, sign_commit, vote_runs
 
 SEED = 20250101
 TIME_MS = 1_700_000_000_123
-# (shard, batch_seq, vote count) of the shard batches in the commit cycle under test.
-COMMIT_BATCHES = [(2, 40, 5), (5, 812, 37), (9, 3, 1), (0, 77, 12)]
+# (group, batch_seq, [(shard, vote count), ...]) of the group batches in the commit cycle
+# under test: 4 groups, shard s in group s mod 4.
+COMMIT_BATCHES = [(2, 40, [(2, 5)]), (1, 812, [(5, 20), (9, 17), (1, 3)]), (3, 3, [(7, 1)]),
+                  (0, 77, [(0, 12), (4, 2)])]
+
+
+def batch_runs(parts: list[tuple[int, int]]) -> list:
+    return [run for shard, count in parts for run in vote_runs(shard, commit_votes(shard, count))]
+
+
+def batch_shards(parts: list[tuple[int, int]]) -> list[int]:
+    """The shard of each leaf of a batch, in leaf order."""
+    return [shard for shard, count in parts for _ in range(count)]
 
 
 def commit_votes(shard: int, count: int) -> list[tuple[str, int, str]]:
@@ -55,8 +66,7 @@ def commit_votes(shard: int, count: int) -> list[tuple[str, int, str]]:
 @pytest.fixture(scope="module")
 def commit(keyring: KeyRing) -> list[SignedBatch]:
     return sign_commit(keyring, VoterHasher(keyring.voter_hash_secret), TIME_MS,
-                       [(shard, seq, vote_runs(commit_votes(shard, count)))
-                        for shard, seq, count in COMMIT_BATCHES])
+                       [(group, seq, batch_runs(parts)) for group, seq, parts in COMMIT_BATCHES])
 
 
 @pytest.fixture(scope="module")
@@ -177,15 +187,18 @@ def test_batch_node_and_commit_message_layouts() -> None:
 
 
 def test_every_receipt_of_a_commit_verifies(keyring: KeyRing, commit: list[SignedBatch]) -> None:
-    """One signature covers every shard batch of the cycle; each receipt checks out alone."""
+    """One signature covers every group batch of the cycle; each receipt checks out alone,
+    and names the shard of its own vote."""
     assert len({signed.signature for signed in commit}) == 1
     assert len({signed.root for signed in commit}) == 1
-    for position, (signed, (shard, seq, count)) in enumerate(zip(commit, COMMIT_BATCHES)):
+    for position, (signed, (group, seq, parts)) in enumerate(zip(commit, COMMIT_BATCHES)):
+        count = sum(count for _, count in parts)
         receipts = signed.receipts(offset=4096 + position)
         assert [r.index for r in receipts] == list(range(count))
         assert receipts == [signed.receipt(index, 4096 + position) for index in range(count)]
+        assert [r.shard for r in receipts] == batch_shards(parts)
         for r in receipts:
-            assert (r.shard, r.batch_seq, r.leaf_count) == (shard, seq, count)
+            assert (r.group, r.batch_seq, r.leaf_count) == (group, seq, count)
             assert (r.batch_position, r.batch_count) == (position, len(COMMIT_BATCHES))
             assert r.key_id == keyring.receipt_key_id and r.time_ms == TIME_MS
             assert verify_receipt(r, keyring.receipt_public_key_bytes)
@@ -197,7 +210,7 @@ def test_every_receipt_of_a_commit_verifies(keyring: KeyRing, commit: list[Signe
 
 def test_a_commit_of_one_batch_verifies(keyring: KeyRing) -> None:
     (signed,) = sign_commit(keyring, VoterHasher(keyring.voter_hash_secret), TIME_MS,
-                            [(4, 1, vote_runs(commit_votes(4, 3)))])
+                            [(0, 1, vote_runs(4, commit_votes(4, 3)))])
     for r in signed.receipts(offset=0):
         assert r.batch_count == 1 and r.batch_path == []
         assert verify_receipt(r, keyring.receipt_public_key_bytes)
@@ -216,6 +229,7 @@ TAMPERINGS = {
     "batch_count": lambda r: r.batch_count + 1,
     "batch_path": lambda r: [bytes(32)] + r.batch_path[1:],
     "shard": lambda r: r.shard + 1,
+    "group": lambda r: r.group + 1,
     "batch_seq": lambda r: r.batch_seq + 1,
     "index": lambda r: r.index + 1,
     "leaf_count": lambda r: r.leaf_count + 1,
@@ -237,7 +251,7 @@ def test_tampering_any_signed_field_fails(keyring: KeyRing, receipt: Receipt, fi
 
 @pytest.mark.parametrize("field", ["path", "batch_path"])
 def test_every_path_element_is_bound(keyring: KeyRing, receipt: Receipt, field: str) -> None:
-    assert len(receipt.path) == path_length(17, 37)
+    assert len(receipt.path) == path_length(17, 40)
     assert len(receipt.batch_path) == path_length(1, len(COMMIT_BATCHES)) > 0
     for position in range(len(getattr(receipt, field))):
         path = list(getattr(receipt, field))
@@ -247,7 +261,7 @@ def test_every_path_element_is_bound(keyring: KeyRing, receipt: Receipt, field: 
 
 
 def test_offset_is_not_signed(keyring: KeyRing, receipt: Receipt) -> None:
-    """Documented: the offset is a locator assigned after signing; (shard, batch_seq) is the
+    """Documented: the offset is a locator assigned after signing; (group, batch_seq) is the
     signed position, so a different offset still verifies."""
     moved = msgspec.structs.replace(receipt, offset=receipt.offset + 1)
     assert verify_receipt(moved, keyring.receipt_public_key_bytes)
@@ -263,7 +277,7 @@ def test_wrongly_typed_receipt_does_not_verify(keyring: KeyRing, receipt: Receip
 def test_compact_roundtrip(keyring: KeyRing, commit: list[SignedBatch]) -> None:
     for r in [r for signed in commit for r in signed.receipts(offset=2**40)]:
         text = encode_receipt(r)
-        assert text.startswith("r1.") and text.isascii() and "=" not in text
+        assert text.startswith("r2.") and text.isascii() and "=" not in text
         decoded = decode_receipt(text)
         assert decoded == r
         assert decode_receipt(text.encode()) == r
@@ -299,9 +313,11 @@ def test_decode_rejects_inconsistent_receipts(receipt: Receipt) -> None:
 
 def test_decode_rejects_non_canonical_text(receipt: Receipt) -> None:
     text = encode_receipt(receipt)
-    for bad in (text + "=", text.replace("r1.", "r2.", 1), text[:-1] + "!", text + "A",
-                "r1." + text[3:].replace("-", "+").replace("_", "/"), text[:-5], "",
-                "r1.", "é" + text):
+    # "r1.": a receipt of the release before group batches, refused by its prefix.
+    for bad in (text + "=", text.replace("r2.", "r1.", 1), text.replace("r2.", "r3.", 1),
+                text[:-1] + "!", text + "A",
+                "r2." + text[3:].replace("-", "+").replace("_", "/"), text[:-5], "",
+                "r2.", "é" + text):
         if bad == text:
             continue
         with pytest.raises(ReceiptInvalid):
@@ -311,7 +327,7 @@ def test_decode_rejects_non_canonical_text(receipt: Receipt) -> None:
 @settings(max_examples=300, deadline=None)
 @given(value=st.one_of(st.text(max_size=300), st.binary(max_size=300),
                        st.binary(max_size=600).map(
-                           lambda raw: "r1." + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()),
+                           lambda raw: "r2." + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()),
                        st.integers(), st.none()))
 def test_decode_raises_only_receipt_invalid_on_garbage(value: object) -> None:
     try:
@@ -344,22 +360,25 @@ def test_restored_batch_gives_the_same_receipts(keyring: KeyRing,
     stored batch node fails."""
     hasher = VoterHasher(keyring.voter_hash_secret)
     nodes = [signed.node for signed in commit]
-    for position, (shard, seq, count) in enumerate(COMMIT_BATCHES):
+    for position, (group, seq, parts) in enumerate(COMMIT_BATCHES):
         original = commit[position]
-        votes = commit_votes(shard, count)
-        restored = SignedBatch.restore(hasher, shard=shard, batch_seq=seq, time_ms=TIME_MS,
-                                       runs=vote_runs(votes), batch_position=position,
+        restored = SignedBatch.restore(hasher, group=group, batch_seq=seq, time_ms=TIME_MS,
+                                       runs=batch_runs(parts), batch_position=position,
                                        batch_nodes=nodes,
                                        key_id=original.key_id, signature=original.signature)
         assert restored.receipts(offset=9) == original.receipts(offset=9)
-    shard, seq, count = COMMIT_BATCHES[1]
-    votes = commit_votes(shard, count)
-    poll, voter, _ = votes[21]
-    assert commit[1].index_of(poll, hasher(poll, voter)) == 21
-    assert commit[1].index_of("poll-9", hasher(poll, voter)) is None
-    for bad_votes, bad_position in ((votes[::-1], 1), (votes, 2), (votes, 7)):
+    group, seq, parts = COMMIT_BATCHES[1]
+    votes = commit_votes(9, 17)  # the batch's second shard: leaves 20..36
+    poll, voter, _ = votes[1]
+    assert commit[1].index_of(9, poll, hasher(poll, voter)) == 21
+    assert commit[1].index_of(5, poll, hasher(poll, voter)) is None  # another shard's voter
+    assert commit[1].index_of(9, "poll-9", hasher(poll, voter)) is None
+    runs = batch_runs(parts)
+    moved = [runs[0]._replace(shard=1), *runs[1:]]  # one run claimed by another shard
+    for bad_runs, bad_group, bad_position in ((runs[::-1], group, 1), (runs, group, 2),
+                                              (runs, group, 7), (runs, 3, 1), (moved, group, 1)):
         with pytest.raises(VotesError):
-            SignedBatch.restore(hasher, shard=shard, batch_seq=seq, time_ms=TIME_MS,
-                                runs=vote_runs(bad_votes), batch_position=bad_position,
+            SignedBatch.restore(hasher, group=bad_group, batch_seq=seq, time_ms=TIME_MS,
+                                runs=bad_runs, batch_position=bad_position,
                                 batch_nodes=nodes,
                                 key_id=commit[1].key_id, signature=commit[1].signature)

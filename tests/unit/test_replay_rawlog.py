@@ -3,8 +3,10 @@ records at the same offsets as the engine's reader across several segments; that
 what recovery treats as a torn last write (a header cut short, a record running past the end
 of the last segment, a tail of zeros) as ignorable and says so, and everything else (a bad
 record with data after it, a bad record in an earlier segment, a gap between segments, a
-payload that passes its checksum but is not a record) as damage naming the file and offset;
-and that reading changes no byte on disk and leaves the log's lock free.
+payload that passes its checksum but is not a record, such as a vote group whose shard is not
+an integer or one of log format 2 without its shard) as damage naming the file and offset;
+that a format-3 vote batch decodes into its group and its vote groups' shards; and that
+reading changes no byte on disk and leaves the log's lock free.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from replay.recount import recount_shard
 from shards.backends import group_directory
 from shards.records import PollClosed, frame
 from shards.segment_log import SegmentLog
-from tests.support.records import log_header, poll_created, vote_batch
+from tests.support.records import group_batch, log_header, poll_created, vote_batch
 
 SEGMENT_BYTES_MAX = 65536
 SHARD = 0  # one shard in one fencing group: group 0's log is the shard's
@@ -45,7 +47,8 @@ def write_records(data_dir: Path, count: int) -> list[tuple[int, int]]:
     positions = []
     try:
         records = [log_header(1, 1, 0), poll_created("a", ["x", "y"])] + [
-            vote_batch(SHARD, seq, {"a": [(seq * 500 + voter, voter % 2) for voter in range(500)]})
+            vote_batch(SHARD, seq, {"a": [(seq * 500 + voter, voter % 2) for voter in range(500)]},
+                       group=0)
             for seq in range(count)]
         for record in records:
             framed = frame_record(record)
@@ -141,14 +144,31 @@ def test_gap_between_segments_is_damage(tmp_path):
         read_all(directory)
 
 
-def test_valid_frame_that_is_not_a_record_is_damage(tmp_path):
+@pytest.mark.parametrize("garbage", [
+    ["v", 0, "not an int", 0, [], 0, [], b"", ""],
+    # A vote group whose shard is not an int (a vote group is [shard, poll, voters, options]).
+    ["v", 0, 0, 0, [["0", "a", b"\x01\x00\x00\x00", b"\x00\x00"]], 0, [], b"", ""],
+    ["v", 0, 0, 0, [[None, "a", b"\x01\x00\x00\x00", b"\x00\x00"]], 0, [], b"", ""],
+    ["v", 0, 0, 0, [[True, "a", b"\x01\x00\x00\x00", b"\x00\x00"]], 0, [], b"", ""],
+], ids=["batch-field", "shard-text", "shard-none", "shard-bool"])
+def test_valid_frame_that_is_not_a_record_is_damage(tmp_path, garbage):
     positions = write_records(tmp_path, 2)
     directory = wal_dir(tmp_path)
-    garbage = msgspec.msgpack.encode(["v", 0, "not an int", 0, [], 0, [], b"", ""])
     with open(segment_path(directory, 0), "ab") as handle:
-        handle.write(frame(garbage))
+        handle.write(frame(msgspec.msgpack.encode(garbage)))
     with pytest.raises(DataDamaged, match=f"offset {positions[-1][1]}.*wrong type"):
         asyncio.run(recount_shard(Config(data_dir=str(tmp_path), shards=1).validate(), SHARD))
+
+
+@pytest.mark.parametrize("old_group", [
+    ["a", b"\x01\x00\x00\x00", b"\x00\x00"],
+    ["a", b"\x01\x00\x00\x00", b"\x00\x00", ["FR"], b"\x00\x00"],
+], ids=["plain", "with-countries"])
+def test_a_format_2_vote_group_without_its_shard_is_damage(old_group):
+    """A vote group of the release before (no shard first) is refused, never misread."""
+    payload = msgspec.msgpack.encode(["v", 0, 0, 0, [old_group], 0, [], b"", ""])
+    with pytest.raises(DataDamaged, match="not \\[shard, poll, voters, options\\]"):
+        decode_raw(payload, "here")
 
 
 def test_decoding_into_lists_follows_the_struct_field_order():
@@ -158,11 +178,14 @@ def test_decoding_into_lists_follows_the_struct_field_order():
     assert (created.poll, created.options, created.embargo) == ("a", ["x"], False)
     closed = decode_raw(encode_record(PollClosed(poll="a", closed_ms=7)), "here")
     assert (closed.poll, closed.closed_ms) == ("a", 7)
-    batch = decode_raw(encode_record(vote_batch(3, 9, {"a": [(5, 1)]}, key_id="k")), "here")
-    assert (batch.shard, batch.batch_seq, batch.key_id, batch.vote_count) == (3, 9, "k", 1)
+    batch = decode_raw(encode_record(group_batch(1, 9, {5: {"a": [(5, 1)]}, 9: {"b": [(6, 0)]}},
+                                                 key_id="k")), "here")
+    assert (batch.group, batch.batch_seq, batch.key_id, batch.vote_count) == (1, 9, "k", 2)
+    assert [(group.shard, group.poll) for group in batch.groups] == [(5, "a"), (9, "b")]
+    assert batch.shards == [5, 9]
     assert batch.groups[0].voters == struct.pack("<I", 5)
     header = decode_raw(encode_record(log_header(32, 4, 3)), "here")
-    assert tuple(header) == (2, 32, 4, 3)
+    assert tuple(header) == (3, 32, 4, 3)
 
 
 def test_read_at_needs_a_record_boundary(tmp_path):

@@ -2,7 +2,9 @@
 untyped decoding) agrees with the engine's own replay (decode_record + ShardState.apply, the
 compiled apply_group) on generated logs written to a real segment log: polls created, closed
 and created twice, votes for polls never created or created later, votes after a close,
-duplicate voters across and within groups, and invalid option indexes. Beyond the engine's
+duplicate voters across and within groups, and invalid option indexes, each batch holding
+the votes of two shards of the group in interleaved vote groups (log format 3), of which a
+shard counts only its own, at their indexes among all the batch's votes. Beyond the engine's
 state it checks the recount's rejections by reason and each counted voter's option against
 a plain model (a Python set per poll), its hash chain against replay/chain.py's reference,
 its captures at record boundaries against a recount cut at that offset, and the outcome it
@@ -18,6 +20,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,10 +37,17 @@ from replay.recount import (
     recount,
     recount_shard,
 )
-from shards.records import PollClosed, decode_record, frame_record
+from shards.records import PollClosed, VoteBatch, decode_record, frame_record
 from shards.recovery import apply_record
 from shards.state import ShardState
-from tests.support.records import log_header, poll_created, vote_batch, write_group_log
+from tests.support.records import (
+    GROUP_OF_LOG,
+    group_batch,
+    log_header,
+    poll_created,
+    vote_batch,
+    write_group_log,
+)
 
 SHARDS_TOTAL = 3
 GROUPS = 1  # every shard in group 0: one log holds them all
@@ -61,12 +71,21 @@ def config_for(data_dir: Path, shards: int = SHARDS_TOTAL) -> Config:
     return Config(data_dir=str(data_dir), shards=shards, groups=GROUPS).validate()
 
 
+def as_logged(record, group: int = 0):
+    """The record as write_group_log wrote it into the log of `group`: a vote batch left to
+    it names that group."""
+    if isinstance(record, VoteBatch) and record.group == GROUP_OF_LOG:
+        return msgspec.structs.replace(record, group=group)
+    return record
+
+
 def engine_state(records: list, positions: list[tuple[int, int]], shard: int = SHARD) -> ShardState:
     """The shard's state after the engine's own group apply (shards/recovery.apply_record) of
     the records, every shard of the group in play."""
     states = {number: ShardState(number, SHARDS_TOTAL) for number in range(SHARDS_TOTAL)}
     for record, (offset, next_offset) in zip(records, positions):
-        apply_record(states, 0, offset, next_offset, decode_record(frame_record(record)[8:]))
+        apply_record(states, 0, offset, next_offset,
+                     decode_record(frame_record(as_logged(record))[8:]))
     return states[shard]
 
 
@@ -82,11 +101,14 @@ def model(records: list, positions: list[tuple[int, int]], shard: int = SHARD) -
                                   "counts": Counter(), "voter_options": {}, "chain": []}
         elif kind == "PollClosed" and record.poll in polls:
             polls[record.poll]["closed"] = True
-        elif kind == "VoteBatch" and record.shard == shard:
-            index = 0
+        elif kind == "VoteBatch":
+            index = 0  # among every vote of the batch, of any shard
             for group in record.groups:
                 voters = memoryview(group.voters).cast("I").tolist()
                 options = memoryview(group.options).cast("H").tolist()
+                if group.shard != shard:
+                    index += len(voters)
+                    continue
                 poll = polls.get(group.poll)
                 for voter, option in zip(voters, options):
                     if poll is None:
@@ -121,19 +143,36 @@ group_votes = st.dictionaries(st.sampled_from(POLLS), st.one_of(votes_any, votes
 record = st.one_of(created, closed, group_votes)
 
 
+def two_shard_batch(batch_seq: int, item: dict[str, list[tuple[int, int]]]) -> VoteBatch:
+    """One batch of the group holding the same votes for SHARD and OTHER_SHARD, their vote
+    groups interleaved per poll (as the group owner orders them, by first arrival of each
+    shard and poll), OTHER_SHARD's first in every other batch, so SHARD's votes sit at
+    indexes shifted by OTHER_SHARD's, which SHARD's recount must pass by."""
+    batch = group_batch(GROUP_OF_LOG, batch_seq, {SHARD: item, OTHER_SHARD: item})
+    mine, others = batch.groups[:len(item)], batch.groups[len(item):]
+    pairs = zip(others, mine) if batch_seq % 2 else zip(mine, others)
+    return msgspec.structs.replace(batch, groups=[group for pair in pairs for group in pair])
+
+
 def materialize(items: list) -> list:
-    """The records of SHARD, each batch of votes followed by one of OTHER_SHARD (same group,
-    same log) holding the same votes, which SHARD's recount must pass by."""
+    """The records: each dict of votes becomes one two-shard batch (two_shard_batch), with
+    the group's next batch_seq."""
     records = []
     batch_seq = 0
     for item in items:
         if isinstance(item, dict):
-            records.append(vote_batch(SHARD, batch_seq, item))
-            records.append(vote_batch(OTHER_SHARD, batch_seq, item))
+            records.append(two_shard_batch(batch_seq, item))
             batch_seq += 1
         else:
             records.append(item)
     return records
+
+
+def holds_shard(record, shard: int = SHARD) -> bool:
+    """Whether the record concerns the shard: a vote batch with a vote group of it, or any
+    other record of the group's log."""
+    return not isinstance(record, VoteBatch) or any(group.shard == shard
+                                                    for group in record.groups)
 
 
 def check_against_engine_and_model(records: list, data_dir: Path) -> None:
@@ -142,7 +181,10 @@ def check_against_engine_and_model(records: list, data_dir: Path) -> None:
     state = engine_state(records, positions)
     expected = model(records, positions)
     assert result.end_offset == (positions[-1][1] if positions else HEADER_BYTES)
-    assert result.records == sum(getattr(record, "shard", SHARD) == SHARD for record in records)
+    assert result.records == sum(holds_shard(record) for record in records)
+    assert result.votes_seen == sum(len(group.voters) // 4 for record in records
+                                    if isinstance(record, VoteBatch)
+                                    for group in record.groups if group.shard == SHARD)
     assert set(result.polls) == set(state.polls) == set(expected["polls"])
     assert result.unknown_polls == expected["unknown"]
     for name, poll in result.polls.items():

@@ -6,11 +6,15 @@ is a difference naming the shard and poll; and a snapshot whose offset falls ins
 cannot be matched with the log, which is a difference too.
 
 Signatures (replay/signatures.py): the logs here are signed as the engine signs them
-(engine/signing.sign_commit, each commit cycle holding a batch of another shard too, so the
-signed root covers two nodes). A clean signed log has no finding; a batch whose signature is
-all zeros, has one flipped byte, names an unknown key, or whose votes were changed under an
-intact signature is a finding naming the shard and the record's offset, and `votes replay
-verify` exits 1 on it; a data dir without the public key document is a finding too.
+(engine/signing.sign_commit; each batch of the group holds votes of two shards, OTHER_SHARD's
+vote group first, and each commit cycle holds a batch of another group too, so the signed
+root covers two nodes). A clean signed log has no finding; a batch whose signature is all
+zeros, has one flipped byte, names an unknown key, or whose votes were changed under an
+intact signature (a vote of the shard asked for, a vote of the batch's other shard, or a
+vote group moved to another shard) is a finding naming the group, the record's offset and
+the batch's shards, and `votes replay verify` exits 1 on it; a batch is checked once
+however many of its shards are asked for; a batch that says another group than its log's
+fails the check; a data dir without the public key document is a finding too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import msgspec
+import pytest
 from click.testing import CliRunner
 
 from engine.cli import prepare_data_dir
@@ -29,39 +34,48 @@ from engine.keys import RECEIPT_PUBLIC_FILE, ensure_keys, keys_dir, load_keys
 from engine.signing import VoteRun, VoterHasher, sign_commit
 from replay.cli import main as replay_main
 from replay.errors import EXIT_FINDING, EXIT_OK
+from replay.rawlog import decode_raw
+from replay.signatures import BatchSignatures
 from replay.verify import render, verify
 from shards.backends import shard_directory
-from shards.records import VoteBatch, decode_record, frame_record
+from shards.records import VoteBatch, decode_record, encode_record, frame_record
 from shards.snapshots import DirectorySnapshotStore, freeze
 from shards.state import ShardState
-from tests.support.records import CREATED_MS, poll_created, vote_batch
+from tests.support.records import CREATED_MS, group_batch, poll_created, vote_batch
 from tests.unit.test_replay_recount import GROUPS, write_log
 
 SHARD = 1
 SHARDS_TOTAL = 3
-OTHER_SHARD = 0
+OTHER_SHARD = 0  # in the same group as SHARD (GROUPS = 1): their votes share batches
+GROUP = 0
+# The other group of a worker owning two, whose batch is signed in the same cycles: only its
+# node is in this log (its record is in its own group's log, never read here).
+OTHER_GROUP = 1
 OPTIONS = ["x", "y"]
 
 
 def signed_batch(data_dir: Path, seq: int, votes: list[tuple[int, int]]) -> VoteBatch:
-    """Vote batch `seq` of SHARD holding `votes` (voter index, option index) of poll "a",
-    signed as the engine signs a commit cycle: here with a batch of OTHER_SHARD before it."""
+    """Vote batch `seq` of GROUP holding `votes` (voter index, option index) of SHARD in poll
+    "a" after one vote of OTHER_SHARD, signed as the engine signs a commit cycle: here with a
+    batch of OTHER_GROUP before it."""
     keyring = load_keys(data_dir)
     hasher = VoterHasher(keyring.voter_hash_secret)
 
     def run(shard: int, shard_votes: list[tuple[int, int]]) -> VoteRun:
-        return VoteRun("a", OPTIONS,
+        return VoteRun(shard, "a", OPTIONS,
                        array.array("Q", [voter * SHARDS_TOTAL + shard
                                          for voter, _ in shard_votes]).tobytes(),
                        array.array("H", [option for _, option in shard_votes]).tobytes())
 
     time_ms = CREATED_MS + seq
+    other_votes = [(seq, 0)]
     _, signed = sign_commit(keyring, hasher, time_ms,
-                            [(OTHER_SHARD, seq, [run(OTHER_SHARD, [(7, 0)])]),
-                             (SHARD, seq, [run(SHARD, votes)])])
-    return vote_batch(SHARD, seq, {"a": votes}, time_ms=time_ms,
-                      batch_position=signed.batch_position, batch_nodes=list(signed.batch_nodes),
-                      signature=signed.signature, key_id=signed.key_id)
+                            [(OTHER_GROUP, seq, [run(OTHER_SHARD, [(7, 0)])]),
+                             (GROUP, seq, [run(OTHER_SHARD, other_votes), run(SHARD, votes)])])
+    return group_batch(GROUP, seq, {OTHER_SHARD: {"a": other_votes}, SHARD: {"a": votes}},
+                       time_ms=time_ms, batch_position=signed.batch_position,
+                       batch_nodes=list(signed.batch_nodes), signature=signed.signature,
+                       key_id=signed.key_id)
 
 
 def seeded(tmp_path: Path, tamper=None
@@ -160,19 +174,23 @@ def flip_byte(data: bytes, index: int) -> bytes:
     return bytes(changed)
 
 
-def assert_one_finding_at_the_tampered_batch(config, positions, wanted: str) -> None:
+def assert_one_finding_at_the_tampered_batch(config, positions, wanted: str,
+                                             shards: str = f"{OTHER_SHARD}, {SHARD}") -> None:
     report = run(config)
     findings = signature_findings(report)
     offset = positions[1 + TAMPERED_SEQ][0]
     assert not report.ok
     assert len(findings) == 1, findings
-    assert findings[0].startswith(f"signature: shard {SHARD}: offset {offset}: vote batch "
-                                  f"{TAMPERED_SEQ}: "), findings
+    assert findings[0].startswith(f"signature: group {GROUP}: offset {offset}: vote batch "
+                                  f"{TAMPERED_SEQ} (votes of shards {shards}): "), findings
     assert wanted in findings[0], findings
     result = CliRunner().invoke(replay_main, ["verify", "--data-dir", str(config.data_path),
                                                "--shard", str(SHARD)])
     assert result.exit_code == EXIT_FINDING, result.output
-    assert f"signature: shard {SHARD}: offset {offset}" in result.output, result.output
+    assert f"signature: group {GROUP}: offset {offset}" in result.output, result.output
+    # Both shards of the batch asked for: the batch is still checked, and reported, once.
+    both = asyncio.run(verify(config, [OTHER_SHARD, SHARD]))
+    assert signature_findings(both) == findings, signature_findings(both)
 
 
 def test_a_clean_signed_log_has_no_signature_finding(tmp_path):
@@ -197,18 +215,34 @@ def test_a_signature_with_one_flipped_byte_is_a_finding(tmp_path):
     assert_one_finding_at_the_tampered_batch(config, positions, "the signature does not verify")
 
 
-def test_votes_changed_under_an_intact_signature_are_a_finding(tmp_path):
-    """The signature still verifies over the stored nodes; the votes no longer rebuild them."""
-    def other_option(batch: VoteBatch) -> VoteBatch:
-        group = batch.groups[0]
-        options = bytearray(group.options)
-        options[0] ^= 0x01  # vote 0 now names the other option
-        return msgspec.structs.replace(
-            batch, groups=[msgspec.structs.replace(group, options=bytes(options))])
+def changed_group(batch: VoteBatch, of_shard: int, **fields) -> VoteBatch:
+    """The batch with `fields` replaced in its vote group of shard `of_shard`."""
+    return msgspec.structs.replace(batch, groups=[
+        msgspec.structs.replace(group, **fields) if group.shard == of_shard else group
+        for group in batch.groups])
 
-    config, _, positions, _ = seeded(tmp_path, tampered(other_option))
+
+def other_option(batch: VoteBatch, shard: int) -> VoteBatch:
+    group = next(group for group in batch.groups if group.shard == shard)
+    options = bytearray(group.options)
+    options[0] ^= 0x01  # the group's vote 0 now names the other option
+    return changed_group(batch, shard, options=bytes(options))
+
+
+@pytest.mark.parametrize("change", [
+    lambda batch: other_option(batch, SHARD),
+    # A vote of the batch's other shard: the batch's one node covers every shard's votes.
+    lambda batch: other_option(batch, OTHER_SHARD),
+    # The other shard's votes moved to shard 2 (in the group too): a leaf binds its shard.
+    lambda batch: changed_group(batch, OTHER_SHARD, shard=2),
+], ids=["vote-of-the-shard", "vote-of-the-other-shard", "votes-moved-to-another-shard"])
+def test_votes_changed_under_an_intact_signature_are_a_finding(tmp_path, change):
+    """The signature still verifies over the stored nodes; the votes no longer rebuild them."""
+    config, records, positions, _ = seeded(tmp_path, tampered(change))
+    shards = ", ".join(map(str, dict.fromkeys(group.shard
+                                              for group in records[1 + TAMPERED_SEQ].groups)))
     assert_one_finding_at_the_tampered_batch(config, positions,
-                                             "the votes are not the ones signed")
+                                             "the votes are not the ones signed", shards)
 
 
 def test_an_unknown_key_id_is_a_finding(tmp_path):
@@ -246,3 +280,16 @@ def test_with_polls_asked_for_only_their_batches_are_checked(tmp_path):
     assert any("1 vote batches hold no vote of the polls asked for" in note
                for note in report.notes), report.notes
     assert len(signature_findings(run(config))) == 1
+
+
+def test_a_batch_that_names_another_group_than_its_log_fails_the_check(tmp_path):
+    """Its node binds the group it was signed for: read from another group's log it would
+    pass for a batch of that group. (The recount refuses such a log as damage first; this is
+    the check itself.)"""
+    seeded(tmp_path)
+    batch = decode_raw(encode_record(signed_batch(tmp_path, 0, [(1, 0)])), "here")
+    signatures = BatchSignatures.from_data_dir(tmp_path, SHARDS_TOTAL)
+    options_of = {"a": OPTIONS}.get
+    assert signatures.problem_of(batch, GROUP, options_of) is None
+    assert signatures.problem_of(batch, OTHER_GROUP, options_of) == (
+        f"the record says group {GROUP}, it sits in the log of group {OTHER_GROUP}")

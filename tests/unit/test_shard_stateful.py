@@ -6,7 +6,8 @@ vote batches (repeat voters, duplicates inside a batch, a ghost poll that never 
 indexes past the options), closes, close-then-vote in one write, snapshots, damaged snapshots,
 restarts with and without a power cut, crashes that tear a write, moves of the group to a
 new owner that waits on the fence while the old one holds it, and replays of an overlap.
-Vote batches go to either shard of the group; poll records hold for both. After every step
+Vote batches are the group's (one per write, as the owner writes one per commit cycle) and
+hold votes of either shard of the group or of both; poll records hold for both. After every step
 each shard's bitmaps, tallies, closed flags, vote totals, receipt locators and log offsets
 match the model.
 
@@ -41,6 +42,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import uvloop
 from hypothesis import event, settings
@@ -67,7 +69,7 @@ from shards.snapshots import DirectorySnapshotStore
 from shards.state import COUNTED, ShardState
 from shards.wal import EmbeddedWal
 from tests.support.powerloss import PowerLossFilesystem, mounted
-from tests.support.records import poll_created, vote_batch
+from tests.support.records import group_batch, poll_created, vote_batch
 
 SHARD = 1
 SHARDS_TOTAL = 4
@@ -120,7 +122,8 @@ class Model:
         self.batch_seqs: set[int] = set()
 
     def apply(self, offset: int, record: Record) -> list[list[bool] | None]:
-        """Apply one record; for a vote batch, return per group the votes that count."""
+        """Apply one record (a vote batch: the vote groups of this model's shard, as the
+        group model hands them); for a vote batch, return per group the votes that count."""
         if isinstance(record, PollCreated):
             self.polls.setdefault(record.poll, ModelPoll(len(record.options)))
             return []
@@ -148,7 +151,8 @@ class Model:
 
 
 class GroupModel:
-    """One Model per shard of the group: a vote batch goes to its shard, the rest to all."""
+    """One Model per shard of the group: each vote group of a batch goes to its shard, the
+    rest to all."""
 
     def __init__(self) -> None:
         self.shards = {shard: Model() for shard in GROUP_SHARDS}
@@ -159,7 +163,13 @@ class GroupModel:
 
     def apply(self, offset: int, record: Record) -> list[list[bool] | None]:
         if isinstance(record, VoteBatch):
-            return self.shards[record.shard].apply(offset, record)
+            outcomes: list[list[bool] | None] = [None] * len(record.groups)
+            for shard in dict.fromkeys(group.shard for group in record.groups):
+                positions = [i for i, group in enumerate(record.groups) if group.shard == shard]
+                part = msgspec.structs.replace(record, groups=[record.groups[i] for i in positions])
+                for position, outcome in zip(positions, self.shards[shard].apply(offset, part)):
+                    outcomes[position] = outcome
+            return outcomes
         for model in self.shards.values():
             model.apply(offset, record)
         return []
@@ -279,8 +289,12 @@ class GroupMachine(RuleBasedStateMachine):
     async def _append(self, payloads: list[bytes]) -> list[tuple[int, int]]:
         return await self.owner.wal.append(payloads)
 
+    def batch_seq_next(self) -> int:
+        """The group's next batch sequence number, as its owner takes it on start."""
+        return max(state.batch_seq_next for state in self.states.values())
+
     def vote_batch(self, shard: int, groups: dict[str, list[tuple[int, int]]]) -> VoteBatch:
-        return vote_batch(shard, self.states[shard].batch_seq_next, groups)
+        return vote_batch(shard, self.batch_seq_next(), groups, group=GROUP)
 
     # Rules ---------------------------------------------------------------------------------
 
@@ -292,9 +306,12 @@ class GroupMachine(RuleBasedStateMachine):
     def cast_votes(self, data: st.DataObject) -> None:
         polls = data.draw(st.lists(st.sampled_from([*self.existing_polls(), GHOST_POLL]),
                                    min_size=1, max_size=3, unique=True))
-        groups = {poll: data.draw(vote_lists()) for poll in polls}
-        shard = data.draw(st.sampled_from(GROUP_SHARDS), label="shard")
-        self.append([self.vote_batch(shard, groups)])
+        shards = data.draw(st.lists(st.sampled_from(GROUP_SHARDS), min_size=1, max_size=2,
+                                    unique=True), label="shards")
+        batch = group_batch(GROUP, self.batch_seq_next(), {
+            shard: {poll: data.draw(vote_lists()) for poll in polls} for shard in shards})
+        event(f"a batch of {len(shards)} shards")
+        self.append([batch])
 
     @precondition(lambda self: self.model.polls)
     @rule(data=st.data())
@@ -407,7 +424,7 @@ class GroupMachine(RuleBasedStateMachine):
         """One to three records of one write, valid in order as the owner would plan them."""
         records: list[Record] = []
         existing = set(self.model.polls)
-        batch_seq = {shard: state.batch_seq_next for shard, state in self.states.items()}
+        batch_seq = self.batch_seq_next()
         for _ in range(data.draw(st.integers(1, 3))):
             kind = data.draw(st.sampled_from(["create", "close", "votes"]))
             if kind == "create":
@@ -419,9 +436,11 @@ class GroupMachine(RuleBasedStateMachine):
                 records.append(PollClosedRecord(poll=poll, closed_ms=1_700_000_001_000))
             else:
                 poll = data.draw(st.sampled_from([*sorted(existing), GHOST_POLL]))
-                shard = data.draw(st.sampled_from(GROUP_SHARDS), label="shard")
-                records.append(vote_batch(shard, batch_seq[shard], {poll: data.draw(vote_lists())}))
-                batch_seq[shard] += 1
+                shards = data.draw(st.lists(st.sampled_from(GROUP_SHARDS), min_size=1,
+                                            max_size=2, unique=True), label="shards")
+                records.append(group_batch(GROUP, batch_seq, {
+                    shard: {poll: data.draw(vote_lists())} for shard in shards}))
+                batch_seq += 1
         return records
 
     @precondition(lambda self: self.record_offsets)

@@ -76,7 +76,8 @@ class Host:
         for start in range(0, len(voters), batch_votes):
             part = voters[start:start + batch_votes]
             offset = self.log.records[-1][1]
-            self.apply(vote_batch(SHARD, self.batch_seq, {"song": [(voter, voter % 2) for voter in part]}))
+            self.apply(vote_batch(SHARD, self.batch_seq, {"song": [(voter, voter % 2) for voter in part]},
+                                  group=SHARD % GROUPS))
             self.batch_seq += 1
             for voter in part:
                 self.counted.setdefault(voter, offset)
