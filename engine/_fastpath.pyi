@@ -45,6 +45,8 @@ class BatchTree:
         json_time: bytes,
     ) -> list[bytes]: ...
 
+APPLY_EACH_VOTES_MAX: int
+
 def apply_group(
     voters_bitmap: BitMap,
     tallies: array.array[int],

@@ -7,7 +7,7 @@ figure, beside the loop thread's CPU per vote under wrk (perf/bench_peers.py) an
 the ceiling's, says how much of the engine's cost is its own Python and how much the server
 and the GIL around it (docs/performance.md, "What limits the embedded engine now").
 
-    python -m perf.bench_vote_path [--shards 1] [--clients 64] [--votes 100000]
+    python -m perf.bench_vote_path [--shards 1] [--groups 0] [--clients 64] [--votes 100000]
     python -m perf.bench_vote_path --compare-breakdown [--rounds 2]
 
 With --compare-breakdown it alternates a poll without breakdown (the default, first) and one
@@ -99,7 +99,7 @@ def run_once(args, breakdown: list[str], config_overrides: dict | None = None) -
 
     data_dir = Path(tempfile.mkdtemp(prefix="votes-vote-path-", dir=args.data_root))
     try:
-        config = load_config(None, data_dir=str(data_dir), shards=args.shards,
+        config = load_config(None, data_dir=str(data_dir), shards=args.shards, groups=args.groups,
                              **(config_overrides or {}))
         prepare_data_dir(config)
         os.environ[CONFIG_ENV] = config_for_workers(config)
@@ -139,7 +139,7 @@ def run_once(args, breakdown: list[str], config_overrides: dict | None = None) -
     if created != args.votes:
         raise SystemExit(f"not every vote was answered 201: {statuses}")
     return {
-        "shards": args.shards, "clients": args.clients, "votes": created,
+        "shards": args.shards, "groups": config.resolved().groups, "clients": args.clients, "votes": created,
         "breakdown": breakdown,
         "votes_per_s": round(created / wall_s), "loop_us_per_vote": round(loop_s / created * 1e6, 1),
         "process_us_per_vote": round(process_s / created * 1e6, 1), "loop_busy": round(loop_s / wall_s, 3),
@@ -149,6 +149,8 @@ def run_once(args, breakdown: list[str], config_overrides: dict | None = None) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--groups", type=int, default=0,
+                        help="fencing groups (0: the engine's automatic choice)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--votes", type=int, default=100_000)
     parser.add_argument("--data-root", default="/var/tmp", help="a real (non-tmpfs) filesystem")
