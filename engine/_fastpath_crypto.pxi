@@ -95,7 +95,7 @@ cdef inline void _voter_id_bytes(uint64_t voter, unsigned char* out) noexcept no
 
 
 cdef class BatchTree:
-    """One shard batch's leaves and every level of its Merkle tree (engine/receipts.py has the
+    """One batch's leaves and every level of its Merkle tree (engine/receipts.py has the
     hash layouts): voter hashes, 16 bytes per leaf, and the nodes, 32 bytes each, level by
     level from the leaves up; an odd last node is promoted unchanged."""
 
@@ -312,9 +312,10 @@ cdef class BatchTree:
 
 
 def batch_tree(unsigned int shard, list groups not None) -> BatchTree:
-    """Voter hashes, leaves and Merkle tree of one shard batch.
+    """Voter hashes, leaves and Merkle tree of one batch (a fencing group's, its runs of
+    any of the group's shards; `shard` is not used: engine/signing.py passes the group).
 
-    groups: per run of leaves of one poll, in leaf order, (poll's HmacSha256 (the voter
+    groups: per run of leaves of one shard and poll, in leaf order, (poll's HmacSha256 (the voter
     hash key), leaf head bytes (engine/receipts.py `_leaf_head`), option tails (list of
     bytes, `_leaf_tail` of each option), voter ids as packed native uint64, option indexes
     as packed native uint16). The shard is in every leaf head already."""

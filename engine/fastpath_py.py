@@ -215,7 +215,7 @@ class MerkleTree:
 
 
 class BatchTree(MerkleTree):
-    """One shard batch's voter hashes (16 bytes per leaf) and its Merkle tree."""
+    """One batch's voter hashes (16 bytes per leaf) and its Merkle tree."""
 
     __slots__ = ("_voter_hashes",)
 
@@ -273,7 +273,7 @@ class BatchTree(MerkleTree):
 
 
 def batch_tree(shard: int, groups: list[VoteGroup]) -> BatchTree:
-    """Voter hashes, leaves and Merkle tree of one shard batch (see the compiled twin)."""
+    """Voter hashes, leaves and Merkle tree of one group batch (see the compiled twin)."""
     voter_hashes: list[bytes] = []
     leaves: list[bytes] = []
     sha256 = hashlib.sha256

@@ -8,8 +8,8 @@ every shard's `ShardState`:
   original receipt; a vote of a voter already in flight waits for that one's outcome and
   never becomes a second vote; the group's queue is bounded (Overloaded beyond it).
 - Each commit cycle (shards/commit.py, one per worker) takes up to `batch_votes_max` queued
-  items and cuts them into records (shards/planning.py: a vote batch per shard, control
-  records in arrival order); the cycle signs all batches at once, then each group begins
+  items and cuts them into records (shards/planning.py: one vote batch of the group per run
+  of votes, its vote groups naming their shards, control records in arrival order); the cycle signs all batches at once, then each group begins
   ONE append of all its records (`begin_append`) and, once the log has made them durable,
   applies them to their shards and answers. A group may have several appends in flight
   (the embedded log pipelines them); they are applied in the order they began.
